@@ -1,0 +1,385 @@
+//! `slotforge build`: the data path of docs/architecture.md, top to bottom. Resolve every image,
+//! flatten the on-disk ones into the rootfs tree, write the squashfs and refuse it if over any
+//! cap, stage the external images into the images partition, write the ESP, then assemble the
+//! disk in a temporary file that is renamed into place last. Nothing at the output path is
+//! created or touched until every check has passed.
+
+use crate::esp::{self, BootEntry, EspFile};
+use crate::flatten::{apply_layer, flatten_image, LayerCtx};
+use crate::hash::Digest;
+use crate::images::{self, Stage};
+use crate::layout::{self, Layout, Role, Slot};
+use crate::manifest::{self, LoadedManifest, Section, DEFAULT_LOADER_PATH};
+use crate::oci::{self, Platform, ResolvedImage};
+use crate::progress::Progress;
+use crate::rootfs::{self, CapCheck, Contributor, ExternalImage, ExternalImages, Release};
+use crate::squashfs;
+use crate::tree::{components, Content, Kind, Spill, Tree};
+use crate::yaml::InputError;
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::json;
+use std::path::PathBuf;
+
+/// The planned layout, recorded on the ESP so inspect, verify and the agent know the slot caps
+/// and the layout generation of a disk without the layout file.
+pub const LAYOUT_RECORD: &str = "slotforge/layout.json";
+
+pub struct BuildOptions {
+    pub manifest: PathBuf,
+    pub layout: PathBuf,
+    /// Other layout generations the rootfs must also fit.
+    pub compat: Vec<PathBuf>,
+    pub output: PathBuf,
+    pub platform: Platform,
+    pub progress: Progress,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BuildSummary {
+    pub output: PathBuf,
+    pub version: String,
+    pub build_id: String,
+    pub layout: String,
+    pub generation: u32,
+    pub disk_size: u64,
+    /// Bytes actually written into the sparse image (its allocated data).
+    pub bytes_written: u64,
+    pub rootfs_bytes: u64,
+    pub caps: Vec<CapCheck>,
+    pub external_images: Vec<ExternalImage>,
+    pub images_partition_bytes: u64,
+    pub contributors: Vec<Contributor>,
+}
+
+/// Everything a manifest names, resolved to digests with its metadata verified.
+struct Resolved {
+    kernel: ResolvedImage,
+    init: Vec<ResolvedImage>,
+    containers: Vec<(Section, usize, ResolvedImage)>,
+    loader: Option<ResolvedImage>,
+}
+
+fn resolve_all(m: &LoadedManifest, platform: &Platform, progress: Progress) -> anyhow::Result<Resolved> {
+    let mf = &m.manifest;
+    let kernel = mf.kernel.as_ref().ok_or_else(|| anyhow::anyhow!("{}: the manifest has no `kernel:` section; a bootable disk needs one", m.path.display()))?;
+    let boot = mf.boot.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("{}: the manifest has no `boot:` section naming the UEFI loader, e.g.\nboot:\n  loader: file:/usr/lib/systemd/boot/efi/systemd-bootx64.efi", m.path.display())
+    })?;
+    let total = 1 + mf.init.len() + m.containers().count() + usize::from(!boot.loader.value.starts_with("file:"));
+    let pb = progress.bar("resolve", total as u64, false);
+    let base = m.dir();
+    let at = |s: &serde_saphyr::Spanned<String>| {
+        let file = m.path.clone();
+        let loc = s.referenced;
+        move |e: anyhow::Error| anyhow::Error::new(InputError::at(&file, &loc, format!("{e:#}")))
+    };
+    let res = |s: &serde_saphyr::Spanned<String>| -> anyhow::Result<ResolvedImage> {
+        pb.set_message(s.value.clone());
+        let r = oci::resolve(&s.value, base, platform).map_err(at(s));
+        pb.inc(1);
+        r
+    };
+    let kernel = res(&kernel.image)?;
+    let init = mf.init.iter().map(&res).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut containers = Vec::new();
+    for (section, list) in [(Section::Onboot, &mf.onboot), (Section::Onshutdown, &mf.onshutdown), (Section::Services, &mf.services)] {
+        for (i, s) in list.iter().enumerate() {
+            containers.push((section, i, res(&s.image)?));
+        }
+    }
+    let loader = if boot.loader.value.starts_with("file:") { None } else { Some(res(&boot.loader)?) };
+    pb.finish_and_clear();
+    Ok(Resolved { kernel, init, containers, loader })
+}
+
+fn service<'a>(m: &'a LoadedManifest, section: Section, i: usize) -> &'a manifest::Service {
+    let mf = &m.manifest;
+    match section {
+        Section::Onboot => &mf.onboot[i],
+        Section::Onshutdown => &mf.onshutdown[i],
+        Section::Services => &mf.services[i],
+    }
+}
+
+/// A build id: the version plus 12 hex digits of a hash over every input that shapes the
+/// rootfs. Same inputs → same id; any change → a new id, and a new set in the images partition.
+fn build_id(m: &LoadedManifest, r: &Resolved, epoch: u64) -> anyhow::Result<String> {
+    let mf = &m.manifest;
+    let kernel = mf.kernel.as_ref().unwrap();
+    let mut files = Vec::new();
+    for f in &mf.files {
+        let content = if let Some(c) = &f.contents {
+            Digest::of_bytes(c.as_bytes()).to_string()
+        } else if let Some(s) = &f.source {
+            let p = m.dir().join(s);
+            crate::hash::digest_reader(std::fs::File::open(&p).with_context(|| format!("files: {}: source {}", f.path.value, p.display()))?)?.0.to_string()
+        } else {
+            String::new()
+        };
+        files.push(json!({"path": f.path.value, "directory": f.directory, "symlink": f.symlink, "mode": f.mode, "uid": f.uid, "gid": f.gid, "content": content}));
+    }
+    let containers: Vec<_> = r
+        .containers
+        .iter()
+        .map(|(sec, i, img)| {
+            let s = service(m, *sec, *i);
+            json!({"section": sec, "name": s.name.value, "digest": img.manifest_digest, "external": s.is_external(), "command": s.command, "env": s.env, "cwd": s.cwd})
+        })
+        .collect();
+    let inputs = json!({
+        "slotforge-build-id": 1,
+        "version": m.version(),
+        "source_date_epoch": epoch,
+        "kernel": {"digest": r.kernel.manifest_digest, "cmdline": kernel.cmdline, "binary": kernel.binary, "initrd": kernel.initrd, "tar": kernel.tar},
+        "init": r.init.iter().map(|i| i.manifest_digest.to_string()).collect::<Vec<_>>(),
+        "containers": containers,
+        "files": files,
+    });
+    let d = Digest::of_bytes(&serde_json::to_vec(&inputs)?);
+    Ok(format!("{}-{}", m.version(), &d.hex()[..12]))
+}
+
+/// A regular file inside a flattened tree, by path.
+fn tree_file(t: &Tree, path: &str) -> Option<(Content, u64)> {
+    match &t.get(&components(path.as_bytes(), true).ok()?)?.kind {
+        Kind::File { content, size, .. } => Some((content.clone(), *size)),
+        _ => None,
+    }
+}
+
+/// What the ESP needs from the kernel image.
+struct KernelFiles {
+    kernel: (Content, u64),
+    initrd: Option<(Content, u64)>,
+}
+
+/// The assembled rootfs tree and everything the later steps need from it.
+struct RootfsParts {
+    tree: Tree,
+    contributors: Vec<Contributor>,
+    kernel: KernelFiles,
+    loader: Content,
+    external: Vec<(ExternalImage, usize)>,
+}
+
+fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, progress: Progress) -> anyhow::Result<RootfsParts> {
+    let mf = &m.manifest;
+    let kspec = mf.kernel.as_ref().unwrap();
+    let mut contributors: Vec<Contributor> = Vec::new();
+    let mut contributor = |kind: &str, name: &str, reference: Option<&str>, movable: bool| {
+        contributors.push(Contributor { kind: kind.into(), name: name.into(), reference: reference.map(str::to_string), bytes: 0, movable });
+        contributors.len() as u32 - 1
+    };
+    let layer_bytes: u64 = r.init.iter().chain(std::iter::once(&r.kernel)).chain(r.loader.iter()).chain(
+        r.containers.iter().filter(|(s, i, _)| !service(m, *s, *i).is_external()).map(|(_, _, img)| img)
+    ).flat_map(|i| i.layers.iter().map(|l| l.size)).sum();
+    let pb = progress.bar("flatten", layer_bytes, true);
+    let mut tick = |n: u64| pb.inc(n);
+
+    let mut root = Tree::new(epoch);
+    let mut layer_no = 0;
+    for img in &r.init {
+        let o = contributor("init", &img.reference, Some(&img.reference), false);
+        flatten_image(&mut root, img, spill, o, &mut layer_no, &mut tick)?;
+    }
+
+    // Kernel image: the kernel and initrd go to the ESP; its modules tarball into the rootfs.
+    let ko = contributor("kernel", "modules", Some(&r.kernel.reference), false);
+    let mut ktree = Tree::new(epoch);
+    flatten_image(&mut ktree, &r.kernel, spill, ko, &mut 0, &mut tick)?;
+    let kernel = match &kspec.binary {
+        Some(p) => tree_file(&ktree, p).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {p}", r.kernel.reference))?,
+        None => tree_file(&ktree, "kernel")
+            .or_else(|| tree_file(&ktree, "boot/vmlinuz"))
+            .ok_or_else(|| anyhow::anyhow!("{}: kernel image has neither /kernel nor /boot/vmlinuz; set kernel.binary", r.kernel.reference))?,
+    };
+    let initrd = match &kspec.initrd {
+        Some(p) => Some(tree_file(&ktree, p).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {p}", r.kernel.reference))?),
+        None => tree_file(&ktree, "initrd.img").or_else(|| tree_file(&ktree, "boot/initrd.img")),
+    };
+    let ktar = kspec.tar.clone().unwrap_or_else(|| "kernel.tar".into());
+    if ktar != "none" {
+        if let Some((content, _)) = tree_file(&ktree, &ktar) {
+            let ctx = LayerCtx { image: &r.kernel.reference, layer: &ktar, layer_no: layer_no + 1, origin: ko };
+            apply_layer(&mut root, content.open()?, &ctx, spill)?;
+        } else if kspec.tar.is_some() {
+            bail!("{}: kernel image has no {ktar}", r.kernel.reference);
+        }
+    }
+
+    let loader_path = mf.boot.as_ref().unwrap().loader_path.clone().unwrap_or_else(|| DEFAULT_LOADER_PATH.into());
+    let loader = match &r.loader {
+        Some(img) => {
+            let mut lt = Tree::new(epoch);
+            flatten_image(&mut lt, img, spill, 0, &mut 0, &mut tick)?;
+            tree_file(&lt, &loader_path).ok_or_else(|| anyhow::anyhow!("{}: boot loader image has no regular file {loader_path}", img.reference))?.0
+        }
+        None => {
+            let v = &mf.boot.as_ref().unwrap().loader.value;
+            let p = m.dir().join(v.strip_prefix("file:").unwrap());
+            if !p.is_file() {
+                bail!("{}: boot.loader {v}: {} is not a file (Debian ships systemd-boot in systemd-boot-efi)", m.path.display(), p.display());
+            }
+            Content::Path(p)
+        }
+    };
+
+    let mut external = Vec::new();
+    for (idx, (section, i, img)) in r.containers.iter().enumerate() {
+        let s = service(m, *section, *i);
+        let name = &s.name.value;
+        let base = format!("containers/{}/{name}", section.dir());
+        let o = contributor(section.dir(), name, Some(&img.reference), !s.is_external() && *section != Section::Onshutdown);
+        let config = rootfs::runtime_config(img, s.command.as_deref(), s.env.as_deref(), s.cwd.as_deref(), name);
+        rootfs::put_file(&mut root, &format!("{base}/config.json"), config, 0o644, epoch, o)?;
+        if s.is_external() {
+            let e = ExternalImage::of(name, *section, img);
+            rootfs::put_file(&mut root, &format!("{base}/image.json"), rootfs::to_json(&e), 0o644, epoch, o)?;
+            external.push((e, idx));
+        } else {
+            let mut sub = Tree::new(epoch);
+            flatten_image(&mut sub, img, spill, o, &mut 0, &mut tick)?;
+            root.graft(&components(format!("{base}/rootfs").as_bytes(), true).unwrap(), sub, o).map_err(|e| anyhow::anyhow!("{base}: {e}"))?;
+        }
+    }
+    pb.finish_and_clear();
+
+    let fo = contributor("files", "files:", None, false);
+    for f in &mf.files {
+        rootfs::apply_file_entry(&mut root, f, m.dir(), epoch, fo)?;
+    }
+    let so = contributor("slotforge", "metadata", None, false);
+    let release = Release { format: rootfs::METADATA_FORMAT, version: m.version().into(), build_id: build_id.into(), source_date_epoch: epoch, builder: format!("slotforge {}", env!("CARGO_PKG_VERSION")) };
+    rootfs::put_file(&mut root, rootfs::RELEASE_PATH, rootfs::to_json(&release), 0o644, epoch, so)?;
+    let mut ext_sorted: Vec<ExternalImage> = external.iter().map(|(e, _)| e.clone()).collect();
+    ext_sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let ext = ExternalImages { format: rootfs::METADATA_FORMAT, build_id: build_id.into(), images: ext_sorted };
+    rootfs::put_file(&mut root, rootfs::EXTERNAL_PATH, rootfs::to_json(&ext), 0o644, epoch, so)?;
+
+    for (o, b) in root.bytes_by_origin() {
+        if let Some(c) = contributors.get_mut(o as usize) {
+            c.bytes += b;
+        }
+    }
+    Ok(RootfsParts { tree: root, contributors, kernel: KernelFiles { kernel, initrd }, loader, external })
+}
+
+/// Build the disk image described by `opts`.
+pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
+    let epoch = crate::source_date_epoch()?;
+    let m = manifest::load(&opts.manifest)?;
+    let layout = layout::load(&opts.layout)?;
+    let compat: Vec<Layout> = opts.compat.iter().map(|p| layout::load(p)).collect::<anyhow::Result<_>>()?;
+    let has_external = m.containers().any(|(_, s)| s.is_external());
+    let images_part = layout.by_role(Role::ExternalImages);
+    if has_external && images_part.is_none() {
+        bail!("{} has `ondisk: false` images but layout {} has no external-images partition", m.path.display(), opts.layout.display());
+    }
+
+    let r = resolve_all(&m, &opts.platform, opts.progress)?;
+    let build_id = build_id(&m, &r, epoch)?;
+    let mut spill = Spill::new()?;
+    let parts = assemble(&m, &r, &build_id, epoch, &mut spill, opts.progress)?;
+
+    // Rootfs squashfs, checked against every cap before anything else is written.
+    let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;
+    let sqfs = work.path().join("rootfs.squashfs");
+    let pb = opts.progress.bar("squashfs", parts.tree.count(), false);
+    let rootfs_bytes = squashfs::write(&parts.tree, &sqfs, epoch as u32, &mut || pb.inc(1))?;
+    pb.finish_and_clear();
+    let mut all: Vec<&Layout> = vec![&layout];
+    all.extend(compat.iter());
+    let caps = rootfs::cap_checks(rootfs_bytes, &all);
+    if let Some(bad) = caps.iter().find(|c| c.slack < 0) {
+        bail!("{}", rootfs::oversize_message(bad, &parts.contributors));
+    }
+    drop(spill); // file contents are in the squashfs now
+
+    // External-images partition.
+    let mut images_file = None;
+    if let Some(p) = images_part {
+        let mut stage = Stage::new()?;
+        let ext_bytes: u64 = parts.external.iter().map(|(e, _)| e.size).sum();
+        let pb = opts.progress.bar("images", ext_bytes, true);
+        let mut pairs = Vec::new();
+        for (e, idx) in &parts.external {
+            let img = &r.containers[*idx].2;
+            stage.add_image(img, &mut |n| pb.inc(n))?;
+            pairs.push((e.clone(), img));
+        }
+        pb.finish_and_clear();
+        stage.add_build(&build_id, m.version(), &pairs)?;
+        stage.finish(epoch)?;
+        let f = work.path().join("images.ext4");
+        images::make_ext4(&stage, &f, p.size, &layout::derived_guid(&[&layout.name, "images-fs"]), "slotforge-images", epoch)?;
+        images_file = Some(f);
+    }
+
+    // ESP.
+    let esp_part = layout.esp();
+    let esp_file = work.path().join("esp.fat");
+    let slot = Slot::A;
+    let kcmd = &m.manifest.kernel.as_ref().unwrap().cmdline;
+    let entry = BootEntry {
+        slot,
+        title: format!("{} (slot {})", m.version(), slot.name()),
+        version: 1,
+        linux: format!("/{}/vmlinuz", slot.name()),
+        initrd: parts.kernel.initrd.as_ref().map(|_| format!("/{}/initrd.img", slot.name())),
+        options: format!("root=PARTLABEL={} ro slotforge.slot={} slotforge.build={build_id} {kcmd}", layout.rootfs(slot).name, slot.name()).trim_end().to_string(),
+        tries: None,
+    };
+    let mut files = vec![
+        EspFile { path: esp::LOADER_PATH.into(), data: parts.loader.open()? },
+        EspFile { path: esp::LOADER_CONF.into(), data: Box::new(esp::LOADER_CONF_TEXT.as_bytes()) },
+        EspFile { path: format!("{}/{}", esp::ENTRIES_DIR, entry.file_name()), data: Box::new(std::io::Cursor::new(entry.text().into_bytes())) },
+        EspFile { path: entry.linux.clone(), data: parts.kernel.kernel.0.open()? },
+    ];
+    files.push(EspFile { path: LAYOUT_RECORD.into(), data: Box::new(std::io::Cursor::new(rootfs::to_json(&layout))) });
+    if let (Some(p), Some((c, _))) = (&entry.initrd, &parts.kernel.initrd) {
+        files.push(EspFile { path: p.clone(), data: c.open()? });
+    }
+    {
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&esp_file)?;
+        f.set_len(esp_part.size)?;
+        esp::write(f, esp_volume_id(&layout), epoch, files)?;
+    }
+
+    // The disk: only now is anything created next to the output.
+    let mut disk = crate::disk::DiskWriter::create(&opts.output, &layout)?;
+    let pb = opts.progress.bar("disk", 3, false);
+    disk.put(&mut std::fs::File::open(&esp_file)?, esp_part.start)?;
+    pb.inc(1);
+    disk.put(&mut std::fs::File::open(&sqfs)?, layout.rootfs(slot).start)?;
+    pb.inc(1);
+    let mut images_partition_bytes = 0;
+    if let (Some(f), Some(p)) = (&images_file, images_part) {
+        images_partition_bytes = disk.put(&mut std::fs::File::open(f)?, p.start)?;
+    }
+    pb.inc(1);
+    let bytes_written = disk.bytes_written;
+    disk.finish(&layout)?;
+    pb.finish_and_clear();
+
+    Ok(BuildSummary {
+        output: opts.output.clone(),
+        version: m.version().into(),
+        build_id,
+        layout: layout.name.clone(),
+        generation: layout.generation,
+        disk_size: layout.disk_size,
+        bytes_written,
+        rootfs_bytes,
+        caps,
+        external_images: parts.external.into_iter().map(|(e, _)| e).collect(),
+        images_partition_bytes,
+        contributors: parts.contributors,
+    })
+}
+
+/// The FAT volume id, derived from the layout name like the GUIDs.
+pub fn esp_volume_id(l: &Layout) -> u32 {
+    let g = layout::derived_guid(&[&l.name, "esp-volume-id"]);
+    u32::from_le_bytes(g.as_bytes()[..4].try_into().unwrap())
+}

@@ -1,0 +1,142 @@
+//! The command line: argument parsing and output only; the work is in the library.
+
+use crate::build::{build, BuildOptions};
+use crate::inspect::{inspect, verify};
+use crate::oci::Platform;
+use crate::progress::Progress;
+use crate::rootfs::mib;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "slotforge", version, about = "Build and check A/B disk images for immutable Linux appliances")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a complete disk image from a system manifest and a layout.
+    Build {
+        /// The system manifest (LinuxKit yml superset).
+        manifest: PathBuf,
+        /// The layout (layouts/*.yaml).
+        #[arg(long)]
+        layout: PathBuf,
+        /// Output disk image (written to a temporary file and renamed when complete).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Another layout generation the rootfs must also fit (repeatable).
+        #[arg(long)]
+        compat: Vec<PathBuf>,
+        /// Platform to pick from multi-platform images.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: Platform,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress bars.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show everything read back from a disk image.
+    Inspect {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a disk image; exit 0 only if every check passes.
+    Verify {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn json_out(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Build { manifest, layout, output, compat, platform, json, quiet } => {
+            let opts = BuildOptions { manifest, layout, compat, output, platform, progress: Progress::new(quiet || json) };
+            let s = build(&opts)?;
+            if json {
+                json_out(&s)?;
+            } else {
+                println!("built {} ({} {}, layout {} generation {})", s.output.display(), s.version, s.build_id, s.layout, s.generation);
+                for c in &s.caps {
+                    println!("  rootfs {} of {} cap on {} gen {} ({}): slack {}", mib(s.rootfs_bytes), mib(c.cap), c.layout, c.generation, c.partition, mib(c.slack.max(0) as u64));
+                }
+                for e in &s.external_images {
+                    println!("  external {} {} ({})", e.name, e.digest, mib(e.size));
+                }
+                println!("  disk {} with {} written", mib(s.disk_size), mib(s.bytes_written));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { image, json } => {
+            let r = inspect(&image)?;
+            if json {
+                json_out(&r)?;
+            } else {
+                println!("disk {} ({}), GUID {}", image.display(), mib(r.gpt.disk_size), r.gpt.disk_guid);
+                if let Some(l) = &r.layout {
+                    println!("layout {} generation {}", l.name, l.generation);
+                }
+                for p in &r.gpt.partitions {
+                    println!("  {:>2} {:<16} {:>12} at {:>12}  type {}", p.number, p.name, mib(p.size), p.start, p.type_guid);
+                }
+                for s in &r.slots {
+                    match &s.release {
+                        Some(rel) => println!("slot {}: {} build {}, rootfs {} of cap {}, slack {}", s.slot, rel.version, rel.build_id, mib(s.rootfs_bytes.unwrap_or(0)), s.cap.map(mib).unwrap_or("?".into()), s.slack.map(|x| format!("{x} bytes")).unwrap_or("?".into())),
+                        None => println!("slot {}: {}{}", s.slot, s.state, s.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()),
+                    }
+                }
+                if let Some(e) = &r.esp {
+                    for en in &e.entries {
+                        println!("boot entry {}: {} version {} tries {}", en.file, en.title.clone().unwrap_or_default(), en.version.clone().unwrap_or_default(), en.tries_left.map(|t| t.to_string()).unwrap_or("-".into()));
+                    }
+                }
+                if let Some(i) = &r.images {
+                    for b in &i.builds {
+                        println!("images for build {} ({}):", b.build_id, mib(b.bytes));
+                        for im in &b.images {
+                            println!("  {} {} {}", im.name, im.digest, mib(im.bytes));
+                        }
+                    }
+                }
+                for e in &r.errors {
+                    println!("error: {e}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify { image, json } => {
+            let r = verify(&image)?;
+            if json {
+                json_out(&r)?;
+            } else {
+                for c in &r.checks {
+                    println!("{} {:<28} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+                }
+                println!("{}", if r.ok { "verify: all checks passed" } else { "verify: FAILED" });
+            }
+            Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+    }
+}

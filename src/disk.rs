@@ -1,0 +1,128 @@
+//! The whole disk: a GPT (via the `gpt` crate, with fixed GUIDs and a protective MBR) and
+//! partition contents copied in sparsely, written to a temporary file beside the output and
+//! renamed into place only when complete, so a failed build never leaves a half-written image.
+
+use crate::layout::{Layout, SECTOR};
+use crate::window::copy_sparse;
+use anyhow::Context;
+use gpt::disk::LogicalBlockSize;
+use gpt::mbr::ProtectiveMBR;
+use gpt::partition::Partition as GptPartition;
+use gpt::partition_types::Type;
+use gpt::GptConfig;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+
+/// A disk image being written: a temp file in the output's directory.
+pub struct DiskWriter {
+    tmp: tempfile::NamedTempFile,
+    out: PathBuf,
+    pub bytes_written: u64,
+}
+
+impl DiskWriter {
+    pub fn create(out: &Path, layout: &Layout) -> anyhow::Result<Self> {
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()))
+            .suffix(".partial")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        tmp.as_file().set_len(layout.disk_size)?;
+        Ok(Self { tmp, out: out.to_path_buf(), bytes_written: 0 })
+    }
+
+    /// Copy `src` into the disk at `offset` (holes for zero runs).
+    pub fn put(&mut self, src: &mut impl Read, offset: u64) -> anyhow::Result<u64> {
+        let (total, written) = copy_sparse(src, self.tmp.as_file_mut(), offset)?;
+        self.bytes_written += written;
+        Ok(total)
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.tmp.as_file_mut()
+    }
+
+    /// Write the GPT and protective MBR, fsync, and rename into place.
+    pub fn finish(mut self, layout: &Layout) -> anyhow::Result<()> {
+        write_gpt(self.tmp.as_file_mut(), layout)?;
+        self.tmp.as_file().sync_all()?;
+        self.tmp.persist(&self.out).map_err(|e| anyhow::anyhow!("renaming into {}: {}", self.out.display(), e.error))?;
+        Ok(())
+    }
+}
+
+/// Write primary and backup GPT plus the protective MBR for `layout` onto `dev`.
+pub fn write_gpt(dev: &mut File, layout: &Layout) -> anyhow::Result<()> {
+    let mut disk = GptConfig::new()
+        .writable(true)
+        .logical_block_size(LogicalBlockSize::Lb512)
+        .change_partition_count(true)
+        .create_from_device(&mut *dev, Some(layout.disk_guid))
+        .context("initialising the GPT")?;
+    let mut parts = BTreeMap::new();
+    for p in &layout.partitions {
+        parts.insert(
+            p.number,
+            GptPartition {
+                part_type_guid: Type { guid: p.type_guid, os: gpt::partition_types::OperatingSystem::Linux },
+                part_guid: p.guid,
+                first_lba: p.first_lba(),
+                last_lba: p.last_lba(),
+                flags: 0,
+                name: p.name.clone(),
+            },
+        );
+    }
+    disk.update_partitions(parts).context("setting GPT partitions")?;
+    disk.write().context("writing the GPT")?;
+    let sectors = layout.disk_size / SECTOR;
+    let mbr = ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
+    mbr.overwrite_lba0(dev).context("writing the protective MBR")?;
+    Ok(())
+}
+
+/// A partition as read back from a disk's GPT.
+#[derive(Debug, Clone, Serialize)]
+pub struct GptEntry {
+    pub number: u32,
+    pub name: String,
+    pub type_guid: String,
+    pub guid: String,
+    pub start: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GptReport {
+    pub disk_guid: String,
+    pub disk_size: u64,
+    pub partitions: Vec<GptEntry>,
+}
+
+/// Read the GPT; the `gpt` crate checks the header and partition-array CRCs of both copies.
+pub fn read_gpt(dev: &mut File) -> anyhow::Result<GptReport> {
+    let disk_size = dev.seek(std::io::SeekFrom::End(0))?;
+    let disk = GptConfig::new()
+        .writable(false)
+        .logical_block_size(LogicalBlockSize::Lb512)
+        .only_valid_headers(true)
+        .open_from_device(&mut *dev)
+        .context("reading the GPT (both headers and their CRCs must be valid)")?;
+    let partitions = disk
+        .partitions()
+        .iter()
+        .map(|(n, p)| GptEntry {
+            number: *n,
+            name: p.name.clone(),
+            type_guid: p.part_type_guid.guid.to_string(),
+            guid: p.part_guid.to_string(),
+            start: p.first_lba * SECTOR,
+            size: (p.last_lba + 1 - p.first_lba) * SECTOR,
+        })
+        .collect();
+    Ok(GptReport { disk_guid: disk.guid().to_string(), disk_size, partitions })
+}

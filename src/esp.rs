@@ -1,0 +1,412 @@
+//! The EFI system partition: FAT32 written with `fatfs`, holding systemd-boot as the removable-
+//! media loader (`EFI/BOOT/BOOTX64.EFI`), each slot's kernel and initrd under `/<slot>/`,
+//! `loader/loader.conf` and one Boot Loader Specification entry per slot. fatfs 0.3.6 writes
+//! subdirectories that fsck.vfat rejects; [`fix_dot_entries`] repairs them after unmount.
+//! Boot flow: docs/boot.md.
+
+use crate::layout::Slot;
+use anyhow::{bail, Context};
+use fatfs::{Date, DateTime, FatType, FileSystem, FormatVolumeOptions, FsOptions, Time, TimeProvider};
+use serde::Serialize;
+use std::io::{Read, Seek, SeekFrom, Write};
+
+pub const LOADER_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
+pub const LOADER_CONF: &str = "loader/loader.conf";
+pub const ENTRIES_DIR: &str = "loader/entries";
+/// All slotforge entries share this sort-key, so systemd-boot orders them by `version`.
+pub const SORT_KEY: &str = "slotforge";
+/// `timeout 0` boots the first entry at once; no `default`, so boot counting can fall back.
+pub const LOADER_CONF_TEXT: &str = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n";
+
+/// One slot's boot entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootEntry {
+    pub slot: Slot,
+    pub title: String,
+    /// Monotonic install number (not the OS version): the newest install sorts first.
+    pub version: u64,
+    pub linux: String,
+    pub initrd: Option<String>,
+    pub options: String,
+    /// Boot-counting tries left, when the entry is on probation.
+    pub tries: Option<u32>,
+}
+
+impl BootEntry {
+    pub fn file_name(&self) -> String {
+        match self.tries {
+            Some(n) => format!("slot-{}+{n}.conf", self.slot.name()),
+            None => format!("slot-{}.conf", self.slot.name()),
+        }
+    }
+    pub fn text(&self) -> String {
+        let mut s = format!("title {}\nsort-key {SORT_KEY}\nversion {}\nlinux {}\n", self.title, self.version, self.linux);
+        if let Some(i) = &self.initrd {
+            s += &format!("initrd {i}\n");
+        }
+        s += &format!("options {}\n", self.options);
+        s
+    }
+}
+
+/// A file to put on the ESP.
+pub struct EspFile {
+    pub path: String,
+    pub data: Box<dyn Read>,
+}
+
+#[derive(Debug)]
+struct FixedTime(DateTime);
+impl TimeProvider for FixedTime {
+    fn get_current_date(&self) -> Date {
+        self.0.date
+    }
+    fn get_current_date_time(&self) -> DateTime {
+        self.0
+    }
+}
+
+/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// A FAT timestamp for `epoch` (clamped to FAT's 1980..2107 range).
+pub fn fat_time(epoch: u64) -> DateTime {
+    let (y, m, d) = civil((epoch / 86_400) as i64);
+    let secs = epoch % 86_400;
+    let (y, m, d) = if y < 1980 { (1980, 1, 1) } else if y > 2107 { (2107, 12, 31) } else { (y, m, d) };
+    DateTime {
+        date: Date { year: y as u16, month: m as u16, day: d as u16 },
+        time: Time { hour: (secs / 3600) as u16, min: (secs / 60 % 60) as u16, sec: (secs % 60) as u16, millis: 0 },
+    }
+}
+
+/// Format `dev` (the whole ESP) as FAT32 and write `files` (parent directories created).
+pub fn write<D: Read + Write + Seek>(mut dev: D, volume_id: u32, epoch: u64, files: Vec<EspFile>) -> anyhow::Result<()> {
+    fatfs::format_volume(
+        &mut dev,
+        FormatVolumeOptions::new().fat_type(FatType::Fat32).volume_id(volume_id).volume_label(*b"ESP        "),
+    )
+    .context("formatting the ESP as FAT32 (is it at least 33 MiB?)")?;
+    // fatfs wants a 'static provider; one small leak per build is the price.
+    let tp: &'static FixedTime = Box::leak(Box::new(FixedTime(fat_time(epoch))));
+    dev.seek(SeekFrom::Start(0))?;
+    {
+        let fs = FileSystem::new(&mut dev, FsOptions::new().time_provider(tp).update_accessed_date(false))?;
+        {
+            let root = fs.root_dir();
+            for f in files {
+                let mut parts: Vec<&str> = f.path.split('/').filter(|p| !p.is_empty()).collect();
+                let name = parts.pop().context("empty ESP path")?;
+                let mut dir = root.clone();
+                for p in parts {
+                    dir = match dir.open_dir(p) {
+                        Ok(d) => d,
+                        Err(_) => dir.create_dir(p).with_context(|| format!("ESP: creating {p}"))?,
+                    };
+                }
+                let mut out = dir.create_file(name).with_context(|| format!("ESP: creating {}", f.path))?;
+                out.truncate()?;
+                let mut src = f.data;
+                std::io::copy(&mut src, &mut out).with_context(|| format!("ESP: writing {} (is the ESP large enough?)", f.path))?;
+                out.flush()?;
+            }
+        }
+        fs.unmount().context("ESP: unmounting")?;
+    }
+    dev.flush()?;
+    fix_dot_entries(&mut dev)
+}
+
+/// FAT32 geometry from the boot sector.
+struct Geometry {
+    bps: u64,
+    spc: u64,
+    fat_start: u64,
+    data_start: u64,
+    root_cluster: u32,
+}
+
+fn geometry(dev: &mut (impl Read + Seek)) -> anyhow::Result<Geometry> {
+    let mut bs = [0u8; 512];
+    dev.seek(SeekFrom::Start(0))?;
+    dev.read_exact(&mut bs)?;
+    let u16at = |o: usize| u16::from_le_bytes([bs[o], bs[o + 1]]) as u64;
+    let u32at = |o: usize| u32::from_le_bytes(bs[o..o + 4].try_into().unwrap());
+    if bs[510] != 0x55 || bs[511] != 0xAA {
+        bail!("not a FAT boot sector (no 55 AA signature)");
+    }
+    let (bps, spc, reserved, fats) = (u16at(11), bs[13] as u64, u16at(14), bs[16] as u64);
+    let fat_size = u32at(36) as u64;
+    if u16at(22) != 0 || fat_size == 0 || bps == 0 || spc == 0 {
+        bail!("not a FAT32 volume");
+    }
+    Ok(Geometry { bps, spc, fat_start: reserved * bps, data_start: (reserved + fats * fat_size) * bps, root_cluster: u32at(44) })
+}
+
+const DIRENT: usize = 32;
+const ATTR_DIR: u8 = 0x10;
+const ATTR_LFN: u8 = 0x0F;
+const ATTR_VOLUME: u8 = 0x08;
+const DELETED: u8 = 0xE5;
+const DOT: &[u8; 11] = b".          ";
+const DOTDOT: &[u8; 11] = b"..         ";
+
+impl Geometry {
+    fn cluster_offset(&self, c: u32) -> u64 {
+        self.data_start + (c as u64 - 2) * self.spc * self.bps
+    }
+    fn cluster_bytes(&self) -> usize {
+        (self.spc * self.bps) as usize
+    }
+    fn chain(&self, dev: &mut (impl Read + Seek), first: u32) -> anyhow::Result<Vec<u32>> {
+        let mut out = vec![first];
+        let mut c = first;
+        loop {
+            let mut e = [0u8; 4];
+            dev.seek(SeekFrom::Start(self.fat_start + c as u64 * 4))?;
+            dev.read_exact(&mut e)?;
+            let next = u32::from_le_bytes(e) & 0x0FFF_FFFF;
+            if next >= 0x0FFF_FFF8 {
+                return Ok(out);
+            }
+            if next < 2 || out.len() > 1 << 20 {
+                bail!("broken FAT cluster chain at cluster {c}");
+            }
+            out.push(next);
+            c = next;
+        }
+    }
+}
+
+fn entry_cluster(e: &[u8]) -> u32 {
+    (u16::from_le_bytes([e[20], e[21]]) as u32) << 16 | u16::from_le_bytes([e[26], e[27]]) as u32
+}
+
+/// Repair every subdirectory fatfs 0.3.6 wrote: its `.` and `..` must be the first two entries
+/// (fatfs puts a long-name entry before each) and `..` of a child of the root must name
+/// cluster 0 (fatfs names the root cluster). fsck.vfat -n is clean afterwards.
+pub fn fix_dot_entries(dev: &mut (impl Read + Write + Seek)) -> anyhow::Result<()> {
+    let g = geometry(dev)?;
+    let mut queue = vec![g.root_cluster];
+    while let Some(dir) = queue.pop() {
+        for c in g.chain(dev, dir)? {
+            let mut buf = vec![0u8; g.cluster_bytes()];
+            dev.seek(SeekFrom::Start(g.cluster_offset(c)))?;
+            dev.read_exact(&mut buf)?;
+            for e in buf.chunks(DIRENT) {
+                if e[0] == 0 {
+                    break;
+                }
+                if e[0] == DELETED || e[11] == ATTR_LFN || e[11] & ATTR_VOLUME != 0 || e[11] & ATTR_DIR == 0 {
+                    continue;
+                }
+                if &e[..11] == DOT || &e[..11] == DOTDOT {
+                    continue;
+                }
+                let child = entry_cluster(e);
+                fix_dir(&g, dev, child, dir)?;
+                queue.push(child);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fix_dir(g: &Geometry, dev: &mut (impl Read + Write + Seek), cluster: u32, parent: u32) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; g.cluster_bytes()];
+    let off = g.cluster_offset(cluster);
+    dev.seek(SeekFrom::Start(off))?;
+    dev.read_exact(&mut buf)?;
+    // The leading run of long-name and dot entries.
+    let mut n = 0;
+    let (mut dot, mut dotdot) = (None, None);
+    while n * DIRENT < buf.len() {
+        let e = &buf[n * DIRENT..(n + 1) * DIRENT];
+        if e[11] == ATTR_LFN && e[0] != 0 && e[0] != DELETED {
+            n += 1;
+        } else if &e[..11] == DOT {
+            dot = Some(e.to_vec());
+            n += 1;
+        } else if &e[..11] == DOTDOT {
+            dotdot = Some(e.to_vec());
+            n += 1;
+        } else {
+            break;
+        }
+    }
+    let (Some(mut dot), Some(mut dotdot)) = (dot, dotdot) else {
+        bail!("directory at cluster {cluster} has no . and .. entries");
+    };
+    let parent_field = if parent == g.root_cluster { 0 } else { parent };
+    let set_cluster = |e: &mut [u8], c: u32| {
+        e[20..22].copy_from_slice(&((c >> 16) as u16).to_le_bytes());
+        e[26..28].copy_from_slice(&(c as u16).to_le_bytes());
+    };
+    set_cluster(&mut dot, cluster);
+    set_cluster(&mut dotdot, parent_field);
+    let mut fixed = buf[..n * DIRENT].to_vec();
+    fixed[..DIRENT].copy_from_slice(&dot);
+    fixed[DIRENT..2 * DIRENT].copy_from_slice(&dotdot);
+    for slot in 2..n {
+        let e = &mut fixed[slot * DIRENT..(slot + 1) * DIRENT];
+        e.fill(0);
+        e[0] = DELETED;
+    }
+    if fixed != buf[..n * DIRENT] {
+        dev.seek(SeekFrom::Start(off))?;
+        dev.write_all(&fixed)?;
+    }
+    Ok(())
+}
+
+/// An entry read back from an ESP.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryReport {
+    pub file: String,
+    pub slot: Option<String>,
+    pub tries_left: Option<u32>,
+    pub tries_done: Option<u32>,
+    pub title: Option<String>,
+    pub version: Option<String>,
+    pub sort_key: Option<String>,
+    pub linux: Option<String>,
+    pub initrd: Option<String>,
+    pub options: Option<String>,
+}
+
+/// `slot-a+2-1.conf` → (slot-a, Some(2), Some(1)).
+pub fn parse_entry_name(file: &str) -> (String, Option<u32>, Option<u32>) {
+    let stem = file.strip_suffix(".conf").unwrap_or(file);
+    match stem.rsplit_once('+') {
+        Some((base, counter)) => {
+            let (left, done) = match counter.split_once('-') {
+                Some((l, d)) => (l.parse().ok(), d.parse().ok()),
+                None => (counter.parse().ok(), None),
+            };
+            if left.is_some() {
+                (base.to_string(), left, done.or(Some(0)))
+            } else {
+                (stem.to_string(), None, None)
+            }
+        }
+        None => (stem.to_string(), None, None),
+    }
+}
+
+pub fn parse_entry(file: &str, text: &str) -> EntryReport {
+    let (base, tries_left, tries_done) = parse_entry_name(file);
+    let key = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).filter(|r| r.starts_with(' ')).map(|r| r.trim().to_string()));
+    EntryReport {
+        file: file.to_string(),
+        slot: base.strip_prefix("slot-").map(str::to_string),
+        tries_left,
+        tries_done,
+        title: key("title"),
+        version: key("version"),
+        sort_key: key("sort-key"),
+        linux: key("linux"),
+        initrd: key("initrd"),
+        options: key("options"),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EspReport {
+    pub fat_type: String,
+    pub volume_id: u32,
+    pub loader_bytes: Option<u64>,
+    pub loader_conf: Option<String>,
+    pub entries: Vec<EntryReport>,
+    /// Files an entry names that are missing.
+    pub missing: Vec<String>,
+}
+
+/// Read the ESP back (loader, loader.conf, entries, and whether their files exist).
+pub fn read<D: Read + Write + Seek>(mut dev: D) -> anyhow::Result<EspReport> {
+    dev.seek(SeekFrom::Start(0))?; // fatfs reads the boot sector from the current position
+    let fs = FileSystem::new(dev, FsOptions::new().update_accessed_date(false)).context("ESP is not a FAT file system")?;
+    let root = fs.root_dir();
+    let size_of = |p: &str| -> Option<u64> {
+        let mut f = root.open_file(p).ok()?;
+        f.seek(SeekFrom::End(0)).ok()
+    };
+    let read_text = |p: &str| -> Option<String> {
+        let mut f = root.open_file(p).ok()?;
+        let mut s = String::new();
+        f.read_to_string(&mut s).ok()?;
+        Some(s)
+    };
+    let mut entries = Vec::new();
+    let mut missing = Vec::new();
+    if let Ok(dir) = root.open_dir(ENTRIES_DIR) {
+        let mut names: Vec<String> = dir.iter().filter_map(|e| e.ok()).filter(|e| e.is_file()).map(|e| e.file_name()).filter(|n| n.ends_with(".conf")).collect();
+        names.sort();
+        for n in names {
+            let text = read_text(&format!("{ENTRIES_DIR}/{n}")).unwrap_or_default();
+            let e = parse_entry(&n, &text);
+            for p in [&e.linux, &e.initrd].into_iter().flatten() {
+                if size_of(p.trim_start_matches('/')).is_none() {
+                    missing.push(format!("{n}: {p}"));
+                }
+            }
+            entries.push(e);
+        }
+    }
+    Ok(EspReport {
+        fat_type: format!("{:?}", fs.fat_type()),
+        volume_id: fs.volume_id(),
+        loader_bytes: size_of(LOADER_PATH),
+        loader_conf: read_text(LOADER_CONF),
+        entries,
+        missing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_with_counters() {
+        assert_eq!(parse_entry_name("slot-b+3.conf"), ("slot-b".into(), Some(3), Some(0)));
+        assert_eq!(parse_entry_name("slot-b+2-1.conf"), ("slot-b".into(), Some(2), Some(1)));
+        assert_eq!(parse_entry_name("slot-a.conf"), ("slot-a".into(), None, None));
+    }
+
+    #[test]
+    fn fat_time_of_epoch() {
+        let t = fat_time(crate::DEFAULT_SOURCE_DATE_EPOCH);
+        assert_eq!((t.date.year, t.date.month, t.date.day), (2024, 1, 1));
+        let t = fat_time(1_000_000_000); // 2001-09-09T01:46:40Z
+        assert_eq!((t.date.year, t.date.month, t.date.day, t.time.hour, t.time.min, t.time.sec), (2001, 9, 9, 1, 46, 40));
+        assert_eq!(fat_time(0).date.year, 1980);
+    }
+
+    #[test]
+    fn written_esp_reads_back() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.set_len(64 << 20).unwrap();
+        let e = BootEntry { slot: Slot::A, title: "t".into(), version: 1, linux: "/a/vmlinuz".into(), initrd: None, options: "x".into(), tries: None };
+        let files = vec![
+            EspFile { path: LOADER_PATH.into(), data: Box::new(&b"MZloader"[..]) },
+            EspFile { path: format!("{ENTRIES_DIR}/{}", e.file_name()), data: Box::new(std::io::Cursor::new(e.text().into_bytes())) },
+            EspFile { path: "a/vmlinuz".into(), data: Box::new(&b"kernel"[..]) },
+        ];
+        write(&mut f, 0x1234, 0, files).unwrap();
+        let r = read(&mut f).unwrap();
+        assert_eq!(r.loader_bytes, Some(8));
+        assert_eq!(r.entries.len(), 1);
+        assert_eq!(r.entries[0].linux.as_deref(), Some("/a/vmlinuz"));
+        assert!(r.missing.is_empty());
+    }
+}

@@ -1,0 +1,419 @@
+//! The external-images partition: ext4 whose root is one OCI image layout shared by every rootfs
+//! build on the device. `index.json` has one entry per build id (`org.opencontainers.image.ref.name`)
+//! pointing to a nested image index of that build's external images; blobs are stored once under
+//! `blobs/sha256/`. `slotforge-images.json` beside it versions the format. ext4 is made with
+//! `mke2fs -d` (no maintained Rust ext4 writer exists) and its clock-derived inode times are
+//! pinned afterwards with `debugfs`, so the image is bit-reproducible. Reading it back on the host
+//! goes through ext4-view. Format: docs/formats.md#external-images-partition.
+
+use crate::hash::{digest_reader, Digest};
+use crate::oci::image::{MT_OCI_INDEX, REF_NAME};
+use crate::oci::{open_verified, ResolvedImage};
+use crate::rootfs::ExternalImage;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const METADATA_FILE: &str = "slotforge-images.json";
+pub const FORMAT_VERSION: u32 = 1;
+pub const ANN_BUILD_ID: &str = "io.slotforge.build-id";
+pub const ANN_VERSION: &str = "io.slotforge.version";
+pub const ANN_REFERENCE: &str = "io.slotforge.reference";
+/// ext4 block size; also the unit of the size estimate.
+const BLOCK: u64 = 4096;
+
+/// `slotforge-images.json`: format version and feature flags (composefs-style), so an agent
+/// can tell whether it may read or write this partition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metadata {
+    pub format: u32,
+    /// Features a reader may ignore.
+    pub compatible: Vec<String>,
+    /// Features a reader may ignore but a writer must understand.
+    pub ro_compatible: Vec<String>,
+    /// Features anyone must understand to touch the partition.
+    pub incompatible: Vec<String>,
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Self { format: FORMAT_VERSION, compatible: vec![], ro_compatible: vec![], incompatible: vec![] }
+    }
+}
+
+/// One build's set of external images, as staged.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildSet {
+    pub build_id: String,
+    pub version: String,
+    pub index_digest: Digest,
+    pub index_size: u64,
+}
+
+/// A staging directory holding the OCI layout that becomes the partition's root.
+pub struct Stage {
+    dir: tempfile::TempDir,
+    builds: BTreeMap<String, BuildSet>,
+}
+
+impl Stage {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("slotforge-images-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("blobs/sha256"))?;
+        Ok(Self { dir, builds: BTreeMap::new() })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.dir.path().join("blobs/sha256").join(d.hex())
+    }
+
+    /// Write `data` as a blob (exact bytes; its digest is what descriptors name).
+    fn put_bytes(&self, data: &[u8]) -> anyhow::Result<(Digest, u64)> {
+        let d = Digest::of_bytes(data);
+        let p = self.blob_path(&d);
+        if !p.exists() {
+            std::fs::write(&p, data)?;
+        }
+        Ok((d, data.len() as u64))
+    }
+
+    /// Copy every blob of `img` (manifest, config, layers) in, verified. Returns bytes written.
+    pub fn add_image(&self, img: &ResolvedImage, on_bytes: &mut dyn FnMut(u64)) -> anyhow::Result<u64> {
+        let mut written = 0;
+        for (d, bytes) in [(&img.manifest_digest, &img.manifest_bytes), (&img.config_digest, &img.config_bytes)] {
+            let p = self.blob_path(d);
+            if !p.exists() {
+                std::fs::write(&p, bytes)?;
+                written += bytes.len() as u64;
+            }
+        }
+        for l in &img.layers {
+            let dest = self.blob_path(&l.digest);
+            if dest.exists() {
+                continue; // shared with another image or build: stored once
+            }
+            let tmp = dest.with_extension("partial");
+            let mut r = open_verified(&*img.source, &l.digest, l.size, &format!("layer {}", l.digest))?;
+            let mut f = std::fs::File::create(&tmp)?;
+            let n = std::io::copy(&mut r, &mut f).map_err(|e| anyhow::anyhow!("{e}"));
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            };
+            std::fs::rename(&tmp, &dest)?;
+            written += n;
+            on_bytes(n);
+        }
+        Ok(written)
+    }
+
+    /// Record one build: a nested index of its images (sorted by name), tagged with the build id.
+    pub fn add_build(&mut self, build_id: &str, version: &str, images: &[(ExternalImage, &ResolvedImage)]) -> anyhow::Result<&BuildSet> {
+        let mut sorted: Vec<&(ExternalImage, &ResolvedImage)> = images.iter().collect();
+        sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let manifests: Vec<serde_json::Value> = sorted
+            .iter()
+            .map(|(e, img)| {
+                json!({
+                    "mediaType": img.manifest_media_type,
+                    "digest": img.manifest_digest.to_string(),
+                    "size": img.manifest_bytes.len(),
+                    "platform": {"architecture": img.platform.architecture, "os": img.platform.os},
+                    "annotations": {REF_NAME: e.name, ANN_REFERENCE: e.reference}
+                })
+            })
+            .collect();
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_INDEX,
+            "manifests": manifests,
+            "annotations": {ANN_BUILD_ID: build_id, ANN_VERSION: version}
+        });
+        let bytes = serde_json::to_vec(&index)?;
+        let (index_digest, index_size) = self.put_bytes(&bytes)?;
+        let set = BuildSet { build_id: build_id.into(), version: version.into(), index_digest, index_size };
+        self.builds.insert(build_id.to_string(), set);
+        Ok(&self.builds[build_id])
+    }
+
+    /// Write `oci-layout`, `index.json` (one entry per build, sorted) and the metadata file.
+    pub fn finish(&self, epoch: u64) -> anyhow::Result<()> {
+        let root = self.dir.path();
+        std::fs::write(root.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        let manifests: Vec<serde_json::Value> = self
+            .builds
+            .values()
+            .map(|b| {
+                json!({
+                    "mediaType": MT_OCI_INDEX,
+                    "digest": b.index_digest.to_string(),
+                    "size": b.index_size,
+                    "annotations": {REF_NAME: b.build_id, ANN_VERSION: b.version}
+                })
+            })
+            .collect();
+        let index = json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests});
+        std::fs::write(root.join("index.json"), serde_json::to_vec(&index)?)?;
+        std::fs::write(root.join(METADATA_FILE), crate::rootfs::to_json(&Metadata::default()))?;
+        set_times(root, epoch)?;
+        Ok(())
+    }
+
+    /// Bytes the staged content needs, rounded to blocks, plus ext4 overhead.
+    pub fn estimated_size(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for e in walk(self.dir.path())? {
+            total += std::fs::metadata(&e)?.len().div_ceil(BLOCK) * BLOCK + BLOCK;
+        }
+        Ok(total)
+    }
+}
+
+fn walk(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i].clone();
+        if p.is_dir() {
+            let mut kids: Vec<PathBuf> = std::fs::read_dir(&p)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+            kids.sort();
+            out.extend(kids);
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn set_times(root: &Path, epoch: u64) -> anyhow::Result<()> {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(epoch);
+    for p in walk(root)? {
+        std::fs::File::open(&p)?.set_times(std::fs::FileTimes::new().set_accessed(t).set_modified(t))?;
+    }
+    Ok(())
+}
+
+/// The mke2fs.conf used for every build, so the host's /etc/mke2fs.conf cannot change the
+/// features (and bytes) of the partition. Features all supported by Linux ≥ 4.x.
+const MKE2FS_CONF: &str = "[defaults]
+\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tdefault_mntopts = acl,user_xattr
+\tenable_periodic_fsck = 0
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 65536
+[fs_types]
+\text4 = {
+\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+";
+
+/// Make an ext4 image of `size` bytes at `out` holding `stage`, reproducibly.
+pub fn make_ext4(stage: &Stage, out: &Path, size: u64, uuid: &uuid::Uuid, label: &str, epoch: u64) -> anyhow::Result<()> {
+    let need = stage.estimated_size()?;
+    // Journal (up to 64 MiB for large partitions), inode tables and group descriptors.
+    let overhead = (size / 50).max(8 << 20);
+    if need + overhead > size {
+        bail!(
+            "the external images need about {} but the external-images partition holds {}; enlarge it in the layout or move images back on disk",
+            crate::rootfs::mib(need + overhead),
+            crate::rootfs::mib(size)
+        );
+    }
+    let conf = tempfile::NamedTempFile::new()?;
+    std::fs::write(conf.path(), MKE2FS_CONF)?;
+    let f = std::fs::File::create(out)?;
+    f.set_len(size)?;
+    drop(f);
+    let fake_time = epoch.to_string();
+    let u = uuid.to_string();
+    let status = Command::new("mke2fs")
+        .env("MKE2FS_CONFIG", conf.path())
+        .env("E2FSPROGS_FAKE_TIME", &fake_time)
+        .args(["-t", "ext4", "-F", "-q", "-m", "0", "-L", label, "-U", &u])
+        .arg("-E")
+        .arg(format!("hash_seed={u},root_owner=0:0,lazy_itable_init=1,nodiscard"))
+        .arg("-d")
+        .arg(stage.path())
+        .arg(out)
+        .output()
+        .context("running mke2fs (install e2fsprogs)")?;
+    if !status.status.success() {
+        bail!("mke2fs failed: {}", String::from_utf8_lossy(&status.stderr).trim());
+    }
+    // mke2fs -d stamps each copied inode's ctime/atime (and crtime) with the clock; pin them.
+    let mut script = String::new();
+    for p in walk(stage.path())? {
+        let rel = p.strip_prefix(stage.path()).unwrap();
+        let spec = format!("/{}", rel.display());
+        for field in ["atime", "ctime", "mtime", "crtime"] {
+            script += &format!("sif \"{spec}\" {field} @{epoch}\nsif \"{spec}\" {field}_extra 0\n");
+        }
+    }
+    for field in ["atime", "ctime", "mtime", "crtime"] {
+        script += &format!("sif /lost+found {field} @{epoch}\nsif /lost+found {field}_extra 0\n");
+    }
+    let sf = tempfile::NamedTempFile::new()?;
+    std::fs::write(sf.path(), script)?;
+    let o = Command::new("debugfs")
+        .env("E2FSPROGS_FAKE_TIME", &fake_time)
+        .arg("-w")
+        .arg("-f")
+        .arg(sf.path())
+        .arg(out)
+        .output()
+        .context("running debugfs (install e2fsprogs)")?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    let bad: Vec<&str> = err.lines().filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty()).collect();
+    if !o.status.success() || !bad.is_empty() {
+        bail!("debugfs could not pin inode times: {}", bad.join("; "));
+    }
+    Ok(())
+}
+
+/// Read access to a partition's OCI layout: ext4 inside a disk image, or a directory.
+pub trait LayoutFs {
+    fn read(&self, path: &str) -> anyhow::Result<Vec<u8>>;
+    fn open(&self, path: &str) -> anyhow::Result<Box<dyn Read + '_>>;
+}
+
+impl LayoutFs for ext4_view::Ext4 {
+    fn read(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        ext4_view::Ext4::read(self, path).map_err(|e| anyhow::anyhow!("{path}: {e}"))
+    }
+    fn open(&self, path: &str) -> anyhow::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(ext4_view::Ext4::open(self, path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?))
+    }
+}
+
+impl LayoutFs for Path {
+    fn read(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        std::fs::read(self.join(path.trim_start_matches('/'))).with_context(|| path.to_string())
+    }
+    fn open(&self, path: &str) -> anyhow::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(std::fs::File::open(self.join(path.trim_start_matches('/'))).with_context(|| path.to_string())?))
+    }
+}
+
+/// What one build id holds, read back from the partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    pub build_id: String,
+    pub version: Option<String>,
+    pub index_digest: String,
+    pub images: Vec<ImageReport>,
+    /// Bytes of this build's blobs (shared ones counted in every build that uses them).
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageReport {
+    pub name: String,
+    pub reference: Option<String>,
+    pub digest: String,
+    pub bytes: u64,
+    pub blobs: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionReport {
+    pub metadata: Metadata,
+    pub builds: Vec<BuildReport>,
+    /// Distinct blobs referenced, and their bytes.
+    pub unique_blobs: usize,
+    pub unique_bytes: u64,
+}
+
+#[derive(Deserialize)]
+struct Desc {
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+#[derive(Deserialize)]
+struct Idx {
+    manifests: Vec<Desc>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+#[derive(Deserialize)]
+struct Man {
+    config: Desc,
+    layers: Vec<Desc>,
+}
+
+fn blob_path(d: &str) -> anyhow::Result<String> {
+    let d = Digest::parse(d).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(format!("/blobs/sha256/{}", d.hex()))
+}
+
+/// Read the layout's structure (not blob contents) back.
+pub fn read_report(fs: &dyn LayoutFs) -> anyhow::Result<PartitionReport> {
+    let metadata: Metadata = serde_json::from_slice(&fs.read(&format!("/{METADATA_FILE}"))?).context(METADATA_FILE)?;
+    if metadata.format > FORMAT_VERSION || !metadata.incompatible.is_empty() {
+        bail!("external-images partition has format {} with incompatible features {:?}; this slotforge understands format {FORMAT_VERSION}", metadata.format, metadata.incompatible);
+    }
+    let top: Idx = serde_json::from_slice(&fs.read("/index.json")?).context("index.json")?;
+    let mut builds = Vec::new();
+    let mut unique: BTreeMap<String, u64> = BTreeMap::new();
+    for b in &top.manifests {
+        let build_id = b.annotations.get(REF_NAME).cloned().unwrap_or_default();
+        let idx: Idx = serde_json::from_slice(&fs.read(&blob_path(&b.digest)?)?).with_context(|| format!("build {build_id}: index {}", b.digest))?;
+        unique.insert(b.digest.clone(), b.size);
+        let mut images = Vec::new();
+        let mut bytes = b.size;
+        for m in &idx.manifests {
+            let man: Man = serde_json::from_slice(&fs.read(&blob_path(&m.digest)?)?).with_context(|| format!("build {build_id}: manifest {}", m.digest))?;
+            let mut blobs = vec![(m.digest.clone(), m.size), (man.config.digest.clone(), man.config.size)];
+            blobs.extend(man.layers.iter().map(|l| (l.digest.clone(), l.size)));
+            let ib: u64 = blobs.iter().map(|b| b.1).sum();
+            bytes += ib;
+            for (d, s) in &blobs {
+                unique.insert(d.clone(), *s);
+            }
+            images.push(ImageReport {
+                name: m.annotations.get(REF_NAME).cloned().unwrap_or_default(),
+                reference: m.annotations.get(ANN_REFERENCE).cloned(),
+                digest: m.digest.clone(),
+                bytes: ib,
+                blobs,
+            });
+        }
+        builds.push(BuildReport { build_id, version: idx.annotations.get(ANN_VERSION).cloned(), index_digest: b.digest.clone(), images, bytes });
+    }
+    Ok(PartitionReport { metadata, builds, unique_blobs: unique.len(), unique_bytes: unique.values().sum() })
+}
+
+/// Stream every blob the layout references and check its size and sha256.
+/// Returns the problems found (empty when all blobs are intact).
+pub fn verify_blobs(fs: &dyn LayoutFs, report: &PartitionReport) -> Vec<String> {
+    let mut all: BTreeMap<&str, u64> = BTreeMap::new();
+    for b in &report.builds {
+        for i in &b.images {
+            for (d, s) in &i.blobs {
+                all.insert(d, *s);
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for (d, size) in all {
+        let res = blob_path(d).and_then(|p| fs.open(&p)).and_then(|r| Ok(digest_reader(r)?));
+        match res {
+            Ok((got, n)) if got.as_str() == d && n == size => {}
+            Ok((got, n)) => problems.push(format!("blob {d}: content is {n} bytes hashing to {got} (expected {size} bytes)")),
+            Err(e) => problems.push(format!("blob {d}: {e:#}")),
+        }
+    }
+    problems
+}

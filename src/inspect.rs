@@ -1,0 +1,255 @@
+//! `inspect` and `verify`: everything read back from the disk image itself — the GPT, each
+//! slot's squashfs and its metadata, the ESP and its boot entries, and every build in the
+//! external-images partition — and the checks that say whether the disk is sound.
+
+use crate::build::LAYOUT_RECORD;
+use crate::disk::{read_gpt, GptReport};
+use crate::esp::{self, EspReport};
+use crate::images::{self, PartitionReport};
+use crate::layout::{types, Layout};
+use crate::rootfs::{ExternalImages, Release, EXTERNAL_PATH, RELEASE_PATH};
+use crate::squashfs::{self, Superblock};
+use crate::window::Window;
+use anyhow::Context;
+use serde::Serialize;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct SlotReport {
+    pub slot: String,
+    pub partition: String,
+    pub partition_bytes: u64,
+    /// `empty` (no squashfs) or `squashfs`.
+    pub state: String,
+    pub superblock: Option<Superblock>,
+    pub rootfs_bytes: Option<u64>,
+    pub cap: Option<u64>,
+    pub slack: Option<i64>,
+    pub release: Option<Release>,
+    pub external_images: Option<ExternalImages>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InspectReport {
+    pub gpt: GptReport,
+    pub layout: Option<Layout>,
+    pub slots: Vec<SlotReport>,
+    pub esp: Option<EspReport>,
+    pub images: Option<PartitionReport>,
+    pub errors: Vec<String>,
+}
+
+fn find<'a>(g: &'a GptReport, ty: &str) -> impl Iterator<Item = &'a crate::disk::GptEntry> {
+    let ty = ty.to_string();
+    g.partitions.iter().filter(move |p| p.type_guid == ty)
+}
+
+fn read_slot(disk: &mut File, p: &crate::disk::GptEntry, layout: Option<&Layout>) -> SlotReport {
+    let lp = layout.and_then(|l| l.partitions.iter().find(|q| q.name == p.name));
+    let mut rep = SlotReport {
+        slot: lp.and_then(|q| q.slot).map(|s| s.name().to_string()).unwrap_or_else(|| p.name.clone()),
+        partition: p.name.clone(),
+        partition_bytes: p.size,
+        state: "empty".into(),
+        superblock: None,
+        rootfs_bytes: None,
+        cap: lp.map(|q| q.fs_cap),
+        slack: None,
+        release: None,
+        external_images: None,
+        error: None,
+    };
+    let res = (|| -> anyhow::Result<()> {
+        disk.seek(SeekFrom::Start(p.start))?;
+        let Some(sb) = squashfs::read_superblock(disk)? else { return Ok(()) };
+        rep.state = "squashfs".into();
+        if sb.bytes_used > p.size {
+            anyhow::bail!("squashfs claims {} bytes but the partition has {}", sb.bytes_used, p.size);
+        }
+        rep.rootfs_bytes = Some(sb.bytes_used.div_ceil(4096) * 4096);
+        rep.slack = rep.cap.map(|c| c as i64 - rep.rootfs_bytes.unwrap() as i64);
+        rep.superblock = Some(sb.clone());
+        // libsquashfs reads from a path: copy the filesystem (not the whole partition) out.
+        let mut tmp = tempfile::NamedTempFile::new()?;
+        disk.seek(SeekFrom::Start(p.start))?;
+        std::io::copy(&mut Read::by_ref(disk).take(sb.bytes_used), tmp.as_file_mut())?;
+        let rel = squashfs::read_file(tmp.path(), RELEASE_PATH)?.context("no /etc/slotforge/release.json: not built by slotforge")?;
+        rep.release = Some(serde_json::from_slice(&rel).context(RELEASE_PATH)?);
+        if let Some(ext) = squashfs::read_file(tmp.path(), EXTERNAL_PATH)? {
+            rep.external_images = Some(serde_json::from_slice(&ext).context(EXTERNAL_PATH)?);
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        rep.error = Some(format!("{e:#}"));
+    }
+    rep
+}
+
+/// Read everything back from `path`.
+pub fn inspect(path: &Path) -> anyhow::Result<InspectReport> {
+    let mut disk = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let gpt = read_gpt(&mut disk)?;
+    let mut errors = Vec::new();
+    let mut esp_report = None;
+    let mut layout = None;
+    if let Some(p) = find(&gpt, types::ESP).next() {
+        let w = Window::new(File::open(path)?, p.start, p.size);
+        match esp::read(ReadOnly(w)) {
+            Ok(r) => esp_report = Some(r),
+            Err(e) => errors.push(format!("ESP {}: {e:#}", p.name)),
+        }
+        layout = read_layout_record(path, p.start, p.size).unwrap_or_else(|e| {
+            errors.push(format!("ESP {}: {LAYOUT_RECORD}: {e:#}", p.name));
+            None
+        });
+    } else {
+        errors.push("no EFI system partition".into());
+    }
+    let roots: Vec<_> = find(&gpt, types::ROOT_X86_64).chain(find(&gpt, types::USR_X86_64)).cloned().collect();
+    let slots = roots.iter().map(|p| read_slot(&mut disk, p, layout.as_ref())).collect();
+    let mut images = None;
+    if let Some(p) = images_partition(&gpt, layout.as_ref()) {
+        match open_ext4(path, p.start, p.size).and_then(|fs| images::read_report(&fs)) {
+            Ok(r) => images = Some(r),
+            Err(e) => errors.push(format!("external-images partition {}: {e:#}", p.name)),
+        }
+    }
+    Ok(InspectReport { gpt, layout, slots, esp: esp_report, images, errors })
+}
+
+fn images_partition<'a>(gpt: &'a GptReport, layout: Option<&Layout>) -> Option<&'a crate::disk::GptEntry> {
+    let name = layout?.partitions.iter().find(|p| p.role == crate::layout::Role::ExternalImages)?.name.clone();
+    gpt.partitions.iter().find(|p| p.name == name)
+}
+
+fn open_ext4(path: &Path, start: u64, size: u64) -> anyhow::Result<ext4_view::Ext4> {
+    let w = Window::new(File::open(path)?, start, size);
+    ext4_view::Ext4::load(Box::new(w)).map_err(|e| anyhow::anyhow!("not a readable ext4 file system: {e}"))
+}
+
+fn read_layout_record(path: &Path, start: u64, size: u64) -> anyhow::Result<Option<Layout>> {
+    let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, start, size)), fatfs::FsOptions::new().update_accessed_date(false))?;
+    let mut f = match fs.root_dir().open_file(LAYOUT_RECORD) {
+        Ok(f) => f,
+        Err(_) => return Ok(None),
+    };
+    let mut s = String::new();
+    f.read_to_string(&mut s)?;
+    Ok(Some(serde_json::from_str(&s)?))
+}
+
+/// A window that refuses writes, so reading a FAT volume can never change the image.
+pub struct ReadOnly<F>(pub Window<F>);
+impl<F: Read + Seek> Read for ReadOnly<F> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(b)
+    }
+}
+impl<F: Seek> Seek for ReadOnly<F> {
+    fn seek(&mut self, p: SeekFrom) -> std::io::Result<u64> {
+        self.0.seek(p)
+    }
+}
+impl<F> std::io::Write for ReadOnly<F> {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "read-only"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+/// Every check `verify` makes; `ok` only if all pass.
+pub fn verify(path: &Path) -> anyhow::Result<VerifyReport> {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
+    let rep = match inspect(path) {
+        Ok(r) => r,
+        Err(e) => {
+            check("gpt", false, format!("{e:#}"));
+            return Ok(VerifyReport { ok: false, checks });
+        }
+    };
+    check("gpt", true, format!("{} partitions, primary and backup headers and entry CRCs valid", rep.gpt.partitions.len()));
+    for e in &rep.errors {
+        check("read", false, e.clone());
+    }
+    if let Some(l) = &rep.layout {
+        let same = l.partitions.len() == rep.gpt.partitions.len()
+            && l.partitions.iter().zip(&rep.gpt.partitions).all(|(a, b)| a.name == b.name && a.start == b.start && a.size == b.size);
+        check("layout", same, format!("GPT {} the recorded layout {} generation {}", if same { "matches" } else { "differs from" }, l.name, l.generation));
+    }
+    let mut booted_any = false;
+    for s in &rep.slots {
+        let name = format!("slot {}", s.slot);
+        match (&s.error, s.state.as_str()) {
+            (Some(e), _) => check(&name, false, e.clone()),
+            (None, "empty") => check(&name, true, "empty".into()),
+            (None, _) => {
+                booted_any = true;
+                let fits = s.slack.is_none_or(|x| x >= 0);
+                let rel = s.release.as_ref().unwrap();
+                check(&name, fits, format!("squashfs {} bytes, build {} version {}{}", s.rootfs_bytes.unwrap_or(0), rel.build_id, rel.version, match s.slack {
+                    Some(x) => format!(", slack {x} bytes"),
+                    None => String::new(),
+                }));
+            }
+        }
+    }
+    check("rootfs", booted_any, if booted_any { "at least one slot holds a rootfs".into() } else { "no slot holds a rootfs".into() });
+    match &rep.esp {
+        Some(e) => {
+            let ok = e.loader_bytes.is_some_and(|b| b > 0) && e.missing.is_empty() && !e.entries.is_empty() && e.fat_type == "Fat32";
+            check("esp", ok, format!("{:?}, loader {} bytes, {} entries{}", e.fat_type, e.loader_bytes.unwrap_or(0), e.entries.len(), if e.missing.is_empty() { String::new() } else { format!(", missing: {}", e.missing.join(", ")) }));
+        }
+        None => check("esp", false, "unreadable".into()),
+    }
+    if let Some(img) = &rep.images {
+        let p = images_partition(&rep.gpt, rep.layout.as_ref()).unwrap();
+        let fs = open_ext4(path, p.start, p.size)?;
+        let problems = images::verify_blobs(&fs, img);
+        check("images-blobs", problems.is_empty(), if problems.is_empty() { format!("{} blobs, {} bytes, all digests match", img.unique_blobs, img.unique_bytes) } else { problems.join("; ") });
+    }
+    for s in &rep.slots {
+        let Some(ext) = &s.external_images else { continue };
+        let name = format!("slot {} external images", s.slot);
+        if ext.images.is_empty() {
+            check(&name, true, "none needed".into());
+            continue;
+        }
+        let Some(img) = &rep.images else {
+            check(&name, false, "the disk has no readable external-images partition".into());
+            continue;
+        };
+        let Some(b) = img.builds.iter().find(|b| b.build_id == ext.build_id) else {
+            check(&name, false, format!("build {} is not in the external-images partition", ext.build_id));
+            continue;
+        };
+        let missing: Vec<String> = ext
+            .images
+            .iter()
+            .filter(|e| !b.images.iter().any(|i| i.name == e.name && i.digest == e.digest))
+            .map(|e| format!("{} {}", e.name, e.digest))
+            .collect();
+        check(&name, missing.is_empty(), if missing.is_empty() { format!("{} images of build {} present", ext.images.len(), ext.build_id) } else { format!("missing: {}", missing.join(", ")) });
+    }
+    let ok = checks.iter().all(|c| c.ok);
+    Ok(VerifyReport { ok, checks })
+}

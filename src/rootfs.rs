@@ -1,0 +1,256 @@
+//! The rootfs of one build: init images flattened at `/`, on-disk containers at LinuxKit's
+//! `/containers/{onboot,services}/NAME/{rootfs,config.json}`, external containers as metadata
+//! only, `files:` entries, and slotforge's own metadata (`/etc/slotforge/release.json`,
+//! `/etc/slotforge/external-images.json`). Also the size-cap check and its report.
+//! Formats: docs/formats.md.
+
+use crate::layout::{Layout, Slot};
+use crate::manifest::{parse_mode, Section};
+use crate::oci::ResolvedImage;
+use crate::tree::{components, Content, Kind, Meta, Node, Tree};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+
+pub const RELEASE_PATH: &str = "etc/slotforge/release.json";
+pub const EXTERNAL_PATH: &str = "etc/slotforge/external-images.json";
+/// Version of the rootfs metadata files' schema.
+pub const METADATA_FORMAT: u32 = 1;
+
+/// Something that put bytes into the rootfs, for the oversize report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contributor {
+    /// `init`, `onboot`, `services`, `onshutdown`, `kernel-modules`, `files`, `slotforge`.
+    pub kind: String,
+    pub name: String,
+    pub reference: Option<String>,
+    /// Uncompressed file bytes it put in the rootfs.
+    pub bytes: u64,
+    /// An on-disk service/onboot container that `ondisk: false` could move out.
+    pub movable: bool,
+}
+
+/// One external image as recorded in the rootfs.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ExternalImage {
+    pub name: String,
+    pub section: String,
+    pub reference: String,
+    pub digest: String,
+    pub media_type: String,
+    pub platform: String,
+    /// Bytes of manifest + config + layers.
+    pub size: u64,
+}
+
+/// `/etc/slotforge/external-images.json`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ExternalImages {
+    pub format: u32,
+    pub build_id: String,
+    pub images: Vec<ExternalImage>,
+}
+
+/// `/etc/slotforge/release.json`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Release {
+    pub format: u32,
+    pub version: String,
+    pub build_id: String,
+    pub source_date_epoch: u64,
+    pub builder: String,
+}
+
+impl ExternalImage {
+    pub fn of(name: &str, section: Section, img: &ResolvedImage) -> Self {
+        Self {
+            name: name.to_string(),
+            section: section.dir().to_string(),
+            reference: img.reference.clone(),
+            digest: img.manifest_digest.to_string(),
+            media_type: img.manifest_media_type.clone(),
+            platform: img.platform.to_string(),
+            size: img.stored_size(),
+        }
+    }
+}
+
+fn file_node(data: Vec<u8>, mode: u16, epoch: u64, origin: u32) -> Node {
+    let size = data.len() as u64;
+    Node { meta: Meta::new(mode, epoch), kind: Kind::File { content: Content::Inline(Arc::new(data)), size, link: None }, layer: u32::MAX, origin }
+}
+
+/// Put a generated file at `path` (relative), creating parents.
+pub fn put_file(t: &mut Tree, path: &str, data: Vec<u8>, mode: u16, epoch: u64, origin: u32) -> anyhow::Result<()> {
+    let comps = components(path.as_bytes(), true).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+    t.insert(&comps, file_node(data, mode, epoch, origin)).map_err(|e| anyhow::anyhow!("{path}: {e}"))
+}
+
+/// Pretty JSON with a trailing newline; struct field order is fixed, so output is stable.
+pub fn to_json(v: &impl Serialize) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(v).expect("serialisable");
+    out.push(b'\n');
+    out
+}
+
+/// An OCI runtime `config.json` for a container, from its image config and manifest overrides.
+/// Written by hand (not oci-spec's `Spec`) because that type keeps capabilities in a HashSet,
+/// whose order changes between runs and would break reproducibility.
+pub fn runtime_config(img: &ResolvedImage, command: Option<&[String]>, env: Option<&[String]>, cwd: Option<&str>, hostname: &str) -> Vec<u8> {
+    let cfg = img.config.config().clone().unwrap_or_default();
+    let args: Vec<String> = match command {
+        Some(c) => c.to_vec(),
+        None => cfg.entrypoint().clone().unwrap_or_default().into_iter().chain(cfg.cmd().clone().unwrap_or_default()).collect(),
+    };
+    let mut envs: Vec<String> = cfg.env().clone().unwrap_or_else(|| vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]);
+    for e in env.unwrap_or_default() {
+        let key = e.split('=').next().unwrap_or("");
+        envs.retain(|x| x.split('=').next() != Some(key));
+        envs.push(e.clone());
+    }
+    let cwd = cwd.map(str::to_string).or_else(|| cfg.working_dir().clone().filter(|w| !w.is_empty())).unwrap_or_else(|| "/".into());
+    let (uid, gid) = parse_user(cfg.user().as_deref().unwrap_or(""));
+    let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+    let v = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": uid, "gid": gid},
+            "args": args,
+            "env": envs,
+            "cwd": cwd,
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+        }
+    });
+    to_json(&v)
+}
+
+/// `uid[:gid]` numbers; names cannot be resolved without the image's /etc/passwd, so they map to 0.
+fn parse_user(u: &str) -> (u32, u32) {
+    let mut it = u.splitn(2, ':');
+    let uid = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let gid = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (uid, gid)
+}
+
+/// Apply one `files:` entry.
+pub fn apply_file_entry(t: &mut Tree, f: &crate::manifest::FileEntry, base: &std::path::Path, epoch: u64, origin: u32) -> anyhow::Result<()> {
+    let comps = components(f.path.value.as_bytes(), true).map_err(|e| anyhow::anyhow!("files: {}: {e}", f.path.value))?;
+    let (kind, default_mode) = if let Some(c) = &f.contents {
+        (Kind::File { content: Content::Inline(Arc::new(c.clone().into_bytes())), size: c.len() as u64, link: None }, 0o644)
+    } else if let Some(src) = &f.source {
+        let p = base.join(src);
+        let md = std::fs::metadata(&p).map_err(|e| anyhow::anyhow!("files: {}: source {}: {e}", f.path.value, p.display()))?;
+        if !md.is_file() {
+            anyhow::bail!("files: {}: source {} is not a regular file", f.path.value, p.display());
+        }
+        (Kind::File { content: Content::Path(p), size: md.len(), link: None }, 0o644)
+    } else if f.directory {
+        (Kind::Dir(Default::default()), 0o755)
+    } else if let Some(target) = &f.symlink {
+        (Kind::Symlink(target.clone().into_bytes()), 0o777)
+    } else {
+        unreachable!("manifest check guarantees one content kind")
+    };
+    let mut meta = Meta::new(f.mode.as_deref().map(|m| parse_mode(m).expect("checked")).unwrap_or(default_mode), epoch);
+    meta.uid = f.uid.unwrap_or(0);
+    meta.gid = f.gid.unwrap_or(0);
+    t.insert(&comps, Node { meta, kind, layer: u32::MAX, origin }).map_err(|e| anyhow::anyhow!("files: {}: {e}", f.path.value))
+}
+
+/// The slack of a rootfs against one layout's slots.
+#[derive(Debug, Clone, Serialize)]
+pub struct CapCheck {
+    pub layout: String,
+    pub generation: u32,
+    pub partition: String,
+    pub cap: u64,
+    pub rootfs_bytes: u64,
+    /// `cap - rootfs_bytes`; negative when it does not fit.
+    pub slack: i64,
+}
+
+/// Check `size` against the smaller of each layout's two slot caps.
+pub fn cap_checks(size: u64, layouts: &[&Layout]) -> Vec<CapCheck> {
+    layouts
+        .iter()
+        .map(|l| {
+            let p = [l.rootfs(Slot::A), l.rootfs(Slot::B)].into_iter().min_by_key(|p| p.fs_cap).unwrap();
+            CapCheck { layout: l.name.clone(), generation: l.generation, partition: p.name.clone(), cap: p.fs_cap, rootfs_bytes: size, slack: p.fs_cap as i64 - size as i64 }
+        })
+        .collect()
+}
+
+pub fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// The message for a rootfs over its cap: by how much, the largest contributors, and which
+/// on-disk containers could become `ondisk: false` to make it fit.
+pub fn oversize_message(check: &CapCheck, contributors: &[Contributor]) -> String {
+    let over = (-check.slack) as u64;
+    let total: u64 = contributors.iter().map(|c| c.bytes).sum::<u64>().max(1);
+    // Each contributor's share of the compressed image, estimated by the overall ratio.
+    let ratio = check.rootfs_bytes as f64 / total as f64;
+    let est = |b: u64| (b as f64 * ratio) as u64;
+    let mut sorted: Vec<&Contributor> = contributors.iter().filter(|c| c.bytes > 0).collect();
+    sorted.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.name.cmp(&b.name)));
+    let mut msg = format!(
+        "rootfs is {} bytes ({}), {} bytes ({}) over the {} byte ({}) cap of layout {} generation {} partition {}; nothing was written.\nLargest contributors (uncompressed, ~share of the squashfs):\n",
+        check.rootfs_bytes, mib(check.rootfs_bytes), over, mib(over), check.cap, mib(check.cap), check.layout, check.generation, check.partition
+    );
+    for c in sorted.iter().take(8) {
+        msg += &format!("  {:<11} {:<24} {:>12}  ~{}{}\n", c.kind, c.name, mib(c.bytes), mib(est(c.bytes)), c.reference.as_ref().map(|r| format!("  ({r})")).unwrap_or_default());
+    }
+    let mut movable: Vec<&&Contributor> = sorted.iter().filter(|c| c.movable).collect();
+    movable.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    let mut saved = 0u64;
+    let mut pick = Vec::new();
+    for c in &movable {
+        if saved >= over {
+            break;
+        }
+        saved += est(c.bytes);
+        pick.push(c.name.clone());
+    }
+    if movable.is_empty() {
+        msg += "No on-disk container is left to move out; shrink the init images or files.";
+    } else if saved >= over {
+        msg += &format!("Marking {} `ondisk: false` would move ~{} out of the rootfs, enough to fit.", pick.join(", "), mib(saved));
+    } else {
+        msg += &format!("Even with every on-disk container ({}) marked `ondisk: false` (~{}), it would not fit.", pick.join(", "), mib(saved));
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversize_message_names_overshoot_and_candidates() {
+        let check = CapCheck { layout: "edge".into(), generation: 1, partition: "rootfs_a".into(), cap: 100 << 20, rootfs_bytes: 130 << 20, slack: -(30 << 20) };
+        let cs = vec![
+            Contributor { kind: "init".into(), name: "base".into(), reference: None, bytes: 40 << 20, movable: false },
+            Contributor { kind: "services".into(), name: "analytics".into(), reference: Some("oci:x".into()), bytes: 80 << 20, movable: true },
+            Contributor { kind: "services".into(), name: "small".into(), reference: None, bytes: 10 << 20, movable: true },
+        ];
+        let m = oversize_message(&check, &cs);
+        assert!(m.contains("31457280 bytes (30.0 MiB) over"), "{m}");
+        assert!(m.contains("Marking analytics `ondisk: false`"), "{m}");
+        let first = m.lines().nth(2).unwrap();
+        assert!(first.contains("analytics"), "largest first: {m}");
+    }
+}

@@ -1,0 +1,314 @@
+//! The in-memory model of a filesystem tree that layers are flattened into and the rootfs is
+//! written from. Only metadata lives in memory; file contents are spilled to a temporary
+//! directory (or point at a host file) and streamed again when the squashfs is written.
+
+use anyhow::{bail, Context};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Ownership, permissions (including setuid/setgid/sticky), mtime and xattrs of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits only (`0o7777` mask); the node kind carries the file type.
+    pub mode: u16,
+    pub mtime: u64,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+impl Meta {
+    pub fn new(mode: u16, mtime: u64) -> Self {
+        Self { uid: 0, gid: 0, mode: mode & 0o7777, mtime, xattrs: BTreeMap::new() }
+    }
+}
+
+/// Where a regular file's bytes are.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// A file in the spill directory or on the host, read when the image is written.
+    Path(PathBuf),
+    /// Small generated content (metadata JSON, `files:` entries).
+    Inline(Arc<Vec<u8>>),
+}
+
+impl Content {
+    pub fn open(&self) -> anyhow::Result<Box<dyn Read + Send + Sync>> {
+        Ok(match self {
+            Content::Path(p) => Box::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?),
+            Content::Inline(d) => Box::new(std::io::Cursor::new(d.as_ref().clone())),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Dir(BTreeMap<Vec<u8>, Node>),
+    /// `link` groups hard links: nodes with the same id become one inode.
+    File { content: Content, size: u64, link: Option<u64> },
+    Symlink(Vec<u8>),
+    CharDev(u32, u32),
+    BlockDev(u32, u32),
+    Fifo,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub meta: Meta,
+    pub kind: Kind,
+    /// Which layer (counting across the whole build) created it; opaque whiteouts remove only
+    /// what lower layers made.
+    pub layer: u32,
+    /// Index of the contributor (image, `files:`…) it came from, for size reports.
+    pub origin: u32,
+}
+
+impl Node {
+    pub fn dir(meta: Meta, layer: u32, origin: u32) -> Self {
+        Node { meta, kind: Kind::Dir(BTreeMap::new()), layer, origin }
+    }
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, Kind::Dir(_))
+    }
+    pub fn children(&self) -> Option<&BTreeMap<Vec<u8>, Node>> {
+        match &self.kind {
+            Kind::Dir(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// Split a path into its components; refuses `..`, and (unless `allow_abs`) a leading `/`.
+/// `.` and empty components are dropped, so `./a//b/` is `[a, b]`.
+pub fn components(path: &[u8], allow_abs: bool) -> Result<Vec<Vec<u8>>, String> {
+    if path.first() == Some(&b'/') && !allow_abs {
+        return Err("absolute path".into());
+    }
+    let mut out = Vec::new();
+    for c in path.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err("`..` component".into()),
+            c => out.push(c.to_vec()),
+        }
+    }
+    Ok(out)
+}
+
+pub fn display(comps: &[Vec<u8>]) -> String {
+    let parts: Vec<String> = comps.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    format!("/{}", parts.join("/"))
+}
+
+/// A whole tree: the root directory and a store for spilled file contents.
+pub struct Tree {
+    pub root: Node,
+    next_link: u64,
+}
+
+impl Tree {
+    pub fn new(mtime: u64) -> Self {
+        Tree { root: Node::dir(Meta::new(0o755, mtime), 0, 0), next_link: 1 }
+    }
+
+    pub fn new_link_id(&mut self) -> u64 {
+        self.next_link += 1;
+        self.next_link
+    }
+
+    /// The directory at `comps`, creating missing ones with `0755 root` and `parent_meta`'s mtime.
+    /// Fails when a component exists and is not a directory: symlinks are never followed.
+    pub fn dir_mut(&mut self, comps: &[Vec<u8>], mtime: u64, layer: u32, origin: u32) -> Result<&mut BTreeMap<Vec<u8>, Node>, String> {
+        let mut cur = &mut self.root;
+        for (i, c) in comps.iter().enumerate() {
+            let Kind::Dir(children) = &mut cur.kind else { unreachable!() };
+            let next = children.entry(c.clone()).or_insert_with(|| Node::dir(Meta::new(0o755, mtime), layer, origin));
+            match next.kind {
+                Kind::Dir(_) => {}
+                Kind::Symlink(_) => return Err(format!("{} is a symlink; refusing to write through it", display(&comps[..=i]))),
+                _ => return Err(format!("{} is not a directory", display(&comps[..=i]))),
+            }
+            cur = next;
+        }
+        let Kind::Dir(children) = &mut cur.kind else { unreachable!() };
+        Ok(children)
+    }
+
+    pub fn get(&self, comps: &[Vec<u8>]) -> Option<&Node> {
+        let mut cur = &self.root;
+        for c in comps {
+            cur = cur.children()?.get(c)?;
+        }
+        Some(cur)
+    }
+
+    pub fn get_mut(&mut self, comps: &[Vec<u8>]) -> Option<&mut Node> {
+        let mut cur = &mut self.root;
+        for c in comps {
+            cur = match &mut cur.kind {
+                Kind::Dir(ch) => ch.get_mut(c)?,
+                _ => return None,
+            };
+        }
+        Some(cur)
+    }
+
+    /// Put `node` at `comps`. A directory replacing a directory keeps the children (tar
+    /// semantics: a later layer's dir entry only changes metadata); anything else replaces.
+    pub fn insert(&mut self, comps: &[Vec<u8>], mut node: Node) -> Result<(), String> {
+        let Some((name, parent)) = comps.split_last() else {
+            // The root itself: take metadata only.
+            self.root.meta = node.meta;
+            return Ok(());
+        };
+        let (layer, origin, mtime) = (node.layer, node.origin, node.meta.mtime);
+        let dir = self.dir_mut(parent, mtime, layer, origin)?;
+        if let Some(existing) = dir.get_mut(name) {
+            if let (Kind::Dir(old), Kind::Dir(_)) = (&mut existing.kind, &node.kind) {
+                node.kind = Kind::Dir(std::mem::take(old));
+            }
+        }
+        dir.insert(name.clone(), node);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, comps: &[Vec<u8>]) -> Option<Node> {
+        let (name, parent) = comps.split_last()?;
+        match &mut self.get_mut(parent)?.kind {
+            Kind::Dir(ch) => ch.remove(name),
+            _ => None,
+        }
+    }
+
+    /// Graft a whole subtree (another image's flattened tree) at `comps`.
+    pub fn graft(&mut self, comps: &[Vec<u8>], mut sub: Tree, origin: u32) -> Result<(), String> {
+        fn retag(n: &mut Node, origin: u32) {
+            n.origin = origin;
+            if let Kind::Dir(ch) = &mut n.kind {
+                ch.values_mut().for_each(|c| retag(c, origin));
+            }
+        }
+        retag(&mut sub.root, origin);
+        // Keep hard-link ids unique across trees.
+        let offset = self.next_link;
+        fn relink(n: &mut Node, offset: u64, max: &mut u64) {
+            match &mut n.kind {
+                Kind::File { link: Some(l), .. } => {
+                    *l += offset;
+                    *max = (*max).max(*l);
+                }
+                Kind::Dir(ch) => ch.values_mut().for_each(|c| relink(c, offset, max)),
+                _ => {}
+            }
+        }
+        let mut max = self.next_link;
+        relink(&mut sub.root, offset, &mut max);
+        self.next_link = max + 1;
+        self.insert(comps, sub.root)
+    }
+
+    /// Visit every node depth-first with its path.
+    pub fn walk(&self, f: &mut dyn FnMut(&[Vec<u8>], &Node)) {
+        fn go(path: &mut Vec<Vec<u8>>, n: &Node, f: &mut dyn FnMut(&[Vec<u8>], &Node)) {
+            f(path, n);
+            if let Kind::Dir(ch) = &n.kind {
+                for (name, c) in ch {
+                    path.push(name.clone());
+                    go(path, c, f);
+                    path.pop();
+                }
+            }
+        }
+        go(&mut Vec::new(), &self.root, f);
+    }
+
+    /// Number of nodes, for progress.
+    pub fn count(&self) -> u64 {
+        let mut n = 0;
+        self.walk(&mut |_, _| n += 1);
+        n
+    }
+
+    /// Bytes of file content per origin, hard links counted once.
+    pub fn bytes_by_origin(&self) -> BTreeMap<u32, u64> {
+        let mut out = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        self.walk(&mut |_, n| {
+            if let Kind::File { size, link, .. } = &n.kind {
+                if link.is_none_or(|l| seen.insert(l)) {
+                    *out.entry(n.origin).or_insert(0) += size;
+                }
+            }
+        });
+        out
+    }
+}
+
+/// Spilled file contents: one file per regular file of the flattened layers.
+pub struct Spill {
+    dir: tempfile::TempDir,
+    next: u64,
+}
+
+impl Spill {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self { dir: tempfile::Builder::new().prefix("slotforge-spill-").tempdir()?, next: 0 })
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    /// Copy `r` into a new spill file.
+    pub fn store(&mut self, r: &mut dyn Read) -> std::io::Result<(Content, u64)> {
+        self.next += 1;
+        let p = self.dir.path().join(self.next.to_string());
+        let mut f = std::fs::File::create(&p)?;
+        let n = std::io::copy(r, &mut f)?;
+        Ok((Content::Path(p), n))
+    }
+}
+
+/// Fail with a clear message if a node kind cannot be represented.
+pub fn check_name(name: &[u8]) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 255 || name.contains(&0) {
+        bail!("file name {:?} cannot be stored (empty, over 255 bytes or with a NUL)", String::from_utf8_lossy(name));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(p: &str) -> Vec<Vec<u8>> {
+        components(p.as_bytes(), false).unwrap()
+    }
+
+    #[test]
+    fn components_refuse_escapes() {
+        assert_eq!(c("./a//b/"), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert!(components(b"a/../../etc", false).is_err());
+        assert!(components(b"/etc/passwd", false).is_err());
+        assert_eq!(components(b"/etc", true).unwrap(), vec![b"etc".to_vec()]);
+    }
+
+    #[test]
+    fn writing_through_a_symlink_is_refused() {
+        let mut t = Tree::new(0);
+        let link = Node { meta: Meta::new(0o777, 0), kind: Kind::Symlink(b"/etc".to_vec()), layer: 0, origin: 0 };
+        t.insert(&c("x"), link).unwrap();
+        let f = Node { meta: Meta::new(0o644, 0), kind: Kind::Fifo, layer: 0, origin: 0 };
+        let e = t.insert(&c("x/passwd"), f).unwrap_err();
+        assert!(e.contains("/x is a symlink"), "{e}");
+    }
+
+    #[test]
+    fn dir_over_dir_keeps_children() {
+        let mut t = Tree::new(0);
+        t.insert(&c("d/f"), Node { meta: Meta::new(0o644, 0), kind: Kind::Fifo, layer: 0, origin: 0 }).unwrap();
+        t.insert(&c("d"), Node::dir(Meta::new(0o700, 5), 1, 0)).unwrap();
+        assert!(t.get(&c("d/f")).is_some());
+        assert_eq!(t.get(&c("d")).unwrap().meta.mode, 0o700);
+    }
+}
