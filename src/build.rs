@@ -294,7 +294,6 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     if let Some(bad) = caps.iter().find(|c| c.slack < 0) {
         bail!("{}", rootfs::oversize_message(bad, &parts.contributors));
     }
-    drop(spill); // file contents are in the squashfs now
 
     // External-images partition.
     let mut images_file = None;

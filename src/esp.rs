@@ -129,6 +129,9 @@ pub fn write<D: Read + Write + Seek>(mut dev: D, volume_id: u32, epoch: u64, fil
 
 /// FAT32 geometry from the boot sector.
 struct Geometry {
+    fats: u64,
+    total_bytes: u64,
+    fsinfo_sector: u64,
     bps: u64,
     spc: u64,
     fat_start: u64,
@@ -150,7 +153,8 @@ fn geometry(dev: &mut (impl Read + Seek)) -> anyhow::Result<Geometry> {
     if u16at(22) != 0 || fat_size == 0 || bps == 0 || spc == 0 {
         bail!("not a FAT32 volume");
     }
-    Ok(Geometry { bps, spc, fat_start: reserved * bps, data_start: (reserved + fats * fat_size) * bps, root_cluster: u32at(44) })
+    let total_sectors = if u16at(19) != 0 { u16at(19) } else { u32at(32) as u64 };
+    Ok(Geometry { fats, total_bytes: total_sectors * bps, fsinfo_sector: u16at(48), bps, spc, fat_start: reserved * bps, data_start: (reserved + fats * fat_size) * bps, root_cluster: u32at(44) })
 }
 
 const DIRENT: usize = 32;
@@ -188,6 +192,32 @@ impl Geometry {
     }
 }
 
+/// FSInfo's free-cluster count and next-free hint: fatfs leaves them "unknown", which
+/// fsck.vfat reports; count the free clusters and record them.
+fn write_fsinfo(g: &Geometry, dev: &mut (impl Read + Write + Seek)) -> anyhow::Result<()> {
+    const FREE_COUNT: u64 = 488;
+    const NEXT_FREE: u64 = 492;
+    let fat_bytes = (g.data_start - g.fat_start) / g.fats;
+    let mut fat = vec![0u8; fat_bytes as usize];
+    dev.seek(SeekFrom::Start(g.fat_start))?;
+    dev.read_exact(&mut fat)?;
+    let clusters = ((g.total_bytes - g.data_start) / (g.spc * g.bps)) as usize;
+    let entries = fat.chunks(4).skip(2).take(clusters).map(|c| u32::from_le_bytes(c.try_into().unwrap()) & 0x0FFF_FFFF);
+    let (mut free, mut first_free) = (0u32, None);
+    for (i, e) in entries.enumerate() {
+        if e == 0 {
+            free += 1;
+            first_free.get_or_insert(i as u32 + 2);
+        }
+    }
+    let off = g.fsinfo_sector * g.bps;
+    dev.seek(SeekFrom::Start(off + FREE_COUNT))?;
+    dev.write_all(&free.to_le_bytes())?;
+    dev.seek(SeekFrom::Start(off + NEXT_FREE))?;
+    dev.write_all(&first_free.unwrap_or(0xFFFF_FFFF).to_le_bytes())?;
+    Ok(())
+}
+
 fn entry_cluster(e: &[u8]) -> u32 {
     (u16::from_le_bytes([e[20], e[21]]) as u32) << 16 | u16::from_le_bytes([e[26], e[27]]) as u32
 }
@@ -197,6 +227,7 @@ fn entry_cluster(e: &[u8]) -> u32 {
 /// cluster 0 (fatfs names the root cluster). fsck.vfat -n is clean afterwards.
 pub fn fix_dot_entries(dev: &mut (impl Read + Write + Seek)) -> anyhow::Result<()> {
     let g = geometry(dev)?;
+    write_fsinfo(&g, dev)?;
     let mut queue = vec![g.root_cluster];
     while let Some(dir) = queue.pop() {
         for c in g.chain(dev, dir)? {
@@ -240,6 +271,7 @@ fn fix_dir(g: &Geometry, dev: &mut (impl Read + Write + Seek), cluster: u32, par
         } else if &e[..11] == DOTDOT {
             dotdot = Some(e.to_vec());
             n += 1;
+            break; // what follows belongs to the directory's real entries, long names included
         } else {
             break;
         }
