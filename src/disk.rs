@@ -49,6 +49,9 @@ impl DiskWriter {
     /// Write the GPT and protective MBR, fsync, and rename into place.
     pub fn finish(mut self, layout: &Layout) -> anyhow::Result<()> {
         write_gpt(self.tmp.as_file_mut(), layout)?;
+        // A temp file is created 0600; an image is an ordinary artefact.
+        use std::os::unix::fs::PermissionsExt;
+        self.tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
         self.tmp.as_file().sync_all()?;
         self.tmp.persist(&self.out).map_err(|e| anyhow::anyhow!("renaming into {}: {}", self.out.display(), e.error))?;
         Ok(())
