@@ -217,7 +217,7 @@ pub fn verify(path: &Path) -> anyhow::Result<VerifyReport> {
     match &rep.esp {
         Some(e) => {
             let ok = e.loader_bytes.is_some_and(|b| b > 0) && e.missing.is_empty() && !e.entries.is_empty() && e.fat_type == "Fat32";
-            check("esp", ok, format!("{:?}, loader {} bytes, {} entries{}", e.fat_type, e.loader_bytes.unwrap_or(0), e.entries.len(), if e.missing.is_empty() { String::new() } else { format!(", missing: {}", e.missing.join(", ")) }));
+            check("esp", ok, format!("{}, loader {} bytes, {} entries{}", e.fat_type, e.loader_bytes.unwrap_or(0), e.entries.len(), if e.missing.is_empty() { String::new() } else { format!(", missing: {}", e.missing.join(", ")) }));
         }
         None => check("esp", false, "unreadable".into()),
     }
