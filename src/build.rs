@@ -50,6 +50,8 @@ pub struct BuildSummary {
     pub external_images: Vec<ExternalImage>,
     pub images_partition_bytes: u64,
     pub contributors: Vec<Contributor>,
+    /// Wall-clock seconds per phase, in order.
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Everything a manifest names, resolved to digests with its metadata verified.
@@ -277,10 +279,18 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         bail!("{} has `ondisk: false` images but layout {} has no external-images partition", m.path.display(), opts.layout.display());
     }
 
+    let mut phases = Vec::new();
+    let mut clock = std::time::Instant::now();
+    let mut lap = |name: &str| {
+        phases.push((name.to_string(), (clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0));
+        clock = std::time::Instant::now();
+    };
     let r = resolve_all(&m, &opts.platform, opts.progress)?;
     let build_id = build_id(&m, &r, epoch)?;
+    lap("resolve");
     let mut spill = Spill::new()?;
     let parts = assemble(&m, &r, &build_id, epoch, &mut spill, opts.progress)?;
+    lap("flatten");
 
     // Rootfs squashfs, checked against every cap before anything else is written.
     let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;
@@ -288,6 +298,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     let pb = opts.progress.bar("squashfs", parts.tree.count(), false);
     let rootfs_bytes = squashfs::write(&parts.tree, &sqfs, epoch as u32, &mut || pb.inc(1))?;
     pb.finish_and_clear();
+    lap("squashfs");
     let mut all: Vec<&Layout> = vec![&layout];
     all.extend(compat.iter());
     let caps = rootfs::cap_checks(rootfs_bytes, &all);
@@ -314,6 +325,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         images::make_ext4(&stage, &f, p.size, &layout::derived_guid(&[&layout.name, "images-fs"]), "slotforge-images", epoch)?;
         images_file = Some(f);
     }
+    lap("images");
 
     // ESP.
     let esp_part = layout.esp();
@@ -344,6 +356,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         f.set_len(esp_part.size)?;
         esp::write(f, esp_volume_id(&layout), epoch, files)?;
     }
+    lap("esp");
 
     // The disk: only now is anything created next to the output.
     let mut disk = crate::disk::DiskWriter::create(&opts.output, &layout)?;
@@ -360,6 +373,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     let bytes_written = disk.bytes_written;
     disk.finish(&layout)?;
     pb.finish_and_clear();
+    lap("disk");
 
     Ok(BuildSummary {
         output: opts.output.clone(),
@@ -374,6 +388,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         external_images: parts.external.into_iter().map(|(e, _)| e).collect(),
         images_partition_bytes,
         contributors: parts.contributors,
+        phases,
     })
 }
 

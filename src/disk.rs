@@ -3,7 +3,7 @@
 //! renamed into place only when complete, so a failed build never leaves a half-written image.
 
 use crate::layout::{Layout, SECTOR};
-use crate::window::copy_sparse;
+use crate::window::copy_file_sparse;
 use anyhow::Context;
 use gpt::disk::LogicalBlockSize;
 use gpt::mbr::ProtectiveMBR;
@@ -13,7 +13,7 @@ use gpt::GptConfig;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek};
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 
 /// A disk image being written: a temp file in the output's directory.
@@ -35,9 +35,9 @@ impl DiskWriter {
         Ok(Self { tmp, out: out.to_path_buf(), bytes_written: 0 })
     }
 
-    /// Copy `src` into the disk at `offset` (holes for zero runs).
-    pub fn put(&mut self, src: &mut impl Read, offset: u64) -> anyhow::Result<u64> {
-        let (total, written) = copy_sparse(src, self.tmp.as_file_mut(), offset)?;
+    /// Copy the file `src` into the disk at `offset` (holes stay holes, zero runs too).
+    pub fn put(&mut self, src: &mut File, offset: u64) -> anyhow::Result<u64> {
+        let (total, written) = copy_file_sparse(src, self.tmp.as_file_mut(), offset)?;
         self.bytes_written += written;
         Ok(total)
     }
