@@ -10,7 +10,8 @@ use crate::hash::Digest;
 use crate::images::{self, Stage};
 use crate::layout::{self, Layout, Role, Slot};
 use crate::manifest::{self, LoadedManifest, Section, DEFAULT_LOADER_PATH};
-use crate::oci::{self, Platform, ResolvedImage};
+use crate::lock::LockFile;
+use crate::oci::{Platform, ResolvedImage, Resolver};
 use crate::progress::Progress;
 use crate::rootfs::{self, CapCheck, Contributor, ExternalImage, ExternalImages, Release};
 use crate::squashfs;
@@ -31,8 +32,25 @@ pub struct BuildOptions {
     /// Other layout generations the rootfs must also fit.
     pub compat: Vec<PathBuf>,
     pub output: PathBuf,
-    pub platform: Platform,
+    pub sources: SourceOptions,
     pub progress: Progress,
+}
+
+/// Where images come from: platform, cache, network policy, lock.
+#[derive(Clone)]
+pub struct SourceOptions {
+    pub platform: Platform,
+    pub cache_dir: PathBuf,
+    pub offline: bool,
+    pub insecure: Vec<String>,
+    /// Build exactly what `<manifest>.lock` says.
+    pub locked: bool,
+}
+
+impl SourceOptions {
+    pub fn resolver(&self) -> Resolver {
+        Resolver::new(self.platform.clone(), self.cache_dir.clone(), self.offline, self.insecure.clone())
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -62,7 +80,26 @@ struct Resolved {
     loader: Option<ResolvedImage>,
 }
 
-fn resolve_all(m: &LoadedManifest, platform: &Platform, progress: Progress) -> anyhow::Result<Resolved> {
+impl Resolved {
+    /// Every resolved image (kernel, init, containers, loader).
+    pub fn all(&self) -> Vec<&ResolvedImage> {
+        std::iter::once(&self.kernel).chain(&self.init).chain(self.containers.iter().map(|c| &c.2)).chain(&self.loader).collect()
+    }
+}
+
+/// Every image reference the manifest names, in manifest order.
+pub fn manifest_references(m: &LoadedManifest) -> Vec<String> {
+    let mf = &m.manifest;
+    let mut v: Vec<String> = mf.kernel.iter().map(|k| k.image.value.clone()).collect();
+    v.extend(mf.init.iter().map(|i| i.value.clone()));
+    v.extend(m.containers().map(|(_, s)| s.image.value.clone()));
+    v.extend(mf.boot.iter().filter(|b| !b.loader.value.starts_with("file:")).map(|b| b.loader.value.clone()));
+    v
+}
+
+/// Resolve everything the manifest names, pinned by `lock` when given. Offline, every
+/// reference is tried and all that are missing are reported together.
+fn resolve_all(m: &LoadedManifest, resolver: &Resolver, lock: Option<&LockFile>, progress: Progress) -> anyhow::Result<Resolved> {
     let mf = &m.manifest;
     let kernel = mf.kernel.as_ref().ok_or_else(|| anyhow::anyhow!("{}: the manifest has no `kernel:` section; a bootable disk needs one", m.path.display()))?;
     let boot = mf.boot.as_ref().ok_or_else(|| {
@@ -76,23 +113,76 @@ fn resolve_all(m: &LoadedManifest, platform: &Platform, progress: Progress) -> a
         let loc = s.referenced;
         move |e: anyhow::Error| anyhow::Error::new(InputError::at(&file, &loc, format!("{e:#}")))
     };
+    let failures = std::cell::RefCell::new(Vec::new());
     let res = |s: &serde_saphyr::Spanned<String>| -> anyhow::Result<ResolvedImage> {
         pb.set_message(s.value.clone());
-        let r = oci::resolve(&s.value, base, platform).map_err(at(s));
+        let r = resolver.resolve(&s.value, base, lock.and_then(|l| l.pin(&s.value))).map_err(at(s));
         pb.inc(1);
+        if resolver.offline {
+            // Keep going, so one error lists everything that is missing.
+            if let Err(e) = &r {
+                failures.borrow_mut().push(format!("{e:#}"));
+            }
+        }
         r
     };
-    let kernel = res(&kernel.image)?;
-    let init = mf.init.iter().map(&res).collect::<anyhow::Result<Vec<_>>>()?;
+    let kernel = res(&kernel.image);
+    let init: Vec<_> = mf.init.iter().map(&res).collect();
     let mut containers = Vec::new();
     for (section, list) in [(Section::Onboot, &mf.onboot), (Section::Onshutdown, &mf.onshutdown), (Section::Services, &mf.services)] {
         for (i, s) in list.iter().enumerate() {
-            containers.push((section, i, res(&s.image)?));
+            containers.push((section, i, res(&s.image)));
         }
     }
-    let loader = if boot.loader.value.starts_with("file:") { None } else { Some(res(&boot.loader)?) };
+    let loader = if boot.loader.value.starts_with("file:") { None } else { Some(res(&boot.loader)) };
     pb.finish_and_clear();
-    Ok(Resolved { kernel, init, containers, loader })
+    let failures = failures.into_inner();
+    if !failures.is_empty() {
+        bail!("offline build: not in the cache {}:\n  {}", resolver.cache_dir.display(), failures.join("\n  "));
+    }
+    let r = Resolved {
+        kernel: kernel?,
+        init: init.into_iter().collect::<anyhow::Result<_>>()?,
+        containers: containers.into_iter().map(|(a, b, c)| c.map(|c| (a, b, c))).collect::<anyhow::Result<_>>()?,
+        loader: loader.transpose()?,
+    };
+    if resolver.offline {
+        let missing = crate::pull::missing(&r.all());
+        if !missing.is_empty() {
+            bail!("offline build: {} blobs are not in the cache {}:\n  {}", missing.len(), resolver.cache_dir.display(), missing.join("\n  "));
+        }
+    }
+    Ok(r)
+}
+
+/// The lock file a build must follow, checked against the manifest (`--locked`).
+fn load_lock(m: &LoadedManifest, src: &SourceOptions) -> anyhow::Result<Option<LockFile>> {
+    if !src.locked {
+        return Ok(None);
+    }
+    let path = crate::lock::path_for(&m.path);
+    let l = LockFile::load(&path)?;
+    l.check(&path, &manifest_references(m), &src.platform.to_string())?;
+    Ok(Some(l))
+}
+
+/// `slotforge lock`: resolve every reference online and write `<manifest>.lock`.
+pub fn lock(manifest: &std::path::Path, src: &SourceOptions, progress: Progress) -> anyhow::Result<(PathBuf, LockFile)> {
+    let m = manifest::load(manifest)?;
+    let r = resolve_all(&m, &src.resolver(), None, progress)?;
+    let l = LockFile::from_resolved(&src.platform.to_string(), r.all());
+    let path = crate::lock::path_for(&m.path);
+    l.write(&path)?;
+    Ok((path, l))
+}
+
+/// `slotforge pull`: fill the cache with every blob the manifest needs (locked if asked).
+pub fn pull(manifest: &std::path::Path, src: &SourceOptions, progress: Progress) -> anyhow::Result<crate::pull::PullStats> {
+    let m = manifest::load(manifest)?;
+    let lock = load_lock(&m, src)?;
+    let resolver = src.resolver();
+    let r = resolve_all(&m, &resolver, lock.as_ref(), Progress::hidden())?;
+    crate::pull::prefetch(&r.all(), progress)
 }
 
 fn service<'a>(m: &'a LoadedManifest, section: Section, i: usize) -> &'a manifest::Service {
@@ -285,7 +375,9 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         phases.push((name.to_string(), (clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0));
         clock = std::time::Instant::now();
     };
-    let r = resolve_all(&m, &opts.platform, opts.progress)?;
+    let lock = load_lock(&m, &opts.sources)?;
+    let r = resolve_all(&m, &opts.sources.resolver(), lock.as_ref(), opts.progress)?;
+    crate::pull::prefetch(&r.all(), opts.progress)?;
     let build_id = build_id(&m, &r, epoch)?;
     lap("resolve");
     let mut spill = Spill::new()?;

@@ -1,6 +1,6 @@
 //! The command line: argument parsing and output only; the work is in the library.
 
-use crate::build::{build, BuildOptions};
+use crate::build::{build, BuildOptions, SourceOptions};
 use crate::inspect::{inspect, verify};
 use crate::oci::Platform;
 use crate::progress::Progress;
@@ -31,13 +31,30 @@ enum Cmd {
         /// Another layout generation the rootfs must also fit (repeatable).
         #[arg(long)]
         compat: Vec<PathBuf>,
-        /// Platform to pick from multi-platform images.
-        #[arg(long, default_value = "linux/amd64")]
-        platform: Platform,
+        #[command(flatten)]
+        src: SourceArgs,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
         /// No progress bars.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Resolve every image reference to a digest and write <manifest>.lock.
+    Lock {
+        manifest: PathBuf,
+        #[command(flatten)]
+        src: SourceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fill the cache with every blob the manifest needs, for a later --offline build.
+    Pull {
+        manifest: PathBuf,
+        #[command(flatten)]
+        src: SourceArgs,
+        #[arg(long)]
+        json: bool,
         #[arg(short, long)]
         quiet: bool,
     },
@@ -53,6 +70,37 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// Platform to pick from multi-platform images.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: Platform,
+    /// Blob cache directory (default: $XDG_CACHE_HOME/slotforge or ~/.cache/slotforge).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Use only the cache; list everything missing instead of fetching it.
+    #[arg(long)]
+    offline: bool,
+    /// Build exactly what <manifest>.lock pins; refuse if manifest and lock disagree.
+    #[arg(long)]
+    locked: bool,
+    /// A registry host to reach over plain http (loopback hosts always are). Repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure: Vec<String>,
+}
+
+impl SourceArgs {
+    fn options(self) -> SourceOptions {
+        SourceOptions {
+            platform: self.platform,
+            cache_dir: self.cache.unwrap_or_else(crate::cache::Cache::default_dir),
+            offline: self.offline,
+            insecure: self.insecure,
+            locked: self.locked,
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -72,8 +120,29 @@ fn json_out(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Build { manifest, layout, output, compat, platform, json, quiet } => {
-            let opts = BuildOptions { manifest, layout, compat, output, platform, progress: Progress::new(quiet || json) };
+        Cmd::Lock { manifest, src, json } => {
+            let (path, l) = crate::build::lock(&manifest, &src.options(), Progress::new(json))?;
+            if json {
+                json_out(&l)?;
+            } else {
+                for i in &l.images {
+                    println!("{} -> {}", i.reference, i.digest);
+                }
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pull { manifest, src, json, quiet } => {
+            let s = crate::build::pull(&manifest, &src.options(), Progress::new(quiet || json))?;
+            if json {
+                json_out(&s)?;
+            } else {
+                println!("{} blobs: {} fetched ({}), {} already cached ({})", s.blobs, s.fetched, mib(s.fetched_bytes), s.blobs - s.fetched, mib(s.cached_bytes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Build { manifest, layout, output, compat, src, json, quiet } => {
+            let opts = BuildOptions { manifest, layout, compat, output, sources: src.options(), progress: Progress::new(quiet || json) };
             let s = build(&opts)?;
             if json {
                 json_out(&s)?;

@@ -6,6 +6,7 @@
 //! entries) -> disk (GPT + sparse image) -> inspect/verify (read it all back).
 
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod disk;
 pub mod esp;
@@ -14,9 +15,11 @@ pub mod hash;
 pub mod images;
 pub mod inspect;
 pub mod layout;
+pub mod lock;
 pub mod manifest;
 pub mod oci;
 pub mod progress;
+pub mod pull;
 pub mod rootfs;
 pub mod squashfs;
 pub mod tree;

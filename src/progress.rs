@@ -1,6 +1,6 @@
 //! Progress bars for long work, drawn only when stderr is a terminal (and never with `--json`).
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
 #[derive(Clone, Copy)]
@@ -14,6 +14,14 @@ impl Progress {
     }
     pub fn hidden() -> Self {
         Self { enabled: false }
+    }
+    /// A group of bars drawn together (parallel downloads).
+    pub fn multi(&self) -> MultiProgress {
+        if self.enabled {
+            MultiProgress::new()
+        } else {
+            MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+        }
     }
     /// A bar of `len` units (`bytes` selects byte formatting).
     pub fn bar(&self, what: &str, len: u64, bytes: bool) -> ProgressBar {

@@ -3,11 +3,16 @@
 //! beside OCI's.
 
 use super::local::OciDir;
+use super::registry::{Registry, RegistrySource};
 use super::{read_small_blob, BlobSource, ImageRef, Platform};
+use crate::cache::Cache;
 use crate::hash::Digest;
 use anyhow::{bail, Context};
-use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
-use std::sync::Arc;
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -21,6 +26,9 @@ pub struct ResolvedImage {
     pub reference: String,
     pub source: Arc<dyn BlobSource>,
     pub platform: Platform,
+    /// What the reference itself points at (an index for multi-platform images); this is what
+    /// a lock file pins.
+    pub top_digest: Digest,
     pub manifest_digest: Digest,
     /// The manifest's exact bytes (what its digest is over).
     pub manifest_bytes: Vec<u8>,
@@ -70,15 +78,110 @@ fn compression_of(media_type: &str) -> anyhow::Result<LayerCompression> {
     })
 }
 
-/// Resolve `reference` (as written; relative paths against `base`) for `platform`.
-pub fn resolve(reference: &str, base: &std::path::Path, platform: &Platform) -> anyhow::Result<ResolvedImage> {
-    let r = ImageRef::parse(reference, base).map_err(|e| anyhow::anyhow!(e))?;
-    let (src, tag) = match &r {
-        ImageRef::OciDir { path, tag } => (OciDir::open(path, reference.to_string())?, tag.clone()),
-        ImageRef::OciArchive { path, tag } => (OciDir::open_archive(path, reference.to_string())?, tag.clone()),
-        ImageRef::DockerArchive { .. } => bail!("{reference}: docker-archive: sources are not supported yet; convert with `skopeo copy docker-archive:… oci:…`"),
-        ImageRef::Registry { .. } => bail!("{reference}: registry sources are not supported yet; copy the image to a local layout with `skopeo copy docker://… oci:DIR:TAG` and reference oci:DIR:TAG"),
-    };
+/// Resolves references: local layouts and archives directly, registries through the cache.
+pub struct Resolver {
+    pub platform: Platform,
+    pub cache_dir: PathBuf,
+    /// Use only the cache for registry images.
+    pub offline: bool,
+    /// Registry hosts reached over plain http besides loopback ones.
+    pub insecure: Vec<String>,
+    cache: OnceLock<Arc<Cache>>,
+    registries: Mutex<HashMap<String, Arc<Registry>>>,
+}
+
+impl Resolver {
+    pub fn new(platform: Platform, cache_dir: PathBuf, offline: bool, insecure: Vec<String>) -> Self {
+        Self { platform, cache_dir, offline, insecure, cache: OnceLock::new(), registries: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn cache(&self) -> anyhow::Result<Arc<Cache>> {
+        if let Some(c) = self.cache.get() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Cache::open(&self.cache_dir)?);
+        Ok(self.cache.get_or_init(|| c).clone())
+    }
+
+    fn registry(&self, host: &str) -> anyhow::Result<Arc<Registry>> {
+        let mut m = self.registries.lock().unwrap();
+        if let Some(r) = m.get(host) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Registry::new(host, &self.insecure)?);
+        m.insert(host.to_string(), r.clone());
+        Ok(r)
+    }
+
+    /// Resolve `reference` (as written; relative paths against `base`). With `pin` (from a lock
+    /// file) a registry image is fetched by that digest whatever its tag says now, and a local
+    /// one must still resolve to it.
+    pub fn resolve(&self, reference: &str, base: &Path, pin: Option<&Digest>) -> anyhow::Result<ResolvedImage> {
+        let r = ImageRef::parse(reference, base).map_err(|e| anyhow::anyhow!(e))?;
+        let platform = &self.platform;
+        let img = match &r {
+            ImageRef::OciDir { path, tag } => resolve_layout(reference, OciDir::open(path, reference.to_string())?, tag.clone(), platform)?,
+            ImageRef::OciArchive { path, tag } => resolve_layout(reference, OciDir::open_archive(path, reference.to_string())?, tag.clone(), platform)?,
+            ImageRef::DockerArchive { path, tag } => super::docker_archive::resolve(reference, path, tag.as_deref(), platform)?,
+            ImageRef::Registry { host, repo, tag, digest } => {
+                let cache = self.cache()?;
+                let registry = self.registry(host)?;
+                let want = match (pin, digest) {
+                    (Some(p), _) => Some(p.clone()),
+                    (None, Some(d)) => Some(Digest::parse(d).map_err(|e| anyhow::anyhow!("{reference}: {e}"))?),
+                    (None, None) => None,
+                };
+                let (top, bytes, mt) = match want {
+                    Some(d) if cache.has(&d) => {
+                        let b = std::fs::read(cache.blob_path(&d))?;
+                        let mt = super::registry::media_type_of(&b).unwrap_or_default();
+                        (d, b, mt)
+                    }
+                    Some(d) if self.offline => bail!("{reference}: manifest {d} is not in the cache {} (offline; run `slotforge pull` first)", cache.root().display()),
+                    Some(d) => {
+                        let (b, mt) = registry.manifest(repo, d.as_str())?;
+                        let got = Digest::of_bytes(&b);
+                        if got != d {
+                            bail!("{reference}: the registry's manifest for {d} hashes to {got}; refusing it");
+                        }
+                        cache.put_bytes(&b)?;
+                        (d, b, mt)
+                    }
+                    None => {
+                        let t = tag.clone().unwrap_or_else(|| "latest".into());
+                        if self.offline {
+                            let (d, mt) = cache.get_ref(host, repo, &t).ok_or_else(|| {
+                                anyhow::anyhow!("{reference}: tag {t} was never resolved into the cache {} (offline; run `slotforge pull` first)", cache.root().display())
+                            })?;
+                            let b = std::fs::read(cache.blob_path(&d)).with_context(|| format!("{reference}: manifest {d} missing from the cache"))?;
+                            (d, b, mt)
+                        } else {
+                            let (b, mt) = registry.manifest(repo, &t)?;
+                            let d = cache.put_bytes(&b)?;
+                            cache.set_ref(host, repo, &t, &d, &mt)?;
+                            (d, b, mt)
+                        }
+                    }
+                };
+                let src: Arc<dyn BlobSource> = Arc::new(RegistrySource { registry, repo: repo.clone(), cache, offline: self.offline, name: reference.to_string() });
+                let desc = Descriptor::new(MediaType::from(mt.as_str()), bytes.len() as u64, oci_digest(&top)?);
+                resolve_descriptor(reference, src, desc, platform, 0, top)?
+            }
+        };
+        if let Some(p) = pin {
+            if &img.top_digest != p {
+                bail!("{reference} now resolves to {} but the lock file pins {p}; run `slotforge lock` to accept the change", img.top_digest);
+            }
+        }
+        Ok(img)
+    }
+}
+
+fn oci_digest(d: &Digest) -> anyhow::Result<oci_spec::image::Digest> {
+    oci_spec::image::Digest::from_str(d.as_str()).map_err(|e| anyhow::anyhow!("{d}: {e}"))
+}
+
+fn resolve_layout(reference: &str, src: OciDir, tag: Option<String>, platform: &Platform) -> anyhow::Result<ResolvedImage> {
     let index_bytes = src.index_bytes()?;
     let src: Arc<dyn BlobSource> = Arc::new(src);
     let index = ImageIndex::from_reader(&index_bytes[..]).with_context(|| format!("{reference}: index.json is not an OCI image index"))?;
@@ -98,10 +201,11 @@ pub fn resolve(reference: &str, base: &std::path::Path, platform: &Platform) -> 
         }
         _ => bail!("{reference}: the layout holds {} images; name one with :TAG", candidates.len()),
     };
-    resolve_descriptor(reference, src, desc, platform, 0)
+    let top = digest_of(&desc)?;
+    resolve_descriptor(reference, src, desc, platform, 0, top)
 }
 
-fn resolve_descriptor(reference: &str, src: Arc<dyn BlobSource>, desc: Descriptor, platform: &Platform, depth: u32) -> anyhow::Result<ResolvedImage> {
+fn resolve_descriptor(reference: &str, src: Arc<dyn BlobSource>, desc: Descriptor, platform: &Platform, depth: u32, top: Digest) -> anyhow::Result<ResolvedImage> {
     let mt = desc.media_type().to_string();
     let digest = digest_of(&desc)?;
     let bytes = read_small_blob(&*src, &digest, desc.size(), "manifest")?;
@@ -135,7 +239,7 @@ fn resolve_descriptor(reference: &str, src: Arc<dyn BlobSource>, desc: Descripto
                 .collect();
             bail!("{reference}: no {platform} image in its index (it has: {})", if have.is_empty() { "none with a platform".into() } else { have.join(", ") });
         };
-        return resolve_descriptor(reference, src, chosen, platform, depth + 1);
+        return resolve_descriptor(reference, src, chosen, platform, depth + 1, top);
     }
     if !(mt == MT_OCI_MANIFEST || mt == MT_DOCKER_MANIFEST || mt.is_empty() || mt == "application/octet-stream") {
         bail!("{reference}: {digest} has media type {mt:?}, not an image manifest");
@@ -160,6 +264,7 @@ fn resolve_descriptor(reference: &str, src: Arc<dyn BlobSource>, desc: Descripto
         reference: reference.to_string(),
         source: src,
         platform: platform.clone(),
+        top_digest: top,
         manifest_digest: digest,
         manifest_bytes: bytes,
         manifest_media_type,

@@ -64,7 +64,7 @@ impl OciDir {
 }
 
 impl BlobSource for OciDir {
-    fn open_blob(&self, digest: &Digest) -> std::io::Result<Box<dyn Read + Send>> {
+    fn open_blob(&self, digest: &Digest, _size: u64) -> std::io::Result<Box<dyn Read + Send>> {
         let p = self.dir.join("blobs").join("sha256").join(digest.hex());
         Ok(Box::new(File::open(&p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?))
     }

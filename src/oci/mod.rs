@@ -3,11 +3,14 @@
 //! sha256 against the descriptor. Local layouts and archives live in `local`; registries plug in
 //! behind the same [`BlobSource`] trait.
 
+pub mod auth;
+pub mod docker_archive;
 pub mod image;
 pub mod local;
 pub mod reference;
+pub mod registry;
 
-pub use image::{resolve, LayerCompression, ResolvedImage};
+pub use image::{LayerCompression, ResolvedImage, Resolver};
 pub use reference::{ImageRef, Platform};
 
 use crate::hash::{Digest, VerifyingReader};
@@ -16,9 +19,21 @@ use std::io::Read;
 /// Where an image's blobs come from.
 pub trait BlobSource: Send + Sync {
     /// Raw (unverified) bytes of a blob; callers go through [`open_verified`].
-    fn open_blob(&self, digest: &Digest) -> std::io::Result<Box<dyn Read + Send>>;
+    fn open_blob(&self, digest: &Digest, size: u64) -> std::io::Result<Box<dyn Read + Send>>;
+    /// A manifest or index by digest (registries serve these from another endpoint).
+    fn open_manifest(&self, digest: &Digest, size: u64) -> std::io::Result<Box<dyn Read + Send>> {
+        self.open_blob(digest, size)
+    }
     /// A human name for messages (`oci:fixtures/base:1`).
     fn describe(&self) -> String;
+    /// Whether reading the blob needs no network.
+    fn is_cached(&self, _digest: &Digest) -> bool {
+        true
+    }
+    /// Make the blob local ahead of use (a download into the cache for registries).
+    fn prefetch(&self, _digest: &Digest, _size: u64, _on_bytes: &dyn Fn(u64)) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// A blob reader that fails unless exactly `size` bytes with `digest` come out.
@@ -29,18 +44,20 @@ pub fn open_verified(
     what: &str,
 ) -> anyhow::Result<VerifyingReader<Box<dyn Read + Send>>> {
     let r = src
-        .open_blob(digest)
+        .open_blob(digest, size)
         .map_err(|e| anyhow::anyhow!("{}: blob {digest} ({what}): {e}", src.describe()))?;
     Ok(VerifyingReader::new(r, digest.clone(), size, format!("{}: {what}", src.describe())))
 }
 
-/// Read a small blob (manifest, config, index) whole, verified. Refuses blobs over `limit`.
+/// Read a small blob (manifest, config, index) whole, verified. Refuses blobs over `LIMIT`.
 pub fn read_small_blob(src: &dyn BlobSource, digest: &Digest, size: u64, what: &str) -> anyhow::Result<Vec<u8>> {
     const LIMIT: u64 = 8 << 20; // manifests and configs are KiB; anything this big is not one
     if size > LIMIT {
         anyhow::bail!("{}: {what} {digest} claims {size} bytes, more than the {LIMIT} allowed for metadata", src.describe());
     }
+    let raw = if what == "manifest" { src.open_manifest(digest, size) } else { src.open_blob(digest, size) }
+        .map_err(|e| anyhow::anyhow!("{}: {what} {digest}: {e}", src.describe()))?;
     let mut buf = Vec::with_capacity(size as usize);
-    open_verified(src, digest, size, what)?.read_to_end(&mut buf)?;
+    VerifyingReader::new(raw, digest.clone(), size, format!("{}: {what}", src.describe())).read_to_end(&mut buf)?;
     Ok(buf)
 }

@@ -11,8 +11,8 @@ pub enum ImageRef {
     OciDir { path: PathBuf, tag: Option<String> },
     /// A tar of an OCI image layout.
     OciArchive { path: PathBuf, tag: Option<String> },
-    /// `docker save` output.
-    DockerArchive { path: PathBuf },
+    /// `docker save` output; the optional tag picks one of its `RepoTags` (`name:tag`).
+    DockerArchive { path: PathBuf, tag: Option<String> },
     /// A registry image.
     Registry { host: String, repo: String, tag: Option<String>, digest: Option<String> },
 }
@@ -45,8 +45,8 @@ impl ImageRef {
             return Ok(ImageRef::OciArchive { path, tag });
         }
         if let Some(rest) = s.strip_prefix("docker-archive:") {
-            let (path, _) = local(rest)?;
-            return Ok(ImageRef::DockerArchive { path });
+            let (path, tag) = local(rest)?;
+            return Ok(ImageRef::DockerArchive { path, tag });
         }
         let rest = s.strip_prefix("docker://").unwrap_or(s);
         if rest.contains("://") || rest.is_empty() {
@@ -57,8 +57,7 @@ impl ImageRef {
 
     pub fn tag(&self) -> Option<&str> {
         match self {
-            ImageRef::OciDir { tag, .. } | ImageRef::OciArchive { tag, .. } | ImageRef::Registry { tag, .. } => tag.as_deref(),
-            ImageRef::DockerArchive { .. } => None,
+            ImageRef::OciDir { tag, .. } | ImageRef::OciArchive { tag, .. } | ImageRef::Registry { tag, .. } | ImageRef::DockerArchive { tag, .. } => tag.as_deref(),
         }
     }
 }
@@ -89,7 +88,7 @@ impl fmt::Display for ImageRef {
         match self {
             ImageRef::OciDir { path, tag } => write!(f, "oci:{}{}", path.display(), tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default()),
             ImageRef::OciArchive { path, tag } => write!(f, "oci-archive:{}{}", path.display(), tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default()),
-            ImageRef::DockerArchive { path } => write!(f, "docker-archive:{}", path.display()),
+            ImageRef::DockerArchive { path, tag } => write!(f, "docker-archive:{}{}", path.display(), tag.as_ref().map(|t| format!(":{t}")).unwrap_or_default()),
             ImageRef::Registry { host, repo, tag, digest } => {
                 write!(f, "docker://{host}/{repo}")?;
                 if let Some(t) = tag {
