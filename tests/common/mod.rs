@@ -2,6 +2,8 @@
 //! type, PAX xattrs, whiteouts, any compression), the slotforge binary, and real readers.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use std::io::Write;
