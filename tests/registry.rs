@@ -239,3 +239,24 @@ fn docker_archive_sources_build() {
     let l = tool("unsquashfs", &["-lln", sq.to_str().unwrap()]);
     assert!(l.contains("/containers/services/newlogd/rootfs/usr/bin/newlogd"), "{l}");
 }
+
+#[test]
+fn bearer_token_challenge_with_basic_credentials_for_the_token() {
+    use common::registry::BearerGate;
+    let fx = fixture();
+    let reg = TestRegistry::start(None);
+    push_all(&fx, &reg);
+    let gate = BearerGate::start(reg.port, "builder", "tokenpass");
+    use_registry(&fx, &format!("127.0.0.1:{}", gate.port));
+    let auth = fx.path().join("auth.json");
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD.encode("builder:tokenpass");
+    std::fs::write(&auth, format!(r#"{{"auths":{{"127.0.0.1:{}":{{"auth":"{b}"}}}}}}"#, gate.port)).unwrap();
+    let out = fx.path().join("disk.img");
+    ok(&run(&build_args(&fx, &out, &fx.path().join("cache"), &[]), &[("REGISTRY_AUTH_FILE", &auth)]));
+    assert!(gate.token_requests.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // Without credentials the token service says no, and the error says where we looked.
+    let o = run(&build_args(&fx, &fx.path().join("n.img"), &fx.path().join("c2"), &[]), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("needs credentials"), "{err}");
+}

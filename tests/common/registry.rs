@@ -156,3 +156,76 @@ impl CuttingProxy {
         CuttingProxy { port, connections }
     }
 }
+
+/// A Bearer-token front for a real registry, as Docker Hub and most hosted registries work:
+/// requests without `Authorization: Bearer <token>` get a 401 challenge naming a token realm
+/// served here; the realm hands out the token only to Basic credentials `user:pass`; authorised
+/// requests are forwarded to the registry behind. Every response closes its connection.
+pub struct BearerGate {
+    pub port: u16,
+    pub token_requests: Arc<AtomicUsize>,
+}
+
+fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).ok()? == 0 {
+            return None;
+        }
+        head.push(b[0]);
+        if head.len() > 65536 {
+            return None;
+        }
+    }
+    String::from_utf8(head).ok()
+}
+
+impl BearerGate {
+    pub fn start(upstream: u16, user: &str, pass: &str) -> Self {
+        use base64::Engine;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
+        let token_requests = Arc::new(AtomicUsize::new(0));
+        let tr = token_requests.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { break };
+                let basic = basic.clone();
+                let tr = tr.clone();
+                std::thread::spawn(move || {
+                    let Some(head) = read_head(&mut c) else { return };
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let auth = head.lines().find_map(|l| l.strip_prefix("Authorization: ").or_else(|| l.strip_prefix("authorization: "))).map(str::to_string);
+                    let reply = |c: &mut TcpStream, status: &str, extra: &str, body: &str| {
+                        let _ = write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n{extra}\r\n{body}", body.len());
+                    };
+                    if path.starts_with("/token") {
+                        tr.fetch_add(1, Ordering::SeqCst);
+                        if auth.as_deref() == Some(basic.as_str()) && path.contains("scope=repository%3A") {
+                            reply(&mut c, "200 OK", "", r#"{"token":"tok-123"}"#);
+                        } else {
+                            reply(&mut c, "401 Unauthorized", "", r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+                        }
+                        return;
+                    }
+                    if auth.as_deref() != Some("Bearer tok-123") {
+                        let ch = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"gate\"\r\n");
+                        reply(&mut c, "401 Unauthorized", &ch, r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+                        return;
+                    }
+                    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                    let fixed: String = head
+                        .lines()
+                        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.to_ascii_lowercase().starts_with("authorization:") && !l.is_empty())
+                        .map(|l| format!("{l}\r\n"))
+                        .collect();
+                    let _ = write!(up, "{fixed}Connection: close\r\n\r\n");
+                    let _ = std::io::copy(&mut up, &mut c);
+                });
+            }
+        });
+        BearerGate { port, token_requests }
+    }
+}
