@@ -8,6 +8,8 @@ PKGS=(
   build-essential pkg-config libsquashfs-dev libclang-dev   # build: squashfs-ng via bindgen
   e2fsprogs                                                  # mke2fs -d, debugfs (runtime)
   squashfs-tools dosfstools mtools gdisk attr skopeo umoci   # real readers in the tests
+  docker-registry apache2-utils                              # a real registry (+ htpasswd) for the tests
+  time                                                       # /usr/bin/time for the benchmarks
   systemd-boot-efi busybox-static                            # the shipped example
 )
 missing=()
@@ -17,4 +19,9 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The package's own service would listen on every interface; the tests start their own
+# registries on 127.0.0.1 with their own configs.
+if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi

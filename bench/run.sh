@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: the same disk built by slotforge and by the standard pipeline
 # (umoci unpack + mksquashfs + mkfs.vfat/mtools + skopeo copy + mke2fs -d + sgdisk + dd), from the
-# same OCI images, side by side in one run. Writes docs/benchmarks.md (the build section).
+# same OCI images, side by side in one run. Rewrites the `build` section of docs/benchmarks.md.
 # Wall time and peak RSS from /usr/bin/time; sizes from the files; allocated bytes from st_blocks.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -82,12 +82,7 @@ mb() { python3 -c "print(f'{$1/1048576:.1f}')"; }
 ratio=$(python3 -c "print(f'{$sf_rootfs/$std_rootfs:.4f}')")
 cpu="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
-cat > "$repo/docs/benchmarks.md" <<MD
-# Benchmarks
-
-Numbers are measured by scripts in \`bench/\`, never asserted by tests. Re-run with
-\`bash bench/run.sh\` (it rewrites this file).
-
+python3 "$repo/bench/section.py" build <<MD
 ## Disk build: slotforge vs the standard pipeline
 
 Run on $(date -u +%Y-%m-%d), $cpu. Inputs: OCI images made with umoci — a base of
@@ -116,4 +111,4 @@ the size cap with a report, pin ext4 inode times and GUIDs for a bit-reproducibl
 metadata files and boot entries. What slotforge does not do that the pipeline does: nothing
 it needs for this disk.
 MD
-echo "wrote docs/benchmarks.md"; cat "$repo/docs/benchmarks.md"
+echo "updated docs/benchmarks.md (section build)"
