@@ -260,3 +260,42 @@ fn bearer_token_challenge_with_basic_credentials_for_the_token() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("needs credentials"), "{err}");
 }
+
+#[test]
+fn docker_schema2_manifests_and_multi_platform_indexes_from_a_registry() {
+    let fx = fixture();
+    let reg = TestRegistry::start(None);
+    push_all(&fx, &reg);
+    // newlogd as a Docker schema-2 image; setup as an OCI index with amd64 and arm64.
+    reg.push_with(&fx.path().join("images/newlogd"), "1", "newlogd:1", &["--format", "v2s2"]);
+    let setup = fx.path().join("images/setup");
+    let arm = oci_image(&setup, "arm", vec![(layer(&[E::File("arch", b"arm64".to_vec(), 0o644)]), Comp::Gzip)], &[]);
+    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(setup.join("index.json")).unwrap()).unwrap();
+    let amd = idx["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "1").unwrap().clone();
+    let size_of = |d: &str| std::fs::metadata(setup.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap().len();
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm, "size": size_of(&arm), "platform": {"os": "linux", "architecture": "arm64"}},
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd["digest"], "size": amd["size"], "platform": {"os": "linux", "architecture": "amd64"}}]})).unwrap();
+    let hex = sha256_hex(&index);
+    std::fs::write(setup.join("blobs/sha256").join(&hex), &index).unwrap();
+    std::fs::write(setup.join("index.json"), serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": format!("sha256:{hex}"), "size": index.len(), "annotations": {"org.opencontainers.image.ref.name": "multi"}}]})).unwrap()).unwrap();
+    reg.push_with(&setup, "multi", "setup:1", &["--all"]);
+    assert_eq!(reg.digest("setup:1"), format!("sha256:{hex}"), "the registry serves the index");
+    use_registry(&fx, &reg.host());
+    let cache = fx.path().join("cache");
+    let l = ok(&run(&["lock".into(), fx.manifest().display().to_string(), "--cache".into(), cache.display().to_string(), "--json".into()], &[]));
+    let lock: serde_json::Value = serde_json::from_str(&l).unwrap();
+    let setup_lock = lock["images"].as_array().unwrap().iter().find(|i| i["reference"].as_str().unwrap().ends_with("/setup:1")).unwrap();
+    assert_eq!(setup_lock["digest"], format!("sha256:{hex}"), "the lock pins the index");
+    assert_eq!(setup_lock["manifest"], amd["digest"], "and records the amd64 manifest in it");
+    let newlogd_lock = lock["images"].as_array().unwrap().iter().find(|i| i["reference"].as_str().unwrap().ends_with("/newlogd:1")).unwrap();
+    assert_eq!(newlogd_lock["digest"], reg.digest("newlogd:1").as_str());
+    let out = fx.path().join("disk.img");
+    ok(&run(&build_args(&fx, &out, &cache, &["--locked"]), &[]));
+    let sq = fx.path().join("a.sqfs");
+    extract_partition(&out, "rootfs_a", &sq);
+    let list = tool("unsquashfs", &["-lln", sq.to_str().unwrap()]);
+    assert!(list.contains("/containers/services/newlogd/rootfs/usr/bin/newlogd"), "{list}");
+    assert!(list.contains("/containers/onboot/setup/rootfs/bin/setup") && !list.contains("/containers/onboot/setup/rootfs/arch"), "{list}");
+}

@@ -63,9 +63,15 @@ impl TestRegistry {
 
     /// Push an OCI layout's image with skopeo.
     pub fn push(&self, layout: &Path, tag: &str, repo_tag: &str) {
+        self.push_with(layout, tag, repo_tag, &[]);
+    }
+
+    /// Push with extra skopeo flags (`--format v2s2`, `--all`).
+    pub fn push_with(&self, layout: &Path, tag: &str, repo_tag: &str, flags: &[&str]) {
         let src = format!("oci:{}:{tag}", layout.display());
         let dst = format!("docker://{}/{repo_tag}", self.host());
         let mut args = vec!["copy".to_string(), "-q".into(), "--dest-tls-verify=false".into()];
+        args.extend(flags.iter().map(|f| f.to_string()));
         if let Some((u, p)) = &self.creds {
             args.push(format!("--dest-creds={u}:{p}"));
         }
