@@ -34,6 +34,11 @@ pub struct BuildOptions {
     pub output: PathBuf,
     pub sources: SourceOptions,
     pub progress: Progress,
+    /// External images to leave out of the images partition (the device pulls them).
+    pub no_prefill: Vec<String>,
+    /// Give slot A's first entry a boot counter (`slot-a+N.conf`), so even the first boot
+    /// must be marked good by the agent.
+    pub boot_tries: Option<u32>,
 }
 
 /// Where images come from: platform, cache, network policy, lock.
@@ -405,7 +410,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         let ext_bytes: u64 = parts.external.iter().map(|(e, _)| e.size).sum();
         let pb = opts.progress.bar("images", ext_bytes, true);
         let mut pairs = Vec::new();
-        for (e, idx) in &parts.external {
+        for name in &opts.no_prefill {
+            if !parts.external.iter().any(|(e, _)| &e.name == name) {
+                bail!("--no-prefill {name}: the manifest has no external image of that name");
+            }
+        }
+        for (e, idx) in parts.external.iter().filter(|(e, _)| !opts.no_prefill.contains(&e.name)) {
             let img = &r.containers[*idx].2;
             stage.add_image(img, &mut |n| pb.inc(n))?;
             pairs.push((e.clone(), img));
@@ -431,7 +441,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         linux: format!("/{}/vmlinuz", slot.name()),
         initrd: parts.kernel.initrd.as_ref().map(|_| format!("/{}/initrd.img", slot.name())),
         options: format!("root=PARTLABEL={} ro slotforge.slot={} slotforge.build={build_id} {kcmd}", layout.rootfs(slot).name, slot.name()).trim_end().to_string(),
-        tries: None,
+        tries: opts.boot_tries,
     };
     let mut files = vec![
         EspFile { path: esp::LOADER_PATH.into(), data: parts.loader.open()? },

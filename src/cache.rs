@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub struct Cache {
     root: PathBuf,
+    tmp: PathBuf,
 }
 
 impl Cache {
@@ -29,7 +30,16 @@ impl Cache {
         for d in ["blobs/sha256", "refs", "tmp"] {
             std::fs::create_dir_all(root.join(d)).with_context(|| format!("creating cache {}", root.join(d).display()))?;
         }
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self { root: root.to_path_buf(), tmp: root.join("tmp") })
+    }
+
+    /// The blob store of an OCI image layout (the external-images partition): the same verified
+    /// put, with downloads in progress under `.partial/`.
+    pub fn open_layout(root: &Path) -> anyhow::Result<Self> {
+        for d in ["blobs/sha256", ".partial"] {
+            std::fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
+        }
+        Ok(Self { root: root.to_path_buf(), tmp: root.join(".partial") })
     }
 
     pub fn root(&self) -> &Path {
@@ -53,7 +63,7 @@ impl Cache {
         if self.has(d) {
             return Ok(());
         }
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.tmp)?;
         let mut vr = VerifyingReader::new(r, d.clone(), size, what.to_string());
         std::io::copy(&mut vr, tmp.as_file_mut()).map_err(|e| anyhow::anyhow!("{e}"))?;
         tmp.as_file().sync_all()?;
@@ -92,7 +102,7 @@ impl Cache {
 
     /// Files left in `tmp/` (interrupted downloads in progress or killed). For tests and `pull`.
     pub fn temp_files(&self) -> usize {
-        std::fs::read_dir(self.root.join("tmp")).map(|r| r.count()).unwrap_or(0)
+        std::fs::read_dir(&self.tmp).map(|r| r.count()).unwrap_or(0)
     }
 }
 

@@ -31,6 +31,12 @@ enum Cmd {
         /// Another layout generation the rootfs must also fit (repeatable).
         #[arg(long)]
         compat: Vec<PathBuf>,
+        /// Leave this external image out of the images partition; the device pulls it (repeatable).
+        #[arg(long = "no-prefill")]
+        no_prefill: Vec<String>,
+        /// Put a boot counter on slot A's entry (slot-a+N.conf): the first boot must be marked good.
+        #[arg(long)]
+        boot_tries: Option<u32>,
         #[command(flatten)]
         src: SourceArgs,
         /// Print a JSON summary on stdout.
@@ -58,6 +64,13 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// The on-device agent (runs on the appliance).
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+        #[command(flatten)]
+        paths: AgentPaths,
+    },
     /// Show everything read back from a disk image.
     Inspect {
         image: PathBuf,
@@ -70,6 +83,55 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Booted slot, build, boot counters and every external image's state, as JSON.
+    Status,
+    /// Check, pull, prepare external images; mark the boot good if all verified.
+    Boot,
+    /// Drop the booted slot's boot counter.
+    MarkGood,
+    /// Run the services once (external ones only from verified, prepared images).
+    Run,
+}
+
+#[derive(clap::Args)]
+struct AgentPaths {
+    /// The booted rootfs.
+    #[arg(long, global = true, default_value = "/")]
+    root: PathBuf,
+    #[arg(long, global = true)]
+    esp: Option<PathBuf>,
+    #[arg(long, global = true)]
+    images: Option<PathBuf>,
+    #[arg(long, global = true)]
+    run_dir: Option<PathBuf>,
+    #[arg(long, global = true)]
+    cmdline: Option<PathBuf>,
+    /// Pull external images from this registry host instead of the one in their reference.
+    #[arg(long, global = true)]
+    mirror: Option<String>,
+    #[arg(long = "insecure-registry", global = true)]
+    insecure: Vec<String>,
+    /// Never use the network.
+    #[arg(long, global = true)]
+    offline: bool,
+}
+
+impl AgentPaths {
+    fn config(self) -> anyhow::Result<crate::agent::AgentConfig> {
+        let mut c = crate::agent::AgentConfig::load(&self.root)?;
+        if let Some(v) = self.esp { c.esp = v; }
+        if let Some(v) = self.images { c.images = v; }
+        if let Some(v) = self.run_dir { c.run_dir = v; }
+        if let Some(v) = self.cmdline { c.cmdline = v; }
+        if self.mirror.is_some() { c.mirror = self.mirror; }
+        c.insecure.extend(self.insecure);
+        c.offline |= self.offline;
+        Ok(c)
+    }
 }
 
 #[derive(clap::Args)]
@@ -141,8 +203,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Build { manifest, layout, output, compat, src, json, quiet } => {
-            let opts = BuildOptions { manifest, layout, compat, output, sources: src.options(), progress: Progress::new(quiet || json) };
+        Cmd::Build { manifest, layout, output, compat, no_prefill, boot_tries, src, json, quiet } => {
+            let opts = BuildOptions { manifest, layout, compat, output, sources: src.options(), progress: Progress::new(quiet || json), no_prefill, boot_tries };
             let s = build(&opts)?;
             if json {
                 json_out(&s)?;
@@ -155,6 +217,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("  external {} {} ({})", e.name, e.digest, mib(e.size));
                 }
                 println!("  disk {} with {} written", mib(s.disk_size), mib(s.bytes_written));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Agent { cmd, paths } => {
+            let cfg = paths.config()?;
+            match cmd {
+                AgentCmd::Status => json_out(&crate::agent::status::status(&cfg)?)?,
+                AgentCmd::Boot => {
+                    let st = crate::agent::boot::boot(&cfg)?;
+                    if st.state != "ok" {
+                        return Ok(ExitCode::from(3));
+                    }
+                }
+                AgentCmd::MarkGood => {
+                    let e = crate::agent::boot::mark_good(&cfg)?;
+                    crate::agent::emit("marked-good", serde_json::json!({"entry": e}));
+                }
+                AgentCmd::Run => crate::agent::boot::run_services(&cfg)?,
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -54,6 +54,129 @@ pub struct BuildSet {
     pub index_size: u64,
 }
 
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// One image in a build's nested index.
+#[derive(Debug, Clone)]
+pub struct IndexEntry {
+    pub name: String,
+    pub reference: String,
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub os: String,
+    pub architecture: String,
+}
+
+impl IndexEntry {
+    pub fn of(e: &ExternalImage, img: &ResolvedImage) -> Self {
+        Self {
+            name: e.name.clone(),
+            reference: e.reference.clone(),
+            media_type: img.manifest_media_type.clone(),
+            digest: img.manifest_digest.clone(),
+            size: img.manifest_bytes.len() as u64,
+            os: img.platform.os.clone(),
+            architecture: img.platform.architecture.clone(),
+        }
+    }
+}
+
+/// A build's nested image index: its images sorted by name, annotated with build id and version.
+pub fn build_index_json(build_id: &str, version: &str, mut entries: Vec<IndexEntry>) -> Vec<u8> {
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let manifests: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "mediaType": e.media_type,
+                "digest": e.digest.to_string(),
+                "size": e.size,
+                "platform": {"architecture": e.architecture, "os": e.os},
+                "annotations": {REF_NAME: e.name, ANN_REFERENCE: e.reference}
+            })
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_INDEX,
+        "manifests": manifests,
+        "annotations": {ANN_BUILD_ID: build_id, ANN_VERSION: version}
+    }))
+    .expect("serialisable")
+}
+
+/// The partition's `index.json`: one entry per build, sorted by build id.
+pub fn top_index_json(mut builds: Vec<BuildSet>) -> Vec<u8> {
+    builds.sort_by(|a, b| a.build_id.cmp(&b.build_id));
+    let manifests: Vec<serde_json::Value> = builds
+        .iter()
+        .map(|b| {
+            json!({
+                "mediaType": MT_OCI_INDEX,
+                "digest": b.index_digest.to_string(),
+                "size": b.index_size,
+                "annotations": {REF_NAME: b.build_id, ANN_VERSION: b.version}
+            })
+        })
+        .collect();
+    serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests})).expect("serialisable")
+}
+
+/// On a live partition (the agent): make `entry` part of `build_id`'s set, creating the build's
+/// index if needed. The new nested index is written first, `index.json` replaced last (write,
+/// fsync, rename), so a power cut leaves either the old or the new set, never a broken one.
+pub fn add_to_build(root: &Path, build_id: &str, version: &str, entry: IndexEntry) -> anyhow::Result<()> {
+    let store = crate::cache::Cache::open_layout(root)?;
+    let idx_path = root.join("index.json");
+    let top: Idx = match std::fs::read(&idx_path) {
+        Ok(b) => serde_json::from_slice(&b).context("index.json")?,
+        Err(_) => Idx { manifests: vec![], annotations: BTreeMap::new() },
+    };
+    let mut builds = Vec::new();
+    let mut entries = Vec::new();
+    let mut version = version.to_string();
+    for b in &top.manifests {
+        let id = b.annotations.get(REF_NAME).cloned().unwrap_or_default();
+        let d = Digest::parse(&b.digest).map_err(|e| anyhow::anyhow!(e))?;
+        if id == build_id {
+            let nested: Idx = serde_json::from_slice(&std::fs::read(store.blob_path(&d))?).with_context(|| format!("build {id} index"))?;
+            version = nested.annotations.get(ANN_VERSION).cloned().unwrap_or(version);
+            for m in nested.manifests {
+                let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(store.blob_path(&Digest::parse(&m.digest).map_err(|e| anyhow::anyhow!(e))?)).unwrap_or_default()).unwrap_or_default();
+                entries.push(IndexEntry {
+                    name: m.annotations.get(REF_NAME).cloned().unwrap_or_default(),
+                    reference: m.annotations.get(ANN_REFERENCE).cloned().unwrap_or_default(),
+                    media_type: raw.get("mediaType").and_then(|v| v.as_str()).unwrap_or(crate::oci::image::MT_OCI_MANIFEST).to_string(),
+                    digest: Digest::parse(&m.digest).map_err(|e| anyhow::anyhow!(e))?,
+                    size: m.size,
+                    os: "linux".into(),
+                    architecture: "amd64".into(),
+                });
+            }
+        } else {
+            builds.push(BuildSet { build_id: id, version: b.annotations.get(ANN_VERSION).cloned().unwrap_or_default(), index_digest: d, index_size: b.size });
+        }
+    }
+    entries.retain(|e| e.name != entry.name);
+    entries.push(entry);
+    let bytes = build_index_json(build_id, &version, entries);
+    let index_digest = store.put_bytes(&bytes)?;
+    builds.push(BuildSet { build_id: build_id.into(), version, index_digest, index_size: bytes.len() as u64 });
+    if !root.join("oci-layout").exists() {
+        std::fs::write(root.join("oci-layout"), OCI_LAYOUT)?;
+    }
+    let tmp = root.join(".index.json.partial");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &top_index_json(builds))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &idx_path)?;
+    std::fs::File::open(root)?.sync_all()?;
+    Ok(())
+}
+
 /// A staging directory holding the OCI layout that becomes the partition's root.
 pub struct Stage {
     dir: tempfile::TempDir,
@@ -120,27 +243,8 @@ impl Stage {
 
     /// Record one build: a nested index of its images (sorted by name), tagged with the build id.
     pub fn add_build(&mut self, build_id: &str, version: &str, images: &[(ExternalImage, &ResolvedImage)]) -> anyhow::Result<&BuildSet> {
-        let mut sorted: Vec<&(ExternalImage, &ResolvedImage)> = images.iter().collect();
-        sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        let manifests: Vec<serde_json::Value> = sorted
-            .iter()
-            .map(|(e, img)| {
-                json!({
-                    "mediaType": img.manifest_media_type,
-                    "digest": img.manifest_digest.to_string(),
-                    "size": img.manifest_bytes.len(),
-                    "platform": {"architecture": img.platform.architecture, "os": img.platform.os},
-                    "annotations": {REF_NAME: e.name, ANN_REFERENCE: e.reference}
-                })
-            })
-            .collect();
-        let index = json!({
-            "schemaVersion": 2,
-            "mediaType": MT_OCI_INDEX,
-            "manifests": manifests,
-            "annotations": {ANN_BUILD_ID: build_id, ANN_VERSION: version}
-        });
-        let bytes = serde_json::to_vec(&index)?;
+        let entries: Vec<IndexEntry> = images.iter().map(|(e, img)| IndexEntry::of(e, img)).collect();
+        let bytes = build_index_json(build_id, version, entries);
         let (index_digest, index_size) = self.put_bytes(&bytes)?;
         let set = BuildSet { build_id: build_id.into(), version: version.into(), index_digest, index_size };
         self.builds.insert(build_id.to_string(), set);
@@ -150,21 +254,8 @@ impl Stage {
     /// Write `oci-layout`, `index.json` (one entry per build, sorted) and the metadata file.
     pub fn finish(&self, epoch: u64) -> anyhow::Result<()> {
         let root = self.dir.path();
-        std::fs::write(root.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-        let manifests: Vec<serde_json::Value> = self
-            .builds
-            .values()
-            .map(|b| {
-                json!({
-                    "mediaType": MT_OCI_INDEX,
-                    "digest": b.index_digest.to_string(),
-                    "size": b.index_size,
-                    "annotations": {REF_NAME: b.build_id, ANN_VERSION: b.version}
-                })
-            })
-            .collect();
-        let index = json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests});
-        std::fs::write(root.join("index.json"), serde_json::to_vec(&index)?)?;
+        std::fs::write(root.join("oci-layout"), OCI_LAYOUT)?;
+        std::fs::write(root.join("index.json"), top_index_json(self.builds.values().cloned().collect()))?;
         std::fs::write(root.join(METADATA_FILE), crate::rootfs::to_json(&Metadata::default()))?;
         set_times(root, epoch)?;
         Ok(())

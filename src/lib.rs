@@ -5,6 +5,7 @@
 //! (tree -> squashfs, size cap) -> images (external-images partition) -> esp (FAT + boot
 //! entries) -> disk (GPT + sparse image) -> inspect/verify (read it all back).
 
+pub mod agent;
 pub mod build;
 pub mod cache;
 pub mod cli;

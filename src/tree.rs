@@ -256,6 +256,10 @@ impl Spill {
     pub fn new() -> anyhow::Result<Self> {
         Ok(Self { dir: tempfile::Builder::new().prefix("slotforge-spill-").tempdir()?, next: 0 })
     }
+    /// A spill directory under `parent` (same file system as where the files will end up).
+    pub fn new_in(parent: &Path) -> anyhow::Result<Self> {
+        Ok(Self { dir: tempfile::Builder::new().prefix("spill-").tempdir_in(parent)?, next: 0 })
+    }
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -267,6 +271,77 @@ impl Spill {
         let n = std::io::copy(r, &mut f)?;
         Ok((Content::Path(p), n))
     }
+}
+
+/// Write `t` out as a real directory tree at `dest` (the agent: an external image made ready for
+/// the runtime). Spilled contents are moved into place when on the same file system.
+/// Ownership and device nodes need root; without it they are skipped, not faked.
+pub fn materialize(t: &Tree, dest: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let mut links: std::collections::HashMap<u64, PathBuf> = std::collections::HashMap::new();
+    let mut dirs = Vec::new();
+    let mut err = None;
+    t.walk(&mut |comps, n| {
+        if err.is_some() {
+            return;
+        }
+        let p = comps.iter().fold(dest.to_path_buf(), |p, c| p.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(c)));
+        let r: anyhow::Result<()> = (|| {
+            match &n.kind {
+                Kind::Dir(_) => {
+                    std::fs::create_dir_all(&p)?;
+                    dirs.push((p.clone(), n.meta.clone()));
+                    return Ok(());
+                }
+                Kind::File { content, link, .. } => {
+                    if let Some(first) = link.and_then(|l| links.get(&l)) {
+                        std::fs::hard_link(first, &p)?;
+                        return Ok(());
+                    }
+                    match content {
+                        Content::Path(src) if std::fs::rename(src, &p).is_ok() => {}
+                        _ => {
+                            let mut r = content.open()?;
+                            std::io::copy(&mut r, &mut std::fs::File::create(&p)?)?;
+                        }
+                    }
+                    if let Some(l) = link {
+                        links.insert(*l, p.clone());
+                    }
+                }
+                Kind::Symlink(target) => {
+                    symlink(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(target), &p)?;
+                    return Ok(());
+                }
+                Kind::CharDev(..) | Kind::BlockDev(..) | Kind::Fifo => {
+                    let (kind, dev) = match n.kind {
+                        Kind::CharDev(ma, mi) => (libc::S_IFCHR, libc::makedev(ma, mi)),
+                        Kind::BlockDev(ma, mi) => (libc::S_IFBLK, libc::makedev(ma, mi)),
+                        _ => (libc::S_IFIFO, 0),
+                    };
+                    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
+                    // SAFETY: a valid NUL-terminated path; failure (not root) is tolerated.
+                    unsafe { libc::mknod(c.as_ptr(), kind | n.meta.mode as libc::mode_t, dev) };
+                    return Ok(());
+                }
+            }
+            let _ = std::os::unix::fs::chown(&p, Some(n.meta.uid), Some(n.meta.gid));
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(n.meta.mode as u32))?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            err = Some(anyhow::anyhow!("{}: {e:#}", p.display()));
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    // Directory modes last, deepest first, so a read-only directory does not block its children.
+    for (p, m) in dirs.iter().rev() {
+        let _ = std::os::unix::fs::chown(p, Some(m.uid), Some(m.gid));
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m.mode as u32))?;
+    }
+    Ok(())
 }
 
 /// Fail with a clear message if a node kind cannot be represented.

@@ -177,6 +177,12 @@ impl Resolver {
     }
 }
 
+/// Resolve a manifest known by digest inside `src` (the agent: an image in the images partition).
+pub fn resolve_digest(reference: &str, src: Arc<dyn BlobSource>, digest: &Digest, size: u64, media_type: &str, platform: &Platform) -> anyhow::Result<ResolvedImage> {
+    let desc = Descriptor::new(MediaType::from(media_type), size, oci_digest(digest)?);
+    resolve_descriptor(reference, src, desc, platform, 0, digest.clone())
+}
+
 fn oci_digest(d: &Digest) -> anyhow::Result<oci_spec::image::Digest> {
     oci_spec::image::Digest::from_str(d.as_str()).map_err(|e| anyhow::anyhow!("{d}: {e}"))
 }

@@ -1,0 +1,203 @@
+//! The agent's boot sequence: check → pull what is missing or corrupt → make verified images
+//! ready → mark the boot good (only if every image verified) → report. Also `run`, which starts
+//! the LinuxKit services (on-disk ones from the rootfs, external ones from their prepared tree).
+
+use super::status::{check_image, cmdline_value, read_release, status, writable, ImageState};
+use super::{emit, AgentConfig};
+use crate::cache::Cache;
+use crate::hash::Digest;
+use crate::images::{add_to_build, IndexEntry};
+use crate::oci::image::resolve_digest;
+use crate::oci::local::OciDir;
+use crate::oci::registry::{media_type_of, Registry, RegistrySource};
+use crate::oci::{BlobSource, ImageRef, Platform};
+use crate::rootfs::ExternalImage;
+use crate::tree::{materialize, Spill, Tree};
+use anyhow::{bail, Context};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Fetch `img` by digest into the images partition and list it in `build_id`'s set.
+pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalImage) -> anyhow::Result<u64> {
+    let r = ImageRef::parse(&img.reference, Path::new("/")).map_err(|e| anyhow::anyhow!(e))?;
+    let ImageRef::Registry { host, repo, .. } = r else {
+        bail!("{} names no registry to pull from", img.reference);
+    };
+    let host = cfg.mirror.clone().unwrap_or(host);
+    let registry = Arc::new(Registry::new(&host, &cfg.insecure)?);
+    let store = Arc::new(Cache::open_layout(&cfg.images)?);
+    let digest = Digest::parse(&img.digest).map_err(|e| anyhow::anyhow!(e))?;
+    let (bytes, mt) = registry.manifest(&repo, digest.as_str())?;
+    if Digest::of_bytes(&bytes) != digest {
+        bail!("{host}/{repo}@{digest}: the registry's manifest does not match the pinned digest; refusing it");
+    }
+    store.put(&bytes[..], &digest, bytes.len() as u64, "manifest")?;
+    let src: Arc<dyn BlobSource> = Arc::new(RegistrySource { registry, repo, cache: store.clone(), offline: false, name: format!("{host}/{}", img.name) });
+    let platform: Platform = img.platform.parse().unwrap_or_default();
+    let resolved = resolve_digest(&img.reference, src.clone(), &digest, bytes.len() as u64, &mt, &platform)?;
+    let mut fetched = 0;
+    for l in &resolved.layers {
+        if !store.has(&l.digest) {
+            src.prefetch(&l.digest, l.size, &|_| {})?;
+            fetched += l.size;
+        }
+    }
+    add_to_build(
+        &cfg.images,
+        build_id,
+        version,
+        IndexEntry {
+            name: img.name.clone(),
+            reference: img.reference.clone(),
+            media_type: media_type_of(&bytes).unwrap_or(mt),
+            digest,
+            size: bytes.len() as u64,
+            os: platform.os,
+            architecture: platform.architecture,
+        },
+    )?;
+    Ok(fetched + bytes.len() as u64 + resolved.config_bytes.len() as u64)
+}
+
+/// Unpack a verified image from the partition to `<run_dir>/containers/<name>/rootfs`.
+pub fn prepare(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<PathBuf> {
+    let dir = cfg.run_dir.join("containers").join(&img.name);
+    let rootfs = dir.join("rootfs");
+    if rootfs.exists() {
+        std::fs::remove_dir_all(&rootfs)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let src: Arc<dyn BlobSource> = Arc::new(OciDir::open(&cfg.images, format!("images:{}", img.name))?);
+    let digest = Digest::parse(&img.digest).map_err(|e| anyhow::anyhow!(e))?;
+    let size = std::fs::metadata(cfg.images.join("blobs/sha256").join(digest.hex()))?.len();
+    let platform: Platform = img.platform.parse().unwrap_or_default();
+    let resolved = resolve_digest(&img.name, src, &digest, size, &img.media_type, &platform)?;
+    // Spill next to the destination so contents are renamed into place, not copied.
+    let spill_parent = dir.join(".spill");
+    std::fs::create_dir_all(&spill_parent)?;
+    let mut spill = Spill::new_in(&spill_parent)?;
+    let mut tree = Tree::new(0);
+    crate::flatten::flatten_image(&mut tree, &resolved, &mut spill, 0, &mut 0, &mut |_| {})?;
+    materialize(&tree, &rootfs)?;
+    drop(spill);
+    let _ = std::fs::remove_dir_all(&spill_parent);
+    Ok(rootfs)
+}
+
+/// Rename the booted slot's entry to drop its boot counter (Boot Loader Specification boot
+/// counting). Returns the new name, or `None` if it had no counter.
+pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
+    let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
+    let slot = cmdline_value(&cmdline, "slotforge.slot").context("no slotforge.slot= on the kernel command line")?;
+    let dir = cfg.esp.join(crate::esp::ENTRIES_DIR);
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        let (base, left, _) = crate::esp::parse_entry_name(&name);
+        if base == format!("slot-{slot}") && left.is_some() {
+            let good = format!("{base}.conf");
+            std::fs::rename(dir.join(&name), dir.join(&good))?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            return Ok(Some(good));
+        }
+    }
+    Ok(None)
+}
+
+/// The boot sequence. Returns the final status.
+pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
+    let (rel, ext) = read_release(&cfg.root)?;
+    let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
+    emit("agent-start", json!({"slot": cmdline_value(&cmdline, "slotforge.slot"), "version": rel.version, "build_id": rel.build_id, "images": ext.images.len()}));
+    writable(&cfg.images)?;
+    let mut states: Vec<ImageState> = Vec::new();
+    for img in &ext.images {
+        let t = std::time::Instant::now();
+        let mut st = check_image(&cfg.images, &ext.build_id, img);
+        emit("image-check", json!({"name": img.name, "digest": img.digest, "state": st.state, "detail": st.detail, "bytes": st.bytes, "seconds": t.elapsed().as_secs_f64()}));
+        if st.state != "verified" {
+            if cfg.offline {
+                emit("image-pull-skipped", json!({"name": img.name, "reason": "offline"}));
+            } else {
+                // A corrupt blob is corrupt for every build that shares it: drop it, then fetch.
+                for b in &st.bad_blobs {
+                    let _ = std::fs::remove_file(cfg.images.join("blobs/sha256").join(b.trim_start_matches("sha256:")));
+                }
+                match pull_image(cfg, &ext.build_id, &rel.version, img) {
+                    Ok(bytes) => {
+                        st = check_image(&cfg.images, &ext.build_id, img);
+                        emit("image-pulled", json!({"name": img.name, "digest": img.digest, "bytes": bytes, "state": st.state}));
+                    }
+                    Err(e) => emit("image-pull-failed", json!({"name": img.name, "digest": img.digest, "error": format!("{e:#}")})),
+                }
+            }
+        }
+        if st.state == "verified" {
+            match prepare(cfg, img) {
+                Ok(p) => emit("image-ready", json!({"name": img.name, "path": p})),
+                Err(e) => {
+                    emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
+                    st.state = "corrupt".into();
+                }
+            }
+        }
+        states.push(st);
+    }
+    let bad: Vec<&str> = states.iter().filter(|s| s.state != "verified").map(|s| s.name.as_str()).collect();
+    if bad.is_empty() {
+        match mark_good(cfg) {
+            Ok(entry) => emit("marked-good", json!({"entry": entry})),
+            Err(e) => emit("mark-good-failed", json!({"error": format!("{e:#}")})),
+        }
+    } else {
+        emit("degraded", json!({"unavailable": bad}));
+    }
+    let st = status(cfg)?;
+    emit("status", serde_json::to_value(&st)?);
+    Ok(st)
+}
+
+/// Run every service once: on-disk ones from `/containers/services/NAME/rootfs`, external ones
+/// from their prepared tree; never an external image that was not verified and prepared.
+pub fn run_services(cfg: &AgentConfig) -> anyhow::Result<()> {
+    let base = cfg.root.join("containers/services");
+    let mut names: Vec<String> = std::fs::read_dir(&base).map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    names.sort();
+    for name in names {
+        let dir = base.join(&name);
+        let external = dir.join("image.json").exists();
+        let rootfs = if external { cfg.run_dir.join("containers").join(&name).join("rootfs") } else { dir.join("rootfs") };
+        if !rootfs.is_dir() {
+            emit("service-skipped", json!({"name": name, "external": external, "reason": "image not verified and prepared"}));
+            continue;
+        }
+        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+        let args: Vec<String> = serde_json::from_value(config["process"]["args"].clone()).unwrap_or_default();
+        let env: Vec<String> = serde_json::from_value(config["process"]["env"].clone()).unwrap_or_default();
+        let cwd = config["process"]["cwd"].as_str().unwrap_or("/").to_string();
+        let Some((prog, rest)) = args.split_first() else {
+            emit("service-skipped", json!({"name": name, "reason": "no process.args"}));
+            continue;
+        };
+        let mut cmd = std::process::Command::new(prog);
+        cmd.args(rest).env_clear();
+        for e in &env {
+            if let Some((k, v)) = e.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+        let root_c = rootfs.clone();
+        // SAFETY: only async-signal-safe calls (chroot, chdir) between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                std::os::unix::fs::chroot(&root_c)?;
+                std::env::set_current_dir(&cwd)
+            });
+        }
+        match cmd.output() {
+            Ok(o) => emit("service-exited", json!({"name": name, "external": external, "status": o.status.code(), "stdout": String::from_utf8_lossy(&o.stdout), "stderr": String::from_utf8_lossy(&o.stderr)})),
+            Err(e) => emit("service-failed", json!({"name": name, "external": external, "error": e.to_string()})),
+        }
+    }
+    Ok(())
+}

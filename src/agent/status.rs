@@ -1,0 +1,185 @@
+//! What the agent knows about the device: booted slot and build, both slots' boot-counting
+//! state, and each external image of the booted build — verified, missing or corrupt — checked
+//! blob by blob against the digests the rootfs pins.
+
+use super::AgentConfig;
+use crate::esp::parse_entry_name;
+use crate::hash::{digest_reader, Digest};
+use crate::images::METADATA_FILE;
+use crate::oci::image::REF_NAME;
+use crate::rootfs::{ExternalImage, ExternalImages, Release, EXTERNAL_PATH, RELEASE_PATH};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotState {
+    pub slot: String,
+    pub entry: Option<String>,
+    /// `good` (no counter), `trying` (counter with tries left), `bad` (counter exhausted), `none`.
+    pub boot: String,
+    pub tries_left: Option<u32>,
+    pub tries_done: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ImageState {
+    pub name: String,
+    pub digest: String,
+    /// `verified`, `missing` or `corrupt`.
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Blobs that failed their digest check (removed before a re-pull).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bad_blobs: Vec<String>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub slot: Option<String>,
+    pub version: String,
+    pub build_id: String,
+    /// `ok` when every external image is verified, else `degraded`.
+    pub state: String,
+    pub slots: Vec<SlotState>,
+    pub images: Vec<ImageState>,
+}
+
+/// `slotforge.slot=a` etc. from the kernel command line.
+pub fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
+
+pub fn read_release(root: &Path) -> anyhow::Result<(Release, ExternalImages)> {
+    let rel: Release = serde_json::from_slice(&std::fs::read(root.join(RELEASE_PATH)).map_err(|e| anyhow::anyhow!("{}: {e}", root.join(RELEASE_PATH).display()))?)?;
+    let ext: ExternalImages = match std::fs::read(root.join(EXTERNAL_PATH)) {
+        Ok(b) => serde_json::from_slice(&b)?,
+        Err(_) => ExternalImages { format: 1, build_id: rel.build_id.clone(), images: vec![] },
+    };
+    Ok((rel, ext))
+}
+
+pub fn slot_states(esp: &Path) -> Vec<SlotState> {
+    let mut out = Vec::new();
+    let files: Vec<String> = std::fs::read_dir(esp.join(crate::esp::ENTRIES_DIR))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    for slot in ["a", "b"] {
+        let entry = files.iter().filter(|f| f.ends_with(".conf")).find(|f| parse_entry_name(f).0 == format!("slot-{slot}")).cloned();
+        let (boot, left, done) = match &entry {
+            None => ("none".to_string(), None, None),
+            Some(f) => match parse_entry_name(f) {
+                (_, None, _) => ("good".into(), None, None),
+                (_, Some(0), d) => ("bad".into(), Some(0), d),
+                (_, Some(l), d) => ("trying".into(), Some(l), d),
+            },
+        };
+        out.push(SlotState { slot: slot.into(), entry, boot, tries_left: left, tries_done: done });
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct Desc {
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+#[derive(Deserialize)]
+struct Idx {
+    manifests: Vec<Desc>,
+}
+#[derive(Deserialize)]
+struct Man {
+    config: Desc,
+    layers: Vec<Desc>,
+}
+
+fn blob(images: &Path, d: &str) -> std::path::PathBuf {
+    images.join("blobs/sha256").join(d.trim_start_matches("sha256:"))
+}
+
+/// Check one external image of `build_id` in the partition at `images`, every blob hashed.
+pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageState {
+    let mut st = ImageState { name: img.name.clone(), digest: img.digest.clone(), state: "missing".into(), detail: None, bad_blobs: vec![], bytes: 0 };
+    let listed = (|| -> Option<()> {
+        let top: Idx = serde_json::from_slice(&std::fs::read(images.join("index.json")).ok()?).ok()?;
+        let b = top.manifests.iter().find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(build_id))?;
+        let nested: Idx = serde_json::from_slice(&std::fs::read(blob(images, &b.digest)).ok()?).ok()?;
+        nested.manifests.iter().find(|m| m.digest == img.digest).map(|_| ())
+    })();
+    if listed.is_none() {
+        st.detail = Some(format!("not in build {build_id}'s set in the images partition"));
+        return st;
+    }
+    // The manifest: present and matching its digest, else nothing it names can be trusted.
+    let mbytes = match std::fs::read(blob(images, &img.digest)) {
+        Ok(b) => b,
+        Err(_) => {
+            st.detail = Some(format!("manifest {} is missing", img.digest));
+            return st;
+        }
+    };
+    if Digest::of_bytes(&mbytes).as_str() != img.digest {
+        st.state = "corrupt".into();
+        st.bad_blobs.push(img.digest.clone());
+        st.detail = Some(format!("manifest {} does not match its digest", img.digest));
+        return st;
+    }
+    let man: Man = match serde_json::from_slice(&mbytes) {
+        Ok(m) => m,
+        Err(e) => {
+            st.state = "corrupt".into();
+            st.detail = Some(format!("manifest is not an image manifest: {e}"));
+            return st;
+        }
+    };
+    st.bytes = mbytes.len() as u64;
+    let mut missing = Vec::new();
+    for d in std::iter::once(&man.config).chain(&man.layers) {
+        match std::fs::File::open(blob(images, &d.digest)).map_err(anyhow::Error::from).and_then(|f| Ok(digest_reader(f)?)) {
+            Ok((got, n)) if got.as_str() == d.digest && n == d.size => st.bytes += n,
+            Ok(_) => st.bad_blobs.push(d.digest.clone()),
+            Err(_) => missing.push(d.digest.clone()),
+        }
+    }
+    if !st.bad_blobs.is_empty() {
+        st.state = "corrupt".into();
+        st.detail = Some(format!("{} blob(s) do not match their digests", st.bad_blobs.len()));
+    } else if !missing.is_empty() {
+        st.detail = Some(format!("{} blob(s) missing", missing.len()));
+    } else {
+        st.state = "verified".into();
+    }
+    st
+}
+
+/// The whole status of the device.
+pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
+    let (rel, ext) = read_release(&cfg.root)?;
+    let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
+    let images: Vec<ImageState> = ext.images.iter().map(|i| check_image(&cfg.images, &ext.build_id, i)).collect();
+    let state = if images.iter().all(|i| i.state == "verified") { "ok" } else { "degraded" };
+    Ok(Status {
+        slot: cmdline_value(&cmdline, "slotforge.slot"),
+        version: rel.version,
+        build_id: rel.build_id,
+        state: state.into(),
+        slots: slot_states(&cfg.esp),
+        images,
+    })
+}
+
+/// Whether the partition's metadata says this agent may write to it.
+pub fn writable(images: &Path) -> anyhow::Result<()> {
+    if let Ok(b) = std::fs::read(images.join(METADATA_FILE)) {
+        let m: crate::images::Metadata = serde_json::from_slice(&b)?;
+        if m.format > crate::images::FORMAT_VERSION || !m.incompatible.is_empty() || !m.ro_compatible.is_empty() {
+            anyhow::bail!("images partition format {} (features {:?}/{:?}) is newer than this agent", m.format, m.incompatible, m.ro_compatible);
+        }
+    }
+    Ok(())
+}
