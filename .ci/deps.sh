@@ -10,7 +10,8 @@ PKGS=(
   squashfs-tools dosfstools mtools gdisk attr skopeo umoci   # real readers in the tests
   docker-registry apache2-utils                              # a real registry (+ htpasswd) for the tests
   time                                                       # /usr/bin/time for the benchmarks
-  systemd-boot-efi busybox-static                            # the shipped example
+  systemd-boot-efi busybox-static                            # the shipped example and QEMU guests
+  qemu-system-x86 ovmf netcat-openbsd cpio                   # QEMU boots (guestfwd uses nc)
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,1 +1,8 @@
-//! QEMU harness: placeholder crate until the harness issue lands.
+//! Test infrastructure that runs the real parts: QEMU boots of slotforge disks under OVMF +
+//! systemd-boot (TCG by default, KVM when it answers), guest fixtures built from Debian
+//! packages, the guest's JSON event lines, and a local registry. Used by slotforge's tests.
+
+pub mod events;
+pub mod fixtures;
+pub mod registry;
+pub mod vm;

@@ -104,6 +104,21 @@ pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
     Ok(None)
 }
 
+/// Move blobs that failed their check to `.partial/` (returns original and new paths).
+fn quarantine(cfg: &AgentConfig, blobs: &[String]) -> Vec<(PathBuf, PathBuf)> {
+    let dir = cfg.images.join(".partial");
+    let _ = std::fs::create_dir_all(&dir);
+    blobs
+        .iter()
+        .filter_map(|b| {
+            let hex = b.trim_start_matches("sha256:");
+            let orig = cfg.images.join("blobs/sha256").join(hex);
+            let q = dir.join(format!("{hex}.corrupt"));
+            std::fs::rename(&orig, &q).ok().map(|_| (orig, q))
+        })
+        .collect()
+}
+
 /// The boot sequence. Returns the final status.
 pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let (rel, ext) = read_release(&cfg.root)?;
@@ -119,16 +134,24 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
             if cfg.offline {
                 emit("image-pull-skipped", json!({"name": img.name, "reason": "offline"}));
             } else {
-                // A corrupt blob is corrupt for every build that shares it: drop it, then fetch.
-                for b in &st.bad_blobs {
-                    let _ = std::fs::remove_file(cfg.images.join("blobs/sha256").join(b.trim_start_matches("sha256:")));
-                }
+                // A corrupt blob is corrupt for every build sharing it: set it aside so the
+                // pull can replace it, and put it back if the pull fails (the state stays
+                // "corrupt" and nothing is lost).
+                let aside = quarantine(cfg, &st.bad_blobs);
                 match pull_image(cfg, &ext.build_id, &rel.version, img) {
                     Ok(bytes) => {
+                        for (_, q) in &aside {
+                            let _ = std::fs::remove_file(q);
+                        }
                         st = check_image(&cfg.images, &ext.build_id, img);
                         emit("image-pulled", json!({"name": img.name, "digest": img.digest, "bytes": bytes, "state": st.state}));
                     }
-                    Err(e) => emit("image-pull-failed", json!({"name": img.name, "digest": img.digest, "error": format!("{e:#}")})),
+                    Err(e) => {
+                        for (orig, q) in &aside {
+                            let _ = std::fs::rename(q, orig);
+                        }
+                        emit("image-pull-failed", json!({"name": img.name, "digest": img.digest, "error": format!("{e:#}")}));
+                    }
                 }
             }
         }

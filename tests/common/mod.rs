@@ -2,7 +2,8 @@
 //! type, PAX xattrs, whiteouts, any compression), the slotforge binary, and real readers.
 #![allow(dead_code)]
 
-pub mod registry;
+#[allow(unused_imports)]
+pub use slotforge_qemu_tests::registry;
 
 use serde_json::json;
 use sha2::{Digest as _, Sha256};

@@ -1,7 +1,7 @@
 //! A real registry for tests: Debian's docker-registry (distribution 2.8) on 127.0.0.1 with a
 //! config of our own, storage in a temp dir, optional htpasswd Basic auth; images pushed with
-//! skopeo. And a TCP proxy that cuts connections mid-response, for interrupted downloads.
-#![allow(dead_code)]
+//! skopeo. A TCP proxy that cuts connections mid-response, for interrupted downloads, and a
+//! Bearer-token gate in front of the registry.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -90,7 +90,9 @@ impl TestRegistry {
         args.push(format!("docker://{}/{repo_tag}", self.host()));
         let o = Command::new("skopeo").args(&args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        format!("sha256:{}", super::sha256_hex(&o.stdout))
+        use sha2::Digest as _;
+        let h = sha2::Sha256::digest(&o.stdout);
+        format!("sha256:{}", h.iter().map(|b| format!("{b:02x}")).collect::<String>())
     }
 
     /// The file holding a blob in the registry's storage.

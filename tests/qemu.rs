@@ -1,0 +1,227 @@
+//! The external-images design proven on booted systems: disks built by `slotforge build` from
+//! fixtures made of Debian packages, booted with OVMF + systemd-boot under QEMU (TCG unless KVM
+//! answers), checked through the guest agent's JSON events and by inspecting the disk afterwards.
+
+use slotforge_qemu_tests::fixtures::{self, Fixtures};
+use slotforge_qemu_tests::registry::TestRegistry;
+use slotforge_qemu_tests::vm::{self, Boot, Outcome, VmOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_slotforge")
+}
+
+/// One set of fixtures per test binary; one VM at a time (2 cores: parallel TCG guests would
+/// only slow each other and the timings).
+fn fixtures() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| fixtures::build(Path::new(bin())).expect("building QEMU fixtures"))
+}
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+struct Scenario {
+    dir: tempfile::TempDir,
+    reg: TestRegistry,
+}
+
+const PAYLOAD: usize = 3_000_000;
+
+impl Scenario {
+    /// A registry holding `hello:1` (busybox + a 3 MB payload) and a manifest whose `hello`
+    /// service is external, pulled through the guest's mirror 10.0.2.100:5000.
+    fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("slotforge-qemu-").tempdir().unwrap();
+        let reg = TestRegistry::start(None);
+        let hello = dir.path().join("hello");
+        fixtures::service_image(&hello, "1", PAYLOAD, 42).unwrap();
+        reg.push(&hello, "1", "hello:1");
+        let ondisk = dir.path().join("ondisk");
+        fixtures::service_image(&ondisk, "1", 1000, 7).unwrap();
+        let f = fixtures();
+        let manifest = format!(
+            "version: 1.0.0
+kernel:
+  image: oci:{kernel}:1
+  cmdline: console=ttyS0 panic=1
+init:
+  - oci:{base}:1
+services:
+  - name: hello
+    image: {host}/hello:1
+    command: [/bin/busybox, echo, hello from the external image]
+    ondisk: false
+  - name: ondisk
+    image: oci:{ondisk}:1
+    command: [/bin/busybox, echo, hello from the rootfs]
+files:
+  - path: etc/slotforge/agent.json
+    contents: '{{\"mirror\": \"{mirror}\", \"insecure\": [\"{mirror}\"]}}'
+boot:
+  loader: file:{loader}
+",
+            kernel = f.kernel.display(),
+            base = f.base.display(),
+            host = reg.host(),
+            ondisk = ondisk.display(),
+            mirror = vm::GUEST_REGISTRY,
+            loader = f.loader.display()
+        );
+        std::fs::write(dir.path().join("system.yml"), manifest).unwrap();
+        Scenario { dir, reg }
+    }
+
+    fn build(&self, extra: &[&str]) -> PathBuf {
+        let out = self.dir.path().join("disk.img");
+        let layout = Path::new(env!("CARGO_MANIFEST_DIR")).join("layouts/demo.yaml");
+        let cache = self.dir.path().join("cache");
+        let o = Command::new(bin())
+            .args(["build", self.dir.path().join("system.yml").to_str().unwrap(), "--layout", layout.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"])
+            .args(["--cache", cache.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    }
+
+    fn boot(&self, disk: &Path, network: bool) -> Boot {
+        let _guard = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = VmOptions::new(disk, &self.dir.path().join("vm"), "dev");
+        if network {
+            o.registry_port = Some(self.reg.port);
+        }
+        let b = vm::boot_to_end(&o).unwrap();
+        report(&b);
+        assert_eq!(b.outcome, Outcome::Exited, "guest did not power off; serial log {}:\n{}", b.serial_path.display(), tail(&b.log()));
+        assert!(!b.named("poweroff").is_empty(), "no clean power-off; serial:\n{}", tail(&b.log()));
+        b
+    }
+}
+
+fn tail(s: &str) -> String {
+    s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Append this boot's timings to `$SLOTFORGE_BOOT_REPORT` (bench/boot.sh reads it).
+fn report(b: &Boot) {
+    let Ok(p) = std::env::var("SLOTFORGE_BOOT_REPORT") else { return };
+    let log = b.log();
+    // The kernel's own clock at the first agent event: time since the kernel started.
+    let kernel_at_agent = log
+        .lines()
+        .take_while(|l| !l.contains("\"agent-start\""))
+        .filter_map(|l| l.trim_start_matches('\r').strip_prefix('[').and_then(|r| r.split(']').next()).and_then(|t| t.trim().parse::<f64>().ok()))
+        .last();
+    let check: f64 = b.named("image-check").iter().filter_map(|e| e["seconds"].as_f64()).sum();
+    let bytes: u64 = b.named("image-check").iter().filter_map(|e| e["bytes"].as_u64()).sum();
+    let line = serde_json::json!({"test": std::thread::current().name(), "accel": b.accel, "total_s": b.seconds, "kernel_to_agent_s": kernel_at_agent, "check_s": check, "checked_bytes": bytes});
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
+    writeln!(f, "{line}").unwrap();
+}
+
+fn image<'a>(b: &'a Boot, event: &str, name: &str) -> Option<&'a serde_json::Value> {
+    b.named(event).into_iter().find(|e| e["name"] == name)
+}
+
+fn entries(disk: &Path) -> Vec<String> {
+    let o = Command::new(bin()).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["esp"]["entries"].as_array().unwrap().iter().map(|e| e["file"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn a_fresh_disk_boots_verifies_runs_the_external_service_and_marks_good() {
+    let s = Scenario::new();
+    let disk = s.build(&["--boot-tries", "3"]);
+    assert_eq!(entries(&disk), ["slot-a+3.conf"]);
+    let b = s.boot(&disk, false);
+    assert_eq!(b.named("initramfs")[0]["root"], "rootfs_a");
+    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "verified");
+    assert!(image(&b, "image-ready", "hello").is_some());
+    // systemd-boot counted the try (slot-a+2-1.conf); the agent dropped the counter.
+    assert_eq!(b.named("marked-good")[0]["entry"], "slot-a.conf");
+    let st = b.named("status")[0];
+    assert_eq!((st["state"].as_str(), st["slot"].as_str()), (Some("ok"), Some("a")));
+    let hello = image(&b, "service-exited", "hello").expect("the external service ran");
+    assert_eq!((hello["external"].as_bool(), hello["status"].as_i64()), (Some(true), Some(0)));
+    assert_eq!(hello["stdout"], "hello from the external image\n");
+    assert_eq!(image(&b, "service-exited", "ondisk").unwrap()["stdout"], "hello from the rootfs\n");
+    // The rename persisted on the ESP.
+    assert_eq!(entries(&disk), ["slot-a.conf"]);
+    let v = Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+#[test]
+fn a_missing_image_is_pulled_from_the_host_registry_and_present_on_the_next_offline_boot() {
+    let s = Scenario::new();
+    let disk = s.build(&["--no-prefill", "hello"]);
+    let b = s.boot(&disk, true);
+    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "missing");
+    let pulled = image(&b, "image-pulled", "hello").unwrap_or_else(|| panic!("not pulled:\n{}", tail(&b.log())));
+    assert_eq!(pulled["state"], "verified");
+    assert!(pulled["bytes"].as_u64().unwrap() >= PAYLOAD as u64);
+    assert_eq!(image(&b, "service-exited", "hello").unwrap()["status"], 0);
+    // Next boot, no network: present, verified, used.
+    let b = s.boot(&disk, false);
+    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "verified");
+    assert!(image(&b, "image-pulled", "hello").is_none());
+    assert_eq!(image(&b, "service-exited", "hello").unwrap()["stdout"], "hello from the external image\n");
+    // The host reads the same: the build's set in the images partition now lists hello.
+    let v = Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+/// Flip a byte inside the largest blob of the images partition, found with debugfs.
+fn corrupt_largest_blob(disk: &Path, work: &Path) {
+    let mut f = std::fs::File::open(disk).unwrap();
+    let g = slotforge::disk::read_gpt(&mut f).unwrap();
+    let p = g.partitions.iter().find(|p| p.name == "images").unwrap();
+    let part = work.join("images.ext4");
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        f.seek(SeekFrom::Start(p.start)).unwrap();
+        std::io::copy(&mut f.take(p.size), &mut std::fs::File::create(&part).unwrap()).unwrap();
+    }
+    let ls = Command::new("debugfs").args(["-R", "ls -p /blobs/sha256", part.to_str().unwrap()]).output().unwrap();
+    let (name, _) = String::from_utf8_lossy(&ls.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('/').collect();
+            (f.len() > 6 && f[5].len() == 64).then(|| (f[5].to_string(), f[6].parse::<u64>().unwrap_or(0)))
+        })
+        .max_by_key(|x| x.1)
+        .unwrap();
+    let bmap = Command::new("debugfs").args(["-R", &format!("bmap /blobs/sha256/{name} 10"), part.to_str().unwrap()]).output().unwrap();
+    let block: u64 = String::from_utf8_lossy(&bmap.stdout).trim().parse().unwrap();
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut d = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
+    let at = p.start + block * 4096 + 17;
+    let mut b = [0u8; 1];
+    d.seek(SeekFrom::Start(at)).unwrap();
+    d.read_exact(&mut b).unwrap();
+    d.seek(SeekFrom::Start(at)).unwrap();
+    d.write_all(&[b[0] ^ 0x5a]).unwrap();
+}
+
+#[test]
+fn a_corrupted_blob_is_never_used_degraded_offline_and_repaired_online() {
+    let s = Scenario::new();
+    let disk = s.build(&[]);
+    corrupt_largest_blob(&disk, s.dir.path());
+    let b = s.boot(&disk, false);
+    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "corrupt");
+    assert_eq!(b.named("degraded")[0]["unavailable"], serde_json::json!(["hello"]));
+    assert!(image(&b, "image-ready", "hello").is_none());
+    assert_eq!(image(&b, "service-skipped", "hello").unwrap()["external"], true, "the service must not run from an unverified image");
+    assert_eq!(b.named("status")[0]["state"], "degraded");
+    let b = s.boot(&disk, true);
+    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "corrupt", "{}", tail(&b.log()));
+    assert_eq!(image(&b, "image-pulled", "hello").unwrap()["state"], "verified");
+    assert_eq!(image(&b, "service-exited", "hello").unwrap()["status"], 0);
+    let v = Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
