@@ -26,7 +26,10 @@ struct Scenario {
     reg: TestRegistry,
 }
 
-const PAYLOAD: usize = 3_000_000;
+/// The external image's payload; `SLOTFORGE_QEMU_PAYLOAD` (bytes) changes it for bench/boot.sh.
+fn payload_size() -> usize {
+    std::env::var("SLOTFORGE_QEMU_PAYLOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(3_000_000)
+}
 
 impl Scenario {
     /// A registry holding `hello:1` (busybox + a 3 MB payload) and a manifest whose `hello`
@@ -35,7 +38,7 @@ impl Scenario {
         let dir = tempfile::Builder::new().prefix("slotforge-qemu-").tempdir().unwrap();
         let reg = TestRegistry::start(None);
         let hello = dir.path().join("hello");
-        fixtures::service_image(&hello, "1", PAYLOAD, 42).unwrap();
+        fixtures::service_image(&hello, "1", payload_size(), 42).unwrap();
         reg.push(&hello, "1", "hello:1");
         let ondisk = dir.path().join("ondisk");
         fixtures::service_image(&ondisk, "1", 1000, 7).unwrap();
@@ -163,7 +166,7 @@ fn a_missing_image_is_pulled_from_the_host_registry_and_present_on_the_next_offl
     assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "missing");
     let pulled = image(&b, "image-pulled", "hello").unwrap_or_else(|| panic!("not pulled:\n{}", tail(&b.log())));
     assert_eq!(pulled["state"], "verified");
-    assert!(pulled["bytes"].as_u64().unwrap() >= PAYLOAD as u64);
+    assert!(pulled["bytes"].as_u64().unwrap() >= payload_size() as u64);
     assert_eq!(image(&b, "service-exited", "hello").unwrap()["status"], 0);
     // Next boot, no network: present, verified, used.
     let b = s.boot(&disk, false);

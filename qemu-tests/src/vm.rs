@@ -151,6 +151,7 @@ pub fn boot(o: &VmOptions, stop: &dyn Fn(&[Value]) -> bool) -> anyhow::Result<Bo
         }
         n += 1;
     };
+    let _ = accel(); // decide (and probe) before the clock starts
     let start = Instant::now();
     let mut child = spawn(o, &vars, &serial)?;
     let outcome = loop {
