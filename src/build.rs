@@ -27,13 +27,8 @@ use std::path::PathBuf;
 pub const LAYOUT_RECORD: &str = "slotforge/layout.json";
 
 pub struct BuildOptions {
-    pub manifest: PathBuf,
-    pub layout: PathBuf,
-    /// Other layout generations the rootfs must also fit.
-    pub compat: Vec<PathBuf>,
+    pub compose: ComposeOptions,
     pub output: PathBuf,
-    pub sources: SourceOptions,
-    pub progress: Progress,
     /// External images to leave out of the images partition (the device pulls them).
     pub no_prefill: Vec<String>,
     /// Give slot A's first entry a boot counter (`slot-a+N.conf`), so even the first boot
@@ -362,18 +357,65 @@ fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill:
     Ok(RootfsParts { tree: root, contributors, kernel: KernelFiles { kernel, initrd }, loader, external })
 }
 
-/// Build the disk image described by `opts`.
-pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
+/// What every output (a disk, a bundle) is made from: the manifest resolved, the rootfs
+/// written to a temporary squashfs and checked against every cap.
+pub struct ComposeOptions {
+    pub manifest: PathBuf,
+    pub layout: PathBuf,
+    /// Other layout generations the rootfs must also fit.
+    pub compat: Vec<PathBuf>,
+    pub sources: SourceOptions,
+    pub progress: Progress,
+}
+
+pub struct Composed {
+    pub epoch: u64,
+    pub manifest: LoadedManifest,
+    pub layout: Layout,
+    pub compat: Vec<Layout>,
+    resolved: Resolved,
+    pub build_id: String,
+    parts: RootfsParts,
+    pub squashfs: PathBuf,
+    pub rootfs_bytes: u64,
+    pub caps: Vec<CapCheck>,
+    pub phases: Vec<(String, f64)>,
+    pub work: tempfile::TempDir,
+    _spill: Spill,
+}
+
+impl Composed {
+    /// The external images with their resolved sources.
+    pub fn external(&self) -> Vec<(&ExternalImage, &ResolvedImage)> {
+        self.parts.external.iter().map(|(e, i)| (e, &self.resolved.containers[*i].2)).collect()
+    }
+    pub fn kernel(&self) -> &Content {
+        &self.parts.kernel.kernel.0
+    }
+    pub fn initrd(&self) -> Option<&Content> {
+        self.parts.kernel.initrd.as_ref().map(|c| &c.0)
+    }
+    pub fn loader(&self) -> &Content {
+        &self.parts.loader
+    }
+    pub fn cmdline(&self) -> &str {
+        &self.manifest.manifest.kernel.as_ref().unwrap().cmdline
+    }
+    pub fn version(&self) -> &str {
+        self.manifest.version()
+    }
+}
+
+/// Resolve, flatten, write the squashfs, check the caps. Nothing outside temp dirs is written.
+pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     let epoch = crate::source_date_epoch()?;
     let m = manifest::load(&opts.manifest)?;
     let layout = layout::load(&opts.layout)?;
     let compat: Vec<Layout> = opts.compat.iter().map(|p| layout::load(p)).collect::<anyhow::Result<_>>()?;
     let has_external = m.containers().any(|(_, s)| s.is_external());
-    let images_part = layout.by_role(Role::ExternalImages);
-    if has_external && images_part.is_none() {
+    if has_external && layout.by_role(Role::ExternalImages).is_none() {
         bail!("{} has `ondisk: false` images but layout {} has no external-images partition", m.path.display(), opts.layout.display());
     }
-
     let mut phases = Vec::new();
     let mut clock = std::time::Instant::now();
     let mut lap = |name: &str| {
@@ -388,8 +430,6 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     let mut spill = Spill::new()?;
     let parts = assemble(&m, &r, &build_id, epoch, &mut spill, opts.progress)?;
     lap("flatten");
-
-    // Rootfs squashfs, checked against every cap before anything else is written.
     let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;
     let sqfs = work.path().join("rootfs.squashfs");
     let pb = opts.progress.bar("squashfs", parts.tree.count(), false);
@@ -402,13 +442,31 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     if let Some(bad) = caps.iter().find(|c| c.slack < 0) {
         bail!("{}", rootfs::oversize_message(bad, &parts.contributors));
     }
+    Ok(Composed { epoch, manifest: m, layout, compat, resolved: r, build_id, parts, squashfs: sqfs, rootfs_bytes, caps, phases, work, _spill: spill })
+}
+
+/// Build the disk image described by `opts`.
+pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
+    let c = compose(&opts.compose)?;
+    let mut phases = c.phases.clone();
+    let mut clock = std::time::Instant::now();
+    let mut lap = |name: &str| {
+        phases.push((name.to_string(), (clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0));
+        clock = std::time::Instant::now();
+    };
+    let (epoch, layout, build_id, work) = (c.epoch, &c.layout, &c.build_id, &c.work);
+    let m = &c.manifest;
+    let r = &c.resolved;
+    let parts = &c.parts;
+    let (sqfs, rootfs_bytes, caps) = (&c.squashfs, c.rootfs_bytes, c.caps.clone());
+    let images_part = layout.by_role(Role::ExternalImages);
 
     // External-images partition.
     let mut images_file = None;
     if let Some(p) = images_part {
         let mut stage = Stage::new()?;
         let ext_bytes: u64 = parts.external.iter().map(|(e, _)| e.size).sum();
-        let pb = opts.progress.bar("images", ext_bytes, true);
+        let pb = opts.compose.progress.bar("images", ext_bytes, true);
         let mut pairs = Vec::new();
         for name in &opts.no_prefill {
             if !parts.external.iter().any(|(e, _)| &e.name == name) {
@@ -462,7 +520,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
 
     // The disk: only now is anything created next to the output.
     let mut disk = crate::disk::DiskWriter::create(&opts.output, &layout)?;
-    let pb = opts.progress.bar("disk", 3, false);
+    let pb = opts.compose.progress.bar("disk", 3, false);
     disk.put(&mut std::fs::File::open(&esp_file)?, esp_part.start)?;
     pb.inc(1);
     disk.put(&mut std::fs::File::open(&sqfs)?, layout.rootfs(slot).start)?;
@@ -480,16 +538,16 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     Ok(BuildSummary {
         output: opts.output.clone(),
         version: m.version().into(),
-        build_id,
+        build_id: build_id.clone(),
         layout: layout.name.clone(),
         generation: layout.generation,
         disk_size: layout.disk_size,
         bytes_written,
         rootfs_bytes,
         caps,
-        external_images: parts.external.into_iter().map(|(e, _)| e).collect(),
+        external_images: parts.external.iter().map(|(e, _)| e.clone()).collect(),
         images_partition_bytes,
-        contributors: parts.contributors,
+        contributors: parts.contributors.clone(),
         phases,
     })
 }

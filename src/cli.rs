@@ -1,6 +1,6 @@
 //! The command line: argument parsing and output only; the work is in the library.
 
-use crate::build::{build, BuildOptions, SourceOptions};
+use crate::build::{build, BuildOptions, ComposeOptions, SourceOptions};
 use crate::inspect::{inspect, verify};
 use crate::oci::Platform;
 use crate::progress::Progress;
@@ -204,7 +204,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Build { manifest, layout, output, compat, no_prefill, boot_tries, src, json, quiet } => {
-            let opts = BuildOptions { manifest, layout, compat, output, sources: src.options(), progress: Progress::new(quiet || json), no_prefill, boot_tries };
+            let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
+            let opts = BuildOptions { compose, output, no_prefill, boot_tries };
             let s = build(&opts)?;
             if json {
                 json_out(&s)?;
