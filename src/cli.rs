@@ -71,6 +71,32 @@ enum Cmd {
         #[command(flatten)]
         paths: AgentPaths,
     },
+    /// Build an update bundle (OCI layout; a .tar output is a tar of it).
+    Bundle {
+        manifest: PathBuf,
+        #[arg(long)]
+        layout: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        compat: Vec<PathBuf>,
+        /// Leave the external images out: the device pulls them at first boot.
+        #[arg(long)]
+        without_images: bool,
+        #[command(flatten)]
+        src: SourceArgs,
+        #[arg(long)]
+        json: bool,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Apply a bundle to the inactive slot of a disk image file (offline).
+    Upgrade {
+        image: PathBuf,
+        bundle: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show everything read back from a disk image.
     Inspect {
         image: PathBuf,
@@ -95,6 +121,11 @@ enum AgentCmd {
     MarkGood,
     /// Run the services once (external ones only from verified, prepared images).
     Run,
+    /// Apply an update bundle (a directory, a tar file, or a block device holding the tar) to
+    /// the inactive slot.
+    Apply { bundle: PathBuf },
+    /// Drop image sets no slot's build needs.
+    Gc,
 }
 
 #[derive(clap::Args)]
@@ -236,6 +267,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     crate::agent::emit("marked-good", serde_json::json!({"entry": e}));
                 }
                 AgentCmd::Run => crate::agent::boot::run_services(&cfg)?,
+                AgentCmd::Apply { bundle } => {
+                    let b = crate::bundle::Bundle::open(&bundle, Some(&cfg.images.join(".partial")))?;
+                    crate::agent::emit("apply-start", serde_json::json!({"build_id": b.config.build_id, "version": b.config.version}));
+                    let mut t = crate::upgrade::device::DeviceTarget { cfg: cfg.clone() };
+                    match crate::upgrade::apply(&mut t, &b) {
+                        Ok(r) => crate::agent::emit("applied", serde_json::to_value(&r)?),
+                        Err(e) => {
+                            crate::agent::emit("apply-failed", serde_json::json!({"error": format!("{e:#}")}));
+                            return Err(e);
+                        }
+                    }
+                }
+                AgentCmd::Gc => {
+                    let (rel, _) = crate::agent::status::read_release(&cfg.root)?;
+                    let keep = crate::upgrade::gc::builds_in_use(&cfg.esp, &rel.build_id);
+                    crate::agent::emit("gc", serde_json::to_value(crate::upgrade::gc::gc(&cfg.images, &keep)?)?);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bundle { manifest, layout, output, compat, without_images, src, json, quiet } => {
+            let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
+            let s = crate::bundle::bundle(&crate::bundle::BundleOptions { compose, output, without_images })?;
+            if json {
+                json_out(&s)?;
+            } else {
+                println!("bundle {} ({} {}), rootfs {}, {} in all", s.output.display(), s.version, s.build_id, mib(s.rootfs_bytes), mib(s.bundle_bytes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Upgrade { image, bundle, json } => {
+            let b = crate::bundle::Bundle::open(&bundle, None)?;
+            let mut t = crate::upgrade::file::FileTarget::open(&image)?;
+            let r = crate::upgrade::apply(&mut t, &b)?;
+            if json {
+                json_out(&r)?;
+            } else {
+                println!("slot {} now holds {} ({}), entry {} (install {}); {} image blobs written ({}), {} already present", r.slot, r.version, r.build_id, r.entry, r.install_number, r.blobs_written, mib(r.image_bytes_written), r.blobs_present);
             }
             Ok(ExitCode::SUCCESS)
         }

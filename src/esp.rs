@@ -104,27 +104,32 @@ pub fn write<D: Read + Write + Seek>(mut dev: D, volume_id: u32, epoch: u64, fil
         let fs = FileSystem::new(&mut dev, FsOptions::new().time_provider(tp).update_accessed_date(false))?;
         {
             let root = fs.root_dir();
-            for f in files {
-                let mut parts: Vec<&str> = f.path.split('/').filter(|p| !p.is_empty()).collect();
-                let name = parts.pop().context("empty ESP path")?;
-                let mut dir = root.clone();
-                for p in parts {
-                    dir = match dir.open_dir(p) {
-                        Ok(d) => d,
-                        Err(_) => dir.create_dir(p).with_context(|| format!("ESP: creating {p}"))?,
-                    };
-                }
-                let mut out = dir.create_file(name).with_context(|| format!("ESP: creating {}", f.path))?;
-                out.truncate()?;
-                let mut src = f.data;
-                std::io::copy(&mut src, &mut out).with_context(|| format!("ESP: writing {} (is the ESP large enough?)", f.path))?;
-                out.flush()?;
+            for mut f in files {
+                put(&root, &f.path, &mut f.data)?;
             }
         }
         fs.unmount().context("ESP: unmounting")?;
     }
     dev.flush()?;
     fix_dot_entries(&mut dev)
+}
+
+/// Write `data` to `path` on a mounted FAT file system, creating parent directories.
+pub fn put<T: fatfs::ReadWriteSeek>(root: &fatfs::Dir<T>, path: &str, data: &mut dyn Read) -> anyhow::Result<()> {
+    let mut parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let name = parts.pop().context("empty ESP path")?;
+    let mut dir = root.clone();
+    for p in parts {
+        dir = match dir.open_dir(p) {
+            Ok(d) => d,
+            Err(_) => dir.create_dir(p).with_context(|| format!("ESP: creating {p}"))?,
+        };
+    }
+    let mut out = dir.create_file(name).with_context(|| format!("ESP: creating {path}"))?;
+    out.truncate()?;
+    std::io::copy(data, &mut out).with_context(|| format!("ESP: writing {path} (is the ESP large enough?)"))?;
+    out.flush()?;
+    Ok(())
 }
 
 /// FAT32 geometry from the boot sector.

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod build;
+pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod disk;
@@ -24,6 +25,7 @@ pub mod pull;
 pub mod rootfs;
 pub mod squashfs;
 pub mod tree;
+pub mod upgrade;
 pub mod window;
 pub mod yaml;
 

@@ -104,6 +104,12 @@ pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
     Ok(None)
 }
 
+/// The build id an ESP entry boots (`slotforge.build=` in its options).
+fn entry_build(cfg: &AgentConfig, entry: &str) -> Option<String> {
+    let text = std::fs::read_to_string(cfg.esp.join(crate::esp::ENTRIES_DIR).join(entry)).ok()?;
+    cmdline_value(&crate::esp::parse_entry(entry, &text).options?, "slotforge.build")
+}
+
 /// Move blobs that failed their check to `.partial/` (returns original and new paths).
 fn quarantine(cfg: &AgentConfig, blobs: &[String]) -> Vec<(PathBuf, PathBuf)> {
     let dir = cfg.images.join(".partial");
@@ -123,8 +129,16 @@ fn quarantine(cfg: &AgentConfig, blobs: &[String]) -> Vec<(PathBuf, PathBuf)> {
 pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let (rel, ext) = read_release(&cfg.root)?;
     let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
-    emit("agent-start", json!({"slot": cmdline_value(&cmdline, "slotforge.slot"), "version": rel.version, "build_id": rel.build_id, "images": ext.images.len()}));
+    let slot = cmdline_value(&cmdline, "slotforge.slot");
+    emit("agent-start", json!({"slot": slot, "version": rel.version, "build_id": rel.build_id, "images": ext.images.len()}));
     writable(&cfg.images)?;
+    // The other slot's entry exhausted its tries: systemd-boot fell back to us.
+    for s in super::status::slot_states(&cfg.esp) {
+        if Some(&s.slot) != slot.as_ref() && s.boot == "bad" {
+            let build = entry_build(cfg, s.entry.as_deref().unwrap_or(""));
+            emit("rolled-back", json!({"from_slot": s.slot, "from_build": build, "entry": s.entry, "to_slot": slot}));
+        }
+    }
     let mut states: Vec<ImageState> = Vec::new();
     for img in &ext.images {
         let t = std::time::Instant::now();
@@ -169,7 +183,14 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let bad: Vec<&str> = states.iter().filter(|s| s.state != "verified").map(|s| s.name.as_str()).collect();
     if bad.is_empty() {
         match mark_good(cfg) {
-            Ok(entry) => emit("marked-good", json!({"entry": entry})),
+            Ok(entry) => {
+                emit("marked-good", json!({"entry": entry}));
+                let keep = crate::upgrade::gc::builds_in_use(&cfg.esp, &ext.build_id);
+                match crate::upgrade::gc::gc(&cfg.images, &keep) {
+                    Ok(r) => emit("gc", serde_json::to_value(&r)?),
+                    Err(e) => emit("gc-failed", json!({"error": format!("{e:#}")})),
+                }
+            }
             Err(e) => emit("mark-good-failed", json!({"error": format!("{e:#}")})),
         }
     } else {

@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub insecure: Vec<String>,
     /// Never use the network.
     pub offline: bool,
+    /// A directory whose entries are the partitions by GPT name (tests); default: sysfs lookup.
+    pub devices: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -45,6 +47,7 @@ impl Default for AgentConfig {
             mirror: None,
             insecure: vec![],
             offline: false,
+            devices: None,
         }
     }
 }

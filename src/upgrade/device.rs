@@ -1,0 +1,126 @@
+//! The online target: the running device, with the ESP and the images partition mounted and the
+//! inactive slot a block device found by its GPT partition name.
+
+use super::Target;
+use crate::agent::AgentConfig;
+use crate::hash::{digest_reader, Digest};
+use crate::layout::{Layout, Partition, Slot};
+use anyhow::{bail, Context};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+pub struct DeviceTarget {
+    pub cfg: AgentConfig,
+}
+
+/// `/dev/<name>` of the partition whose GPT name is `label` (sysfs `PARTNAME=`), or
+/// `<cfg.devices>/<label>` when a device directory is configured (tests).
+pub fn partition_device(cfg: &AgentConfig, label: &str) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &cfg.devices {
+        return Ok(d.join(label));
+    }
+    for e in std::fs::read_dir("/sys/class/block")? {
+        let e = e?;
+        let uevent = std::fs::read_to_string(e.path().join("uevent")).unwrap_or_default();
+        if uevent.lines().any(|l| l == format!("PARTNAME={label}")) {
+            return Ok(Path::new("/dev").join(e.file_name()));
+        }
+    }
+    bail!("no block device with partition name {label}")
+}
+
+fn sync_dir(p: &Path) {
+    if let Ok(d) = std::fs::File::open(p) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Write `data` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
+pub fn write_durably(path: &Path, data: &mut dyn Read) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap();
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.partial", path.file_name().unwrap().to_string_lossy()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::copy(data, &mut f)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+impl Target for DeviceTarget {
+    fn layout(&mut self) -> anyhow::Result<Layout> {
+        let p = self.cfg.esp.join(crate::build::LAYOUT_RECORD);
+        serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?).context("layout record")
+    }
+    fn running(&mut self) -> anyhow::Result<Slot> {
+        let c = std::fs::read_to_string(&self.cfg.cmdline)?;
+        match crate::agent::status::cmdline_value(&c, "slotforge.slot").as_deref() {
+            Some("a") => Ok(Slot::A),
+            Some("b") => Ok(Slot::B),
+            _ => bail!("the kernel command line names no slotforge.slot"),
+        }
+    }
+    fn entries(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        let dir = self.cfg.esp.join(crate::esp::ENTRIES_DIR);
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".conf") {
+                v.push((name.clone(), std::fs::read_to_string(dir.join(&name))?));
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+    fn esp_remove(&mut self, path: &str) -> anyhow::Result<()> {
+        let p = self.cfg.esp.join(path);
+        std::fs::remove_file(&p)?;
+        sync_dir(p.parent().unwrap());
+        Ok(())
+    }
+    fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()> {
+        write_durably(&self.cfg.esp.join(path), data)
+    }
+    fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(std::fs::read(self.cfg.images.join("index.json")).ok())
+    }
+    fn images_has(&mut self, d: &Digest) -> anyhow::Result<bool> {
+        Ok(self.cfg.images.join("blobs/sha256").join(d.hex()).is_file())
+    }
+    fn images_read(&mut self, d: &Digest) -> anyhow::Result<Vec<u8>> {
+        Ok(std::fs::read(self.cfg.images.join("blobs/sha256").join(d.hex()))?)
+    }
+    fn images_put(&mut self, d: &Digest, src: &Path) -> anyhow::Result<()> {
+        let store = crate::cache::Cache::open_layout(&self.cfg.images)?;
+        let size = std::fs::metadata(src)?.len();
+        store.put(std::fs::File::open(src)?, d, size, "bundle blob")
+    }
+    fn images_write_index(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        write_durably(&self.cfg.images.join("index.json"), &mut &bytes[..])
+    }
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest) -> anyhow::Result<()> {
+        let dev = partition_device(&self.cfg, &part.name)?;
+        let len = std::fs::metadata(src)?.len();
+        if len > part.size {
+            bail!("rootfs of {len} bytes does not fit partition {} ({} bytes)", part.name, part.size);
+        }
+        {
+            let mut out = std::fs::OpenOptions::new().write(true).open(&dev).with_context(|| format!("opening {}", dev.display()))?;
+            std::io::copy(&mut std::fs::File::open(src)?, &mut out)?;
+            out.flush()?;
+            out.sync_all()?;
+        }
+        let (got, _) = digest_reader(std::fs::File::open(&dev)?.take(len))?;
+        if &got != digest {
+            bail!("slot {}: read back {got}, wrote {digest}", part.name);
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        sync_dir(&self.cfg.esp);
+        Ok(())
+    }
+}

@@ -1,0 +1,151 @@
+//! The offline target: a disk image file (refurbishing, testing). The ESP is changed with fatfs
+//! through a window onto the image (then the FAT fix-up), the images partition with `debugfs -w`
+//! on `IMAGE?offset=N` (no root, no loop devices), the slot by writing at its offset.
+
+use super::Target;
+use crate::hash::{digest_reader, Digest};
+use crate::inspect::ReadOnly;
+use crate::layout::{Layout, Partition, Slot};
+use crate::window::Window;
+use anyhow::{bail, Context};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct FileTarget {
+    path: PathBuf,
+    layout: Layout,
+    esp: fatfs::FileSystem<Window<File>>,
+}
+
+impl FileTarget {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let gpt = crate::disk::read_gpt(&mut f)?;
+        let esp = gpt.partitions.iter().find(|p| p.type_guid == crate::layout::types::ESP).context("the disk has no ESP")?;
+        let mut w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(path)?, esp.start, esp.size);
+        let layout: Layout = {
+            let ro = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, esp.start, esp.size)), fatfs::FsOptions::new().update_accessed_date(false))?;
+            let mut s = String::new();
+            ro.root_dir().open_file(crate::build::LAYOUT_RECORD).context("the ESP has no layout record: not a slotforge disk")?.read_to_string(&mut s)?;
+            serde_json::from_str(&s)?
+        };
+        w.seek(SeekFrom::Start(0))?;
+        let esp = fatfs::FileSystem::new(w, fatfs::FsOptions::new().update_accessed_date(false))?;
+        Ok(Self { path: path.into(), layout, esp })
+    }
+
+    fn images(&self) -> anyhow::Result<&Partition> {
+        self.layout.by_role(crate::layout::Role::ExternalImages).context("the layout has no external-images partition")
+    }
+
+    fn ext4(&self) -> anyhow::Result<ext4_view::Ext4> {
+        let p = self.images()?;
+        ext4_view::Ext4::load(Box::new(Window::new(File::open(&self.path)?, p.start, p.size))).map_err(|e| anyhow::anyhow!("images partition: {e}"))
+    }
+
+    fn debugfs(&self, script: &str) -> anyhow::Result<()> {
+        let p = self.images()?;
+        let sf = tempfile::NamedTempFile::new()?;
+        std::fs::write(sf.path(), script)?;
+        let o = Command::new("debugfs").arg("-w").arg("-f").arg(sf.path()).arg(format!("{}?offset={}", self.path.display(), p.start)).output().context("running debugfs (install e2fsprogs)")?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        let bad: Vec<&str> = err.lines().filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty() && !l.starts_with("Allocated inode")).collect();
+        if !o.status.success() || !bad.is_empty() {
+            bail!("debugfs on the images partition: {}", bad.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl Target for FileTarget {
+    fn layout(&mut self) -> anyhow::Result<Layout> {
+        Ok(self.layout.clone())
+    }
+    /// The slot that would boot: the highest install number among entries not exhausted.
+    fn running(&mut self) -> anyhow::Result<Slot> {
+        let mut best: Option<(u64, Slot)> = None;
+        for (name, text) in self.entries()? {
+            let e = crate::esp::parse_entry(&name, &text);
+            if e.tries_left == Some(0) {
+                continue;
+            }
+            let v = e.version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let s = match e.slot.as_deref() {
+                Some("a") => Slot::A,
+                Some("b") => Slot::B,
+                _ => continue,
+            };
+            if best.is_none_or(|(bv, _)| v > bv) {
+                best = Some((v, s));
+            }
+        }
+        Ok(best.map(|b| b.1).unwrap_or(Slot::A))
+    }
+    fn entries(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut v = Vec::new();
+        let Ok(dir) = self.esp.root_dir().open_dir(crate::esp::ENTRIES_DIR) else { return Ok(v) };
+        for e in dir.iter() {
+            let e = e?;
+            let name = e.file_name();
+            if e.is_file() && name.ends_with(".conf") {
+                let mut s = String::new();
+                e.to_file().read_to_string(&mut s)?;
+                v.push((name, s));
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+    fn esp_remove(&mut self, path: &str) -> anyhow::Result<()> {
+        self.esp.root_dir().remove(path).with_context(|| format!("ESP: removing {path}"))?;
+        Ok(())
+    }
+    fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()> {
+        crate::esp::put(&self.esp.root_dir(), path, data)
+    }
+    fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.ext4()?.read("/index.json").ok())
+    }
+    fn images_has(&mut self, d: &Digest) -> anyhow::Result<bool> {
+        Ok(self.ext4()?.exists(format!("/blobs/sha256/{}", d.hex()).as_str()).unwrap_or(false))
+    }
+    fn images_read(&mut self, d: &Digest) -> anyhow::Result<Vec<u8>> {
+        self.ext4()?.read(format!("/blobs/sha256/{}", d.hex()).as_str()).map_err(|e| anyhow::anyhow!("{d}: {e}"))
+    }
+    fn images_put(&mut self, d: &Digest, src: &Path) -> anyhow::Result<()> {
+        self.debugfs(&format!("write \"{}\" /blobs/sha256/{}\n", src.display(), d.hex()))
+    }
+    fn images_write_index(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let tmp = tempfile::NamedTempFile::new()?;
+        std::fs::write(tmp.path(), bytes)?;
+        let rm = if self.images_index()?.is_some() { "rm /index.json\n" } else { "" };
+        self.debugfs(&format!("{rm}write \"{}\" /index.json\n", tmp.path().display()))
+    }
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest) -> anyhow::Result<()> {
+        let len = std::fs::metadata(src)?.len();
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
+        let mut w = Window::new(f.try_clone()?, part.start, part.size);
+        std::io::copy(&mut File::open(src)?, &mut w)?;
+        f.sync_all()?;
+        f.seek(SeekFrom::Start(part.start))?;
+        let (got, _) = digest_reader((&mut f).take(len))?;
+        if &got != digest {
+            bail!("slot {}: read back {got}, wrote {digest}", part.name);
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        let esp = self.layout.esp().clone();
+        // Unmount by replacing the file system with a fresh read of the same window.
+        let w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, esp.start, esp.size);
+        let old = std::mem::replace(&mut self.esp, fatfs::FileSystem::new(w, fatfs::FsOptions::new().update_accessed_date(false))?);
+        old.unmount()?;
+        let mut w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, esp.start, esp.size);
+        crate::esp::fix_dot_entries(&mut w)?;
+        w.flush()?;
+        File::open(&self.path)?.sync_all()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! Applying an update bundle to the inactive slot — the same steps offline (a disk image file)
+//! and online (the running device), behind [`Target`]:
+//! 1. refuse, changing nothing, a bundle the device's layout generation or the inactive slot's
+//!    cap does not admit;
+//! 2. stage the new build's external images into the images partition (only missing blobs), then
+//!    list them under the new build id (index.json replaced last);
+//! 3. remove the inactive slot's boot entry, write its squashfs, sync, read back and verify;
+//! 4. write its kernel and initrd, then its entry `slot-X+3.conf` with an install number above
+//!    every other entry's (so even a downgrade is tried first).
+//! Nothing of the running slot — entry, kernel, rootfs, image set — is touched. Protocol and
+//! power-cut analysis: docs/upgrade-protocol.md.
+
+pub mod device;
+pub mod file;
+pub mod gc;
+
+use crate::bundle::Bundle;
+use crate::esp::{parse_entry, BootEntry};
+use crate::hash::Digest;
+use crate::images::{build_index_json, top_index_json, BuildSet, IndexEntry};
+use crate::layout::{Layout, Partition, Slot};
+use anyhow::{bail, Context};
+use serde::Serialize;
+use std::io::Read;
+use std::path::Path;
+
+/// Boot tries a new slot gets before systemd-boot falls back.
+pub const TRIES: u32 = 3;
+
+/// A device (or a disk image) an update can be applied to.
+pub trait Target {
+    /// The layout recorded on the ESP.
+    fn layout(&mut self) -> anyhow::Result<Layout>;
+    /// The slot that is running (online) or would boot (offline).
+    fn running(&mut self) -> anyhow::Result<Slot>;
+    /// Boot entries: file name and text.
+    fn entries(&mut self) -> anyhow::Result<Vec<(String, String)>>;
+    fn esp_remove(&mut self, path: &str) -> anyhow::Result<()>;
+    /// Write a file on the ESP (replacing it), durably.
+    fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()>;
+    /// The images partition's `index.json`, if any.
+    fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>>;
+    fn images_has(&mut self, d: &Digest) -> anyhow::Result<bool>;
+    fn images_read(&mut self, d: &Digest) -> anyhow::Result<Vec<u8>>;
+    /// Store a verified blob (from a file of the bundle).
+    fn images_put(&mut self, d: &Digest, src: &Path) -> anyhow::Result<()>;
+    /// Replace `index.json` (atomically where the medium allows).
+    fn images_write_index(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
+    /// Write a squashfs to `part`, sync, read it back and compare its digest.
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest) -> anyhow::Result<()>;
+    /// Flush whatever the medium needs (an ESP image's FAT fix-up).
+    fn finish(&mut self) -> anyhow::Result<()>;
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApplyReport {
+    pub slot: String,
+    pub build_id: String,
+    pub version: String,
+    pub install_number: u64,
+    pub entry: String,
+    /// Blobs of the new build's external images already on the device.
+    pub blobs_present: usize,
+    /// Blobs written (and their bytes).
+    pub blobs_written: usize,
+    pub image_bytes_written: u64,
+    pub rootfs_bytes: u64,
+    /// Images the bundle did not carry and the device must pull at first boot.
+    pub images_to_pull: Vec<String>,
+}
+
+/// Check that the bundle fits; the error says why and that nothing changed.
+pub fn check_fits(b: &Bundle, layout: &Layout, inactive: &Partition) -> anyhow::Result<()> {
+    let req = &b.config.requires;
+    if !req.layouts.iter().any(|l| l.name == layout.name && l.generation == layout.generation) {
+        let ok: Vec<String> = req.layouts.iter().map(|l| format!("{} generation {}", l.name, l.generation)).collect();
+        bail!("bundle {} is for {}, not this device's layout {} generation {}; nothing was changed", b.config.build_id, ok.join(", "), layout.name, layout.generation);
+    }
+    if req.rootfs_bytes > inactive.fs_cap {
+        bail!(
+            "bundle {} has a {}-byte rootfs but slot {} ({}) holds at most {} bytes ({} over); nothing was changed",
+            b.config.build_id,
+            req.rootfs_bytes,
+            inactive.slot.map(|s| s.name()).unwrap_or("?"),
+            inactive.name,
+            inactive.fs_cap,
+            req.rootfs_bytes - inactive.fs_cap
+        );
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct Desc {
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+#[derive(serde::Deserialize)]
+struct Idx {
+    manifests: Vec<Desc>,
+}
+
+/// The builds listed in an images `index.json`.
+pub fn builds_of(index: &[u8]) -> anyhow::Result<Vec<BuildSet>> {
+    let top: Idx = serde_json::from_slice(index).context("images index.json")?;
+    top.manifests
+        .iter()
+        .map(|m| {
+            Ok(BuildSet {
+                build_id: m.annotations.get(crate::oci::image::REF_NAME).cloned().unwrap_or_default(),
+                version: m.annotations.get(crate::images::ANN_VERSION).cloned().unwrap_or_default(),
+                index_digest: Digest::parse(&m.digest).map_err(|e| anyhow::anyhow!(e))?,
+                index_size: m.size,
+            })
+        })
+        .collect()
+}
+
+/// Apply `b` to the inactive slot of `t`.
+pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
+    let cfg = &b.config;
+    let layout = t.layout()?;
+    let running = t.running()?;
+    let slot = running.other();
+    let part = layout.rootfs(slot).clone();
+    check_fits(b, &layout, &part)?;
+    for blob in std::iter::once(&cfg.rootfs).chain(std::iter::once(&cfg.kernel)).chain(cfg.initrd.iter()) {
+        let (d, n) = crate::hash::digest_reader(std::fs::File::open(b.blob_path(&blob.digest)).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
+        if d != blob.digest || n != blob.size {
+            bail!("bundle blob {} is corrupt; nothing was changed", blob.digest);
+        }
+    }
+
+    // 2. External images: blobs first, the build's listing last.
+    let (mut present, mut written, mut bytes) = (0, 0, 0u64);
+    let mut entries = Vec::new();
+    let mut to_pull = Vec::new();
+    for e in &cfg.images {
+        let md = Digest::parse(&e.digest).map_err(|x| anyhow::anyhow!(x))?;
+        let mpath = b.blob_path(&md);
+        if !cfg.images_included || !mpath.exists() {
+            to_pull.push(e.name.clone());
+            continue;
+        }
+        let mbytes = std::fs::read(&mpath)?;
+        if Digest::of_bytes(&mbytes) != md {
+            bail!("bundle: manifest of {} is corrupt", e.name);
+        }
+        let man: serde_json::Value = serde_json::from_slice(&mbytes)?;
+        let mut blobs = vec![(md.clone(), mbytes.len() as u64)];
+        for d in std::iter::once(&man["config"]).chain(man["layers"].as_array().into_iter().flatten()) {
+            blobs.push((Digest::parse(d["digest"].as_str().unwrap_or("")).map_err(|x| anyhow::anyhow!(x))?, d["size"].as_u64().unwrap_or(0)));
+        }
+        for (d, size) in blobs {
+            if t.images_has(&d)? {
+                present += 1;
+                continue;
+            }
+            let (got, n) = crate::hash::digest_reader(std::fs::File::open(b.blob_path(&d)).with_context(|| format!("bundle lacks blob {d} of {}", e.name))?)?;
+            if got != d || n != size {
+                bail!("bundle blob {d} of {} is corrupt", e.name);
+            }
+            t.images_put(&d, &b.blob_path(&d))?;
+            written += 1;
+            bytes += size;
+        }
+        let p: crate::oci::Platform = e.platform.parse().unwrap_or_default();
+        entries.push(IndexEntry { name: e.name.clone(), reference: e.reference.clone(), media_type: e.media_type.clone(), digest: md, size: mbytes.len() as u64, os: p.os, architecture: p.architecture });
+    }
+    if !entries.is_empty() {
+        let nested = build_index_json(&cfg.build_id, &cfg.version, entries);
+        let nd = Digest::of_bytes(&nested);
+        let tmp = tempfile::NamedTempFile::new()?;
+        std::fs::write(tmp.path(), &nested)?;
+        if !t.images_has(&nd)? {
+            t.images_put(&nd, tmp.path())?;
+        }
+        let mut builds = match t.images_index()? {
+            Some(i) => builds_of(&i)?,
+            None => vec![],
+        };
+        builds.retain(|x| x.build_id != cfg.build_id);
+        builds.push(BuildSet { build_id: cfg.build_id.clone(), version: cfg.version.clone(), index_digest: nd, index_size: nested.len() as u64 });
+        t.images_write_index(&top_index_json(builds))?;
+    }
+
+    // 3. The inactive slot: its entry goes first, so a half-written slot is never booted.
+    let existing = t.entries()?;
+    let mut max_version = 0;
+    for (name, text) in &existing {
+        let e = parse_entry(name, text);
+        max_version = max_version.max(e.version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0));
+        if e.slot.as_deref() == Some(slot.name()) {
+            t.esp_remove(&format!("{}/{name}", crate::esp::ENTRIES_DIR))?;
+        }
+    }
+    t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest)?;
+
+    // 4. Kernel, initrd, then the entry on probation.
+    let s = slot.name();
+    t.esp_write(&format!("{s}/vmlinuz"), &mut std::fs::File::open(b.blob_path(&cfg.kernel.digest))?)?;
+    if let Some(i) = &cfg.initrd {
+        t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(b.blob_path(&i.digest))?)?;
+    }
+    let entry = BootEntry {
+        slot,
+        title: format!("{} (slot {s})", cfg.version),
+        version: max_version + 1,
+        linux: format!("/{s}/vmlinuz"),
+        initrd: cfg.initrd.as_ref().map(|_| format!("/{s}/initrd.img")),
+        options: format!("root=PARTLABEL={} ro slotforge.slot={s} slotforge.build={} {}", part.name, cfg.build_id, cfg.cmdline).trim_end().to_string(),
+        tries: Some(TRIES),
+    };
+    let name = entry.file_name();
+    t.esp_write(&format!("{}/{name}", crate::esp::ENTRIES_DIR), &mut std::io::Cursor::new(entry.text().into_bytes()))?;
+    t.finish()?;
+    Ok(ApplyReport {
+        slot: s.into(),
+        build_id: cfg.build_id.clone(),
+        version: cfg.version.clone(),
+        install_number: entry.version,
+        entry: name,
+        blobs_present: present,
+        blobs_written: written,
+        image_bytes_written: bytes,
+        rootfs_bytes: cfg.rootfs.size,
+        images_to_pull: to_pull,
+    })
+}
