@@ -123,7 +123,12 @@ enum AgentCmd {
     Run,
     /// Apply an update bundle (a directory, a tar file, or a block device holding the tar) to
     /// the inactive slot.
-    Apply { bundle: PathBuf },
+    Apply {
+        bundle: PathBuf,
+        /// Test hook: stop (sleep) at this step so a test can cut the power there.
+        #[arg(long, hide = true)]
+        pause_at: Option<String>,
+    },
     /// Drop image sets no slot's build needs.
     Gc,
 }
@@ -267,11 +272,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     crate::agent::emit("marked-good", serde_json::json!({"entry": e}));
                 }
                 AgentCmd::Run => crate::agent::boot::run_services(&cfg)?,
-                AgentCmd::Apply { bundle } => {
+                AgentCmd::Apply { bundle, pause_at } => {
                     let b = crate::bundle::Bundle::open(&bundle, Some(&cfg.images.join(".partial")))?;
                     crate::agent::emit("apply-start", serde_json::json!({"build_id": b.config.build_id, "version": b.config.version}));
                     let mut t = crate::upgrade::device::DeviceTarget { cfg: cfg.clone() };
-                    match crate::upgrade::apply(&mut t, &b) {
+                    let step = |s: &str| {
+                        crate::agent::emit("apply-step", serde_json::json!({"step": s}));
+                        if pause_at.as_deref() == Some(s) {
+                            crate::agent::emit("paused", serde_json::json!({"step": s}));
+                            std::thread::sleep(std::time::Duration::from_secs(600));
+                        }
+                    };
+                    match crate::upgrade::apply_with(&mut t, &b, &step) {
                         Ok(r) => crate::agent::emit("applied", serde_json::to_value(&r)?),
                         Err(e) => {
                             crate::agent::emit("apply-failed", serde_json::json!({"error": format!("{e:#}")}));

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Reference init for slotforge test appliances: mount, network, agent, services, power off.
+# Reference init for slotforge test appliances (docs/boot.md): mount, network, agent boot,
+# services; if a bundle disk is attached (/dev/vdb), apply it and reboot; else power off.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -17,8 +18,16 @@ if [ -e /sys/class/net/eth0 ]; then
 fi
 /usr/bin/slotforge agent boot
 /usr/bin/slotforge agent run
+next=poweroff
+if [ -b /dev/vdb ]; then
+  pause=""
+  [ -b /dev/vdc ] && pause=$(head -c 32 /dev/vdc | tr -d '\000\n ')
+  if /usr/bin/slotforge agent apply /dev/vdb ${pause:+--pause-at $pause}; then
+    next=reboot
+  fi
+fi
 umount /var/lib/slotforge/images
 umount /boot/efi
 sync
-echo '@slotforge {"event":"poweroff"}'
-poweroff -f
+echo "@slotforge {\"event\":\"$next\"}"
+$next -f

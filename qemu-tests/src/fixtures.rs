@@ -170,7 +170,7 @@ pub fn build(agent: &Path) -> anyhow::Result<Fixtures> {
         std::fs::create_dir_all(b.join(d))?;
     }
     std::fs::copy(BUSYBOX, b.join("bin/busybox"))?;
-    for a in ["sh", "mount", "umount", "sleep", "cat", "ls", "ip", "poweroff", "reboot", "sync", "grep", "sed", "basename", "dirname", "echo", "mkdir"] {
+    for a in ["sh", "mount", "umount", "sleep", "cat", "ls", "ip", "poweroff", "reboot", "sync", "grep", "sed", "basename", "dirname", "echo", "mkdir", "head", "tr"] {
         std::os::unix::fs::symlink("busybox", b.join("bin").join(a))?;
     }
     std::fs::copy(agent, b.join("usr/bin/slotforge"))?;

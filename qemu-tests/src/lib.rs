@@ -6,3 +6,4 @@ pub mod events;
 pub mod fixtures;
 pub mod registry;
 pub mod vm;
+pub mod world;

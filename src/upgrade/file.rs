@@ -123,7 +123,7 @@ impl Target for FileTarget {
         let rm = if self.images_index()?.is_some() { "rm /index.json\n" } else { "" };
         self.debugfs(&format!("{rm}write \"{}\" /index.json\n", tmp.path().display()))
     }
-    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest) -> anyhow::Result<()> {
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, _step: &dyn Fn(&str)) -> anyhow::Result<()> {
         let len = std::fs::metadata(src)?.len();
         let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
         let mut w = Window::new(f.try_clone()?, part.start, part.size);

@@ -46,8 +46,9 @@ pub trait Target {
     fn images_put(&mut self, d: &Digest, src: &Path) -> anyhow::Result<()>;
     /// Replace `index.json` (atomically where the medium allows).
     fn images_write_index(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
-    /// Write a squashfs to `part`, sync, read it back and compare its digest.
-    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest) -> anyhow::Result<()>;
+    /// Write a squashfs to `part`, sync, read it back and compare its digest. `step` is called
+    /// with `slot-half-written` halfway.
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(&str)) -> anyhow::Result<()>;
     /// Flush whatever the medium needs (an ESP image's FAT fix-up).
     fn finish(&mut self) -> anyhow::Result<()>;
 }
@@ -118,8 +119,17 @@ pub fn builds_of(index: &[u8]) -> anyhow::Result<Vec<BuildSet>> {
         .collect()
 }
 
+/// The points of an apply, in order; `step` is told each as it is passed (the agent reports them,
+/// and the power-cut tests stop the machine there).
+pub const STEPS: &[&str] = &["blob-written", "images-listed", "entry-removed", "slot-half-written", "slot-written", "kernel-written", "entry-written"];
+
 /// Apply `b` to the inactive slot of `t`.
 pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
+    apply_with(t, b, &|_| {})
+}
+
+/// [`apply`], calling `step` at each of [`STEPS`].
+pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow::Result<ApplyReport> {
     let cfg = &b.config;
     let layout = t.layout()?;
     let running = t.running()?;
@@ -140,7 +150,24 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
     for e in &cfg.images {
         let md = Digest::parse(&e.digest).map_err(|x| anyhow::anyhow!(x))?;
         let mpath = b.blob_path(&md);
+        let p: crate::oci::Platform = e.platform.parse().unwrap_or_default();
+        let entry = |size: u64| IndexEntry { name: e.name.clone(), reference: e.reference.clone(), media_type: e.media_type.clone(), digest: md.clone(), size, os: p.os.clone(), architecture: p.architecture.clone() };
         if !cfg.images_included || !mpath.exists() {
+            // Not in the bundle: list it now if the device already holds all of it (another
+            // build shares it), else the agent pulls it at first boot.
+            if t.images_has(&md)? {
+                let mbytes = t.images_read(&md)?;
+                let man: serde_json::Value = serde_json::from_slice(&mbytes).unwrap_or_default();
+                let mut all = Digest::of_bytes(&mbytes) == md;
+                for d in std::iter::once(&man["config"]).chain(man["layers"].as_array().into_iter().flatten()) {
+                    all &= Digest::parse(d["digest"].as_str().unwrap_or("")).map(|d| t.images_has(&d).unwrap_or(false)).unwrap_or(false);
+                }
+                if all {
+                    present += 1;
+                    entries.push(entry(mbytes.len() as u64));
+                    continue;
+                }
+            }
             to_pull.push(e.name.clone());
             continue;
         }
@@ -165,9 +192,11 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
             t.images_put(&d, &b.blob_path(&d))?;
             written += 1;
             bytes += size;
+            if written == 1 {
+                step("blob-written");
+            }
         }
-        let p: crate::oci::Platform = e.platform.parse().unwrap_or_default();
-        entries.push(IndexEntry { name: e.name.clone(), reference: e.reference.clone(), media_type: e.media_type.clone(), digest: md, size: mbytes.len() as u64, os: p.os, architecture: p.architecture });
+        entries.push(entry(mbytes.len() as u64));
     }
     if !entries.is_empty() {
         let nested = build_index_json(&cfg.build_id, &cfg.version, entries);
@@ -184,6 +213,7 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
         builds.retain(|x| x.build_id != cfg.build_id);
         builds.push(BuildSet { build_id: cfg.build_id.clone(), version: cfg.version.clone(), index_digest: nd, index_size: nested.len() as u64 });
         t.images_write_index(&top_index_json(builds))?;
+        step("images-listed");
     }
 
     // 3. The inactive slot: its entry goes first, so a half-written slot is never booted.
@@ -196,7 +226,9 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
             t.esp_remove(&format!("{}/{name}", crate::esp::ENTRIES_DIR))?;
         }
     }
-    t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest)?;
+    step("entry-removed");
+    t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest, step)?;
+    step("slot-written");
 
     // 4. Kernel, initrd, then the entry on probation.
     let s = slot.name();
@@ -204,6 +236,7 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
     if let Some(i) = &cfg.initrd {
         t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(b.blob_path(&i.digest))?)?;
     }
+    step("kernel-written");
     let entry = BootEntry {
         slot,
         title: format!("{} (slot {s})", cfg.version),
@@ -216,6 +249,7 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
     let name = entry.file_name();
     t.esp_write(&format!("{}/{name}", crate::esp::ENTRIES_DIR), &mut std::io::Cursor::new(entry.text().into_bytes()))?;
     t.finish()?;
+    step("entry-written");
     Ok(ApplyReport {
         slot: s.into(),
         build_id: cfg.build_id.clone(),

@@ -1,0 +1,132 @@
+//! The upgrade scenarios' world: the fixtures, a local registry holding the external images of
+//! the variants in `qemu-tests/variants/`, and helpers that build disks and bundles of a variant
+//! with the slotforge binary under test and boot them (with a bundle disk attached, a power cut
+//! at an apply step, with or without network).
+
+use crate::fixtures::{self, Fixtures};
+use crate::registry::TestRegistry;
+use crate::vm::{self, Boot, VmOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub reg: TestRegistry,
+    pub bin: PathBuf,
+    fx: &'static Fixtures,
+    images: PathBuf,
+}
+
+/// Service images of the variants: (name, tag, payload bytes, seed, external?).
+pub const IMAGES: &[(&str, &str, usize, u64, bool)] = &[
+    ("svc-a", "1", 1_000_000, 1, true),
+    ("big", "1", 50_000_000, 2, true),
+    ("svc-c", "1", 5_000_000, 3, true),
+    ("svc-c", "2", 5_000_000, 4, true),
+    ("fat", "1", 44_000_000, 5, false),
+    ("huge", "1", 70_000_000, 6, false),
+];
+
+pub fn variants_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("variants")
+}
+
+impl World {
+    pub fn new(bin: &Path, fx: &'static Fixtures) -> Self {
+        let dir = tempfile::Builder::new().prefix("slotforge-world-").tempdir().unwrap();
+        let reg = TestRegistry::start(None);
+        let images = dir.path().join("images");
+        for (name, tag, size, seed, external) in IMAGES {
+            let layout = images.join(name);
+            fixtures::service_image(&layout, tag, *size, *seed).unwrap();
+            if *external {
+                reg.push(&layout, tag, &format!("{name}:{tag}"));
+            }
+        }
+        World { dir, reg, bin: bin.into(), fx, images }
+    }
+
+    /// `qemu-tests/variants/<variant>.yml` with this world's paths and registry filled in.
+    pub fn manifest(&self, variant: &str) -> PathBuf {
+        let t = std::fs::read_to_string(variants_dir().join(format!("{variant}.yml"))).unwrap();
+        let m = t
+            .replace("{kernel}", &self.fx.kernel.display().to_string())
+            .replace("{base}", &self.fx.base.display().to_string())
+            .replace("{loader}", &self.fx.loader.display().to_string())
+            .replace("{images}", &self.images.display().to_string())
+            .replace("{host}", &self.reg.host())
+            .replace("{mirror}", vm::GUEST_REGISTRY);
+        let p = self.dir.path().join(format!("{variant}.yml"));
+        std::fs::write(&p, m).unwrap();
+        p
+    }
+
+    pub fn layout(gen: u32) -> PathBuf {
+        variants_dir().join(format!("field-v{gen}.yaml"))
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let cache = self.dir.path().join("cache");
+        let o = Command::new(&self.bin).args(args).args(["--cache", cache.to_str().unwrap()]).output().unwrap();
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    /// Build `variant` for layout generation `gen` into `<name>.img`.
+    pub fn build(&self, variant: &str, gen: u32, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("{name}.img"));
+        let m = self.manifest(variant);
+        self.run(&["build", m.to_str().unwrap(), "--layout", Self::layout(gen).to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]).unwrap();
+        out
+    }
+
+    /// Bundle `variant` for generation `gen` (plus `--compat` generations and extra flags).
+    pub fn bundle(&self, variant: &str, gen: u32, compat: &[u32], extra: &[&str]) -> Result<PathBuf, String> {
+        let out = self.dir.path().join(format!("{variant}-g{gen}{}.oci.tar", extra.join("")));
+        let m = self.manifest(variant);
+        let l = Self::layout(gen);
+        let mut args = vec!["bundle".to_string(), m.display().to_string(), "--layout".into(), l.display().to_string(), "-o".into(), out.display().to_string(), "-q".into()];
+        for c in compat {
+            args.push("--compat".into());
+            args.push(Self::layout(*c).display().to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        self.run(&a).map(|_| out)
+    }
+
+    /// Boot `disk`; with `bundle` attached as /dev/vdb the guest applies it and reboots; with
+    /// `pause` (an apply step) the apply stops there and QEMU is killed — a power cut.
+    pub fn boot(&self, disk: &Path, bundle: Option<&Path>, pause: Option<&str>, network: bool) -> Boot {
+        let mut o = VmOptions::new(disk, &self.dir.path().join("vm"), "dev");
+        o.memory_mb = 768;
+        if let Some(b) = bundle {
+            o.extra_disks.push(b.to_path_buf());
+        }
+        if let Some(p) = pause {
+            let f = self.dir.path().join("pause");
+            let mut data = p.as_bytes().to_vec();
+            data.resize(4096, 0);
+            std::fs::write(&f, data).unwrap();
+            o.extra_disks.push(f);
+        }
+        if network {
+            o.registry_port = Some(self.reg.port);
+        }
+        let step = pause.map(str::to_string);
+        vm::boot(&o, &move |ev| step.as_ref().is_some_and(|s| ev.iter().any(|e| e["event"] == "paused" && e["step"] == s.as_str()))).unwrap()
+    }
+
+    /// What `slotforge inspect --json` reads from `disk`.
+    pub fn inspect(&self, disk: &Path) -> serde_json::Value {
+        let o = Command::new(&self.bin).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    pub fn entries(&self, disk: &Path) -> Vec<String> {
+        self.inspect(disk)["esp"]["entries"].as_array().unwrap().iter().map(|e| e["file"].as_str().unwrap().to_string()).collect()
+    }
+}

@@ -1,0 +1,261 @@
+//! Upgrades between variants of different sizes (qemu-tests/variants/), proven on booted
+//! systems: bundles applied online by the agent from a second disk, A/B switch with boot
+//! counting, rollback after three failed tries, GC, power cuts at every apply step, an older
+//! layout generation, images from the registry or from the bundle.
+
+use slotforge_qemu_tests::fixtures::{self, Fixtures};
+use slotforge_qemu_tests::vm::{Boot, Outcome};
+use slotforge_qemu_tests::world::World;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_slotforge"))
+}
+fn fx() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| fixtures::build(bin()).expect("building QEMU fixtures"))
+}
+/// One test at a time: each boots many VMs on 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn world() -> (std::sync::MutexGuard<'static, ()>, World) {
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    (g, World::new(bin(), fx()))
+}
+
+fn tail(b: &Boot) -> String {
+    let log = b.log();
+    log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+fn one<'a>(b: &'a Boot, event: &str) -> &'a serde_json::Value {
+    b.named(event).into_iter().next().unwrap_or_else(|| panic!("no {event} event; serial:\n{}", tail(b)))
+}
+fn status(b: &Boot) -> &serde_json::Value {
+    one(b, "status")
+}
+fn image_states(b: &Boot) -> Vec<(String, String)> {
+    status(b)["images"].as_array().unwrap().iter().map(|i| (i["name"].as_str().unwrap().to_string(), i["state"].as_str().unwrap().to_string())).collect()
+}
+fn all_verified(b: &Boot) -> bool {
+    image_states(b).iter().all(|(_, s)| s == "verified")
+}
+fn ended(b: &Boot, how: &str) {
+    assert_eq!(b.outcome, Outcome::Exited, "serial:\n{}", tail(b));
+    assert!(!b.named(how).is_empty(), "expected {how}; serial:\n{}", tail(b));
+}
+
+#[test]
+fn small_to_large_and_back_down_to_small() {
+    let (_g, w) = world();
+    let disk = w.build("small", 2, "dev");
+    let large = w.bundle("large", 2, &[], &[]).unwrap();
+    // Boot 1: running small on slot a, the large bundle attached: applied to slot b.
+    let b = w.boot(&disk, Some(&large), None, false);
+    ended(&b, "reboot");
+    let a = one(&b, "applied");
+    assert_eq!((a["slot"].as_str(), a["entry"].as_str(), a["install_number"].as_u64()), (Some("b"), Some("slot-b+3.conf"), Some(2)));
+    // Boot 2: systemd-boot tries slot b; its three external images (50 MB one included) verify.
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, "poweroff");
+    assert_eq!(one(&b, "initramfs")["root"], "rootfs_b");
+    assert_eq!(status(&b)["version"], "2.0.0");
+    assert_eq!(image_states(&b).len(), 3);
+    assert!(all_verified(&b), "{:?}", image_states(&b));
+    assert_eq!(one(&b, "marked-good")["entry"], "slot-b.conf");
+    let gc = one(&b, "gc");
+    assert_eq!(gc["kept_builds"].as_array().unwrap().len(), 2, "both slots' sets are kept: {gc}");
+    let fat = b.named("service-exited").into_iter().find(|e| e["name"] == "fat").unwrap();
+    assert_eq!(fat["stdout"], "hello from the on-disk fat service\n");
+    // Boot 3: back down to small, written to slot a with a higher install number.
+    let small = w.bundle("small", 2, &[], &[]).unwrap();
+    let b = w.boot(&disk, Some(&small), None, false);
+    ended(&b, "reboot");
+    let a = one(&b, "applied");
+    assert_eq!((a["slot"].as_str(), a["install_number"].as_u64()), (Some("a"), Some(3)));
+    assert_eq!(a["blobs_written"], 0, "small's images are still on the device: {a}");
+    // Boot 4: the downgrade is tried first and becomes good.
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, "poweroff");
+    assert_eq!(one(&b, "initramfs")["root"], "rootfs_a");
+    assert_eq!(status(&b)["version"], "1.0.0");
+    assert_eq!(one(&b, "marked-good")["entry"], "slot-a.conf");
+    let mut e = w.entries(&disk);
+    e.sort();
+    assert_eq!(e, ["slot-a.conf", "slot-b.conf"]);
+}
+
+#[test]
+fn large_to_large_prime_writes_only_the_changed_image() {
+    let (_g, w) = world();
+    let disk = w.build("large", 2, "dev");
+    let next = w.bundle("large2", 2, &[], &[]).unwrap();
+    let b = w.boot(&disk, Some(&next), None, false);
+    ended(&b, "reboot");
+    let a = one(&b, "applied");
+    // Only tools:2 is new: its manifest, config and one layer.
+    assert_eq!(a["blobs_written"], 3, "{a}");
+    let written = a["image_bytes_written"].as_u64().unwrap();
+    assert!((5_000_000..5_200_000).contains(&written), "bytes written {written} vs ~5 MB of new content");
+    eprintln!("large->large': {} image bytes written, {} blobs already present", written, a["blobs_present"]);
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, "poweroff");
+    assert_eq!(status(&b)["version"], "2.0.1");
+    assert!(all_verified(&b), "{:?}", image_states(&b));
+    let tools = b.named("service-exited").into_iter().find(|e| e["name"] == "tools").unwrap();
+    assert_eq!(tools["stdout"], "tools 2\n");
+}
+
+#[test]
+fn oversize_is_refused_by_bundle_and_by_apply_and_changes_nothing() {
+    let (_g, w) = world();
+    let err = w.bundle("oversize", 2, &[], &[]).unwrap_err();
+    assert!(err.contains("over the") && err.contains("huge"), "{err}");
+    // A bundle that claims generation 2 but was checked against bigger slots.
+    let fake = w.dir.path().join("field-fake.yaml");
+    std::fs::write(&fake, std::fs::read_to_string(World::layout(2)).unwrap().replace("size: 64MiB, fs_cap: 56MiB", "size: 128MiB, fs_cap: 120MiB").replace("size: 640MiB", "size: 1GiB")).unwrap();
+    let m = w.manifest("oversize");
+    let tar = w.dir.path().join("oversize.tar");
+    let o = std::process::Command::new(bin()).args(["bundle", m.to_str().unwrap(), "--layout", fake.to_str().unwrap(), "-o", tar.to_str().unwrap(), "-q", "--cache", w.dir.path().join("cache").to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let disk = w.build("small", 2, "dev");
+    // Offline: refused, the image file bit-identical.
+    let sha = |p: &Path| slotforge::hash::digest_reader(std::fs::File::open(p).unwrap()).unwrap().0;
+    let before = sha(&disk);
+    let o = std::process::Command::new(bin()).args(["upgrade", disk.to_str().unwrap(), tar.to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nothing was changed"));
+    assert_eq!(sha(&disk), before);
+    // Online: the agent refuses it; slot b stays empty and the next boot is slot a again.
+    let b = w.boot(&disk, Some(&tar), None, false);
+    ended(&b, "poweroff");
+    let f = one(&b, "apply-failed");
+    assert!(f["error"].as_str().unwrap().contains("holds at most"), "{f}");
+    assert!(b.named("apply-step").is_empty(), "nothing was written");
+    assert_eq!(w.entries(&disk), ["slot-a.conf"]);
+    assert_eq!(w.inspect(&disk)["slots"][1]["state"], "empty");
+}
+
+#[test]
+fn a_broken_new_rootfs_falls_back_to_the_old_slot_after_three_tries() {
+    let (_g, w) = world();
+    let disk = w.build("small", 2, "dev");
+    let large = w.bundle("large", 2, &[], &[]).unwrap();
+    let o = std::process::Command::new(bin()).args(["upgrade", disk.to_str().unwrap(), large.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Break slot b's squashfs (its superblock): the initramfs cannot mount it and reboots.
+    let inspect = w.inspect(&disk);
+    let start = inspect["gpt"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == "rootfs_b").unwrap()["start"].as_u64().unwrap();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.seek(SeekFrom::Start(start)).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+    }
+    let mut failed = 0;
+    let mut last = None;
+    for _ in 0..6 {
+        let b = w.boot(&disk, None, None, false);
+        if !b.named("initramfs-failed").is_empty() {
+            assert_eq!(one(&b, "initramfs")["root"], "rootfs_b");
+            failed += 1;
+            continue;
+        }
+        last = Some(b);
+        break;
+    }
+    assert_eq!(failed, 3, "slot b must be tried exactly three times");
+    let b = last.expect("the old slot booted");
+    ended(&b, "poweroff");
+    assert_eq!(one(&b, "initramfs")["root"], "rootfs_a");
+    let rb = one(&b, "rolled-back");
+    assert_eq!((rb["from_slot"].as_str(), rb["to_slot"].as_str()), (Some("b"), Some("a")));
+    assert_eq!(status(&b)["version"], "1.0.0");
+    assert!(all_verified(&b), "the old slot's images are intact: {:?}", image_states(&b));
+    let slots = status(&b)["slots"].as_array().unwrap().clone();
+    assert_eq!(slots[1]["boot"], "bad");
+    assert_eq!(slots[1]["entry"], "slot-b+0-3.conf");
+}
+
+#[test]
+fn power_cuts_at_every_apply_step_always_leave_a_good_slot_and_a_rerun_completes() {
+    let (_g, w) = world();
+    let disk = w.build("small", 2, "dev");
+    let next = w.bundle("small2", 2, &[], &[]).unwrap();
+    let steps = ["blob-written", "images-listed", "entry-removed", "slot-half-written", "slot-written", "kernel-written"];
+    let mut expect_running: Option<String> = None;
+    for step in steps {
+        // The cut: the apply stops at `step` and QEMU is killed.
+        let b = w.boot(&disk, Some(&next), Some(step), false);
+        assert_eq!(b.outcome, Outcome::Killed, "did not reach {step}; serial:\n{}", tail(&b));
+        let st = status(&b);
+        assert_eq!(st["state"], "ok", "before the cut at {step} the running slot was good");
+        if let Some(v) = &expect_running {
+            assert_eq!(st["version"], v.as_str(), "the previous re-run's slot is the one booting");
+        }
+        // Next boot: a good slot comes up, and the re-run of the apply completes.
+        let b = w.boot(&disk, Some(&next), None, false);
+        ended(&b, "reboot");
+        assert_eq!(status(&b)["state"], "ok", "after a cut at {step}: {}", tail(&b));
+        let booted = status(&b)["slot"].as_str().unwrap().to_string();
+        let entry = b.named("status")[0]["slots"].as_array().unwrap().iter().find(|s| s["slot"] == booted.as_str()).unwrap()["boot"].clone();
+        assert_eq!(entry, "good", "after a cut at {step} the booted slot is good");
+        let a = one(&b, "applied");
+        assert_eq!(a["entry"].as_str().unwrap(), format!("slot-{}+3.conf", if booted == "a" { "b" } else { "a" }));
+        expect_running = Some("1.1.0".into());
+    }
+    // The last apply boots and becomes good.
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, "poweroff");
+    assert_eq!(status(&b)["version"], "1.1.0");
+    assert!(!b.named("marked-good").is_empty());
+    let v = std::process::Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+#[test]
+fn an_older_generation_takes_a_bundle_built_compatible_with_it() {
+    let (_g, w) = world();
+    let disk = w.build("small", 1, "old");
+    assert!(w.bundle("small2", 1, &[], &[]).is_ok());
+    let plain = w.bundle("small2", 2, &[], &[]).unwrap();
+    let b = w.boot(&disk, Some(&plain), None, false);
+    ended(&b, "poweroff");
+    assert!(one(&b, "apply-failed")["error"].as_str().unwrap().contains("not this device's layout field generation 1"));
+    let compat = w.bundle("small2", 2, &[1], &["--quiet"]).unwrap();
+    let b = w.boot(&disk, Some(&compat), None, false);
+    ended(&b, "reboot");
+    assert_eq!(one(&b, "applied")["slot"], "b");
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, "poweroff");
+    assert_eq!(status(&b)["version"], "1.1.0");
+    assert_eq!(one(&b, "marked-good")["entry"], "slot-b.conf");
+    assert_eq!(w.inspect(&disk)["layout"]["generation"], 1);
+}
+
+#[test]
+fn new_images_from_the_registry_only_or_from_the_bundle_only_both_end_verified() {
+    let (_g, w) = world();
+    // Registry only: a bundle without images, network on.
+    let disk = w.build("small", 2, "reg");
+    let thin = w.bundle("large", 2, &[], &["--without-images"]).unwrap();
+    let b = w.boot(&disk, Some(&thin), None, true);
+    ended(&b, "reboot");
+    let mut pull: Vec<String> = one(&b, "applied")["images_to_pull"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    pull.sort();
+    assert_eq!(pull, ["model", "tools"], "svc-a is shared with small and needs no pull");
+    let b = w.boot(&disk, None, None, true);
+    ended(&b, "poweroff");
+    assert_eq!(status(&b)["version"], "2.0.0");
+    assert_eq!(b.named("image-pulled").len(), 2);
+    assert!(all_verified(&b), "{:?}", image_states(&b));
+    assert!(!b.named("marked-good").is_empty());
+    // Bundle only: everything in the bundle, no network at all.
+    let disk = w.build("small", 2, "bun");
+    let full = w.bundle("large", 2, &[], &[]).unwrap();
+    let b = w.boot(&disk, Some(&full), None, false);
+    ended(&b, "reboot");
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, "poweroff");
+    assert!(b.named("image-pulled").is_empty());
+    assert!(all_verified(&b), "{:?}", image_states(&b));
+}
