@@ -90,6 +90,15 @@ pub fn fat_time(epoch: u64) -> DateTime {
     }
 }
 
+/// Mount options with every new timestamp at `epoch`. Without a provider, fatfs 0.3.6 (built
+/// without chrono) stamps month 0 — an invalid date that makes UEFI's FAT driver refuse
+/// SetInfo, so systemd-boot could not rename an entry to count a boot.
+pub fn options(epoch: u64) -> FsOptions {
+    // fatfs wants a 'static provider; one small leak per mount is the price.
+    let tp: &'static FixedTime = Box::leak(Box::new(FixedTime(fat_time(epoch))));
+    FsOptions::new().time_provider(tp).update_accessed_date(false)
+}
+
 /// Format `dev` (the whole ESP) as FAT32 and write `files` (parent directories created).
 pub fn write<D: Read + Write + Seek>(mut dev: D, volume_id: u32, epoch: u64, files: Vec<EspFile>) -> anyhow::Result<()> {
     fatfs::format_volume(
@@ -97,11 +106,9 @@ pub fn write<D: Read + Write + Seek>(mut dev: D, volume_id: u32, epoch: u64, fil
         FormatVolumeOptions::new().fat_type(FatType::Fat32).volume_id(volume_id).volume_label(*b"ESP        "),
     )
     .context("formatting the ESP as FAT32 (is it at least 33 MiB?)")?;
-    // fatfs wants a 'static provider; one small leak per build is the price.
-    let tp: &'static FixedTime = Box::leak(Box::new(FixedTime(fat_time(epoch))));
     dev.seek(SeekFrom::Start(0))?;
     {
-        let fs = FileSystem::new(&mut dev, FsOptions::new().time_provider(tp).update_accessed_date(false))?;
+        let fs = FileSystem::new(&mut dev, options(epoch))?;
         {
             let root = fs.root_dir();
             for mut f in files {

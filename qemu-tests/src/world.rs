@@ -20,6 +20,7 @@ pub struct World {
 /// Service images of the variants: (name, tag, payload bytes, seed, external?).
 pub const IMAGES: &[(&str, &str, usize, u64, bool)] = &[
     ("svc-a", "1", 1_000_000, 1, true),
+    ("svc-a", "2", 1_000_000, 11, true),
     ("big", "1", 50_000_000, 2, true),
     ("svc-c", "1", 5_000_000, 3, true),
     ("svc-c", "2", 5_000_000, 4, true),
@@ -118,6 +119,16 @@ impl World {
         }
         let step = pause.map(str::to_string);
         vm::boot(&o, &move |ev| step.as_ref().is_some_and(|s| ev.iter().any(|e| e["event"] == "paused" && e["step"] == s.as_str()))).unwrap()
+    }
+
+    /// Bytes of an image's blobs (manifest, config, layers) in its OCI layout.
+    pub fn image_bytes(&self, name: &str, tag: &str) -> u64 {
+        let dir = self.images.join(name);
+        let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+        let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+        let m = idx["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag).unwrap();
+        let man: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(m["digest"].as_str().unwrap())).unwrap()).unwrap();
+        m["size"].as_u64().unwrap() + man["config"]["size"].as_u64().unwrap() + man["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).sum::<u64>()
     }
 
     /// What `slotforge inspect --json` reads from `disk`.

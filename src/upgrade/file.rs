@@ -13,6 +13,11 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Files an upgrade writes carry the time of the upgrade.
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(crate::DEFAULT_SOURCE_DATE_EPOCH)
+}
+
 pub struct FileTarget {
     path: PathBuf,
     layout: Layout,
@@ -32,7 +37,7 @@ impl FileTarget {
             serde_json::from_str(&s)?
         };
         w.seek(SeekFrom::Start(0))?;
-        let esp = fatfs::FileSystem::new(w, fatfs::FsOptions::new().update_accessed_date(false))?;
+        let esp = fatfs::FileSystem::new(w, crate::esp::options(now()))?;
         Ok(Self { path: path.into(), layout, esp })
     }
 
@@ -140,7 +145,7 @@ impl Target for FileTarget {
         let esp = self.layout.esp().clone();
         // Unmount by replacing the file system with a fresh read of the same window.
         let w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, esp.start, esp.size);
-        let old = std::mem::replace(&mut self.esp, fatfs::FileSystem::new(w, fatfs::FsOptions::new().update_accessed_date(false))?);
+        let old = std::mem::replace(&mut self.esp, fatfs::FileSystem::new(w, crate::esp::options(now()))?);
         old.unmount()?;
         let mut w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, esp.start, esp.size);
         crate::esp::fix_dot_entries(&mut w)?;
