@@ -97,7 +97,7 @@ pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
         if base == format!("slot-{slot}") && left.is_some() {
             let good = format!("{base}.conf");
             std::fs::rename(dir.join(&name), dir.join(&good))?;
-            std::fs::File::open(&dir)?.sync_all()?;
+            crate::upgrade::device::sync_fs(&dir)?;
             return Ok(Some(good));
         }
     }

@@ -29,10 +29,18 @@ pub fn partition_device(cfg: &AgentConfig, label: &str) -> anyhow::Result<PathBu
     bail!("no block device with partition name {label}")
 }
 
-fn sync_dir(p: &Path) {
-    if let Ok(d) = std::fs::File::open(p) {
-        let _ = d.sync_all();
+/// Flush the whole file system holding `p` (`syncfs`). On vfat, fsync of a directory does
+/// not write its entries (they live in the block device's buffers), so a rename or unlink
+/// followed by a power cut could be lost — measured by the power-cut boot test. `syncfs` writes
+/// them.
+pub fn sync_fs(p: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(p)?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Write `data` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
@@ -46,7 +54,7 @@ pub fn write_durably(path: &Path, data: &mut dyn Read) -> anyhow::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
-    sync_dir(dir);
+    sync_fs(dir)?;
     Ok(())
 }
 
@@ -78,7 +86,7 @@ impl Target for DeviceTarget {
     fn esp_remove(&mut self, path: &str) -> anyhow::Result<()> {
         let p = self.cfg.esp.join(path);
         std::fs::remove_file(&p)?;
-        sync_dir(p.parent().unwrap());
+        sync_fs(p.parent().unwrap())?;
         Ok(())
     }
     fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()> {
@@ -125,7 +133,7 @@ impl Target for DeviceTarget {
         Ok(())
     }
     fn finish(&mut self) -> anyhow::Result<()> {
-        sync_dir(&self.cfg.esp);
+        sync_fs(&self.cfg.esp)?;
         Ok(())
     }
 }
