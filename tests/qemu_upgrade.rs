@@ -19,9 +19,28 @@ fn fx() -> &'static Fixtures {
 /// One test at a time: each boots many VMs on 2 cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn world() -> (std::sync::MutexGuard<'static, ()>, World) {
+fn world() -> (std::sync::MutexGuard<'static, ()>, World, Timer) {
     let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    (g, World::new(bin(), fx()))
+    let t = Timer(std::time::Instant::now());
+    (g, World::new(bin(), fx()), t)
+}
+
+/// Appends `{"test", "seconds"}` (on drop) and other measurements to `$SLOTFORGE_UPGRADE_REPORT`
+/// for bench/upgrade.sh.
+struct Timer(std::time::Instant);
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            report(serde_json::json!({"seconds": self.0.elapsed().as_secs_f64()}));
+        }
+    }
+}
+fn report(mut v: serde_json::Value) {
+    let Ok(p) = std::env::var("SLOTFORGE_UPGRADE_REPORT") else { return };
+    v["test"] = std::thread::current().name().unwrap_or("").into();
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
+    writeln!(f, "{v}").unwrap();
 }
 
 fn tail(b: &Boot) -> String {
@@ -47,7 +66,7 @@ fn ended(b: &Boot, how: &str) {
 
 #[test]
 fn small_to_large_and_back_down_to_small() {
-    let (_g, w) = world();
+    let (_g, w, _t) = world();
     let disk = w.build("small", 2, "dev");
     let large = w.bundle("large", 2, &[], &[]).unwrap();
     // Boot 1: running small on slot a, the large bundle attached: applied to slot b.
@@ -65,6 +84,20 @@ fn small_to_large_and_back_down_to_small() {
     assert_eq!(one(&b, "marked-good")["entry"], "slot-b.conf");
     let gc = one(&b, "gc");
     assert_eq!(gc["kept_builds"].as_array().unwrap().len(), 2, "both slots' sets are kept: {gc}");
+    // Two builds' sets on the partition: unique blobs vs what they occupy in 4 KiB blocks.
+    let img = &w.inspect(&disk)["images"];
+    let unique = img["unique_bytes"].as_u64().unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for b in img["builds"].as_array().unwrap() {
+        for i in b["images"].as_array().unwrap() {
+            for bl in i["blobs"].as_array().unwrap() {
+                seen.insert(bl[0].as_str().unwrap().to_string(), bl[1].as_u64().unwrap());
+            }
+        }
+    }
+    let blocks: u64 = seen.values().map(|s| s.div_ceil(4096) * 4096).sum();
+    let per_build: u64 = img["builds"].as_array().unwrap().iter().map(|b| b["bytes"].as_u64().unwrap()).sum();
+    report(serde_json::json!({"builds": img["builds"].as_array().unwrap().len(), "unique_blob_bytes": unique, "allocated_blob_bytes": blocks, "sum_of_sets_bytes": per_build}));
     let fat = b.named("service-exited").into_iter().find(|e| e["name"] == "fat").unwrap();
     assert_eq!(fat["stdout"], "hello from the on-disk fat service\n");
     // Boot 3: back down to small, written to slot a with a higher install number.
@@ -87,7 +120,7 @@ fn small_to_large_and_back_down_to_small() {
 
 #[test]
 fn large_to_large_prime_writes_only_the_changed_image() {
-    let (_g, w) = world();
+    let (_g, w, _t) = world();
     let disk = w.build("large", 2, "dev");
     let next = w.bundle("large2", 2, &[], &[]).unwrap();
     let b = w.boot(&disk, Some(&next), None, false);
@@ -99,6 +132,7 @@ fn large_to_large_prime_writes_only_the_changed_image() {
     let new_content = w.image_bytes("svc-c", "2");
     eprintln!("large->large': {written} image bytes written for {new_content} bytes of new image content ({:.4}x), {} blobs already present", written as f64 / new_content as f64, a["blobs_present"]);
     assert!(written <= new_content * 105 / 100, "bytes written {written} vs {new_content} of new content");
+    report(serde_json::json!({"image_bytes_written": written, "new_image_content": new_content, "rootfs_bytes_written": a["rootfs_bytes"]}));
     let b = w.boot(&disk, None, None, false);
     ended(&b, "poweroff");
     assert_eq!(status(&b)["version"], "2.0.1");
@@ -109,7 +143,7 @@ fn large_to_large_prime_writes_only_the_changed_image() {
 
 #[test]
 fn oversize_is_refused_by_bundle_and_by_apply_and_changes_nothing() {
-    let (_g, w) = world();
+    let (_g, w, _t) = world();
     let err = w.bundle("oversize", 2, &[], &[]).unwrap_err();
     assert!(err.contains("over the") && err.contains("huge"), "{err}");
     // A bundle that claims generation 2 but was checked against bigger slots.
@@ -138,7 +172,7 @@ fn oversize_is_refused_by_bundle_and_by_apply_and_changes_nothing() {
 
 #[test]
 fn a_broken_new_rootfs_falls_back_to_the_old_slot_after_three_tries() {
-    let (_g, w) = world();
+    let (_g, w, _t) = world();
     let disk = w.build("small", 2, "dev");
     let large = w.bundle("large", 2, &[], &[]).unwrap();
     let o = std::process::Command::new(bin()).args(["upgrade", disk.to_str().unwrap(), large.to_str().unwrap()]).output().unwrap();
@@ -179,7 +213,7 @@ fn a_broken_new_rootfs_falls_back_to_the_old_slot_after_three_tries() {
 
 #[test]
 fn power_cuts_at_every_apply_step_always_leave_a_good_slot_and_a_rerun_completes() {
-    let (_g, w) = world();
+    let (_g, w, _t) = world();
     let disk = w.build("small", 2, "dev");
     let next = w.bundle("small2", 2, &[], &[]).unwrap();
     let steps = ["blob-written", "images-listed", "entry-removed", "slot-half-written", "slot-written", "kernel-written"];
@@ -215,7 +249,7 @@ fn power_cuts_at_every_apply_step_always_leave_a_good_slot_and_a_rerun_completes
 
 #[test]
 fn an_older_generation_takes_a_bundle_built_compatible_with_it() {
-    let (_g, w) = world();
+    let (_g, w, _t) = world();
     let disk = w.build("small", 1, "old");
     assert!(w.bundle("small2", 1, &[], &[]).is_ok());
     let plain = w.bundle("small2", 2, &[], &[]).unwrap();
@@ -235,7 +269,7 @@ fn an_older_generation_takes_a_bundle_built_compatible_with_it() {
 
 #[test]
 fn new_images_from_the_registry_only_or_from_the_bundle_only_both_end_verified() {
-    let (_g, w) = world();
+    let (_g, w, _t) = world();
     // Registry only: a bundle without images, network on.
     let disk = w.build("small", 2, "reg");
     let thin = w.bundle("large", 2, &[], &["--without-images"]).unwrap();
