@@ -12,6 +12,7 @@ PKGS=(
   time                                                       # /usr/bin/time for the benchmarks
   systemd-boot-efi busybox-static                            # the shipped example and QEMU guests
   qemu-system-x86 ovmf netcat-openbsd cpio                   # QEMU boots (guestfwd uses nc)
+  bmap-tools qemu-utils                                      # factory media: bmaptool, qemu-img
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -34,6 +34,9 @@ pub struct BuildOptions {
     /// Give slot A's first entry a boot counter (`slot-a+N.conf`), so even the first boot
     /// must be marked good by the agent.
     pub boot_tries: Option<u32>,
+    /// Also write `<output>.bmap` (bmaptool) and/or a qcow2 copy beside the output.
+    pub bmap: bool,
+    pub qcow2: bool,
 }
 
 /// Where images come from: platform, cache, network policy, lock.
@@ -70,6 +73,10 @@ pub struct BuildSummary {
     pub contributors: Vec<Contributor>,
     /// Wall-clock seconds per phase, in order.
     pub phases: Vec<(String, f64)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bmap: Option<(PathBuf, crate::bmap::BmapSummary)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qcow2: Option<PathBuf>,
 }
 
 /// Everything a manifest names, resolved to digests with its metadata verified.
@@ -534,6 +541,17 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     disk.finish(&layout)?;
     pb.finish_and_clear();
     lap("disk");
+    let mut bmap = None;
+    if opts.bmap {
+        let p = PathBuf::from(format!("{}.bmap", opts.output.display()));
+        bmap = Some((p.clone(), crate::bmap::write_bmap(&opts.output, &p)?));
+    }
+    let mut qcow2 = None;
+    if opts.qcow2 {
+        let p = opts.output.with_extension("qcow2");
+        crate::bmap::write_qcow2(&opts.output, &p)?;
+        qcow2 = Some(p);
+    }
 
     Ok(BuildSummary {
         output: opts.output.clone(),
@@ -549,6 +567,8 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         images_partition_bytes,
         contributors: parts.contributors.clone(),
         phases,
+        bmap,
+        qcow2,
     })
 }
 

@@ -37,6 +37,12 @@ enum Cmd {
         /// Put a boot counter on slot A's entry (slot-a+N.conf): the first boot must be marked good.
         #[arg(long)]
         boot_tries: Option<u32>,
+        /// Also write OUTPUT.bmap for `bmaptool copy` (mapped ranges with sha256).
+        #[arg(long)]
+        bmap: bool,
+        /// Also write a qcow2 copy (OUTPUT with the extension .qcow2; needs qemu-img).
+        #[arg(long)]
+        qcow2: bool,
         #[command(flatten)]
         src: SourceArgs,
         /// Print a JSON summary on stdout.
@@ -239,9 +245,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Build { manifest, layout, output, compat, no_prefill, boot_tries, src, json, quiet } => {
+        Cmd::Build { manifest, layout, output, compat, no_prefill, boot_tries, bmap, qcow2, src, json, quiet } => {
             let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
-            let opts = BuildOptions { compose, output, no_prefill, boot_tries };
+            let opts = BuildOptions { compose, output, no_prefill, boot_tries, bmap, qcow2 };
             let s = build(&opts)?;
             if json {
                 json_out(&s)?;
@@ -254,6 +260,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("  external {} {} ({})", e.name, e.digest, mib(e.size));
                 }
                 println!("  disk {} with {} written", mib(s.disk_size), mib(s.bytes_written));
+                if let Some((p, b)) = &s.bmap {
+                    println!("  bmap {}: {} of {} blocks mapped ({})", p.display(), b.mapped_blocks, b.blocks, mib(b.mapped_bytes));
+                }
+                if let Some(q) = &s.qcow2 {
+                    println!("  qcow2 {}", q.display());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

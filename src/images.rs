@@ -425,23 +425,25 @@ pub struct PartitionReport {
     pub unique_bytes: u64,
 }
 
+/// The parts of OCI descriptors, indexes and manifests that slotforge reads back (shared by
+/// inspect, the agent and upgrades).
 #[derive(Deserialize)]
-struct Desc {
-    digest: String,
-    size: u64,
+pub(crate) struct Desc {
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
 }
 #[derive(Deserialize)]
-struct Idx {
-    manifests: Vec<Desc>,
+pub(crate) struct Idx {
+    pub(crate) manifests: Vec<Desc>,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
 }
 #[derive(Deserialize)]
-struct Man {
-    config: Desc,
-    layers: Vec<Desc>,
+pub(crate) struct Man {
+    pub(crate) config: Desc,
+    pub(crate) layers: Vec<Desc>,
 }
 
 fn blob_path(d: &str) -> anyhow::Result<String> {

@@ -6,6 +6,7 @@
 //! entries) -> disk (GPT + sparse image) -> inspect/verify (read it all back).
 
 pub mod agent;
+pub mod bmap;
 pub mod build;
 pub mod bundle;
 pub mod cache;

@@ -5,11 +5,10 @@
 use super::AgentConfig;
 use crate::esp::parse_entry_name;
 use crate::hash::{digest_reader, Digest};
-use crate::images::METADATA_FILE;
+use crate::images::{Idx, Man, METADATA_FILE};
 use crate::oci::image::REF_NAME;
 use crate::rootfs::{ExternalImage, ExternalImages, Release, EXTERNAL_PATH, RELEASE_PATH};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use serde::Serialize;
 use std::path::Path;
 
 #[derive(Debug, Clone, Serialize)]
@@ -81,22 +80,6 @@ pub fn slot_states(esp: &Path) -> Vec<SlotState> {
     out
 }
 
-#[derive(Deserialize)]
-struct Desc {
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-#[derive(Deserialize)]
-struct Idx {
-    manifests: Vec<Desc>,
-}
-#[derive(Deserialize)]
-struct Man {
-    config: Desc,
-    layers: Vec<Desc>,
-}
 
 fn blob(images: &Path, d: &str) -> std::path::PathBuf {
     images.join("blobs/sha256").join(d.trim_start_matches("sha256:"))

@@ -17,7 +17,7 @@ pub mod gc;
 use crate::bundle::Bundle;
 use crate::esp::{parse_entry, BootEntry};
 use crate::hash::Digest;
-use crate::images::{build_index_json, top_index_json, BuildSet, IndexEntry};
+use crate::images::{build_index_json, top_index_json, BuildSet, Idx, IndexEntry};
 use crate::layout::{Layout, Partition, Slot};
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -91,17 +91,6 @@ pub fn check_fits(b: &Bundle, layout: &Layout, inactive: &Partition) -> anyhow::
     Ok(())
 }
 
-#[derive(serde::Deserialize)]
-struct Desc {
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: std::collections::BTreeMap<String, String>,
-}
-#[derive(serde::Deserialize)]
-struct Idx {
-    manifests: Vec<Desc>,
-}
 
 /// The builds listed in an images `index.json`.
 pub fn builds_of(index: &[u8]) -> anyhow::Result<Vec<BuildSet>> {

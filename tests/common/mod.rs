@@ -210,15 +210,7 @@ pub fn oci_image(dir: &Path, tag: &str, layers: Vec<(Vec<u8>, Comp)>, entrypoint
 
 /// Deterministic incompressible bytes (so sizes in tests are predictable).
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    slotforge_qemu_tests::fixtures::payload(len, seed)
 }
 
 /// A complete fixture: kernel, base (two layers with whiteouts), an on-disk service, two
