@@ -37,6 +37,8 @@ pub struct BuildOptions {
     /// Also write `<output>.bmap` (bmaptool) and/or a qcow2 copy beside the output.
     pub bmap: bool,
     pub qcow2: bool,
+    /// Appended to slot A's entry options (the installer's `slotforge.install`).
+    pub extra_cmdline: Option<String>,
 }
 
 /// Where images come from: platform, cache, network policy, lock.
@@ -505,7 +507,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         version: 1,
         linux: format!("/{}/vmlinuz", slot.name()),
         initrd: parts.kernel.initrd.as_ref().map(|_| format!("/{}/initrd.img", slot.name())),
-        options: format!("root=PARTLABEL={} ro slotforge.slot={} slotforge.build={build_id} {kcmd}", layout.rootfs(slot).name, slot.name()).trim_end().to_string(),
+        options: format!("root=PARTLABEL={} ro slotforge.slot={} slotforge.build={build_id} {kcmd} {}", layout.rootfs(slot).name, slot.name(), opts.extra_cmdline.as_deref().unwrap_or("")).trim_end().to_string(),
         tries: opts.boot_tries,
     };
     let mut files = vec![

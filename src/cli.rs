@@ -96,6 +96,20 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Build a bootable offline USB installer that writes the target system to another disk.
+    Installer {
+        manifest: PathBuf,
+        #[arg(long)]
+        layout: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        src: SourceArgs,
+        #[arg(long)]
+        json: bool,
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Apply a bundle to the inactive slot of a disk image file (offline).
     Upgrade {
         image: PathBuf,
@@ -137,6 +151,8 @@ enum AgentCmd {
     },
     /// Drop image sets no slot's build needs.
     Gc,
+    /// (Booted from an installer) write the payload to the first other disk.
+    Install,
 }
 
 #[derive(clap::Args)]
@@ -247,7 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Build { manifest, layout, output, compat, no_prefill, boot_tries, bmap, qcow2, src, json, quiet } => {
             let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
-            let opts = BuildOptions { compose, output, no_prefill, boot_tries, bmap, qcow2 };
+            let opts = BuildOptions { compose, output, no_prefill, boot_tries, bmap, qcow2, extra_cmdline: None };
             let s = build(&opts)?;
             if json {
                 json_out(&s)?;
@@ -303,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     }
                 }
+                AgentCmd::Install => crate::agent::boot::install(&cfg)?,
                 AgentCmd::Gc => {
                     let (rel, _) = crate::agent::status::read_release(&cfg.root)?;
                     let keep = crate::upgrade::gc::builds_in_use(&cfg.esp, &rel.build_id);
@@ -318,6 +335,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json_out(&s)?;
             } else {
                 println!("bundle {} ({} {}), rootfs {}, {} in all", s.output.display(), s.version, s.build_id, mib(s.rootfs_bytes), mib(s.bundle_bytes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Installer { manifest, layout, output, src, json, quiet } => {
+            let compose = ComposeOptions { manifest, layout, compat: vec![], sources: src.options(), progress: Progress::new(quiet || json) };
+            let s = crate::installer::installer(&crate::installer::InstallerOptions { compose, output })?;
+            if json {
+                json_out(&s)?;
+            } else {
+                println!("installer {} ({}): {} payload for a {} target layout; the installer image is {}", s.output.display(), s.build_id, mib(s.payload_bytes), mib(s.target_image_size), mib(s.installer_size));
             }
             Ok(ExitCode::SUCCESS)
         }

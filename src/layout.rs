@@ -150,7 +150,14 @@ pub fn load(path: &Path) -> anyhow::Result<Layout> {
 
 pub fn parse(file: &Path, text: &str) -> Result<Layout, InputError> {
     let lf: LayoutFile = yaml::parse(file, text)?;
-    plan(file, &lf)
+    plan(file, &lf, None)
+}
+
+/// Plan the layout for a disk of `disk_size` bytes instead of the one it names (an installer
+/// fitting the layout to the target disk: `rest` grows or shrinks, nothing else moves).
+pub fn parse_for_disk(file: &Path, text: &str, disk_size: u64) -> Result<Layout, InputError> {
+    let lf: LayoutFile = yaml::parse(file, text)?;
+    plan(file, &lf, Some(disk_size / ALIGN * ALIGN))
 }
 
 /// A GUID derived from names: sha256 of a domain tag and the parts, as an RFC 9562 version-8 UUID.
@@ -197,12 +204,15 @@ fn type_guid(file: &Path, spec: &PartSpec) -> Result<Uuid, InputError> {
     Ok(Uuid::parse_str(s).expect("constant GUIDs parse"))
 }
 
-fn plan(file: &Path, lf: &LayoutFile) -> Result<Layout, InputError> {
+fn plan(file: &Path, lf: &LayoutFile, disk_override: Option<u64>) -> Result<Layout, InputError> {
     let name = &lf.name;
     if name.value.is_empty() || !name.value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
         return Err(InputError::spanned(file, name, format!("layout name {:?} may hold only [A-Za-z0-9._-]", name.value)));
     }
-    let disk_size = size_of(file, &lf.disk.size)?;
+    let disk_size = match disk_override {
+        Some(d) => d,
+        None => size_of(file, &lf.disk.size)?,
+    };
     if disk_size % ALIGN != 0 {
         return Err(InputError::spanned(file, &lf.disk.size, "disk size must be a whole number of MiB"));
     }

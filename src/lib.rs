@@ -17,6 +17,7 @@ pub mod flatten;
 pub mod hash;
 pub mod images;
 pub mod inspect;
+pub mod installer;
 pub mod layout;
 pub mod lock;
 pub mod manifest;

@@ -8,6 +8,13 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
 bylabel() { for u in /sys/class/block/*/uevent; do grep -q "^PARTNAME=$1\$" "$u" && echo /dev/$(basename $(dirname "$u")); done; }
+if grep -q slotforge.install /proc/cmdline; then
+  # Booted from the USB installer: write the target disk, then power off. No network, no agent boot.
+  /usr/bin/slotforge agent install
+  sync
+  echo '@slotforge {"event":"poweroff"}'
+  poweroff -f
+fi
 mount -t vfat "$(bylabel esp)" /boot/efi
 mount -t ext4 "$(bylabel images)" /var/lib/slotforge/images
 if [ -e /sys/class/net/eth0 ]; then

@@ -245,3 +245,44 @@ pub fn run_services(cfg: &AgentConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `agent install`, booted from an installer: the payload partition's disk is this one; the
+/// target is the first other disk. Too small → `install-refused`, nothing written.
+pub fn install(cfg: &AgentConfig) -> anyhow::Result<()> {
+    let payload = crate::upgrade::device::partition_device(cfg, crate::installer::PAYLOAD_LABEL)?;
+    let part = payload.file_name().unwrap().to_string_lossy().into_owned();
+    let own = std::fs::canonicalize(format!("/sys/class/block/{part}"))?.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut disks: Vec<String> = std::fs::read_dir("/sys/block")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| ["vd", "sd", "nvme", "mmcblk", "hd"].iter().any(|p| n.starts_with(p)) && *n != own)
+        .collect();
+    disks.sort();
+    let Some(target) = disks.first().cloned() else {
+        emit("install-refused", json!({"error": "no target disk besides the installer"}));
+        bail!("no target disk besides the installer ({own})");
+    };
+    let size = std::fs::read_to_string(format!("/sys/block/{target}/size"))?.trim().parse::<u64>()? * 512;
+    let dev = PathBuf::from(format!("/dev/{target}"));
+    let mut pf = std::fs::File::open(&payload)?;
+    let (header, data_start) = crate::installer::read_header(&mut pf)?;
+    let layout = match crate::installer::fit(&header, size) {
+        Ok(l) => l,
+        Err(e) => {
+            emit("install-refused", json!({"target": dev, "size": size, "error": format!("{e:#}")}));
+            return Err(e);
+        }
+    };
+    emit("install-start", json!({"target": dev, "size": size, "build_id": header.build_id, "bytes": header.extents.iter().map(|e| e.len).sum::<u64>()}));
+    let last = std::cell::Cell::new(0u64);
+    let t = std::time::Instant::now();
+    let bytes = crate::installer::install(&mut pf, data_start, &header, &dev, &layout, &|done, total| {
+        let pct = done * 100 / total.max(1);
+        if pct >= last.get() + 25 || done == total {
+            last.set(pct);
+            emit("install-progress", json!({"percent": pct, "bytes": done}));
+        }
+    })?;
+    emit("installed", json!({"target": dev, "bytes": bytes, "disk_size": layout.disk_size, "seconds": t.elapsed().as_secs_f64()}));
+    Ok(())
+}
