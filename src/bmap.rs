@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// bmaptool's block size.
@@ -42,30 +41,15 @@ pub fn render(image_size: u64, ranges: &[(u64, u64, String)]) -> String {
     s.replacen(CHECKSUM_PLACEHOLDER, &sum, 1)
 }
 
-/// The data extents of `f` as inclusive block ranges (`SEEK_DATA`/`SEEK_HOLE`).
-fn extents(f: &File, len: u64) -> anyhow::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
+/// The data extents of `f` as inclusive, merged block ranges.
+fn block_ranges(f: &File, len: u64) -> anyhow::Result<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut pos = 0u64;
-    while pos < len {
-        // SAFETY: lseek on a descriptor we own.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(e).context("SEEK_DATA");
-        }
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len } else { (hole as u64).min(len) };
-        let (a, b) = (data as u64 / BLOCK, end.div_ceil(BLOCK) - 1);
+    for (start, end) in crate::window::data_extents(f, 0, len).context("SEEK_DATA")? {
+        let (a, b) = (start / BLOCK, end.div_ceil(BLOCK) - 1);
         match out.last_mut() {
             Some(last) if last.1 + 1 >= a => last.1 = last.1.max(b),
             _ => out.push((a, b)),
         }
-        pos = end;
     }
     Ok(out)
 }
@@ -75,20 +59,10 @@ pub fn write_bmap(image: &Path, out: &Path) -> anyhow::Result<BmapSummary> {
     let mut f = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let len = f.metadata()?.len();
     let mut ranges = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for (a, b) in extents(&f, len)? {
+    for (a, b) in block_ranges(&f, len)? {
         let start = a * BLOCK;
         let end = ((b + 1) * BLOCK).min(len);
-        f.seek(SeekFrom::Start(start))?;
-        let mut h = Sha256::new();
-        let mut left = end - start;
-        while left > 0 {
-            let n = (left as usize).min(buf.len());
-            f.read_exact(&mut buf[..n])?;
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        ranges.push((a, b, hex(&h.finalize())));
+        ranges.push((a, b, crate::window::sha256_range(&mut f, start, end - start)?));
     }
     let doc = render(len, &ranges);
     std::fs::write(out, doc)?;

@@ -8,11 +8,10 @@
 //! verifies it. No network. Guide: docs/guide.md#usb-install.
 
 use crate::build::{build, BuildOptions, ComposeOptions};
-use crate::hash::{digest_reader, hex, Digest};
+use crate::hash::{digest_reader, Digest};
 use crate::layout::{Layout, Role, ALIGN};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -41,35 +40,10 @@ pub struct PayloadHeader {
     pub extents: Vec<Extent>,
 }
 
-/// Data extents of `f` within `[from, to)` (`SEEK_DATA`/`SEEK_HOLE`), 4 KiB aligned.
+/// Data extents of `f` within `[from, to)`, each with its sha256.
 fn extents(f: &mut File, from: u64, to: u64) -> anyhow::Result<Vec<Extent>> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = from;
-    let mut buf = vec![0u8; 1 << 20];
-    while pos < to {
-        // SAFETY: lseek on a descriptor we own.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 || data as u64 >= to {
-            break;
-        }
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { to } else { (hole as u64).min(to) };
-        let start = data as u64;
-        f.seek(SeekFrom::Start(start))?;
-        let mut h = Sha256::new();
-        let mut left = end - start;
-        while left > 0 {
-            let n = (left as usize).min(buf.len());
-            f.read_exact(&mut buf[..n])?;
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        out.push(Extent { offset: start, len: end - start, sha256: hex(&h.finalize()) });
-        pos = end;
-    }
-    Ok(out)
+    let ranges = crate::window::data_extents(f, from, to).context("SEEK_DATA")?;
+    ranges.into_iter().map(|(a, b)| Ok(Extent { offset: a, len: b - a, sha256: crate::window::sha256_range(f, a, b - a)? })).collect()
 }
 
 /// The partitions an install writes: everything but the `rest`-sized last one, which must be last.

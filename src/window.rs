@@ -81,16 +81,14 @@ impl ext4_view::Ext4Read for Window<File> {
 /// Copy granularity: zero runs shorter than this are written, longer ones stay holes.
 const CHUNK: usize = 64 << 10;
 
-/// Copy a whole file into `dst` at `offset`, visiting only its data extents (`SEEK_DATA` /
-/// `SEEK_HOLE`), and within them skipping all-zero chunks. A 4 GiB ext4 image made by mke2fs is
-/// mostly holes; this reads only what it holds. Returns (source length, bytes written).
-pub fn copy_file_sparse(src: &mut File, dst: &mut File, offset: u64) -> io::Result<(u64, u64)> {
+/// The data extents of `f` within `[from, to)` as byte ranges `[start, end)`, from
+/// `SEEK_DATA`/`SEEK_HOLE`. Fails with `EINVAL` where the file system cannot tell holes.
+pub fn data_extents(f: &File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
-    let len = src.metadata()?.len();
-    let fd = src.as_raw_fd();
-    let mut pos = 0u64;
-    let mut written = 0u64;
-    while pos < len {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = from;
+    while pos < to {
         // SAFETY: lseek on an open descriptor we own; errors are checked.
         let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
@@ -98,21 +96,44 @@ pub fn copy_file_sparse(src: &mut File, dst: &mut File, offset: u64) -> io::Resu
             if e.raw_os_error() == Some(libc::ENXIO) {
                 break; // only a hole is left
             }
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                // The file system cannot tell holes: copy everything from here.
-                src.seek(SeekFrom::Start(pos))?;
-                let (_, w) = copy_sparse(&mut Read::by_ref(src).take(len - pos), dst, offset + pos)?;
-                return Ok((len, written + w));
-            }
             return Err(e);
         }
+        if data as u64 >= to {
+            break;
+        }
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { len } else { (hole as u64).min(len) };
-        let data = data as u64;
-        src.seek(SeekFrom::Start(data))?;
-        let (_, w) = copy_sparse(&mut Read::by_ref(src).take(hole - data), dst, offset + data)?;
+        let end = if hole < 0 { to } else { (hole as u64).min(to) };
+        out.push((data as u64, end));
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// sha256 (hex) of `len` bytes of `f` from `start`.
+pub fn sha256_range(f: &mut File, start: u64, len: u64) -> io::Result<String> {
+    f.seek(SeekFrom::Start(start))?;
+    let (d, n) = crate::hash::digest_reader(Read::by_ref(f).take(len))?;
+    if n != len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{n} of {len} bytes at {start}")));
+    }
+    Ok(d.hex().to_string())
+}
+
+/// Copy a whole file into `dst` at `offset`, visiting only its data extents, and within them
+/// skipping all-zero chunks. A 4 GiB ext4 image made by mke2fs is mostly holes; this reads only
+/// what it holds. Returns (source length, bytes written).
+pub fn copy_file_sparse(src: &mut File, dst: &mut File, offset: u64) -> io::Result<(u64, u64)> {
+    let len = src.metadata()?.len();
+    let extents = match data_extents(src, 0, len) {
+        Ok(e) => e,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => vec![(0, len)], // cannot tell: copy all
+        Err(e) => return Err(e),
+    };
+    let mut written = 0u64;
+    for (start, end) in extents {
+        src.seek(SeekFrom::Start(start))?;
+        let (_, w) = copy_sparse(&mut Read::by_ref(src).take(end - start), dst, offset + start)?;
         written += w;
-        pos = hole;
     }
     Ok((len, written))
 }
