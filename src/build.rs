@@ -16,6 +16,7 @@ use crate::progress::Progress;
 use crate::rootfs::{self, CapCheck, Contributor, ExternalImage, ExternalImages, Release};
 use crate::squashfs;
 use crate::tree::{components, Content, Kind, Spill, Tree};
+use crate::verity::{self, VerityInfo};
 use crate::yaml::InputError;
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -68,9 +69,16 @@ pub struct BuildSummary {
     pub disk_size: u64,
     /// Bytes actually written into the sparse image (its allocated data).
     pub bytes_written: u64,
+    /// Bytes of slot A's contents: the squashfs and its dm-verity hash area.
     pub rootfs_bytes: u64,
+    pub squashfs_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityInfo>,
     pub caps: Vec<CapCheck>,
     pub external_images: Vec<ExternalImage>,
+    /// Key ids of the update keys installed in the rootfs; empty means its devices accept
+    /// unsigned bundles.
+    pub update_keys: Vec<String>,
     pub images_partition_bytes: u64,
     pub contributors: Vec<Contributor>,
     /// Wall-clock seconds per phase, in order.
@@ -236,9 +244,25 @@ fn build_id(m: &LoadedManifest, r: &Resolved, epoch: u64) -> anyhow::Result<Stri
         "init": r.init.iter().map(|i| i.manifest_digest.to_string()).collect::<Vec<_>>(),
         "containers": containers,
         "files": files,
+        "verity": m.verity(),
+        "update_keys": update_keys(m)?.into_iter().map(|k| k.0).collect::<Vec<_>>(),
     });
     let d = Digest::of_bytes(&serde_json::to_vec(&inputs)?);
     Ok(format!("{}-{}", m.version(), &d.hex()[..12]))
+}
+
+/// The manifest's `update-keys:`, read and checked: (key id, public key file text), sorted by id.
+fn update_keys(m: &LoadedManifest) -> anyhow::Result<Vec<(String, String)>> {
+    let mut keys = Vec::new();
+    for k in &m.manifest.update_keys {
+        let p = m.dir().join(&k.value);
+        let text = std::fs::read_to_string(&p).map_err(|e| InputError::spanned(&m.path, k, format!("update key {}: {e}", p.display())))?;
+        let key = crate::signature::parse_public(&text).map_err(|e| InputError::spanned(&m.path, k, format!("update key {}: {e:#}", p.display())))?;
+        keys.push((key.id.clone(), crate::signature::public_text(&key)?));
+    }
+    keys.sort();
+    keys.dedup_by(|a, b| a.0 == b.0);
+    Ok(keys)
 }
 
 /// A regular file inside a flattened tree, by path.
@@ -351,6 +375,9 @@ fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill:
         rootfs::apply_file_entry(&mut root, f, m.dir(), epoch, fo)?;
     }
     let so = contributor("slotforge", "metadata", None, false);
+    for (id, text) in update_keys(m)? {
+        rootfs::put_file(&mut root, &format!("{}/{id}.pub", crate::signature::KEYS_DIR), text.into_bytes(), 0o644, epoch, so)?;
+    }
     let release = Release { format: rootfs::METADATA_FORMAT, version: m.version().into(), build_id: build_id.into(), source_date_epoch: epoch, builder: format!("slotforge {}", env!("CARGO_PKG_VERSION")) };
     rootfs::put_file(&mut root, rootfs::RELEASE_PATH, rootfs::to_json(&release), 0o644, epoch, so)?;
     let mut ext_sorted: Vec<ExternalImage> = external.iter().map(|(e, _)| e.clone()).collect();
@@ -385,8 +412,12 @@ pub struct Composed {
     resolved: Resolved,
     pub build_id: String,
     parts: RootfsParts,
-    pub squashfs: PathBuf,
+    /// What goes into a rootfs slot: the squashfs, then (with verity) its hash area.
+    pub rootfs_image: PathBuf,
+    pub squashfs_bytes: u64,
+    /// Bytes of `rootfs_image`: what the slot's cap is checked against.
     pub rootfs_bytes: u64,
+    pub verity: Option<VerityInfo>,
     pub caps: Vec<CapCheck>,
     pub phases: Vec<(String, f64)>,
     pub work: tempfile::TempDir,
@@ -442,16 +473,29 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;
     let sqfs = work.path().join("rootfs.squashfs");
     let pb = opts.progress.bar("squashfs", parts.tree.count(), false);
-    let rootfs_bytes = squashfs::write(&parts.tree, &sqfs, epoch as u32, &mut || pb.inc(1))?;
+    let squashfs_bytes = squashfs::write(&parts.tree, &sqfs, epoch as u32, &mut || pb.inc(1))?;
     pb.finish_and_clear();
     lap("squashfs");
+    // The slot holds the squashfs, padded to a block, then its dm-verity hash area; its size is
+    // a function of the squashfs size, so the cap is checked before the tree is computed.
+    let (rootfs_bytes, verity_bytes) = if m.verity() {
+        let p = verity::Params::derived(squashfs_bytes, &build_id);
+        let area = verity::hash_area_bytes(p.data_blocks);
+        (p.hash_offset() + area, area)
+    } else {
+        (squashfs_bytes, 0)
+    };
     let mut all: Vec<&Layout> = vec![&layout];
     all.extend(compat.iter());
-    let caps = rootfs::cap_checks(rootfs_bytes, &all);
+    let caps = rootfs::cap_checks(rootfs_bytes, verity_bytes, &all);
     if let Some(bad) = caps.iter().find(|c| c.slack < 0) {
         bail!("{}", rootfs::oversize_message(bad, &parts.contributors));
     }
-    Ok(Composed { epoch, manifest: m, layout, compat, resolved: r, build_id, parts, squashfs: sqfs, rootfs_bytes, caps, phases, work, _spill: spill })
+    let verity = if m.verity() { Some(verity::append(&sqfs, &build_id).context("computing the rootfs dm-verity tree")?) } else { None };
+    if verity.is_some() {
+        lap("verity");
+    }
+    Ok(Composed { epoch, manifest: m, layout, compat, resolved: r, build_id, parts, rootfs_image: sqfs, squashfs_bytes, rootfs_bytes, verity, caps, phases, work, _spill: spill })
 }
 
 /// Build the disk image described by `opts`.
@@ -467,7 +511,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     let m = &c.manifest;
     let r = &c.resolved;
     let parts = &c.parts;
-    let (sqfs, rootfs_bytes, caps) = (&c.squashfs, c.rootfs_bytes, c.caps.clone());
+    let (sqfs, rootfs_bytes, caps) = (&c.rootfs_image, c.rootfs_bytes, c.caps.clone());
     let images_part = layout.by_role(Role::ExternalImages);
 
     // External-images partition.
@@ -507,7 +551,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         version: 1,
         linux: format!("/{}/vmlinuz", slot.name()),
         initrd: parts.kernel.initrd.as_ref().map(|_| format!("/{}/initrd.img", slot.name())),
-        options: format!("root=PARTLABEL={} ro slotforge.slot={} slotforge.build={build_id} {kcmd} {}", layout.rootfs(slot).name, slot.name(), opts.extra_cmdline.as_deref().unwrap_or("")).trim_end().to_string(),
+        options: crate::cmdline::entry_options(&layout.rootfs(slot).name, slot, build_id, c.verity.as_ref(), &format!("{kcmd} {}", opts.extra_cmdline.as_deref().unwrap_or("")))?,
         tries: opts.boot_tries,
     };
     let mut files = vec![
@@ -564,8 +608,11 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         disk_size: layout.disk_size,
         bytes_written,
         rootfs_bytes,
+        squashfs_bytes: c.squashfs_bytes,
+        verity: c.verity.clone(),
         caps,
         external_images: parts.external.iter().map(|(e, _)| e.clone()).collect(),
+        update_keys: update_keys(m)?.into_iter().map(|k| k.0).collect(),
         images_partition_bytes,
         contributors: parts.contributors.clone(),
         phases,

@@ -19,7 +19,14 @@ pub const MT_CONFIG: &str = "application/vnd.slotforge.bundle.config.v1+json";
 pub const MT_ROOTFS: &str = "application/vnd.slotforge.rootfs.squashfs";
 pub const MT_KERNEL: &str = "application/vnd.slotforge.kernel";
 pub const MT_INITRD: &str = "application/vnd.slotforge.initrd";
+/// The artifact type of a signature manifest (its `subject` is the bundle manifest).
+pub const MT_SIGNATURE_ARTIFACT: &str = "application/vnd.slotforge.bundle.signature.v1";
+/// A minisign signature file (`.minisig`) over the bundle's config blob.
+pub const MT_MINISIG: &str = "application/vnd.minisign.signature.v1";
+/// OCI 1.1's empty config for artifacts.
+const MT_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 const ANN_IMAGE: &str = "io.slotforge.bundle.image";
+const ANN_KEY_ID: &str = "io.slotforge.signature.key-id";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Blob {
@@ -55,6 +62,10 @@ pub struct BundleConfig {
     /// Kernel command line of the build (the entry adds root=, slot and build id).
     pub cmdline: String,
     pub requires: Requires,
+    /// The rootfs blob's dm-verity parameters (the blob is the squashfs followed by its hash
+    /// area); absent for a build with `verity: false`. Older agents ignore it and still boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<crate::verity::VerityInfo>,
     /// The build's external images (what its rootfs pins).
     pub images: Vec<ExternalImage>,
     /// Whether their blobs are in the bundle; if not, the device pulls them.
@@ -66,6 +77,8 @@ pub struct BundleOptions {
     pub output: PathBuf,
     /// Leave the external images out (the device pulls them from the registry).
     pub without_images: bool,
+    /// minisign secret key files to sign the bundle's config with.
+    pub sign: Vec<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +89,8 @@ pub struct BundleSummary {
     pub rootfs_bytes: u64,
     pub bundle_bytes: u64,
     pub requires: Requires,
+    /// Key ids of the signatures it carries.
+    pub signed_by: Vec<String>,
 }
 
 fn put_file(stage: &Stage, p: &Path) -> anyhow::Result<Blob> {
@@ -95,18 +110,31 @@ fn put_content(stage: &Stage, c: &crate::tree::Content) -> anyhow::Result<Blob> 
     Ok(b)
 }
 
-fn put_json(stage: &Stage, v: &serde_json::Value) -> anyhow::Result<Blob> {
-    let bytes = serde_json::to_vec(v)?;
-    let digest = Digest::of_bytes(&bytes);
-    std::fs::write(stage.path().join("blobs/sha256").join(digest.hex()), &bytes)?;
+fn put_bytes(stage: &Stage, bytes: &[u8]) -> anyhow::Result<Blob> {
+    let digest = Digest::of_bytes(bytes);
+    std::fs::write(stage.path().join("blobs/sha256").join(digest.hex()), bytes)?;
     Ok(Blob { digest, size: bytes.len() as u64 })
+}
+
+fn put_json(stage: &Stage, v: &serde_json::Value) -> anyhow::Result<Blob> {
+    put_bytes(stage, &serde_json::to_vec(v)?)
 }
 
 /// `slotforge bundle`: compose the build (refused if over any cap) and write its bundle.
 pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
+    // Keys first: a wrong password should fail before minutes of composing.
+    let password = std::env::var(crate::signature::PASSWORD_ENV).ok();
+    let keys: Vec<_> = opts
+        .sign
+        .iter()
+        .map(|p| {
+            let t = std::fs::read_to_string(p).with_context(|| format!("reading secret key {}", p.display()))?;
+            crate::signature::parse_secret(&t, password.clone()).with_context(|| format!("secret key {}", p.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let c = compose(&opts.compose)?;
     let stage = Stage::new()?;
-    let rootfs = put_file(&stage, &c.squashfs)?;
+    let rootfs = put_file(&stage, &c.rootfs_image)?;
     let kernel = put_content(&stage, c.kernel())?;
     let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
     let mut index = Vec::new();
@@ -135,11 +163,13 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         initrd: initrd.clone(),
         cmdline: c.cmdline().into(),
         requires: requires.clone(),
+        verity: c.verity.clone(),
         images,
         images_included: !opts.without_images,
     };
-    let cfg = put_json(&stage, &serde_json::to_value(&config)?)?;
-    let mut layers = vec![json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.squashfs"}}),
+    let cfg_bytes = serde_json::to_vec(&config)?;
+    let cfg = put_bytes(&stage, &cfg_bytes)?;
+    let mut layers = vec![json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.img"}}),
         json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}})];
     if let Some(i) = &initrd {
         layers.push(json!({"mediaType": MT_INITRD, "digest": i.digest, "size": i.size, "annotations": {"org.opencontainers.image.title": "initrd.img"}}));
@@ -147,10 +177,24 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     let manifest = put_json(&stage, &json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": MT_CONFIG,
         "config": {"mediaType": MT_CONFIG, "digest": cfg.digest, "size": cfg.size}, "layers": layers}))?;
     index.insert(0, json!({"mediaType": MT_OCI_MANIFEST, "digest": manifest.digest, "size": manifest.size, "annotations": {REF_NAME: c.build_id}}));
+    // Signatures: one OCI 1.1 artifact per key whose subject is the bundle manifest and whose
+    // layer is the .minisig over the config blob (which pins every other blob by digest).
+    let mut signed_by = Vec::new();
+    for (sk, id) in &keys {
+        let comment = format!("slotforge bundle {} version {} config {}", c.build_id, c.version(), cfg.digest);
+        let sig = put_bytes(&stage, crate::signature::sign(sk, &cfg_bytes, &comment)?.as_bytes())?;
+        let empty = put_bytes(&stage, b"{}")?;
+        let sm = put_json(&stage, &json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": MT_SIGNATURE_ARTIFACT,
+            "config": {"mediaType": MT_EMPTY, "digest": empty.digest, "size": empty.size},
+            "layers": [{"mediaType": MT_MINISIG, "digest": sig.digest, "size": sig.size, "annotations": {"org.opencontainers.image.title": "config.minisig", ANN_KEY_ID: id}}],
+            "subject": {"mediaType": MT_OCI_MANIFEST, "digest": manifest.digest, "size": manifest.size}}))?;
+        index.push(json!({"mediaType": MT_OCI_MANIFEST, "digest": sm.digest, "size": sm.size, "artifactType": MT_SIGNATURE_ARTIFACT, "annotations": {ANN_KEY_ID: id}}));
+        signed_by.push(id.clone());
+    }
     std::fs::write(stage.path().join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": index}))?)?;
     std::fs::write(stage.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let bytes = write_out(stage.path(), &opts.output, c.epoch)?;
-    Ok(BundleSummary { output: opts.output.clone(), build_id: c.build_id.clone(), version: c.version().into(), rootfs_bytes: c.rootfs_bytes, bundle_bytes: bytes, requires })
+    Ok(BundleSummary { output: opts.output.clone(), build_id: c.build_id.clone(), version: c.version().into(), rootfs_bytes: c.rootfs_bytes, bundle_bytes: bytes, requires, signed_by })
 }
 
 /// A tar (sorted members, fixed times and owners) if `out` ends in `.tar`, else a directory.
@@ -210,6 +254,10 @@ fn write_out(dir: &Path, out: &Path, epoch: u64) -> anyhow::Result<u64> {
 pub struct Bundle {
     pub dir: PathBuf,
     pub config: BundleConfig,
+    /// The config blob's exact bytes: what the signatures cover.
+    pub config_bytes: Vec<u8>,
+    /// The `.minisig` texts of every signature artifact whose subject is the bundle manifest.
+    pub signatures: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -259,11 +307,28 @@ impl Bundle {
             bail!("not a slotforge bundle (config media type {})", man["config"]["mediaType"]);
         }
         let cd = Digest::parse(man["config"]["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
-        let config: BundleConfig = serde_json::from_slice(&read_verified(&dir, &cd, man["config"]["size"].as_u64().unwrap_or(0))?).context("bundle config")?;
+        let config_bytes = read_verified(&dir, &cd, man["config"]["size"].as_u64().unwrap_or(0))?;
+        let config: BundleConfig = serde_json::from_slice(&config_bytes).context("bundle config")?;
         if config.format != FORMAT {
             bail!("bundle format {} is not supported (this slotforge reads {FORMAT})", config.format);
         }
-        Ok(Self { dir, config, _tmp: tmp })
+        let mut signatures = Vec::new();
+        for d in idx["manifests"].as_array().into_iter().flatten().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT) {
+            // A damaged signature artifact is skipped: the decision then rests on the others.
+            let Ok(sd) = Digest::parse(d["digest"].as_str().unwrap_or("")) else { continue };
+            let Ok(sb) = read_verified(&dir, &sd, d["size"].as_u64().unwrap_or(0)) else { continue };
+            let Ok(sm) = serde_json::from_slice::<serde_json::Value>(&sb) else { continue };
+            if sm["subject"]["digest"].as_str() != Some(md.as_str()) {
+                continue;
+            }
+            for l in sm["layers"].as_array().into_iter().flatten().filter(|l| l["mediaType"] == MT_MINISIG) {
+                let Ok(ld) = Digest::parse(l["digest"].as_str().unwrap_or("")) else { continue };
+                if let Ok(text) = read_verified(&dir, &ld, l["size"].as_u64().unwrap_or(0)) {
+                    signatures.push(String::from_utf8_lossy(&text).into_owned());
+                }
+            }
+        }
+        Ok(Self { dir, config, config_bytes, signatures, _tmp: tmp })
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -271,7 +336,16 @@ impl Bundle {
     }
 }
 
+/// JSON documents and signatures of a bundle are small; a larger claim is refused before
+/// anything is read, so a hostile bundle cannot make the reader balloon.
+pub const MAX_METADATA_BLOB: u64 = 4 << 20;
+
 fn read_verified(dir: &Path, d: &Digest, size: u64) -> anyhow::Result<Vec<u8>> {
+    let p = dir.join("blobs/sha256").join(d.hex());
+    let on_disk = std::fs::metadata(&p).with_context(|| format!("bundle blob {d} missing"))?.len();
+    if size > MAX_METADATA_BLOB || on_disk != size {
+        bail!("bundle blob {d}: {on_disk} bytes on disk, {size} claimed (metadata blobs are at most {MAX_METADATA_BLOB}); refusing it");
+    }
     let b = std::fs::read(dir.join("blobs/sha256").join(d.hex())).with_context(|| format!("bundle blob {d} missing"))?;
     if Digest::of_bytes(&b) != *d || b.len() as u64 != size {
         bail!("bundle blob {d} is corrupt");

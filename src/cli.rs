@@ -89,6 +89,10 @@ enum Cmd {
         /// Leave the external images out: the device pulls them at first boot.
         #[arg(long)]
         without_images: bool,
+        /// Sign the bundle with this minisign secret key (repeatable; an encrypted key takes its
+        /// password from $SLOTFORGE_KEY_PASSWORD).
+        #[arg(long)]
+        sign: Vec<PathBuf>,
         #[command(flatten)]
         src: SourceArgs,
         #[arg(long)]
@@ -129,6 +133,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Signing keys for update bundles (minisign format).
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Write DIR/NAME.key (secret) and DIR/NAME.pub (public). With $SLOTFORGE_KEY_PASSWORD set the
+    /// secret key is encrypted with it (as `minisign -G`), else stored unencrypted (`minisign -G -W`).
+    Generate {
+        name: String,
+        #[arg(short, long, default_value = ".")]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The build's devices will take any bundle: say so where a person will see it.
+fn warn_unsigned(keys: &[String]) {
+    if keys.is_empty() {
+        eprintln!("warning: the manifest has no `update-keys:`; devices running this build will accept UNSIGNED update bundles");
+    }
 }
 
 #[derive(Subcommand)]
@@ -265,6 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
             let opts = BuildOptions { compose, output, no_prefill, boot_tries, bmap, qcow2, extra_cmdline: None };
             let s = build(&opts)?;
+            warn_unsigned(&s.update_keys);
             if json {
                 json_out(&s)?;
             } else {
@@ -274,6 +304,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 for e in &s.external_images {
                     println!("  external {} {} ({})", e.name, e.digest, mib(e.size));
+                }
+                if let Some(v) = &s.verity {
+                    println!("  dm-verity root hash {} (tree {}, {:.2}% of the slot image)", v.root_hash, mib(v.tree_bytes), v.tree_bytes as f64 * 100.0 / s.rootfs_bytes.max(1) as f64);
                 }
                 println!("  disk {} with {} written", mib(s.disk_size), mib(s.bytes_written));
                 if let Some((p, b)) = &s.bmap {
@@ -328,13 +361,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bundle { manifest, layout, output, compat, without_images, src, json, quiet } => {
+        Cmd::Bundle { manifest, layout, output, compat, without_images, sign, src, json, quiet } => {
             let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
-            let s = crate::bundle::bundle(&crate::bundle::BundleOptions { compose, output, without_images })?;
+            let s = crate::bundle::bundle(&crate::bundle::BundleOptions { compose, output, without_images, sign })?;
+            if s.signed_by.is_empty() {
+                eprintln!("warning: the bundle is unsigned; devices whose rootfs trusts an update key will refuse it (sign with --sign KEY)");
+            }
             if json {
                 json_out(&s)?;
             } else {
-                println!("bundle {} ({} {}), rootfs {}, {} in all", s.output.display(), s.version, s.build_id, mib(s.rootfs_bytes), mib(s.bundle_bytes));
+                println!("bundle {} ({} {}), rootfs {}, {} in all{}", s.output.display(), s.version, s.build_id, mib(s.rootfs_bytes), mib(s.bundle_bytes), if s.signed_by.is_empty() { String::new() } else { format!(", signed by {}", s.signed_by.join(", ")) });
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -356,6 +392,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json_out(&r)?;
             } else {
                 println!("slot {} now holds {} ({}), entry {} (install {}); {} image blobs written ({}), {} already present", r.slot, r.version, r.build_id, r.entry, r.install_number, r.blobs_written, mib(r.image_bytes_written), r.blobs_present);
+                match &r.signature {
+                    crate::signature::Decision::Signed { key_id } => println!("signature: good, key {key_id}"),
+                    crate::signature::Decision::Unchecked => eprintln!("warning: the slot that would boot trusts no update key; the bundle was applied without a signature check"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Key { cmd: KeyCmd::Generate { name, output, json } } => {
+            let (key, public, id) = crate::signature::write_key_pair(&name, &output)?;
+            if json {
+                json_out(&serde_json::json!({"key_id": id, "secret_key": key, "public_key": public}))?;
+            } else {
+                println!("key {id}: secret {} (keep it off the devices), public {} (list it under update-keys:)", key.display(), public.display());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -375,6 +424,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     match &s.release {
                         Some(rel) => println!("slot {}: {} build {}, rootfs {} of cap {}, slack {}", s.slot, rel.version, rel.build_id, mib(s.rootfs_bytes.unwrap_or(0)), s.cap.map(mib).unwrap_or("?".into()), s.slack.map(|x| format!("{x} bytes")).unwrap_or("?".into())),
                         None => println!("slot {}: {}{}", s.slot, s.state, s.error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()),
+                    }
+                    if let Some(v) = &s.verity {
+                        println!("  dm-verity: tree {} at byte {}, root hash {}", mib(v.tree_bytes), v.hash_offset, v.root_hash.as_deref().unwrap_or("(no entry names it)"));
                     }
                 }
                 if let Some(e) = &r.esp {

@@ -9,6 +9,7 @@ use crate::images::{self, PartitionReport};
 use crate::layout::{types, Layout};
 use crate::rootfs::{ExternalImages, Release, EXTERNAL_PATH, RELEASE_PATH};
 use crate::squashfs::{self, Superblock};
+use crate::verity;
 use crate::window::Window;
 use anyhow::Context;
 use serde::Serialize;
@@ -29,7 +30,24 @@ pub struct SlotReport {
     pub slack: Option<i64>,
     pub release: Option<Release>,
     pub external_images: Option<ExternalImages>,
+    /// The slot's dm-verity hash area, if it has one.
+    pub verity: Option<SlotVerity>,
     pub error: Option<String>,
+}
+
+/// What `inspect` reads of a slot's dm-verity: the superblock after the squashfs and the root
+/// hash its boot entry carries.
+#[derive(Debug, Serialize)]
+pub struct SlotVerity {
+    pub hash_offset: u64,
+    pub data_blocks: u64,
+    pub salt: String,
+    pub uuid: String,
+    pub tree_bytes: u64,
+    /// From the slot's boot entry (`roothash=`); `None` when no entry names one.
+    pub root_hash: Option<String>,
+    /// The entry's `hash-offset=`, which must equal `hash_offset`.
+    pub entry_hash_offset: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,7 +65,7 @@ fn find<'a>(g: &'a GptReport, ty: &str) -> impl Iterator<Item = &'a crate::disk:
     g.partitions.iter().filter(move |p| p.type_guid == ty)
 }
 
-fn read_slot(disk: &mut File, p: &crate::disk::GptEntry, layout: Option<&Layout>) -> SlotReport {
+fn read_slot(disk: &mut File, p: &crate::disk::GptEntry, layout: Option<&Layout>, esp: Option<&EspReport>) -> SlotReport {
     let lp = layout.and_then(|l| l.partitions.iter().find(|q| q.name == p.name));
     let mut rep = SlotReport {
         slot: lp.and_then(|q| q.slot).map(|s| s.name().to_string()).unwrap_or_else(|| p.name.clone()),
@@ -60,22 +78,41 @@ fn read_slot(disk: &mut File, p: &crate::disk::GptEntry, layout: Option<&Layout>
         slack: None,
         release: None,
         external_images: None,
+        verity: None,
         error: None,
     };
     let res = (|| -> anyhow::Result<()> {
-        disk.seek(SeekFrom::Start(p.start))?;
-        let Some(sb) = squashfs::read_superblock(disk)? else { return Ok(()) };
+        let Some((sb, tmp)) = squashfs::extract(disk, p.start, p.size)? else { return Ok(()) };
         rep.state = "squashfs".into();
-        if sb.bytes_used > p.size {
-            anyhow::bail!("squashfs claims {} bytes but the partition has {}", sb.bytes_used, p.size);
-        }
-        rep.rootfs_bytes = Some(sb.bytes_used.div_ceil(4096) * 4096);
-        rep.slack = rep.cap.map(|c| c as i64 - rep.rootfs_bytes.unwrap() as i64);
+        let data_end = sb.bytes_used.div_ceil(verity::BLOCK) * verity::BLOCK;
+        rep.rootfs_bytes = Some(data_end);
         rep.superblock = Some(sb.clone());
-        // libsquashfs reads from a path: copy the filesystem (not the whole partition) out.
-        let mut tmp = tempfile::NamedTempFile::new()?;
-        disk.seek(SeekFrom::Start(p.start))?;
-        std::io::copy(&mut Read::by_ref(disk).take(sb.bytes_used), tmp.as_file_mut())?;
+        // The entry of this slot (by name) carries the root hash.
+        let entry = esp.and_then(|e| e.entries.iter().find(|en| en.slot.as_deref() == Some(rep.slot.as_str())));
+        let from_entry = entry.and_then(|e| e.options.as_deref()).and_then(crate::cmdline::verity_of);
+        if data_end + verity::SUPERBLOCK_LEN as u64 <= p.size {
+            disk.seek(SeekFrom::Start(p.start + data_end))?;
+            let mut b = [0u8; verity::SUPERBLOCK_LEN];
+            disk.read_exact(&mut b)?;
+            match verity::parse_superblock(&b, data_end) {
+                Ok(vp) => {
+                    let tree_bytes = verity::hash_area_bytes(vp.data_blocks);
+                    rep.rootfs_bytes = Some(data_end + tree_bytes);
+                    rep.verity = Some(SlotVerity {
+                        hash_offset: data_end,
+                        data_blocks: vp.data_blocks,
+                        salt: crate::hash::hex(&vp.salt),
+                        uuid: uuid::Uuid::from_bytes(vp.uuid).to_string(),
+                        tree_bytes,
+                        root_hash: from_entry.as_ref().map(|v| v.0.clone()),
+                        entry_hash_offset: from_entry.as_ref().map(|v| v.1),
+                    });
+                }
+                Err(verity::VerityError::NoSuperblock(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        rep.slack = rep.cap.map(|c| c as i64 - rep.rootfs_bytes.unwrap() as i64);
         let rel = squashfs::read_file(tmp.path(), RELEASE_PATH)?.context("no /etc/slotforge/release.json: not built by slotforge")?;
         rep.release = Some(serde_json::from_slice(&rel).context(RELEASE_PATH)?);
         if let Some(ext) = squashfs::read_file(tmp.path(), EXTERNAL_PATH)? {
@@ -110,7 +147,7 @@ pub fn inspect(path: &Path) -> anyhow::Result<InspectReport> {
         errors.push("no EFI system partition".into());
     }
     let roots: Vec<_> = find(&gpt, types::ROOT_X86_64).chain(find(&gpt, types::USR_X86_64)).cloned().collect();
-    let slots = roots.iter().map(|p| read_slot(&mut disk, p, layout.as_ref())).collect();
+    let slots = roots.iter().map(|p| read_slot(&mut disk, p, layout.as_ref(), esp_report.as_ref())).collect();
     let mut images = None;
     if let Some(p) = images_partition(&gpt, layout.as_ref()) {
         match open_ext4(path, p.start, p.size).and_then(|fs| images::read_report(&fs)) {
@@ -211,6 +248,29 @@ pub fn verify(path: &Path) -> anyhow::Result<VerifyReport> {
                     None => String::new(),
                 }));
             }
+        }
+    }
+    for s in &rep.slots {
+        let Some(v) = &s.verity else { continue };
+        let name = format!("slot {} verity", s.slot);
+        let p = rep.gpt.partitions.iter().find(|g| g.name == s.partition).unwrap();
+        let mut w = Window::new(File::open(path)?, p.start, p.size);
+        let res = match v.entry_hash_offset {
+            Some(off) if off != v.hash_offset => Err(anyhow::anyhow!("the boot entry says hash-offset={off}, the tree is at {}", v.hash_offset)),
+            _ => verity::check(&mut w, v.hash_offset, v.root_hash.as_deref()),
+        };
+        match res {
+            Ok(info) => check(&name, true, match &v.root_hash {
+                Some(_) => format!("tree of {} blocks matches the data and the entry's root hash {}", v.data_blocks, info.root_hash),
+                None => format!("tree of {} blocks matches the data (root hash {}; no boot entry names it)", v.data_blocks, info.root_hash),
+            }),
+            Err(e) => check(&name, false, format!("{e:#}")),
+        }
+    }
+    for s in rep.slots.iter().filter(|s| s.verity.is_none() && s.state == "squashfs") {
+        let entry = rep.esp.as_ref().and_then(|e| e.entries.iter().find(|en| en.slot.as_deref() == Some(s.slot.as_str())));
+        if entry.and_then(|e| e.options.as_deref()).and_then(crate::cmdline::verity_of).is_some() {
+            check(&format!("slot {} verity", s.slot), false, "the boot entry names a root hash but the slot has no verity tree".into());
         }
     }
     check("rootfs", booted_any, if booted_any { "at least one slot holds a rootfs".into() } else { "no slot holds a rootfs".into() });

@@ -26,6 +26,13 @@ pub struct Manifest {
     #[serde(default)]
     pub files: Vec<FileEntry>,
     pub boot: Option<Boot>,
+    /// dm-verity on the rootfs slots (default on): the hash tree follows the squashfs in the
+    /// slot and the boot entry carries the root hash. `false` opts out.
+    pub verity: Option<bool>,
+    /// minisign public keys (files, relative to the manifest) installed in the rootfs at
+    /// `/etc/slotforge/update-keys/`: the device then applies only bundles signed by one of them.
+    #[serde(default, rename = "update-keys")]
+    pub update_keys: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +122,9 @@ pub struct LoadedManifest {
 impl LoadedManifest {
     pub fn dir(&self) -> &Path {
         self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+    pub fn verity(&self) -> bool {
+        self.manifest.verity != Some(false)
     }
     pub fn version(&self) -> &str {
         self.manifest.version.as_ref().map(|v| v.value.as_str()).unwrap_or("0.0.0")

@@ -177,18 +177,21 @@ pub struct CapCheck {
     pub generation: u32,
     pub partition: String,
     pub cap: u64,
+    /// Everything the slot holds: the squashfs and its dm-verity hash area.
     pub rootfs_bytes: u64,
+    /// The dm-verity hash area's share of `rootfs_bytes` (0 without verity).
+    pub verity_bytes: u64,
     /// `cap - rootfs_bytes`; negative when it does not fit.
     pub slack: i64,
 }
 
 /// Check `size` against the smaller of each layout's two slot caps.
-pub fn cap_checks(size: u64, layouts: &[&Layout]) -> Vec<CapCheck> {
+pub fn cap_checks(size: u64, verity_bytes: u64, layouts: &[&Layout]) -> Vec<CapCheck> {
     layouts
         .iter()
         .map(|l| {
             let p = [l.rootfs(Slot::A), l.rootfs(Slot::B)].into_iter().min_by_key(|p| p.fs_cap).unwrap();
-            CapCheck { layout: l.name.clone(), generation: l.generation, partition: p.name.clone(), cap: p.fs_cap, rootfs_bytes: size, slack: p.fs_cap as i64 - size as i64 }
+            CapCheck { layout: l.name.clone(), generation: l.generation, partition: p.name.clone(), cap: p.fs_cap, rootfs_bytes: size, verity_bytes, slack: p.fs_cap as i64 - size as i64 }
         })
         .collect()
 }
@@ -203,13 +206,13 @@ pub fn oversize_message(check: &CapCheck, contributors: &[Contributor]) -> Strin
     let over = (-check.slack) as u64;
     let total: u64 = contributors.iter().map(|c| c.bytes).sum::<u64>().max(1);
     // Each contributor's share of the compressed image, estimated by the overall ratio.
-    let ratio = check.rootfs_bytes as f64 / total as f64;
+    let ratio = (check.rootfs_bytes - check.verity_bytes) as f64 / total as f64;
     let est = |b: u64| (b as f64 * ratio) as u64;
     let mut sorted: Vec<&Contributor> = contributors.iter().filter(|c| c.bytes > 0).collect();
     sorted.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.name.cmp(&b.name)));
     let mut msg = format!(
-        "rootfs is {} bytes ({}), {} bytes ({}) over the {} byte ({}) cap of layout {} generation {} partition {}; nothing was written.\nLargest contributors (uncompressed, ~share of the squashfs):\n",
-        check.rootfs_bytes, mib(check.rootfs_bytes), over, mib(over), check.cap, mib(check.cap), check.layout, check.generation, check.partition
+        "rootfs is {} bytes ({}{}), {} bytes ({}) over the {} byte ({}) cap of layout {} generation {} partition {}; nothing was written.\nLargest contributors (uncompressed, ~share of the squashfs):\n",
+        check.rootfs_bytes, mib(check.rootfs_bytes), if check.verity_bytes > 0 { format!(", of which {} dm-verity tree", mib(check.verity_bytes)) } else { String::new() }, over, mib(over), check.cap, mib(check.cap), check.layout, check.generation, check.partition
     );
     for c in sorted.iter().take(8) {
         msg += &format!("  {:<11} {:<24} {:>12}  ~{}{}\n", c.kind, c.name, mib(c.bytes), mib(est(c.bytes)), c.reference.as_ref().map(|r| format!("  ({r})")).unwrap_or_default());
@@ -241,7 +244,7 @@ mod tests {
 
     #[test]
     fn oversize_message_names_overshoot_and_candidates() {
-        let check = CapCheck { layout: "edge".into(), generation: 1, partition: "rootfs_a".into(), cap: 100 << 20, rootfs_bytes: 130 << 20, slack: -(30 << 20) };
+        let check = CapCheck { layout: "edge".into(), generation: 1, partition: "rootfs_a".into(), cap: 100 << 20, rootfs_bytes: 130 << 20, verity_bytes: 1 << 20, slack: -(30 << 20) };
         let cs = vec![
             Contributor { kind: "init".into(), name: "base".into(), reference: None, bytes: 40 << 20, movable: false },
             Contributor { kind: "services".into(), name: "analytics".into(), reference: Some("oci:x".into()), bytes: 80 << 20, movable: true },

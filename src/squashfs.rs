@@ -136,3 +136,37 @@ pub fn read_file(image: &Path, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
     let mut f = node.as_file().with_context(|| format!("{path} is not a file"))?;
     Ok(Some(f.to_bytes().with_context(|| format!("reading {path}"))?))
 }
+
+/// The regular files directly in directory `dir` of a squashfs image file: (name, contents).
+/// An absent directory gives an empty list.
+pub fn read_dir_files(image: &Path, dir: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let ar = squashfs_ng::read::Archive::open(image).with_context(|| format!("opening squashfs {}", image.display()))?;
+    let Some(node) = ar.get(dir).with_context(|| format!("looking up {dir}"))? else {
+        return Ok(vec![]);
+    };
+    let mut out = Vec::new();
+    for child in node.as_dir().with_context(|| format!("{dir} is not a directory"))? {
+        let child = child.with_context(|| format!("reading {dir}"))?;
+        let name = child.name().unwrap_or_default();
+        if child.is_file().unwrap_or(false) {
+            let bytes = child.as_file().with_context(|| format!("{dir}/{name}"))?.to_bytes().with_context(|| format!("reading {dir}/{name}"))?;
+            out.push((name, bytes));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Copy the squashfs at `start` of `dev` (a disk image) into a temporary file, for the readers
+/// that want a path; `None` when there is no squashfs there.
+pub fn extract(dev: &mut (impl Read + Seek), start: u64, limit: u64) -> anyhow::Result<Option<(Superblock, tempfile::NamedTempFile)>> {
+    dev.seek(SeekFrom::Start(start))?;
+    let Some(sb) = read_superblock(dev)? else { return Ok(None) };
+    if sb.bytes_used > limit {
+        bail!("squashfs claims {} bytes but the partition has {limit}", sb.bytes_used);
+    }
+    let mut tmp = tempfile::NamedTempFile::new()?;
+    dev.seek(SeekFrom::Start(start))?;
+    std::io::copy(&mut Read::by_ref(dev).take(sb.bytes_used), tmp.as_file_mut())?;
+    Ok(Some((sb, tmp)))
+}

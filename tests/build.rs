@@ -44,13 +44,21 @@ fn built_disk_passes_every_standard_reader() {
     let entry = tool("mtype", &["-i", esp.to_str().unwrap(), "::/loader/entries/slot-a.conf"]);
     assert!(entry.contains("sort-key slotforge\n"), "{entry}");
     assert!(entry.contains("version 1\n"), "{entry}");
-    assert!(entry.contains(&format!("root=PARTLABEL=rootfs_a ro slotforge.slot=a slotforge.build={build_id} console=ttyS0")), "{entry}");
+    // dm-verity in systemd's standard parameters; the tree follows the squashfs in the slot.
+    let root_hash = summary["verity"]["root_hash"].as_str().unwrap().to_string();
+    let offset = summary["verity"]["hash_offset"].as_u64().unwrap();
+    assert!(
+        entry.contains(&format!("root=/dev/mapper/root roothash={root_hash} systemd.verity_root_data=PARTLABEL=rootfs_a systemd.verity_root_hash=PARTLABEL=rootfs_a systemd.verity_root_options=hash-offset={offset} ro slotforge.slot=a slotforge.build={build_id} console=ttyS0")),
+        "{entry}"
+    );
     let conf = tool("mtype", &["-i", esp.to_str().unwrap(), "::/loader/loader.conf"]);
     assert!(conf.contains("timeout 0") && !conf.contains("default"), "{conf}");
 
     // Rootfs: content, owners, modes, xattrs, whiteouts.
     let sq = fx.path().join("rootfs_a.img");
     extract_partition(&out, "rootfs_a", &sq);
+    let vs = tool("veritysetup", &["verify", sq.to_str().unwrap(), sq.to_str().unwrap(), &root_hash, &format!("--hash-offset={offset}")]);
+    assert!(!vs.contains("fail"), "{vs}");
     let l = tool("unsquashfs", &["-lln", "-d", "", sq.to_str().unwrap()]);
     let line = |path: &str| l.lines().find(|x| x.ends_with(path) || x.contains(&format!("{path} -> "))).unwrap_or_else(|| panic!("{path} not in:\n{l}")).to_string();
     assert!(line("/bin/busybox").starts_with("-rwxr-xr-x 0/0"), "{}", line("/bin/busybox"));

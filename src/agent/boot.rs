@@ -2,7 +2,7 @@
 //! ready → mark the boot good (only if every image verified) → report. Also `run`, which starts
 //! the LinuxKit services (on-disk ones from the rootfs, external ones from their prepared tree).
 
-use super::status::{check_image, cmdline_value, read_release, status, writable, ImageState};
+use super::status::{check_image, read_release, status, writable, ImageState};
 use super::{emit, AgentConfig};
 use crate::cache::Cache;
 use crate::hash::Digest;
@@ -89,7 +89,7 @@ pub fn prepare(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<PathBuf
 /// counting). Returns the new name, or `None` if it had no counter.
 pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
     let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
-    let slot = cmdline_value(&cmdline, "slotforge.slot").context("no slotforge.slot= on the kernel command line")?;
+    let slot = crate::cmdline::value(&cmdline, "slotforge.slot").context("no slotforge.slot= on the kernel command line")?;
     let dir = cfg.esp.join(crate::esp::ENTRIES_DIR);
     for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
@@ -107,7 +107,7 @@ pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
 /// The build id an ESP entry boots (`slotforge.build=` in its options).
 fn entry_build(cfg: &AgentConfig, entry: &str) -> Option<String> {
     let text = std::fs::read_to_string(cfg.esp.join(crate::esp::ENTRIES_DIR).join(entry)).ok()?;
-    cmdline_value(&crate::esp::parse_entry(entry, &text).options?, "slotforge.build")
+    crate::cmdline::value(&crate::esp::parse_entry(entry, &text).options?, "slotforge.build")
 }
 
 /// Move blobs that failed their check to `.partial/` (returns original and new paths).
@@ -129,7 +129,7 @@ fn quarantine(cfg: &AgentConfig, blobs: &[String]) -> Vec<(PathBuf, PathBuf)> {
 pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let (rel, ext) = read_release(&cfg.root)?;
     let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
-    let slot = cmdline_value(&cmdline, "slotforge.slot");
+    let slot = crate::cmdline::value(&cmdline, "slotforge.slot");
     emit("agent-start", json!({"slot": slot, "version": rel.version, "build_id": rel.build_id, "images": ext.images.len()}));
     writable(&cfg.images)?;
     // The other slot's entry exhausted its tries: systemd-boot fell back to us.

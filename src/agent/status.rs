@@ -46,11 +46,6 @@ pub struct Status {
     pub images: Vec<ImageState>,
 }
 
-/// `slotforge.slot=a` etc. from the kernel command line.
-pub fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
-    cmdline.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
-}
-
 pub fn read_release(root: &Path) -> anyhow::Result<(Release, ExternalImages)> {
     let rel: Release = serde_json::from_slice(&std::fs::read(root.join(RELEASE_PATH)).map_err(|e| anyhow::anyhow!("{}: {e}", root.join(RELEASE_PATH).display()))?)?;
     let ext: ExternalImages = match std::fs::read(root.join(EXTERNAL_PATH)) {
@@ -147,7 +142,7 @@ pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
     let images: Vec<ImageState> = ext.images.iter().map(|i| check_image(&cfg.images, &ext.build_id, i)).collect();
     let state = if images.iter().all(|i| i.state == "verified") { "ok" } else { "degraded" };
     Ok(Status {
-        slot: cmdline_value(&cmdline, "slotforge.slot"),
+        slot: crate::cmdline::value(&cmdline, "slotforge.slot"),
         version: rel.version,
         build_id: rel.build_id,
         state: state.into(),

@@ -65,7 +65,7 @@ impl Target for DeviceTarget {
     }
     fn running(&mut self) -> anyhow::Result<Slot> {
         let c = std::fs::read_to_string(&self.cfg.cmdline)?;
-        match crate::agent::status::cmdline_value(&c, "slotforge.slot").as_deref() {
+        match crate::cmdline::value(&c, "slotforge.slot").as_deref() {
             Some("a") => Ok(Slot::A),
             Some("b") => Ok(Slot::B),
             _ => bail!("the kernel command line names no slotforge.slot"),
@@ -131,6 +131,19 @@ impl Target for DeviceTarget {
             bail!("slot {}: read back {got}, wrote {digest}", part.name);
         }
         Ok(())
+    }
+    fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let dir = self.cfg.root.join(crate::signature::KEYS_DIR);
+        let mut v = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&dir) else { return Ok(v) };
+        for e in rd {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                v.push((e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path())?));
+            }
+        }
+        v.sort();
+        Ok(v)
     }
     fn finish(&mut self) -> anyhow::Result<()> {
         sync_fs(&self.cfg.esp)?;

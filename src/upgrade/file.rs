@@ -141,6 +141,15 @@ impl Target for FileTarget {
         }
         Ok(())
     }
+    fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let slot = self.running()?;
+        let part = self.layout.rootfs(slot).clone();
+        let mut f = File::open(&self.path)?;
+        let Some((_, tmp)) = crate::squashfs::extract(&mut f, part.start, part.size)? else {
+            bail!("slot {} would boot but holds no rootfs; its update keys cannot be read", slot.name());
+        };
+        crate::squashfs::read_dir_files(tmp.path(), crate::signature::KEYS_DIR)
+    }
     fn finish(&mut self) -> anyhow::Result<()> {
         let esp = self.layout.esp().clone();
         // Unmount by replacing the file system with a fresh read of the same window.

@@ -26,7 +26,7 @@ pub fn builds_in_use(esp: &Path, booted_build: &str) -> BTreeSet<String> {
             let name = e.file_name().to_string_lossy().into_owned();
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             if let Some(opts) = crate::esp::parse_entry(&name, &text).options {
-                if let Some(b) = crate::agent::status::cmdline_value(&opts, "slotforge.build") {
+                if let Some(b) = crate::cmdline::value(&opts, "slotforge.build") {
                     keep.insert(b);
                 }
             }

@@ -51,6 +51,9 @@ pub trait Target {
     fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(&str)) -> anyhow::Result<()>;
     /// Flush whatever the medium needs (an ESP image's FAT fix-up).
     fn finish(&mut self) -> anyhow::Result<()>;
+    /// The files of `/etc/slotforge/update-keys/` in the rootfs of the running slot (online) or
+    /// of the slot that would boot (offline): the only keys the decision may use.
+    fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
 }
 
 #[derive(Debug, Serialize)]
@@ -68,24 +71,30 @@ pub struct ApplyReport {
     pub rootfs_bytes: u64,
     /// Images the bundle did not carry and the device must pull at first boot.
     pub images_to_pull: Vec<String>,
+    /// What the running slot's keys said about the bundle's signatures.
+    pub signature: crate::signature::Decision,
+    /// The new slot's dm-verity root hash, when it has one.
+    pub root_hash: Option<String>,
 }
 
-/// Check that the bundle fits; the error says why and that nothing changed.
+/// Check that the bundle fits; the error says why and that nothing changed. The size checked is
+/// the larger of what the config claims and the rootfs blob's real (digest-checked) size.
 pub fn check_fits(b: &Bundle, layout: &Layout, inactive: &Partition) -> anyhow::Result<()> {
     let req = &b.config.requires;
+    let rootfs_bytes = req.rootfs_bytes.max(b.config.rootfs.size);
     if !req.layouts.iter().any(|l| l.name == layout.name && l.generation == layout.generation) {
         let ok: Vec<String> = req.layouts.iter().map(|l| format!("{} generation {}", l.name, l.generation)).collect();
         bail!("bundle {} is for {}, not this device's layout {} generation {}; nothing was changed", b.config.build_id, ok.join(", "), layout.name, layout.generation);
     }
-    if req.rootfs_bytes > inactive.fs_cap {
+    if rootfs_bytes > inactive.fs_cap.min(inactive.size) {
         bail!(
             "bundle {} has a {}-byte rootfs but slot {} ({}) holds at most {} bytes ({} over); nothing was changed",
             b.config.build_id,
-            req.rootfs_bytes,
+            rootfs_bytes,
             inactive.slot.map(|s| s.name()).unwrap_or("?"),
             inactive.name,
-            inactive.fs_cap,
-            req.rootfs_bytes - inactive.fs_cap
+            inactive.fs_cap.min(inactive.size),
+            rootfs_bytes - inactive.fs_cap.min(inactive.size)
         );
     }
     Ok(())
@@ -124,13 +133,18 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
     let running = t.running()?;
     let slot = running.other();
     let part = layout.rootfs(slot).clone();
-    check_fits(b, &layout, &part)?;
+    // 1. Trust, then contents, then fit — all before the first write.
+    let keys = crate::signature::trusted_keys(&t.update_keys()?).context("reading the running slot's update keys")?;
+    let signature = crate::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
     for blob in std::iter::once(&cfg.rootfs).chain(std::iter::once(&cfg.kernel)).chain(cfg.initrd.iter()) {
         let (d, n) = crate::hash::digest_reader(std::fs::File::open(b.blob_path(&blob.digest)).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
         if d != blob.digest || n != blob.size {
             bail!("bundle blob {} is corrupt; nothing was changed", blob.digest);
         }
     }
+    check_fits(b, &layout, &part)?;
+    check_rootfs(b)?;
+    let options = crate::cmdline::entry_options(&part.name, slot, &cfg.build_id, cfg.verity.as_ref(), &cfg.cmdline).map_err(|e| anyhow::anyhow!("bundle {}: {e:#}; nothing was changed", cfg.build_id))?;
 
     // 2. External images: blobs first, the build's listing last.
     let (mut present, mut written, mut bytes) = (0, 0, 0u64);
@@ -232,7 +246,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
         version: max_version + 1,
         linux: format!("/{s}/vmlinuz"),
         initrd: cfg.initrd.as_ref().map(|_| format!("/{s}/initrd.img")),
-        options: format!("root=PARTLABEL={} ro slotforge.slot={s} slotforge.build={} {}", part.name, cfg.build_id, cfg.cmdline).trim_end().to_string(),
+        options,
         tries: Some(TRIES),
     };
     let name = entry.file_name();
@@ -250,5 +264,30 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
         image_bytes_written: bytes,
         rootfs_bytes: cfg.rootfs.size,
         images_to_pull: to_pull,
+        signature,
+        root_hash: cfg.verity.as_ref().map(|v| v.root_hash.clone()),
     })
+}
+
+/// The rootfs blob must be what its config says: a squashfs whose superblock size fits the
+/// blob, and with verity, a hash area at the stated offset whose tree matches the data and
+/// whose root hash is the one that goes on the command line.
+fn check_rootfs(b: &Bundle) -> anyhow::Result<()> {
+    let cfg = &b.config;
+    let path = b.blob_path(&cfg.rootfs.digest);
+    let mut f = std::fs::File::open(&path)?;
+    let sb = crate::squashfs::read_superblock(&mut f)
+        .ok()
+        .flatten()
+        .ok_or_else(|| anyhow::anyhow!("bundle {}: its rootfs is not a squashfs; nothing was changed", cfg.build_id))?;
+    if sb.bytes_used > cfg.rootfs.size {
+        bail!("bundle {}: its squashfs claims {} bytes but the blob has {}; nothing was changed", cfg.build_id, sb.bytes_used, cfg.rootfs.size);
+    }
+    if let Some(v) = &cfg.verity {
+        if v.hash_offset != sb.bytes_used.div_ceil(crate::verity::BLOCK) * crate::verity::BLOCK {
+            bail!("bundle {}: verity hash offset {} does not follow its {}-byte squashfs; nothing was changed", cfg.build_id, v.hash_offset, sb.bytes_used);
+        }
+        crate::verity::check(&mut f, v.hash_offset, Some(&v.root_hash)).map_err(|e| anyhow::anyhow!("bundle {}: rootfs dm-verity: {e:#}; nothing was changed", cfg.build_id))?;
+    }
+    Ok(())
 }
