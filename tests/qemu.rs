@@ -142,6 +142,12 @@ fn a_fresh_disk_boots_verifies_runs_the_external_service_and_marks_good() {
     assert_eq!(entries(&disk), ["slot-a+3.conf"]);
     let b = s.boot(&disk, false);
     assert_eq!(b.named("initramfs")[0]["root"], "rootfs_a");
+    // The slot was opened with dm-verity under the root hash on its entry, and / is that device.
+    let insp: serde_json::Value = serde_json::from_slice(&Command::new(bin()).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap().stdout).unwrap();
+    let root_hash = insp["slots"][0]["verity"]["root_hash"].as_str().unwrap();
+    assert_eq!((b.named("verity")[0]["root_hash"].as_str(), b.named("verity")[0]["status"].as_str()), (Some(root_hash), Some("verified")));
+    let rd = &b.named("status")[0]["root_device"];
+    assert_eq!((rd["dm_name"].as_str(), rd["root_hash"].as_str()), (Some("root"), Some(root_hash)), "{rd}");
     assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "verified");
     assert!(image(&b, "image-ready", "hello").is_some());
     // systemd-boot counted the try (slot-a+2-1.conf); the agent dropped the counter.

@@ -177,14 +177,19 @@ fn a_broken_new_rootfs_falls_back_to_the_old_slot_after_three_tries() {
     let large = w.bundle("large", 2, &[], &[]).unwrap();
     let o = std::process::Command::new(bin()).args(["upgrade", disk.to_str().unwrap(), large.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Break slot b's squashfs (its superblock): the initramfs cannot mount it and reboots.
+    // Flip one byte of slot b's squashfs, past its superblock: the squashfs itself would still
+    // mount, but dm-verity refuses the block, so the initramfs cannot mount it and reboots.
     let inspect = w.inspect(&disk);
     let start = inspect["gpt"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == "rootfs_b").unwrap()["start"].as_u64().unwrap();
+    let root_hash = inspect["slots"][1]["verity"]["root_hash"].as_str().expect("slot b has a verity root hash").to_string();
     {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        f.seek(SeekFrom::Start(start)).unwrap();
-        f.write_all(&[0u8; 4096]).unwrap();
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        let mut byte = [0u8; 1];
+        f.seek(SeekFrom::Start(start + 2000)).unwrap();
+        f.read_exact(&mut byte).unwrap();
+        f.seek(SeekFrom::Start(start + 2000)).unwrap();
+        f.write_all(&[byte[0] ^ 0x01]).unwrap();
     }
     let mut failed = 0;
     let mut last = None;
@@ -192,6 +197,8 @@ fn a_broken_new_rootfs_falls_back_to_the_old_slot_after_three_tries() {
         let b = w.boot(&disk, None, None, false);
         if !b.named("initramfs-failed").is_empty() {
             assert_eq!(one(&b, "initramfs")["root"], "rootfs_b");
+            assert_eq!(one(&b, "verity")["root_hash"], root_hash.as_str(), "opened under the entry's root hash");
+            assert_eq!(one(&b, "initramfs-failed")["why"], "mount", "dm-verity refused the block on read");
             failed += 1;
             continue;
         }
@@ -209,6 +216,42 @@ fn a_broken_new_rootfs_falls_back_to_the_old_slot_after_three_tries() {
     let slots = status(&b)["slots"].as_array().unwrap().clone();
     assert_eq!(slots[1]["boot"], "bad");
     assert_eq!(slots[1]["entry"], "slot-b+0-3.conf");
+}
+
+#[test]
+fn a_device_that_trusts_a_key_applies_only_bundles_it_signed_and_boots_them_under_dm_verity() {
+    let (_g, w, _t) = world();
+    let disk = w.build("signed", 2, "dev");
+    let unsigned = w.bundle("signed2", 2, &[], &[]).unwrap();
+    let rogue = w.bundle("signed2", 2, &[], &["--sign", w.key("rogue").to_str().unwrap()]).unwrap();
+    let good = w.bundle("signed2", 2, &[], &["--sign", w.key("release").to_str().unwrap()]).unwrap();
+    // Running 1.0.0 from a verity root; an unsigned bundle, then a foreign-signed one: refused
+    // before anything is written.
+    for (bundle, why) in [(&unsigned, "the bundle is unsigned"), (&rogue, "which this device does not trust")] {
+        let b = w.boot(&disk, Some(bundle), None, false);
+        ended(&b, "poweroff");
+        let f = one(&b, "apply-failed");
+        assert!(f["error"].as_str().unwrap().contains(why) && f["error"].as_str().unwrap().contains("nothing was changed"), "{f}");
+        assert!(b.named("apply-step").is_empty(), "nothing was written: {:?}", b.named("apply-step"));
+        assert_eq!(w.entries(&disk), ["slot-a.conf"]);
+        let rd = &status(&b)["root_device"];
+        assert_eq!(rd["dm_name"], "root", "/ is the dm-verity device: {rd}");
+    }
+    let b = w.boot(&disk, Some(&good), None, false);
+    ended(&b, "reboot");
+    let a = one(&b, "applied");
+    assert_eq!(a["signature"]["state"], "signed", "{a}");
+    let root_hash = a["root_hash"].as_str().unwrap().to_string();
+    // The new slot boots from dm-verity under the root hash its entry carries.
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, "poweroff");
+    assert_eq!(status(&b)["version"], "1.1.0");
+    let v = one(&b, "verity");
+    assert_eq!((v["root_hash"].as_str(), v["status"].as_str()), (Some(root_hash.as_str()), Some("verified")), "{v}");
+    let uuid = w.inspect(&disk)["slots"][1]["verity"]["uuid"].as_str().unwrap().replace('-', "");
+    let rd = &status(&b)["root_device"];
+    assert_eq!((rd["dm_name"].as_str(), rd["root_hash"].as_str()), (Some("root"), Some(root_hash.as_str())), "{rd}");
+    assert!(rd["dm_uuid"].as_str().unwrap().contains(&uuid), "dm uuid names the slot's verity superblock uuid {uuid}: {rd}");
 }
 
 #[test]

@@ -11,11 +11,15 @@ use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Modules the guest needs, in load order (virtio disk and net, squashfs, vfat, ext4, efivarfs).
+/// Modules the guest needs, in load order (virtio disk and net, squashfs, vfat, ext4, efivarfs,
+/// device-mapper + dm-verity).
 pub const MODULES: &[&str] = &[
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk", "squashfs", "fat", "vfat", "nls_cp437",
     "nls_iso8859-1", "nls_ascii", "nls_utf8", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4", "failover", "net_failover", "virtio_net", "efivarfs",
+    "reed_solomon", "dm-mod", "dm-bufio", "dm-verity",
 ];
+/// Debian's veritysetup (cryptsetup-bin): the reference initramfs opens dm-verity roots with it.
+pub const VERITYSETUP: &str = "/sbin/veritysetup";
 pub const BUSYBOX: &str = "/bin/busybox";
 pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 const INITRAMFS_INIT: &str = include_str!("../guest/initramfs-init.sh");
@@ -102,10 +106,27 @@ pub fn initramfs(kernel: &Path, out: &Path) -> anyhow::Result<()> {
         order += &format!("{m}\n");
     }
     std::fs::write(r.join("lib/modules/order"), order)?;
+    std::fs::create_dir_all(r.join("run"))?;
+    std::fs::create_dir_all(r.join("sbin"))?;
+    copy_with_libs(Path::new(VERITYSETUP), &r.join("sbin/veritysetup"), r).context("veritysetup is needed (apt-get install cryptsetup-bin)")?;
     std::fs::write(r.join("init"), INITRAMFS_INIT)?;
     run("chmod", &["755", r.join("init").to_str().unwrap()])?;
     let sh = format!("cd {} && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1 > {}", r.display(), out.display());
     run("sh", &["-c", &sh])?;
+    Ok(())
+}
+
+/// Copy the program `bin` to `dest` and every shared library `ldd` names under `root`.
+pub fn copy_with_libs(bin: &Path, dest: &Path, root: &Path) -> anyhow::Result<()> {
+    std::fs::copy(bin, dest).with_context(|| format!("copying {}", bin.display()))?;
+    for line in run("ldd", &[bin.to_str().unwrap()])?.lines() {
+        let path = line.split("=>").nth(1).unwrap_or(line).split_whitespace().next().unwrap_or("");
+        if path.starts_with('/') {
+            let d = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(d.parent().unwrap())?;
+            std::fs::copy(path, &d).with_context(|| format!("copying {path}"))?;
+        }
+    }
     Ok(())
 }
 
@@ -173,16 +194,8 @@ pub fn build(agent: &Path) -> anyhow::Result<Fixtures> {
     for a in ["sh", "mount", "umount", "sleep", "cat", "ls", "ip", "poweroff", "reboot", "sync", "grep", "sed", "basename", "dirname", "echo", "mkdir", "head", "tr"] {
         std::os::unix::fs::symlink("busybox", b.join("bin").join(a))?;
     }
-    std::fs::copy(agent, b.join("usr/bin/slotforge"))?;
+    copy_with_libs(agent, &b.join("usr/bin/slotforge"), &b)?;
     let _ = Command::new("strip").arg(b.join("usr/bin/slotforge")).status();
-    for line in run("ldd", &[agent.to_str().unwrap()])?.lines() {
-        let path = line.split("=>").nth(1).unwrap_or(line).split_whitespace().next().unwrap_or("");
-        if path.starts_with('/') {
-            let dest = b.join(path.trim_start_matches('/'));
-            std::fs::create_dir_all(dest.parent().unwrap())?;
-            std::fs::copy(path, &dest).with_context(|| format!("copying {path}"))?;
-        }
-    }
     std::fs::write(b.join("sbin/init"), APPLIANCE_INIT)?;
     run("chmod", &["755", b.join("sbin/init").to_str().unwrap()])?;
     let base = dir.join("base");

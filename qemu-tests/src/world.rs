@@ -44,7 +44,18 @@ impl World {
                 reg.push(&layout, tag, &format!("{name}:{tag}"));
             }
         }
+        // Update keys: `release` is the one the signed variants trust, `rogue` is any other.
+        let keys = dir.path().join("keys");
+        for k in ["release", "rogue"] {
+            let o = Command::new(bin).args(["key", "generate", k, "-o", keys.to_str().unwrap()]).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
         World { dir, reg, bin: bin.into(), fx, images }
+    }
+
+    /// A secret key made for this world (`release` or `rogue`).
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir.path().join("keys").join(format!("{name}.key"))
     }
 
     /// `qemu-tests/variants/<variant>.yml` with this world's paths and registry filled in.
@@ -56,7 +67,8 @@ impl World {
             .replace("{loader}", &self.fx.loader.display().to_string())
             .replace("{images}", &self.images.display().to_string())
             .replace("{host}", &self.reg.host())
-            .replace("{mirror}", vm::GUEST_REGISTRY);
+            .replace("{mirror}", vm::GUEST_REGISTRY)
+            .replace("{keys}", &self.dir.path().join("keys").display().to_string());
         let p = self.dir.path().join(format!("{variant}.yml"));
         std::fs::write(&p, m).unwrap();
         p
@@ -86,7 +98,8 @@ impl World {
 
     /// Bundle `variant` for generation `gen` (plus `--compat` generations and extra flags).
     pub fn bundle(&self, variant: &str, gen: u32, compat: &[u32], extra: &[&str]) -> Result<PathBuf, String> {
-        let out = self.dir.path().join(format!("{variant}-g{gen}{}.oci.tar", extra.join("")));
+        let tag: String = extra.iter().map(|e| e.rsplit('/').next().unwrap_or(e)).collect();
+        let out = self.dir.path().join(format!("{variant}-g{gen}{tag}.oci.tar"));
         let m = self.manifest(variant);
         let l = Self::layout(gen);
         let mut args = vec!["bundle".to_string(), m.display().to_string(), "--layout".into(), l.display().to_string(), "-o".into(), out.display().to_string(), "-q".into()];

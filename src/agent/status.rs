@@ -44,6 +44,36 @@ pub struct Status {
     pub state: String,
     pub slots: Vec<SlotState>,
     pub images: Vec<ImageState>,
+    /// What `/` is mounted from (on the device itself, not with `--root`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_device: Option<RootDevice>,
+}
+
+/// The block device behind `/`: with dm-verity, the device-mapper target veritysetup made
+/// (`dm_uuid` `CRYPT-VERITY-<superblock uuid>-root`) and the root hash the boot entry gave it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootDevice {
+    /// `major:minor`.
+    pub dev: String,
+    pub dm_name: Option<String>,
+    pub dm_uuid: Option<String>,
+    /// `roothash=` of the kernel command line.
+    pub root_hash: Option<String>,
+}
+
+/// `major:minor` of the last mount at `/` in a mountinfo text (proc(5): field 5 is the mount
+/// point, field 3 the device).
+pub fn root_dev(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&"/")).then(|| f.get(2).map(|s| s.to_string())).flatten()
+    }).last()
+}
+
+fn root_device(cmdline: &str) -> Option<RootDevice> {
+    let dev = root_dev(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)?;
+    let dm = |f: &str| std::fs::read_to_string(format!("/sys/dev/block/{dev}/dm/{f}")).ok().map(|s| s.trim().to_string());
+    Some(RootDevice { dm_name: dm("name"), dm_uuid: dm("uuid"), root_hash: crate::cmdline::value(cmdline, "roothash"), dev })
 }
 
 pub fn read_release(root: &Path) -> anyhow::Result<(Release, ExternalImages)> {
@@ -148,6 +178,7 @@ pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
         state: state.into(),
         slots: slot_states(&cfg.esp),
         images,
+        root_device: if cfg.root == Path::new("/") { root_device(&cmdline) } else { None },
     })
 }
 
