@@ -444,6 +444,65 @@ impl Composed {
     pub fn version(&self) -> &str {
         self.manifest.version()
     }
+
+    fn boot(&self) -> &manifest::Boot {
+        self.manifest.manifest.boot.as_ref().unwrap()
+    }
+    pub fn uki(&self) -> bool {
+        self.boot().uki
+    }
+
+    /// The Secure Boot key and certificate, if the manifest asks for signing.
+    fn secure_boot(&self) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+        let Some(sb) = &self.boot().secure_boot else { return Ok(None) };
+        let get = |v: &serde_saphyr::Spanned<String>| -> anyhow::Result<PathBuf> {
+            let p = self.manifest.dir().join(&v.value);
+            if !p.is_file() {
+                return Err(InputError::spanned(&self.manifest.path, v, format!("{} is not a file", p.display())).into());
+            }
+            Ok(p)
+        };
+        Ok(Some((get(&sb.key)?, get(&sb.cert)?)))
+    }
+
+    /// The command line of `slot`'s entry on `layout`.
+    pub fn slot_options(&self, layout: &Layout, slot: Slot, extra: &str) -> anyhow::Result<String> {
+        crate::cmdline::entry_options(&layout.rootfs(slot).name, slot, &self.build_id, self.verity.as_ref(), &format!("{} {extra}", self.cmdline()))
+    }
+
+    /// Write `slot`'s Unified Kernel Image (signed when the manifest asks) to `out`. Returns
+    /// whether a signature, if any, is reproducible (see [`crate::uki::sign`]).
+    pub fn slot_uki(&self, layout: &Layout, slot: Slot, extra: &str, out: &std::path::Path) -> anyhow::Result<bool> {
+        let dir = tempfile::Builder::new().prefix("uki-").tempdir_in(self.work.path())?;
+        let kernel = dir.path().join("linux");
+        std::io::copy(&mut self.kernel().open()?, &mut std::fs::File::create(&kernel)?)?;
+        let initrd = match self.initrd() {
+            Some(i) => {
+                let p = dir.path().join("initrd");
+                std::io::copy(&mut i.open()?, &mut std::fs::File::create(&p)?)?;
+                Some(p)
+            }
+            None => None,
+        };
+        let stub = self.boot().stub.as_ref().map(|s| self.manifest.dir().join(s)).unwrap_or_else(|| crate::uki::DEFAULT_STUB.into());
+        let cmdline = self.slot_options(layout, slot, extra)?;
+        let osrel = crate::uki::os_release(self.version(), &self.build_id, slot.name());
+        let parts = crate::uki::Parts { stub: &stub, kernel: &kernel, initrd: initrd.as_deref(), cmdline: &cmdline, os_release: &osrel };
+        crate::uki::assemble(&parts, out, self.epoch, dir.path())?;
+        match self.secure_boot()? {
+            Some((key, cert)) => crate::uki::sign(out, &key, &cert, self.epoch),
+            None => Ok(true),
+        }
+    }
+
+    /// The boot loader as it goes on the ESP: signed when the manifest asks.
+    pub fn loader_for_esp(&self) -> anyhow::Result<Content> {
+        let Some((key, cert)) = self.secure_boot()? else { return Ok(self.loader().clone()) };
+        let p = self.work.path().join("BOOTX64.EFI");
+        std::io::copy(&mut self.loader().open()?, &mut std::fs::File::create(&p)?)?;
+        crate::uki::sign(&p, &key, &cert, self.epoch)?;
+        Ok(Content::Path(p))
+    }
 }
 
 /// Resolve, flatten, write the squashfs, check the caps. Nothing outside temp dirs is written.
@@ -544,25 +603,32 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     let esp_part = layout.esp();
     let esp_file = work.path().join("esp.fat");
     let slot = Slot::A;
-    let kcmd = &m.manifest.kernel.as_ref().unwrap().cmdline;
-    let entry = BootEntry {
-        slot,
-        title: format!("{} (slot {})", m.version(), slot.name()),
-        version: 1,
-        linux: format!("/{}/vmlinuz", slot.name()),
-        initrd: parts.kernel.initrd.as_ref().map(|_| format!("/{}/initrd.img", slot.name())),
-        options: crate::cmdline::entry_options(&layout.rootfs(slot).name, slot, build_id, c.verity.as_ref(), &format!("{kcmd} {}", opts.extra_cmdline.as_deref().unwrap_or("")))?,
-        tries: opts.boot_tries,
-    };
+    let extra = opts.extra_cmdline.as_deref().unwrap_or("");
     let mut files = vec![
-        EspFile { path: esp::LOADER_PATH.into(), data: parts.loader.open()? },
+        EspFile { path: esp::LOADER_PATH.into(), data: c.loader_for_esp()?.open()? },
         EspFile { path: esp::LOADER_CONF.into(), data: Box::new(esp::LOADER_CONF_TEXT.as_bytes()) },
-        EspFile { path: format!("{}/{}", esp::ENTRIES_DIR, entry.file_name()), data: Box::new(std::io::Cursor::new(entry.text().into_bytes())) },
-        EspFile { path: entry.linux.clone(), data: parts.kernel.kernel.0.open()? },
+        EspFile { path: LAYOUT_RECORD.into(), data: Box::new(std::io::Cursor::new(rootfs::to_json(&layout))) },
     ];
-    files.push(EspFile { path: LAYOUT_RECORD.into(), data: Box::new(std::io::Cursor::new(rootfs::to_json(&layout))) });
-    if let (Some(p), Some((c, _))) = (&entry.initrd, &parts.kernel.initrd) {
-        files.push(EspFile { path: p.clone(), data: c.open()? });
+    if c.uki() {
+        // Type #2: one signed image holds kernel, initrd and the command line with its root hash.
+        let uki = work.path().join("slot-a.efi");
+        c.slot_uki(layout, slot, extra, &uki)?;
+        files.push(EspFile { path: crate::entries::uki_path(slot, 1, opts.boot_tries), data: Box::new(std::fs::File::open(&uki)?) });
+    } else {
+        let entry = BootEntry {
+            slot,
+            title: format!("{} (slot {})", m.version(), slot.name()),
+            version: 1,
+            linux: format!("/{}/vmlinuz", slot.name()),
+            initrd: parts.kernel.initrd.as_ref().map(|_| format!("/{}/initrd.img", slot.name())),
+            options: c.slot_options(layout, slot, extra)?,
+            tries: opts.boot_tries,
+        };
+        files.push(EspFile { path: entry.path(), data: Box::new(std::io::Cursor::new(entry.text().into_bytes())) });
+        files.push(EspFile { path: entry.linux.clone(), data: parts.kernel.kernel.0.open()? });
+        if let (Some(p), Some((c, _))) = (&entry.initrd, &parts.kernel.initrd) {
+            files.push(EspFile { path: p.clone(), data: c.open()? });
+        }
     }
     {
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&esp_file)?;

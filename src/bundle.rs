@@ -8,6 +8,7 @@ use crate::build::{compose, ComposeOptions};
 use crate::hash::{digest_reader, Digest};
 use crate::images::Stage;
 use crate::oci::image::{MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME};
+use crate::layout::Slot;
 use crate::rootfs::ExternalImage;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,8 @@ pub const MT_CONFIG: &str = "application/vnd.slotforge.bundle.config.v1+json";
 pub const MT_ROOTFS: &str = "application/vnd.slotforge.rootfs.squashfs";
 pub const MT_KERNEL: &str = "application/vnd.slotforge.kernel";
 pub const MT_INITRD: &str = "application/vnd.slotforge.initrd";
+/// A (signed) Unified Kernel Image for one slot.
+pub const MT_UKI: &str = "application/vnd.slotforge.uki";
 /// The artifact type of a signature manifest (its `subject` is the bundle manifest).
 pub const MT_SIGNATURE_ARTIFACT: &str = "application/vnd.slotforge.bundle.signature.v1";
 /// A minisign signature file (`.minisig`) over the bundle's config blob.
@@ -66,6 +69,10 @@ pub struct BundleConfig {
     /// area); absent for a build with `verity: false`. Older agents ignore it and still boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verity: Option<crate::verity::VerityInfo>,
+    /// Boot through signed Unified Kernel Images: one per slot (`a`, `b`), each embedding that
+    /// slot's command line. Empty for BLS (Type #1) entries.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ukis: std::collections::BTreeMap<String, Blob>,
     /// The build's external images (what its rootfs pins).
     pub images: Vec<ExternalImage>,
     /// Whether their blobs are in the bundle; if not, the device pulls them.
@@ -150,6 +157,26 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     images.sort_by(|a, b| a.name.cmp(&b.name));
     let mut layouts = vec![&c.layout];
     layouts.extend(c.compat.iter());
+    // UKI mode: one signed image per slot, each embedding that slot's command line. The slot
+    // partition names must agree across the layouts it is for (they are inside the signature).
+    let mut ukis = std::collections::BTreeMap::new();
+    let mut uki_layers = Vec::new();
+    if c.uki() {
+        for l in &c.compat {
+            for slot in [Slot::A, Slot::B] {
+                if l.rootfs(slot).name != c.layout.rootfs(slot).name {
+                    bail!("layout {} names slot {} {}, layout {} names it {}: a UKI embeds the partition name, so one bundle cannot serve both", l.name, slot.name(), l.rootfs(slot).name, c.layout.name, c.layout.rootfs(slot).name);
+                }
+            }
+        }
+        for slot in [Slot::A, Slot::B] {
+            let f = c.work.path().join(format!("uki-{}.efi", slot.name()));
+            c.slot_uki(&c.layout, slot, "", &f)?;
+            let blob = put_file(&stage, &f)?;
+            uki_layers.push(json!({"mediaType": MT_UKI, "digest": blob.digest, "size": blob.size, "annotations": {"org.opencontainers.image.title": format!("slot-{}.efi", slot.name())}}));
+            ukis.insert(slot.name().to_string(), blob);
+        }
+    }
     let requires = Requires {
         rootfs_bytes: c.rootfs_bytes,
         layouts: c.caps.iter().zip(&layouts).map(|(cap, l)| LayoutReq { name: l.name.clone(), generation: l.generation, cap: cap.cap }).collect(),
@@ -164,6 +191,7 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         cmdline: c.cmdline().into(),
         requires: requires.clone(),
         verity: c.verity.clone(),
+        ukis,
         images,
         images_included: !opts.without_images,
     };
@@ -171,6 +199,7 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     let cfg = put_bytes(&stage, &cfg_bytes)?;
     let mut layers = vec![json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.img"}}),
         json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}})];
+    layers.extend(uki_layers);
     if let Some(i) = &initrd {
         layers.push(json!({"mediaType": MT_INITRD, "digest": i.digest, "size": i.size, "annotations": {"org.opencontainers.image.title": "initrd.img"}}));
     }

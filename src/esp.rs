@@ -4,7 +4,6 @@
 //! subdirectories that fsck.vfat rejects; [`fix_dot_entries`] repairs them after unmount.
 //! Boot flow: docs/boot.md.
 
-use crate::layout::Slot;
 use anyhow::{bail, Context};
 use fatfs::{Date, DateTime, FatType, FileSystem, FormatVolumeOptions, FsOptions, Time, TimeProvider};
 use serde::Serialize;
@@ -12,42 +11,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 pub const LOADER_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
 pub const LOADER_CONF: &str = "loader/loader.conf";
-pub const ENTRIES_DIR: &str = "loader/entries";
-/// All slotforge entries share this sort-key, so systemd-boot orders them by `version`.
-pub const SORT_KEY: &str = "slotforge";
+pub use crate::entries::{BootEntry, EntryReport, ENTRIES_DIR, SORT_KEY, UKI_DIR};
 /// `timeout 0` boots the first entry at once; no `default`, so boot counting can fall back.
 pub const LOADER_CONF_TEXT: &str = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n";
-
-/// One slot's boot entry.
-#[derive(Debug, Clone, Serialize)]
-pub struct BootEntry {
-    pub slot: Slot,
-    pub title: String,
-    /// Monotonic install number (not the OS version): the newest install sorts first.
-    pub version: u64,
-    pub linux: String,
-    pub initrd: Option<String>,
-    pub options: String,
-    /// Boot-counting tries left, when the entry is on probation.
-    pub tries: Option<u32>,
-}
-
-impl BootEntry {
-    pub fn file_name(&self) -> String {
-        match self.tries {
-            Some(n) => format!("slot-{}+{n}.conf", self.slot.name()),
-            None => format!("slot-{}.conf", self.slot.name()),
-        }
-    }
-    pub fn text(&self) -> String {
-        let mut s = format!("title {}\nsort-key {SORT_KEY}\nversion {}\nlinux {}\n", self.title, self.version, self.linux);
-        if let Some(i) = &self.initrd {
-            s += &format!("initrd {i}\n");
-        }
-        s += &format!("options {}\n", self.options);
-        s
-    }
-}
 
 /// A file to put on the ESP.
 pub struct EspFile {
@@ -77,6 +43,13 @@ fn civil(days: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for `epoch`, the form `faketime` takes.
+pub fn civil_time(epoch: u64) -> String {
+    let (y, m, d) = civil((epoch / 86_400) as i64);
+    let s = epoch % 86_400;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// A FAT timestamp for `epoch` (clamped to FAT's 1980..2107 range).
@@ -313,57 +286,6 @@ fn fix_dir(g: &Geometry, dev: &mut (impl Read + Write + Seek), cluster: u32, par
     Ok(())
 }
 
-/// An entry read back from an ESP.
-#[derive(Debug, Clone, Serialize)]
-pub struct EntryReport {
-    pub file: String,
-    pub slot: Option<String>,
-    pub tries_left: Option<u32>,
-    pub tries_done: Option<u32>,
-    pub title: Option<String>,
-    pub version: Option<String>,
-    pub sort_key: Option<String>,
-    pub linux: Option<String>,
-    pub initrd: Option<String>,
-    pub options: Option<String>,
-}
-
-/// `slot-a+2-1.conf` → (slot-a, Some(2), Some(1)).
-pub fn parse_entry_name(file: &str) -> (String, Option<u32>, Option<u32>) {
-    let stem = file.strip_suffix(".conf").unwrap_or(file);
-    match stem.rsplit_once('+') {
-        Some((base, counter)) => {
-            let (left, done) = match counter.split_once('-') {
-                Some((l, d)) => (l.parse().ok(), d.parse().ok()),
-                None => (counter.parse().ok(), None),
-            };
-            if left.is_some() {
-                (base.to_string(), left, done.or(Some(0)))
-            } else {
-                (stem.to_string(), None, None)
-            }
-        }
-        None => (stem.to_string(), None, None),
-    }
-}
-
-pub fn parse_entry(file: &str, text: &str) -> EntryReport {
-    let (base, tries_left, tries_done) = parse_entry_name(file);
-    let key = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).filter(|r| r.starts_with(' ')).map(|r| r.trim().to_string()));
-    EntryReport {
-        file: file.to_string(),
-        slot: base.strip_prefix("slot-").map(str::to_string),
-        tries_left,
-        tries_done,
-        title: key("title"),
-        version: key("version"),
-        sort_key: key("sort-key"),
-        linux: key("linux"),
-        initrd: key("initrd"),
-        options: key("options"),
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct EspReport {
     pub fat_type: String,
@@ -390,20 +312,13 @@ pub fn read<D: Read + Write + Seek>(mut dev: D) -> anyhow::Result<EspReport> {
         f.read_to_string(&mut s).ok()?;
         Some(s)
     };
-    let mut entries = Vec::new();
+    let entries = crate::entries::list(&crate::entries::FatView(&root));
     let mut missing = Vec::new();
-    if let Ok(dir) = root.open_dir(ENTRIES_DIR) {
-        let mut names: Vec<String> = dir.iter().filter_map(|e| e.ok()).filter(|e| e.is_file()).map(|e| e.file_name()).filter(|n| n.ends_with(".conf")).collect();
-        names.sort();
-        for n in names {
-            let text = read_text(&format!("{ENTRIES_DIR}/{n}")).unwrap_or_default();
-            let e = parse_entry(&n, &text);
-            for p in [&e.linux, &e.initrd].into_iter().flatten() {
-                if size_of(p.trim_start_matches('/')).is_none() {
-                    missing.push(format!("{n}: {p}"));
-                }
+    for e in &entries {
+        for p in [&e.linux, &e.initrd].into_iter().flatten() {
+            if size_of(p.trim_start_matches('/')).is_none() {
+                missing.push(format!("{}: {p}", e.file));
             }
-            entries.push(e);
         }
     }
     Ok(EspReport {
@@ -419,13 +334,7 @@ pub fn read<D: Read + Write + Seek>(mut dev: D) -> anyhow::Result<EspReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn entry_names_with_counters() {
-        assert_eq!(parse_entry_name("slot-b+3.conf"), ("slot-b".into(), Some(3), Some(0)));
-        assert_eq!(parse_entry_name("slot-b+2-1.conf"), ("slot-b".into(), Some(2), Some(1)));
-        assert_eq!(parse_entry_name("slot-a.conf"), ("slot-a".into(), None, None));
-    }
+    use crate::layout::Slot;
 
     #[test]
     fn fat_time_of_epoch() {
@@ -434,6 +343,7 @@ mod tests {
         let t = fat_time(1_000_000_000); // 2001-09-09T01:46:40Z
         assert_eq!((t.date.year, t.date.month, t.date.day, t.time.hour, t.time.min, t.time.sec), (2001, 9, 9, 1, 46, 40));
         assert_eq!(fat_time(0).date.year, 1980);
+        assert_eq!(civil_time(1_000_000_000), "2001-09-09 01:46:40");
     }
 
     #[test]

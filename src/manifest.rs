@@ -55,6 +55,22 @@ pub struct Boot {
     /// reference whose image holds it at `loader_path`.
     pub loader: Spanned<String>,
     pub loader_path: Option<String>,
+    /// Boot each slot through a Unified Kernel Image (`EFI/Linux/`) instead of a BLS entry.
+    #[serde(default)]
+    pub uki: bool,
+    /// The EFI stub UKIs are made from (default: Debian's systemd-boot-efi stub).
+    pub stub: Option<String>,
+    /// Sign systemd-boot and the UKIs for UEFI Secure Boot (needs `uki: true`).
+    #[serde(rename = "secure-boot")]
+    pub secure_boot: Option<SecureBoot>,
+}
+
+/// A db key and certificate (PEM, relative to the manifest), as `sbsign --key --cert` take them.
+/// The key must not be encrypted (Debian's snakeoil key: `openssl rsa -passin pass:snakeoil`).
+#[derive(Debug, Deserialize)]
+pub struct SecureBoot {
+    pub key: Spanned<String>,
+    pub cert: Spanned<String>,
 }
 
 /// Where systemd-boot's x86-64 binary sits in Debian's `systemd-boot-efi` package.
@@ -168,6 +184,11 @@ fn check(file: &Path, m: &Manifest) -> Result<(), InputError> {
             if s.is_external() && section == "onshutdown" {
                 return Err(InputError::spanned(file, &s.name, "onshutdown containers must be on disk (`ondisk: false` is for onboot and services)"));
             }
+        }
+    }
+    if let Some(b) = &m.boot {
+        if let (Some(sb), false) = (&b.secure_boot, b.uki) {
+            return Err(InputError::spanned(file, &sb.key, "boot.secure-boot needs boot.uki: true (the command line, with its root hash, must be inside a signed image)"));
         }
     }
     for f in &m.files {

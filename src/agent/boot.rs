@@ -85,29 +85,26 @@ pub fn prepare(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<PathBuf
     Ok(rootfs)
 }
 
-/// Rename the booted slot's entry to drop its boot counter (Boot Loader Specification boot
-/// counting). Returns the new name, or `None` if it had no counter.
+/// Rename the booted slot's entry (a `.conf` or a UKI) to drop its boot counter (Boot Loader
+/// Specification boot counting). Returns the new name, or `None` if it had no counter.
 pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
     let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
     let slot = crate::cmdline::value(&cmdline, "slotforge.slot").context("no slotforge.slot= on the kernel command line")?;
-    let dir = cfg.esp.join(crate::esp::ENTRIES_DIR);
-    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        let (base, left, _) = crate::esp::parse_entry_name(&name);
-        if base == format!("slot-{slot}") && left.is_some() {
-            let good = format!("{base}.conf");
-            std::fs::rename(dir.join(&name), dir.join(&good))?;
-            crate::upgrade::device::sync_fs(&dir)?;
-            return Ok(Some(good));
-        }
-    }
-    Ok(None)
+    let entries = crate::entries::list(&crate::entries::DirView(cfg.esp.clone()));
+    let Some(e) = entries.iter().filter(|e| e.slot.as_deref() == Some(slot.as_str()) && e.tries_left.is_some()).max_by_key(|e| e.install_number()) else {
+        return Ok(None);
+    };
+    let good = e.good_path();
+    std::fs::rename(cfg.esp.join(&e.path), cfg.esp.join(&good))?;
+    crate::upgrade::device::sync_fs(&cfg.esp)?;
+    Ok(Some(good.rsplit('/').next().unwrap_or(&good).to_string()))
 }
 
 /// The build id an ESP entry boots (`slotforge.build=` in its options).
 fn entry_build(cfg: &AgentConfig, entry: &str) -> Option<String> {
-    let text = std::fs::read_to_string(cfg.esp.join(crate::esp::ENTRIES_DIR).join(entry)).ok()?;
-    crate::cmdline::value(&crate::esp::parse_entry(entry, &text).options?, "slotforge.build")
+    let entries = crate::entries::list(&crate::entries::DirView(cfg.esp.clone()));
+    let e = entries.iter().find(|e| e.file == entry)?;
+    crate::cmdline::value(e.options.as_deref()?, "slotforge.build")
 }
 
 /// Move blobs that failed their check to `.partial/` (returns original and new paths).

@@ -3,7 +3,6 @@
 //! blob by blob against the digests the rootfs pins.
 
 use super::AgentConfig;
-use crate::esp::parse_entry_name;
 use crate::hash::{digest_reader, Digest};
 use crate::images::{Idx, Man, METADATA_FILE};
 use crate::oci::image::REF_NAME;
@@ -86,23 +85,23 @@ pub fn read_release(root: &Path) -> anyhow::Result<(Release, ExternalImages)> {
 }
 
 pub fn slot_states(esp: &Path) -> Vec<SlotState> {
-    let mut out = Vec::new();
-    let files: Vec<String> = std::fs::read_dir(esp.join(crate::esp::ENTRIES_DIR))
-        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    for slot in ["a", "b"] {
-        let entry = files.iter().filter(|f| f.ends_with(".conf")).find(|f| parse_entry_name(f).0 == format!("slot-{slot}")).cloned();
-        let (boot, left, done) = match &entry {
-            None => ("none".to_string(), None, None),
-            Some(f) => match parse_entry_name(f) {
-                (_, None, _) => ("good".into(), None, None),
-                (_, Some(0), d) => ("bad".into(), Some(0), d),
-                (_, Some(l), d) => ("trying".into(), Some(l), d),
-            },
-        };
-        out.push(SlotState { slot: slot.into(), entry, boot, tries_left: left, tries_done: done });
-    }
-    out
+    let entries = crate::entries::list(&crate::entries::DirView(esp.to_path_buf()));
+    ["a", "b"]
+        .into_iter()
+        .map(|slot| {
+            // A slot's entry of either kind; the newest install if (after a cut) there are two.
+            let e = entries.iter().filter(|e| e.slot.as_deref() == Some(slot)).max_by_key(|e| e.install_number());
+            let (boot, left, done) = match e {
+                None => ("none".to_string(), None, None),
+                Some(e) => match (e.tries_left, e.tries_done) {
+                    (None, _) => ("good".into(), None, None),
+                    (Some(0), d) => ("bad".into(), Some(0), d),
+                    (Some(l), d) => ("trying".into(), Some(l), d),
+                },
+            };
+            SlotState { slot: slot.into(), entry: e.map(|e| e.file.clone()), boot, tries_left: left, tries_done: done }
+        })
+        .collect()
 }
 
 

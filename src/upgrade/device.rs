@@ -3,6 +3,7 @@
 
 use super::Target;
 use crate::agent::AgentConfig;
+use crate::entries::EntryReport;
 use crate::hash::{digest_reader, Digest};
 use crate::layout::{Layout, Partition, Slot};
 use anyhow::{bail, Context};
@@ -71,17 +72,11 @@ impl Target for DeviceTarget {
             _ => bail!("the kernel command line names no slotforge.slot"),
         }
     }
-    fn entries(&mut self) -> anyhow::Result<Vec<(String, String)>> {
-        let dir = self.cfg.esp.join(crate::esp::ENTRIES_DIR);
-        let mut v = Vec::new();
-        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".conf") {
-                v.push((name.clone(), std::fs::read_to_string(dir.join(&name))?));
-            }
+    fn entries(&mut self) -> anyhow::Result<Vec<EntryReport>> {
+        if !self.cfg.esp.join(crate::esp::ENTRIES_DIR).is_dir() && !self.cfg.esp.join(crate::esp::UKI_DIR).is_dir() {
+            bail!("{} holds neither {} nor {}: is the ESP mounted?", self.cfg.esp.display(), crate::esp::ENTRIES_DIR, crate::esp::UKI_DIR);
         }
-        v.sort();
-        Ok(v)
+        Ok(crate::entries::list(&crate::entries::DirView(self.cfg.esp.clone())))
     }
     fn esp_remove(&mut self, path: &str) -> anyhow::Result<()> {
         let p = self.cfg.esp.join(path);

@@ -3,6 +3,7 @@
 //! on `IMAGE?offset=N` (no root, no loop devices), the slot by writing at its offset.
 
 use super::Target;
+use crate::entries::EntryReport;
 use crate::hash::{digest_reader, Digest};
 use crate::inspect::ReadOnly;
 use crate::layout::{Layout, Partition, Slot};
@@ -70,38 +71,20 @@ impl Target for FileTarget {
     }
     /// The slot that would boot: the highest install number among entries not exhausted.
     fn running(&mut self) -> anyhow::Result<Slot> {
-        let mut best: Option<(u64, Slot)> = None;
-        for (name, text) in self.entries()? {
-            let e = crate::esp::parse_entry(&name, &text);
-            if e.tries_left == Some(0) {
-                continue;
-            }
-            let v = e.version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
-            let s = match e.slot.as_deref() {
-                Some("a") => Slot::A,
-                Some("b") => Slot::B,
-                _ => continue,
-            };
-            if best.is_none_or(|(bv, _)| v > bv) {
-                best = Some((v, s));
-            }
-        }
+        let best = self
+            .entries()?
+            .into_iter()
+            .filter(|e| e.tries_left != Some(0))
+            .filter_map(|e| match e.slot.as_deref() {
+                Some("a") => Some((e.install_number(), Slot::A)),
+                Some("b") => Some((e.install_number(), Slot::B)),
+                _ => None,
+            })
+            .max_by_key(|(v, _)| *v);
         Ok(best.map(|b| b.1).unwrap_or(Slot::A))
     }
-    fn entries(&mut self) -> anyhow::Result<Vec<(String, String)>> {
-        let mut v = Vec::new();
-        let Ok(dir) = self.esp.root_dir().open_dir(crate::esp::ENTRIES_DIR) else { return Ok(v) };
-        for e in dir.iter() {
-            let e = e?;
-            let name = e.file_name();
-            if e.is_file() && name.ends_with(".conf") {
-                let mut s = String::new();
-                e.to_file().read_to_string(&mut s)?;
-                v.push((name, s));
-            }
-        }
-        v.sort();
-        Ok(v)
+    fn entries(&mut self) -> anyhow::Result<Vec<EntryReport>> {
+        Ok(crate::entries::list(&crate::entries::FatView(&self.esp.root_dir())))
     }
     fn esp_remove(&mut self, path: &str) -> anyhow::Result<()> {
         self.esp.root_dir().remove(path).with_context(|| format!("ESP: removing {path}"))?;

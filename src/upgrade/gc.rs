@@ -21,15 +21,9 @@ pub struct GcReport {
 /// Build ids the slots hold: the booted one, and each other slot's from its entry's options.
 pub fn builds_in_use(esp: &Path, booted_build: &str) -> BTreeSet<String> {
     let mut keep = BTreeSet::from([booted_build.to_string()]);
-    if let Ok(rd) = std::fs::read_dir(esp.join(crate::esp::ENTRIES_DIR)) {
-        for e in rd.filter_map(|e| e.ok()) {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            if let Some(opts) = crate::esp::parse_entry(&name, &text).options {
-                if let Some(b) = crate::cmdline::value(&opts, "slotforge.build") {
-                    keep.insert(b);
-                }
-            }
+    for e in crate::entries::list(&crate::entries::DirView(esp.to_path_buf())) {
+        if let Some(b) = e.options.as_deref().and_then(|o| crate::cmdline::value(o, "slotforge.build")) {
+            keep.insert(b);
         }
     }
     keep

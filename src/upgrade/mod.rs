@@ -15,7 +15,7 @@ pub mod file;
 pub mod gc;
 
 use crate::bundle::Bundle;
-use crate::esp::{parse_entry, BootEntry};
+use crate::entries::{BootEntry, EntryReport};
 use crate::hash::Digest;
 use crate::images::{build_index_json, top_index_json, BuildSet, Idx, IndexEntry};
 use crate::layout::{Layout, Partition, Slot};
@@ -33,8 +33,8 @@ pub trait Target {
     fn layout(&mut self) -> anyhow::Result<Layout>;
     /// The slot that is running (online) or would boot (offline).
     fn running(&mut self) -> anyhow::Result<Slot>;
-    /// Boot entries: file name and text.
-    fn entries(&mut self) -> anyhow::Result<Vec<(String, String)>>;
+    /// Every boot entry on the ESP (both kinds).
+    fn entries(&mut self) -> anyhow::Result<Vec<EntryReport>>;
     fn esp_remove(&mut self, path: &str) -> anyhow::Result<()>;
     /// Write a file on the ESP (replacing it), durably.
     fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()>;
@@ -145,6 +145,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
     check_fits(b, &layout, &part)?;
     check_rootfs(b)?;
     let options = crate::cmdline::entry_options(&part.name, slot, &cfg.build_id, cfg.verity.as_ref(), &cfg.cmdline).map_err(|e| anyhow::anyhow!("bundle {}: {e:#}; nothing was changed", cfg.build_id))?;
+    let uki = check_uki(b, slot, &options, &t.entries()?)?;
 
     // 2. External images: blobs first, the build's listing last.
     let (mut present, mut written, mut bytes) = (0, 0, 0u64);
@@ -219,45 +220,52 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
         step("images-listed");
     }
 
-    // 3. The inactive slot: its entry goes first, so a half-written slot is never booted.
+    // 3. The inactive slot: its entries go first, so a half-written slot is never booted.
     let existing = t.entries()?;
-    let mut max_version = 0;
-    for (name, text) in &existing {
-        let e = parse_entry(name, text);
-        max_version = max_version.max(e.version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0));
-        if e.slot.as_deref() == Some(slot.name()) {
-            t.esp_remove(&format!("{}/{name}", crate::esp::ENTRIES_DIR))?;
-        }
+    let max_version = existing.iter().map(EntryReport::install_number).max().unwrap_or(0);
+    for e in existing.iter().filter(|e| e.slot.as_deref() == Some(slot.name())) {
+        t.esp_remove(&e.path)?;
     }
     step("entry-removed");
     t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest, step)?;
     step("slot-written");
 
-    // 4. Kernel, initrd, then the entry on probation.
+    // 4. Kernel, initrd, then the entry on probation (a UKI is both at once).
     let s = slot.name();
-    t.esp_write(&format!("{s}/vmlinuz"), &mut std::fs::File::open(b.blob_path(&cfg.kernel.digest))?)?;
-    if let Some(i) = &cfg.initrd {
-        t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(b.blob_path(&i.digest))?)?;
-    }
-    step("kernel-written");
-    let entry = BootEntry {
-        slot,
-        title: format!("{} (slot {s})", cfg.version),
-        version: max_version + 1,
-        linux: format!("/{s}/vmlinuz"),
-        initrd: cfg.initrd.as_ref().map(|_| format!("/{s}/initrd.img")),
-        options,
-        tries: Some(TRIES),
+    let install = max_version + 1;
+    let name = match uki {
+        Some(blob) => {
+            step("kernel-written");
+            let path = crate::entries::uki_path(slot, install, Some(TRIES));
+            t.esp_write(&path, &mut std::fs::File::open(b.blob_path(&blob.digest))?)?;
+            path.rsplit('/').next().unwrap().to_string()
+        }
+        None => {
+            t.esp_write(&format!("{s}/vmlinuz"), &mut std::fs::File::open(b.blob_path(&cfg.kernel.digest))?)?;
+            if let Some(i) = &cfg.initrd {
+                t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(b.blob_path(&i.digest))?)?;
+            }
+            step("kernel-written");
+            let entry = BootEntry {
+                slot,
+                title: format!("{} (slot {s})", cfg.version),
+                version: install,
+                linux: format!("/{s}/vmlinuz"),
+                initrd: cfg.initrd.as_ref().map(|_| format!("/{s}/initrd.img")),
+                options,
+                tries: Some(TRIES),
+            };
+            t.esp_write(&entry.path(), &mut std::io::Cursor::new(entry.text().into_bytes()))?;
+            entry.file_name()
+        }
     };
-    let name = entry.file_name();
-    t.esp_write(&format!("{}/{name}", crate::esp::ENTRIES_DIR), &mut std::io::Cursor::new(entry.text().into_bytes()))?;
     t.finish()?;
     step("entry-written");
     Ok(ApplyReport {
         slot: s.into(),
         build_id: cfg.build_id.clone(),
         version: cfg.version.clone(),
-        install_number: entry.version,
+        install_number: install,
         entry: name,
         blobs_present: present,
         blobs_written: written,
@@ -267,6 +275,37 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
         signature,
         root_hash: cfg.verity.as_ref().map(|v| v.root_hash.clone()),
     })
+}
+
+/// A UKI bundle carries one signed UKI per slot; the one for `slot` must exist, match its
+/// digest, and embed exactly the command line this device computes for it (so the root hash and
+/// partition inside the signed image are the ones the config names). The boot mode (BLS entries
+/// or UKIs) must be the running one's: a mixed ESP would not order entries by install number.
+fn check_uki<'a>(b: &'a Bundle, slot: Slot, options: &str, existing: &[EntryReport]) -> anyhow::Result<Option<&'a crate::bundle::Blob>> {
+    let cfg = &b.config;
+    let running_kind = existing.iter().find(|e| e.slot.as_deref() == Some(slot.other().name())).map(|e| e.kind.as_str());
+    let want = if cfg.ukis.is_empty() { "bls" } else { "uki" };
+    if let Some(k) = running_kind {
+        if k != want {
+            bail!("bundle {} boots through {want} entries but the running slot boots through {k} entries; switching boot mode in an update is not supported; nothing was changed", cfg.build_id);
+        }
+    }
+    if cfg.ukis.is_empty() {
+        return Ok(None);
+    }
+    let blob = cfg.ukis.get(slot.name()).ok_or_else(|| anyhow::anyhow!("bundle {} has no UKI for slot {}; nothing was changed", cfg.build_id, slot.name()))?;
+    let path = b.blob_path(&blob.digest);
+    let (d, n) = crate::hash::digest_reader(std::fs::File::open(&path).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
+    if d != blob.digest || n != blob.size {
+        bail!("bundle blob {} (UKI of slot {}) is corrupt; nothing was changed", blob.digest, slot.name());
+    }
+    let embedded = crate::uki::read_section(&mut std::fs::File::open(&path)?, ".cmdline", 64 * 1024)
+        .map_err(|e| anyhow::anyhow!("bundle {}: the UKI of slot {} is not readable: {e:#}; nothing was changed", cfg.build_id, slot.name()))?
+        .map(|c| String::from_utf8_lossy(&c).trim_end_matches(['\0', '\n']).to_string());
+    if embedded.as_deref() != Some(options) {
+        bail!("bundle {}: the UKI of slot {} embeds the command line {:?}, not {options:?}; nothing was changed", cfg.build_id, slot.name(), embedded.unwrap_or_default());
+    }
+    Ok(Some(blob))
 }
 
 /// The rootfs blob must be what its config says: a squashfs whose superblock size fits the
