@@ -151,6 +151,16 @@ enum KeyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check a bundle's signatures against public keys, as a device trusting them would decide
+    /// (exit 0 if it would apply it, 2 if it would refuse). Nothing is changed.
+    Verify {
+        bundle: PathBuf,
+        /// minisign public key files (repeatable).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The build's devices will take any bundle: say so where a person will see it.
@@ -407,6 +417,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("key {id}: secret {} (keep it off the devices), public {} (list it under update-keys:)", key.display(), public.display());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Key { cmd: KeyCmd::Verify { bundle, keys, json } } => {
+            let b = crate::bundle::Bundle::open(&bundle, None)?;
+            let files: Vec<(String, Vec<u8>)> = keys
+                .iter()
+                .map(|k| Ok((format!("{}.pub", k.display()), std::fs::read(k).map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))?)))
+                .collect::<anyhow::Result<_>>()?;
+            let trusted = crate::signature::trusted_keys(&files)?;
+            let d = crate::signature::decide(&b.config_bytes, &b.signatures, &trusted);
+            if json {
+                json_out(&match &d {
+                    Ok(d) => serde_json::json!({"ok": true, "build_id": b.config.build_id, "decision": d}),
+                    Err(e) => serde_json::json!({"ok": false, "build_id": b.config.build_id, "error": format!("{e:#}")}),
+                })?;
+            } else {
+                match &d {
+                    Ok(crate::signature::Decision::Signed { key_id }) => println!("bundle {}: good signature by key {key_id}", b.config.build_id),
+                    Ok(crate::signature::Decision::Unchecked) => println!("bundle {}: no key given", b.config.build_id),
+                    Err(e) => println!("bundle {}: would be refused: {e:#}", b.config.build_id),
+                }
+            }
+            Ok(if d.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Cmd::Inspect { image, json } => {
             let r = inspect(&image)?;

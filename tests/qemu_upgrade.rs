@@ -254,6 +254,64 @@ fn a_device_that_trusts_a_key_applies_only_bundles_it_signed_and_boots_them_unde
     assert!(rd["dm_uuid"].as_str().unwrap().contains(&uuid), "dm uuid names the slot's verity superblock uuid {uuid}: {rd}");
 }
 
+/// The firmware's and systemd-boot's words for an image whose signature does not verify.
+const REFUSED: [&str; 2] = ["Access Denied", "Security Violation"];
+
+#[test]
+fn secure_boot_runs_the_signed_chain_and_an_edited_uki_is_refused_then_the_old_slot_boots() {
+    let (_g, w, _t) = world();
+    let disk = w.build("secure", 2, "dev");
+    let next = w.bundle("secure2", 2, &[], &[]).unwrap();
+    let sb = |o: &mut slotforge_qemu_tests::vm::VmOptions| {
+        o.secure_boot = true;
+        o.stop_on_serial = REFUSED.iter().map(|s| s.to_string()).collect();
+    };
+    // Boot 1, Secure Boot enforced: signed systemd-boot → signed UKI → dm-verity root. The
+    // update (a signed UKI per slot) is applied to slot b.
+    let b = w.boot_with(&disk, Some(&next), None, false, sb);
+    ended(&b, "reboot");
+    assert_eq!(status(&b)["secure_boot"], true, "the firmware enforces Secure Boot");
+    let insp = w.inspect(&disk);
+    assert_eq!(one(&b, "verity")["root_hash"], insp["slots"][0]["verity"]["root_hash"]);
+    assert_eq!(one(&b, "applied")["entry"], "slotforge-2-b+3.efi");
+    // Edit the command line inside slot b's UKI on the ESP (same length, so the PE stays whole):
+    // its signature no longer matches, the firmware refuses it at every try, and after three
+    // tries systemd-boot boots slot a.
+    let esp_at = insp["gpt"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == "esp").unwrap()["start"].as_u64().unwrap();
+    let img = format!("{}@@{esp_at}", disk.display());
+    let local = w.dir.path().join("b.efi");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["mcopy", "-n", "-i", &img, "::/EFI/Linux/slotforge-2-b+3.efi", local.to_str().unwrap()]);
+    let mut bytes = std::fs::read(&local).unwrap();
+    let at = bytes.windows(7).position(|w| w == b"panic=1").expect("the UKI's command line");
+    bytes[at..at + 7].copy_from_slice(b"panic=9");
+    std::fs::write(&local, &bytes).unwrap();
+    run(&["mcopy", "-o", "-i", &img, local.to_str().unwrap(), "::/EFI/Linux/slotforge-2-b+3.efi"]);
+    let mut refused = 0;
+    let mut last = None;
+    for _ in 0..6 {
+        let b = w.boot_with(&disk, None, None, false, sb);
+        if b.outcome == Outcome::Killed {
+            assert!(REFUSED.iter().any(|r| b.log().contains(r)));
+            assert!(b.named("initramfs").is_empty(), "no kernel of slot b ran");
+            refused += 1;
+            continue;
+        }
+        last = Some(b);
+        break;
+    }
+    assert_eq!(refused, 3, "slot b's edited UKI must be refused exactly three times");
+    let b = last.unwrap();
+    ended(&b, "poweroff");
+    assert_eq!(one(&b, "initramfs")["root"], "rootfs_a");
+    assert_eq!(status(&b)["secure_boot"], true);
+    let rb = one(&b, "rolled-back");
+    assert_eq!((rb["from_slot"].as_str(), rb["to_slot"].as_str()), (Some("b"), Some("a")));
+}
+
 #[test]
 fn power_cuts_at_every_apply_step_always_leave_a_good_slot_and_a_rerun_completes() {
     let (_g, w, _t) = world();

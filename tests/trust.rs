@@ -174,6 +174,10 @@ fn only_bundles_signed_by_a_trusted_key_are_applied() {
     let (config, sig) = config_and_signature(&good);
     let out = tool("minisign", &["-V", "-p", release_pub.to_str().unwrap(), "-m", config.to_str().unwrap(), "-x", sig.to_str().unwrap()]);
     assert!(out.contains("Signature and comment signature verified"), "{out}");
+    // `slotforge key verify` decides as the device would, without a disk.
+    ok(&slotforge(&["key", "verify", good.to_str().unwrap(), "--key", release_pub.to_str().unwrap()]));
+    let o = slotforge(&["key", "verify", unsigned.to_str().unwrap(), "--key", release_pub.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stdout));
     // skopeo reads the signed bundle as an OCI layout.
     tool("skopeo", &["inspect", "--raw", &format!("oci:{}:{}", good.display(), j["build_id"].as_str().unwrap())]);
 
@@ -236,4 +240,86 @@ fn retarget_config(dir: &Path, f: impl Fn(&mut serde_json::Value)) {
         d["size"] = ss.into();
     }
     std::fs::write(&ip, serde_json::to_vec(&idx).unwrap()).unwrap();
+}
+
+/// Debian's snakeoil Secure Boot key (the one OVMF_VARS_4M.snakeoil.fd enrols), decrypted.
+fn snakeoil(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = dir.join("db.key");
+    tool("openssl", &["rsa", "-passin", "pass:snakeoil", "-in", "/usr/share/ovmf/PkKek-1-snakeoil.key", "-out", key.to_str().unwrap()]);
+    (key, "/usr/share/ovmf/PkKek-1-snakeoil.pem".into())
+}
+
+fn uki_manifest(fx: &Fixture, version: &str) {
+    let (key, cert) = snakeoil(fx.path());
+    let m = MANIFEST.replace("version: 1.4.0", &format!("version: {version}")).replace(
+        "boot:\n  loader: file:loader.efi\n",
+        &format!("boot:\n  loader: file:/usr/lib/systemd/boot/efi/systemd-bootx64.efi\n  uki: true\n  secure-boot:\n    key: {}\n    cert: {}\n", key.display(), cert.display()),
+    );
+    std::fs::write(fx.manifest(), m).unwrap();
+}
+
+#[test]
+fn signed_ukis_carry_the_root_hash_and_upgrades_write_the_other_slots_signed_uki() {
+    let fx = fixture();
+    uki_manifest(&fx, "1.4.0");
+    let disk = fx.path().join("disk.img");
+    let s = build(&fx, &disk);
+    let root = s["verity"]["root_hash"].as_str().unwrap().to_string();
+    let esp = fx.path().join("esp.img");
+    extract_partition(&disk, "esp", &esp);
+    tool("fsck.vfat", &["-n", esp.to_str().unwrap()]);
+    let dir = tool("mdir", &["-/", "-b", "-i", esp.to_str().unwrap(), "::"]);
+    assert!(dir.contains("::/EFI/Linux/slotforge-1-a.efi") && !dir.contains("::/loader/entries/slot-a.conf") && !dir.contains("::/a/vmlinuz"), "{dir}");
+    // sbverify, an independent reader, checks both signatures against the snakeoil certificate.
+    let x = fx.path().join("x");
+    std::fs::create_dir_all(&x).unwrap();
+    for (src, name) in [("::/EFI/Linux/slotforge-1-a.efi", "uki.efi"), ("::/EFI/BOOT/BOOTX64.EFI", "boot.efi")] {
+        tool("mcopy", &["-i", esp.to_str().unwrap(), src, x.join(name).to_str().unwrap()]);
+        let v = tool("sbverify", &["--cert", "/usr/share/ovmf/PkKek-1-snakeoil.pem", x.join(name).to_str().unwrap()]);
+        assert!(v.contains("Signature verification OK"), "{name}: {v}");
+    }
+    // The command line, with the root hash, is inside the signed image.
+    let sect = tool("objdump", &["-h", x.join("uki.efi").to_str().unwrap()]);
+    for s in [".osrel", ".cmdline", ".linux", ".initrd"] {
+        assert!(sect.contains(s), "{s} missing:\n{sect}");
+    }
+    let cmdline = fx.path().join("cmdline");
+    tool("objcopy", &["-O", "binary", "--only-section=.cmdline", x.join("uki.efi").to_str().unwrap(), cmdline.to_str().unwrap()]);
+    let cmdline = std::fs::read_to_string(&cmdline).unwrap();
+    assert!(cmdline.starts_with(&format!("root=/dev/mapper/root roothash={root} ")) && cmdline.contains("slotforge.slot=a"), "{cmdline}");
+    let insp: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["inspect", disk.to_str().unwrap(), "--json"]))).unwrap();
+    let e = &insp["esp"]["entries"][0];
+    assert_eq!((e["kind"].as_str(), e["slot"].as_str(), e["options"].as_str()), (Some("uki"), Some("a"), Some(cmdline.as_str())));
+    assert_eq!(insp["slots"][0]["verity"]["root_hash"], root.as_str());
+    ok(&slotforge(&["verify", disk.to_str().unwrap()]));
+    // Reproducible, signatures included (sbsign runs under faketime at SOURCE_DATE_EPOCH).
+    let again = fx.path().join("again.img");
+    build(&fx, &again);
+    assert_eq!(sha256_file(&disk), sha256_file(&again), "two signed UKI builds differ");
+
+    // An update: the bundle carries one signed UKI per slot; slot b's lands as the newest entry.
+    uki_manifest(&fx, "1.5.0");
+    let b = fx.path().join("b.tar");
+    ok(&bundle(&fx, &b, &[]));
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), b.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(r["entry"], "slotforge-2-b+3.efi", "{r}");
+    extract_partition(&disk, "esp", &esp);
+    tool("fsck.vfat", &["-n", esp.to_str().unwrap()]);
+    tool("mcopy", &["-o", "-i", esp.to_str().unwrap(), "::/EFI/Linux/slotforge-2-b+3.efi", x.join("b.efi").to_str().unwrap()]);
+    assert!(tool("sbverify", &["--cert", "/usr/share/ovmf/PkKek-1-snakeoil.pem", x.join("b.efi").to_str().unwrap()]).contains("Signature verification OK"));
+    let insp: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["inspect", disk.to_str().unwrap(), "--json"]))).unwrap();
+    let eb = insp["esp"]["entries"].as_array().unwrap().iter().find(|e| e["slot"] == "b").unwrap().clone();
+    assert_eq!((eb["kind"].as_str(), eb["tries_left"].as_u64()), (Some("uki"), Some(3)));
+    assert_eq!(slotforge::cmdline::value(eb["options"].as_str().unwrap(), "roothash").as_deref(), insp["slots"][1]["verity"]["root_hash"].as_str());
+    ok(&slotforge(&["verify", disk.to_str().unwrap()]));
+    // A bundle whose UKIs were built for other partition names cannot be applied: the image
+    // embeds the wrong command line. And a BLS bundle cannot switch a UKI device's boot mode.
+    std::fs::write(fx.manifest(), MANIFEST.replace("version: 1.4.0", "version: 1.6.0")).unwrap();
+    let bls = fx.path().join("bls.tar");
+    ok(&bundle(&fx, &bls, &[]));
+    let before = sha256_file(&disk);
+    let o = slotforge(&["upgrade", disk.to_str().unwrap(), bls.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("switching boot mode") && err.contains("nothing was changed"), "{err}");
+    assert_eq!(sha256_file(&disk), before);
 }

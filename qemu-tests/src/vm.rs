@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Debian's Secure Boot firmware whose variable store enrols the snakeoil key (PK, KEK, db):
+/// it runs only EFI binaries signed with /usr/share/ovmf/PkKek-1-snakeoil.key.
+pub const OVMF_CODE_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
+pub const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
 /// The guest reaches the host's registry here.
 pub const GUEST_REGISTRY: &str = "10.0.2.100:5000";
 
@@ -27,11 +31,16 @@ pub struct VmOptions {
     /// Where the firmware vars and the serial log go.
     pub work_dir: PathBuf,
     pub name: String,
+    /// Boot with Secure Boot enforced (snakeoil firmware, SMM).
+    pub secure_boot: bool,
+    /// Kill the VM (like a reset) as soon as the serial log contains one of these, e.g. the
+    /// loader's "Access Denied" for an image whose signature does not verify.
+    pub stop_on_serial: Vec<String>,
 }
 
 impl VmOptions {
     pub fn new(disk: &Path, work_dir: &Path, name: &str) -> Self {
-        Self { disk: disk.into(), extra_disks: vec![], registry_port: None, timeout: Duration::from_secs(180), memory_mb: 512, work_dir: work_dir.into(), name: name.into() }
+        Self { disk: disk.into(), extra_disks: vec![], registry_port: None, timeout: Duration::from_secs(180), memory_mb: 512, work_dir: work_dir.into(), name: name.into(), secure_boot: false, stop_on_serial: vec![] }
     }
 }
 
@@ -114,9 +123,13 @@ fn probe_kvm() -> anyhow::Result<bool> {
 
 fn spawn(o: &VmOptions, vars: &Path, serial: &Path) -> anyhow::Result<Child> {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-machine", "q35", "-accel", accel(), "-m", &o.memory_mb.to_string(), "-smp", "1"])
-        .args(["-nographic", "-monitor", "none", "-display", "none", "-no-reboot"])
-        .args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")])
+    let (machine, code) = if o.secure_boot { ("q35,smm=on", OVMF_CODE_SNAKEOIL) } else { ("q35", OVMF_CODE) };
+    c.args(["-machine", machine, "-accel", accel(), "-m", &o.memory_mb.to_string(), "-smp", "1"])
+        .args(["-nographic", "-monitor", "none", "-display", "none", "-no-reboot"]);
+    if o.secure_boot {
+        c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+    }
+    c.args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={code}")])
         .args(["-drive", &format!("if=pflash,format=raw,file={}", vars.display())])
         .args(["-serial", &format!("file:{}", serial.display())]);
     for (i, d) in std::iter::once(&o.disk).chain(&o.extra_disks).enumerate() {
@@ -139,9 +152,10 @@ fn spawn(o: &VmOptions, vars: &Path, serial: &Path) -> anyhow::Result<Child> {
 /// boots of the same `name`, like a device's NVRAM.
 pub fn boot(o: &VmOptions, stop: &dyn Fn(&[Value]) -> bool) -> anyhow::Result<Boot> {
     std::fs::create_dir_all(&o.work_dir)?;
-    let vars = o.work_dir.join(format!("{}.vars.fd", o.name));
+    let vars = o.work_dir.join(format!("{}{}.vars.fd", o.name, if o.secure_boot { ".sb" } else { "" }));
     if !vars.exists() {
-        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (apt-get install ovmf)"))?;
+        let src = if o.secure_boot { OVMF_VARS_SNAKEOIL } else { OVMF_VARS };
+        std::fs::copy(src, &vars).with_context(|| format!("copying {src} (apt-get install ovmf)"))?;
     }
     let mut n = 0;
     let serial = loop {
@@ -166,8 +180,9 @@ pub fn boot(o: &VmOptions, stop: &dyn Fn(&[Value]) -> bool) -> anyhow::Result<Bo
             }
             break Outcome::Exited;
         }
-        let events = events::parse(&std::fs::read_to_string(&serial).unwrap_or_default());
-        if stop(&events) {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        let events = events::parse(&text);
+        if stop(&events) || o.stop_on_serial.iter().any(|s| text.contains(s.as_str())) {
             let _ = child.kill();
             let _ = child.wait();
             break Outcome::Killed;

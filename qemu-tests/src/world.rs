@@ -50,6 +50,9 @@ impl World {
             let o = Command::new(bin).args(["key", "generate", k, "-o", keys.to_str().unwrap()]).output().unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
+        // Secure Boot: Debian's snakeoil db key, unlocked for sbsign.
+        let o = Command::new("openssl").args(["rsa", "-passin", "pass:snakeoil", "-in", "/usr/share/ovmf/PkKek-1-snakeoil.key", "-out"]).arg(keys.join("db.key")).output().unwrap();
+        assert!(o.status.success(), "openssl: {}", String::from_utf8_lossy(&o.stderr));
         World { dir, reg, bin: bin.into(), fx, images }
     }
 
@@ -115,7 +118,13 @@ impl World {
     /// Boot `disk`; with `bundle` attached as /dev/vdb the guest applies it and reboots; with
     /// `pause` (an apply step) the apply stops there and QEMU is killed — a power cut.
     pub fn boot(&self, disk: &Path, bundle: Option<&Path>, pause: Option<&str>, network: bool) -> Boot {
+        self.boot_with(disk, bundle, pause, network, |_| {})
+    }
+
+    /// [`World::boot`] with the VM options adjusted by `tune` (Secure Boot, stop strings).
+    pub fn boot_with(&self, disk: &Path, bundle: Option<&Path>, pause: Option<&str>, network: bool, tune: impl FnOnce(&mut VmOptions)) -> Boot {
         let mut o = VmOptions::new(disk, &self.dir.path().join("vm"), "dev");
+        tune(&mut o);
         o.memory_mb = 768;
         if let Some(b) = bundle {
             o.extra_disks.push(b.to_path_buf());

@@ -46,6 +46,16 @@ pub struct Status {
     /// What `/` is mounted from (on the device itself, not with `--root`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root_device: Option<RootDevice>,
+    /// UEFI Secure Boot state (the `SecureBoot` variable), when efivarfs is mounted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<bool>,
+}
+
+/// The global `SecureBoot` EFI variable: 4 attribute bytes, then 1 = enforcing.
+const SECURE_BOOT_VAR: &str = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
+
+fn secure_boot() -> Option<bool> {
+    std::fs::read(SECURE_BOOT_VAR).ok().and_then(|b| b.get(4).map(|v| *v == 1))
 }
 
 /// The block device behind `/`: with dm-verity, the device-mapper target veritysetup made
@@ -178,6 +188,7 @@ pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
         slots: slot_states(&cfg.esp),
         images,
         root_device: if cfg.root == Path::new("/") { root_device(&cmdline) } else { None },
+        secure_boot: if cfg.root == Path::new("/") { secure_boot() } else { None },
     })
 }
 
