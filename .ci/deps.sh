@@ -15,13 +15,25 @@ PKGS=(
   bmap-tools qemu-utils                                      # factory media: bmaptool, qemu-img
   cryptsetup-bin minisign sbsigntool binutils faketime openssl  # dm-verity, bundle signatures, Secure Boot (UKI via objcopy; faketime: reproducible sbsign)
 )
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  $SUDO apt-get update -q
+missing_pkgs() {
+  missing=()
+  for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+# Two rounds: installing one package can remove another that conflicts with it. Seen here: the
+# machine image's qemu-utils from bookworm-backports is removed by Debian 12's qemu-system-x86,
+# and the second round installs the matching qemu-utils.
+for round in 1 2; do
+  missing_pkgs
+  [ "${#missing[@]}" -eq 0 ] && break
+  [ "$round" = 1 ] && $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+done
+missing_pkgs
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "deps.sh: still missing after install: ${missing[*]}" >&2
+  exit 1
 fi
 # The package's own service would listen on every interface; the tests start their own
 # registries on 127.0.0.1 with their own configs.

@@ -7,18 +7,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$repo/.ci/deps.sh"
 command -v /usr/bin/time >/dev/null || { apt-get install -y -q time >/dev/null; }
-cd "$repo"
-cargo build --release --quiet
-sf="$repo/target/release/slotforge"
-w="${BENCH_DIR:-/tmp/slotforge-bench}"
-rm -rf "$w" && mkdir -p "$w/src"
-export SOURCE_DATE_EPOCH=1704067200
-
-mkimage() { # LAYOUT TAG SRC
-  umoci init --layout "$1"; umoci new --image "$1:$2"
-  umoci unpack --rootless --image "$1:$2" "$w/bundle" >/dev/null
-  cp -a "$3/." "$w/bundle/rootfs/"; umoci repack --image "$1:$2" "$w/bundle"; rm -rf "$w/bundle"
-}
+. "$repo/bench/lib.sh"
+bench_setup /tmp/slotforge-bench
 # Inputs: a real tree of many small files (Python's stdlib and GCC's libs) as the base image, a
 # service of 40 MB, and an external image of 64 MB; a 6 MB kernel stand-in.
 mkdir -p "$w/src/base/usr/lib" "$w/src/svc/opt" "$w/src/ext/opt" "$w/src/kernel"
