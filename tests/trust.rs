@@ -323,3 +323,37 @@ fn signed_ukis_carry_the_root_hash_and_upgrades_write_the_other_slots_signed_uki
     assert!(!o.status.success() && err.contains("switching boot mode") && err.contains("nothing was changed"), "{err}");
     assert_eq!(sha256_file(&disk), before);
 }
+
+#[test]
+fn keys_rotate_through_a_release_that_trusts_both() {
+    let fx = fixture();
+    let keys = fx.path().join("keys");
+    let (k1, _, id1) = keygen(&keys, "old");
+    let (k2, _, id2) = keygen(&keys, "new");
+    trust(&fx, &["keys/old.pub"], "1.0.0");
+    let disk = fx.path().join("disk.img");
+    build(&fx, &disk);
+    // A bundle signed only by the new key is refused while the device runs a K1-only release.
+    trust(&fx, &["keys/new.pub"], "3.0.0");
+    let early = fx.path().join("early.tar");
+    ok(&bundle(&fx, &early, &[&k2]));
+    let o = slotforge(&["upgrade", disk.to_str().unwrap(), early.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(&format!("signed by key {id2}, which this device does not trust")));
+    // The bridge release trusts both and is signed by the old key.
+    trust(&fx, &["keys/old.pub", "keys/new.pub"], "2.0.0");
+    let bridge = fx.path().join("bridge.tar");
+    ok(&bundle(&fx, &bridge, &[&k1]));
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), bridge.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(r["signature"]["key_id"], id1.as_str());
+    // Now the slot that would boot trusts K2: the new-key-only release goes in.
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), early.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!((r["signature"]["key_id"].as_str(), r["slot"].as_str()), (Some(id2.as_str()), Some("a")));
+    // And the old key alone no longer opens it.
+    trust(&fx, &["keys/old.pub"], "4.0.0");
+    let stale = fx.path().join("stale.tar");
+    ok(&bundle(&fx, &stale, &[&k1]));
+    let before = sha256_file(&disk);
+    let o = slotforge(&["upgrade", disk.to_str().unwrap(), stale.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(&format!("signed by key {id1}, which this device does not trust")), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256_file(&disk), before);
+}
