@@ -23,9 +23,6 @@ use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
 
-/// The planned layout, recorded on the ESP so inspect, verify and the agent know the slot caps
-/// and the layout generation of a disk without the layout file.
-pub const LAYOUT_RECORD: &str = "slotforge/layout.json";
 
 pub struct BuildOptions {
     pub compose: ComposeOptions,
@@ -607,7 +604,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     let mut files = vec![
         EspFile { path: esp::LOADER_PATH.into(), data: c.loader_for_esp()?.open()? },
         EspFile { path: esp::LOADER_CONF.into(), data: Box::new(esp::LOADER_CONF_TEXT.as_bytes()) },
-        EspFile { path: LAYOUT_RECORD.into(), data: Box::new(std::io::Cursor::new(rootfs::to_json(&layout))) },
+        EspFile { path: layout::RECORD_PATH.into(), data: Box::new(std::io::Cursor::new(rootfs::to_json(&layout))) },
     ];
     if c.uki() {
         // Type #2: one signed image holds kernel, initrd and the command line with its root hash.

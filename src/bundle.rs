@@ -327,7 +327,7 @@ impl Bundle {
             }
             (tmp.path().to_path_buf(), Some(tmp))
         };
-        let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).context("bundle has no index.json: not a bundle")?)?;
+        let idx: serde_json::Value = serde_json::from_slice(&crate::oci::read_json_file(&dir.join("index.json")).context("bundle index.json")?)?;
         let m = idx["manifests"].as_array().and_then(|a| a.iter().find(|d| d["mediaType"] == MT_OCI_MANIFEST && d["annotations"].get(ANN_IMAGE).is_none())).context("bundle index names no bundle manifest")?;
         let md = Digest::parse(m["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
         let mbytes = read_verified(&dir, &md, m["size"].as_u64().unwrap_or(0))?;

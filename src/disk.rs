@@ -4,7 +4,7 @@
 
 use crate::layout::{Layout, SECTOR};
 use crate::window::copy_file_sparse;
-use anyhow::Context;
+use anyhow::{bail, Context};
 use gpt::disk::LogicalBlockSize;
 use gpt::mbr::ProtectiveMBR;
 use gpt::partition::Partition as GptPartition;
@@ -13,7 +13,7 @@ use gpt::GptConfig;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Seek;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 /// A disk image being written: a temp file in the output's directory.
@@ -107,8 +107,49 @@ pub struct GptReport {
 }
 
 /// Read the GPT; the `gpt` crate checks the header and partition-array CRCs of both copies.
+/// The most partition entries a GPT we read may declare. We write 128 (the UEFI minimum); the
+/// gpt crate allocates `entries × entry size` before checking anything (2^23 entries took 1 GiB).
+pub const MAX_GPT_ENTRIES: u64 = 1024;
+/// The only entry size we read: 128 bytes (the gpt crate panics on others; UEFI allows 128·2^n).
+pub const GPT_ENTRY_SIZE: u64 = 128;
+
+/// Check one GPT header (512 bytes read at its LBA) against what the medium really holds, before
+/// any library sees it. Returns the alternate header's LBA.
+pub fn check_gpt_header(b: &[u8; 512], lba: u64, disk_size: u64) -> anyhow::Result<u64> {
+    let u32at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as u64;
+    let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let where_ = format!("GPT header at LBA {lba}");
+    if &b[0..8] != b"EFI PART" {
+        bail!("{where_}: no EFI PART signature: not a GPT disk");
+    }
+    let sectors = disk_size / SECTOR;
+    let (hsize, my, alt, entries_lba, n, esize) = (u32at(12), u64at(24), u64at(32), u64at(72), u32at(80), u32at(84));
+    if !(92..=512).contains(&hsize) || my != lba || alt >= sectors {
+        bail!("{where_}: header size {hsize}, own LBA {my}, alternate LBA {alt} do not fit a {sectors}-sector disk");
+    }
+    if esize != GPT_ENTRY_SIZE || n == 0 || n > MAX_GPT_ENTRIES {
+        bail!("{where_}: {n} entries of {esize} bytes (slotforge reads 1 to {MAX_GPT_ENTRIES} entries of {GPT_ENTRY_SIZE} bytes)");
+    }
+    let end = entries_lba.checked_mul(SECTOR).and_then(|o| o.checked_add(n * esize));
+    if end.is_none_or(|e| e > disk_size) || entries_lba == 0 {
+        bail!("{where_}: its entry array at LBA {entries_lba} ({n} × {esize} bytes) lies outside the {disk_size}-byte disk");
+    }
+    Ok(alt)
+}
+
 pub fn read_gpt(dev: &mut File) -> anyhow::Result<GptReport> {
     let disk_size = dev.seek(std::io::SeekFrom::End(0))?;
+    if disk_size < 3 * SECTOR {
+        bail!("a {disk_size}-byte file cannot hold a GPT");
+    }
+    let mut hdr = [0u8; 512];
+    dev.seek(std::io::SeekFrom::Start(SECTOR))?;
+    dev.read_exact(&mut hdr)?;
+    let alt = check_gpt_header(&hdr, 1, disk_size)?;
+    dev.seek(std::io::SeekFrom::Start(alt * SECTOR))?;
+    dev.read_exact(&mut hdr)?;
+    check_gpt_header(&hdr, alt, disk_size)?;
+    dev.seek(std::io::SeekFrom::Start(0))?;
     let disk = GptConfig::new()
         .writable(false)
         .logical_block_size(LogicalBlockSize::Lb512)
@@ -118,14 +159,23 @@ pub fn read_gpt(dev: &mut File) -> anyhow::Result<GptReport> {
     let partitions = disk
         .partitions()
         .iter()
-        .map(|(n, p)| GptEntry {
-            number: *n,
-            name: p.name.clone(),
-            type_guid: p.part_type_guid.guid.to_string(),
-            guid: p.part_guid.to_string(),
-            start: p.first_lba * SECTOR,
-            size: (p.last_lba + 1 - p.first_lba) * SECTOR,
+        .map(|(n, p)| {
+            // Every partition must lie inside the disk: sizes and offsets from outside are
+            // checked arithmetic, never wrapped.
+            let start = p.first_lba.checked_mul(SECTOR);
+            let size = p.last_lba.checked_add(1).and_then(|e| e.checked_sub(p.first_lba)).and_then(|x| x.checked_mul(SECTOR));
+            match (start, size) {
+                (Some(start), Some(size)) if start >= 2 * SECTOR && start.checked_add(size).is_some_and(|e| e <= disk_size) => Ok(GptEntry {
+                    number: *n,
+                    name: p.name.clone(),
+                    type_guid: p.part_type_guid.guid.to_string(),
+                    guid: p.part_guid.to_string(),
+                    start,
+                    size,
+                }),
+                _ => bail!("GPT partition {n} ({}) spans LBA {}..={}, outside the {disk_size}-byte disk", p.name, p.first_lba, p.last_lba),
+            }
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     Ok(GptReport { disk_guid: disk.guid().to_string(), disk_size, partitions })
 }

@@ -56,6 +56,7 @@ pub fn apply_layer(t: &mut Tree, r: impl Read, ctx: &LayerCtx, spill: &mut Spill
         for c in &comps {
             tree::check_name(c).map_err(|e| fail(&raw_path, &e.to_string()))?;
         }
+        tree::check_depth(&comps).map_err(|e| fail(&raw_path, &e.to_string()))?;
         // Whiteouts.
         if let Some((name, parent)) = comps.split_last() {
             if name.as_slice() == OPAQUE {
@@ -77,10 +78,28 @@ pub fn apply_layer(t: &mut Tree, r: impl Read, ctx: &LayerCtx, spill: &mut Spill
             }
         }
         let header = entry.header().clone();
-        let mut meta = Meta::new(header.mode().map_err(|e| fail(&raw_path, &e.to_string()))? as u16, header.mtime().unwrap_or(0));
-        meta.uid = header.uid().map_err(|e| fail(&raw_path, &e.to_string()))? as u32;
-        meta.gid = header.gid().map_err(|e| fail(&raw_path, &e.to_string()))? as u32;
-        meta.xattrs = pax_xattrs(&mut entry).map_err(|e| fail(&raw_path, &e.to_string()))?;
+        // Permission bits only: the type comes from the entry type. Owners must fit squashfs's
+        // 32-bit ids — never truncated, or uid 2^32 would become root.
+        let mode = header.mode().map_err(|e| fail(&raw_path, &e.to_string()))?;
+        let mut meta = Meta::new((mode & 0o7777) as u16, header.mtime().unwrap_or(0));
+        let pax = pax_records(&mut entry).map_err(|e| fail(&raw_path, &e.to_string()))?;
+        let id = |what: &str, ustar: u64| -> anyhow::Result<u32> {
+            let v = match pax.ids.get(what) {
+                Some(v) => v.parse::<u64>().map_err(|_| fail(&raw_path, &format!("PAX {what} {v:?} is not a number")))?,
+                None => ustar,
+            };
+            u32::try_from(v).map_err(|_| fail(&raw_path, &format!("{what} {v} does not fit a 32-bit id; refusing the layer")))
+        };
+        meta.uid = id("uid", header.uid().map_err(|e| fail(&raw_path, &e.to_string()))?)?;
+        meta.gid = id("gid", header.gid().map_err(|e| fail(&raw_path, &e.to_string()))?)?;
+        let total: usize = pax.xattrs.iter().map(|(k, v)| k.len() + 1 + v.len()).sum();
+        if let Some((k, v)) = pax.xattrs.iter().find(|(k, v)| k.len() > tree::limits::MAX_XATTR_NAME || v.len() > tree::limits::MAX_XATTR_VALUE) {
+            return Err(fail(&raw_path, &format!("extended attribute {k} ({} bytes) is over the kernel's limits ({} bytes of name, {} of value)", v.len(), tree::limits::MAX_XATTR_NAME, tree::limits::MAX_XATTR_VALUE)));
+        }
+        if total > tree::limits::MAX_XATTR_TOTAL {
+            return Err(fail(&raw_path, &format!("extended attributes of {total} bytes in all, over the kernel's {}", tree::limits::MAX_XATTR_TOTAL)));
+        }
+        meta.xattrs = pax.xattrs;
         let kind = match header.entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let (content, size) = spill.store(&mut entry).map_err(|e| fail(&raw_path, &format!("reading content: {e}")))?;
@@ -89,6 +108,9 @@ pub fn apply_layer(t: &mut Tree, r: impl Read, ctx: &LayerCtx, spill: &mut Spill
             tar::EntryType::Directory => Kind::Dir(BTreeMap::new()),
             tar::EntryType::Symlink => {
                 let target = entry.link_name_bytes().ok_or_else(|| fail(&raw_path, "symlink without a target"))?;
+                if target.len() > tree::limits::MAX_SYMLINK || target.is_empty() {
+                    return Err(fail(&raw_path, &format!("symlink target of {} bytes (1 to {} allowed)", target.len(), tree::limits::MAX_SYMLINK)));
+                }
                 Kind::Symlink(target.into_owned())
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -127,14 +149,23 @@ pub fn apply_layer(t: &mut Tree, r: impl Read, ctx: &LayerCtx, spill: &mut Spill
     Ok(())
 }
 
-fn pax_xattrs<R: Read>(entry: &mut tar::Entry<R>) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
-    let mut out = BTreeMap::new();
+/// The PAX records we use: `SCHILY.xattr.*` and the `uid`/`gid` overrides.
+#[derive(Default)]
+struct Pax {
+    xattrs: BTreeMap<String, Vec<u8>>,
+    ids: BTreeMap<&'static str, String>,
+}
+
+fn pax_records<R: Read>(entry: &mut tar::Entry<R>) -> std::io::Result<Pax> {
+    let mut out = Pax::default();
     if let Some(exts) = entry.pax_extensions()? {
         for ext in exts {
             let ext = ext?;
             if let Ok(key) = ext.key() {
                 if let Some(name) = key.strip_prefix(PAX_XATTR) {
-                    out.insert(name.to_string(), ext.value_bytes().to_vec());
+                    out.xattrs.insert(name.to_string(), ext.value_bytes().to_vec());
+                } else if key == "uid" || key == "gid" {
+                    out.ids.insert(if key == "uid" { "uid" } else { "gid" }, String::from_utf8_lossy(ext.value_bytes()).into_owned());
                 }
             }
         }

@@ -173,7 +173,7 @@ pub fn add_to_build(root: &Path, build_id: &str, version: &str, entry: IndexEntr
         f.sync_all()?;
     }
     std::fs::rename(&tmp, &idx_path)?;
-    crate::upgrade::device::sync_fs(root)?;
+    crate::durable::sync_fs(root)?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! slot's squashfs and its metadata, the ESP and its boot entries, and every build in the
 //! external-images partition — and the checks that say whether the disk is sound.
 
-use crate::build::LAYOUT_RECORD;
+use crate::layout::RECORD_PATH as LAYOUT_RECORD;
 use crate::disk::{read_gpt, GptReport};
 use crate::esp::{self, EspReport};
 use crate::images::{self, PartitionReport};

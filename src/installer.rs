@@ -173,7 +173,7 @@ pub fn install(payload: &mut File, data_start: u64, header: &PayloadHeader, targ
     {
         use crate::upgrade::Target;
         let mut ft = crate::upgrade::file::FileTarget::open(target)?;
-        ft.esp_write(crate::build::LAYOUT_RECORD, &mut std::io::Cursor::new(crate::rootfs::to_json(layout)))?;
+        ft.esp_write(crate::layout::RECORD_PATH, &mut std::io::Cursor::new(crate::rootfs::to_json(layout)))?;
         ft.finish()?;
     }
     // Read back every extent written into a partition the fix-up did not touch.

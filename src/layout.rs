@@ -12,6 +12,10 @@ use sha2::{Digest as _, Sha256};
 use std::path::Path;
 use uuid::Uuid;
 
+/// The planned layout, recorded on the ESP so inspect, verify and the agent know the slot caps
+/// and the layout generation of a disk without the layout file.
+pub const RECORD_PATH: &str = "slotforge/layout.json";
+
 /// Partitions start and end on 1 MiB boundaries (what parted, sgdisk and repart do).
 pub const ALIGN: u64 = 1 << 20;
 /// Logical sector size of the images we write.
@@ -204,6 +208,13 @@ fn type_guid(file: &Path, spec: &PartSpec) -> Result<Uuid, InputError> {
     Ok(Uuid::parse_str(s).expect("constant GUIDs parse"))
 }
 
+/// The largest disk a layout may describe: 8 PiB. With at most [`MAX_PARTITIONS`] sizes each no
+/// larger than the disk, every sum the planner makes stays far below u64's end (a size of 2^64-1
+/// used to wrap the running offset to 0 and place a partition inside the GPT).
+pub const MAX_DISK: u64 = 1 << 53;
+/// The GPT entry array slotforge writes has 128 entries (the UEFI minimum).
+pub const MAX_PARTITIONS: usize = 128;
+
 fn plan(file: &Path, lf: &LayoutFile, disk_override: Option<u64>) -> Result<Layout, InputError> {
     let name = &lf.name;
     if name.value.is_empty() || !name.value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
@@ -216,9 +227,23 @@ fn plan(file: &Path, lf: &LayoutFile, disk_override: Option<u64>) -> Result<Layo
     if disk_size % ALIGN != 0 {
         return Err(InputError::spanned(file, &lf.disk.size, "disk size must be a whole number of MiB"));
     }
+    if disk_size > MAX_DISK {
+        return Err(InputError::spanned(file, &lf.disk.size, format!("disk size {disk_size} is over the {MAX_DISK} bytes (8 PiB) slotforge plans for")));
+    }
     if lf.partitions.is_empty() {
         return Err(InputError::spanned(file, name, "a layout needs partitions"));
     }
+    if lf.partitions.len() > MAX_PARTITIONS {
+        return Err(InputError::spanned(file, &lf.partitions[MAX_PARTITIONS].name, format!("{} partitions: a GPT as slotforge writes it holds at most {MAX_PARTITIONS}", lf.partitions.len())));
+    }
+    // Every size and start is at most the disk, so the sums below cannot wrap.
+    let within = |s: &Spanned<String>, what: &str| -> Result<u64, InputError> {
+        let v = size_of(file, s)?;
+        if v > disk_size {
+            return Err(InputError::spanned(file, s, format!("{what} {v} is larger than the {disk_size}-byte disk")));
+        }
+        Ok(v)
+    };
     // Last byte a partition may use: the backup GPT sits at the end, and ends stay aligned.
     let usable_end = (disk_size / SECTOR).saturating_sub(GPT_BACKUP_SECTORS) * SECTOR / ALIGN * ALIGN;
 
@@ -269,7 +294,7 @@ fn plan(file: &Path, lf: &LayoutFile, disk_override: Option<u64>) -> Result<Layo
     // Fixed sizes first, so `rest` knows what is left.
     let mut sizes = Vec::new();
     for p in &lf.partitions {
-        sizes.push(if p.size.value == "rest" { None } else { Some(round_up(size_of(file, &p.size)?.max(1), ALIGN)) });
+        sizes.push(if p.size.value == "rest" { None } else { Some(round_up(within(&p.size, "size")?.max(1), ALIGN)) });
     }
     let fixed: u64 = sizes.iter().flatten().sum();
     let mut cursor = ALIGN;
@@ -277,7 +302,7 @@ fn plan(file: &Path, lf: &LayoutFile, disk_override: Option<u64>) -> Result<Layo
     for (i, p) in lf.partitions.iter().enumerate() {
         let start = match &p.start {
             Some(s) => {
-                let v = size_of(file, s)?;
+                let v = within(s, "start")?;
                 if v % ALIGN != 0 {
                     return Err(InputError::spanned(file, s, format!("start {v} is not 1 MiB aligned")));
                 }
@@ -309,7 +334,7 @@ fn plan(file: &Path, lf: &LayoutFile, disk_override: Option<u64>) -> Result<Layo
         }
         let fs_cap = match &p.fs_cap {
             Some(c) => {
-                let v = size_of(file, c)?;
+                let v = within(c, "fs_cap")?;
                 if v > size {
                     return Err(InputError::spanned(file, c, format!("fs_cap {v} is larger than the partition ({size} bytes)")));
                 }

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod cmdline;
 pub mod disk;
+pub mod durable;
 pub mod entries;
 pub mod esp;
 pub mod flatten;

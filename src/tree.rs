@@ -345,6 +345,32 @@ pub fn materialize(t: &Tree, dest: &Path) -> anyhow::Result<()> {
 }
 
 /// Fail with a clear message if a node kind cannot be represented.
+/// Limits of what a tree may hold, checked as entries arrive (never truncated): the kernel's and
+/// squashfs's own limits, so every tree we accept is one the kernel and unsquashfs can read.
+pub mod limits {
+    /// Path components below the root. Linux's PATH_MAX is 4096 bytes, so no real path has
+    /// more than 2048 components; 1024 keeps every recursive walk of the tree far from the
+    /// stack's end (100,000 nested directories overflowed it).
+    pub const MAX_DEPTH: usize = 1024;
+    /// A symlink target: PATH_MAX - 1 (the kernel refuses longer ones; unsquashfs cannot
+    /// read a squashfs holding a 64 KiB target).
+    pub const MAX_SYMLINK: usize = 4095;
+    /// One extended attribute's value: XATTR_SIZE_MAX.
+    pub const MAX_XATTR_VALUE: usize = 65_536;
+    /// One extended attribute's name: XATTR_NAME_MAX.
+    pub const MAX_XATTR_NAME: usize = 255;
+    /// All extended attributes of one file: XATTR_LIST_MAX.
+    pub const MAX_XATTR_TOTAL: usize = 65_536;
+}
+
+/// Check a path's depth against [`limits::MAX_DEPTH`].
+pub fn check_depth(comps: &[Vec<u8>]) -> anyhow::Result<()> {
+    if comps.len() > limits::MAX_DEPTH {
+        bail!("path is {} directories deep, more than the {} slotforge accepts", comps.len(), limits::MAX_DEPTH);
+    }
+    Ok(())
+}
+
 pub fn check_name(name: &[u8]) -> anyhow::Result<()> {
     if name.is_empty() || name.len() > 255 || name.contains(&0) {
         bail!("file name {:?} cannot be stored (empty, over 255 bytes or with a NUL)", String::from_utf8_lossy(name));

@@ -147,3 +147,21 @@ fn a_corrupt_blob_is_detected_repulled_or_reported_degraded() {
     assert_eq!(ev(&events, "image-pulled")[0]["state"], "verified");
     assert!(dev.run.join("containers/analytics/rootfs/bin/analytics").exists());
 }
+
+#[test]
+fn an_image_that_fails_to_prepare_makes_the_boot_degraded_with_exit_3() {
+    let fx = fixture();
+    let disk = build(&fx, &["--boot-tries", "3"]);
+    let dev = device(&fx, &disk);
+    std::fs::rename(dev.esp.join("loader/entries/slot-a+3.conf"), dev.esp.join("loader/entries/slot-a+2-1.conf")).unwrap();
+    // The run directory cannot hold the prepared trees (a file stands where it must go).
+    std::fs::create_dir_all(&dev.run).unwrap();
+    std::fs::write(dev.run.join("containers"), b"not a directory").unwrap();
+    let (code, events, all) = agent(&dev, &["boot"]);
+    assert!(!ev(&events, "image-prepare-failed").is_empty(), "{all}");
+    assert_eq!(code, Some(3), "docs/agent.md: degraded exits 3\n{all}");
+    let status = ev(&events, "status")[0];
+    assert_eq!(status["state"], "degraded", "{status}");
+    assert!(ev(&events, "marked-good").is_empty(), "a degraded boot is not marked good");
+    assert!(dev.esp.join("loader/entries/slot-a+2-1.conf").exists());
+}

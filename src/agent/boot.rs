@@ -2,7 +2,7 @@
 //! ready → mark the boot good (only if every image verified) → report. Also `run`, which starts
 //! the LinuxKit services (on-disk ones from the rootfs, external ones from their prepared tree).
 
-use super::status::{check_image, read_release, status, writable, ImageState};
+use super::status::{check_image, read_release, writable, ImageState};
 use super::{emit, AgentConfig};
 use crate::cache::Cache;
 use crate::hash::Digest;
@@ -96,7 +96,7 @@ pub fn mark_good(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
     };
     let good = e.good_path();
     std::fs::rename(cfg.esp.join(&e.path), cfg.esp.join(&good))?;
-    crate::upgrade::device::sync_fs(&cfg.esp)?;
+    crate::durable::sync_fs(&cfg.esp)?;
     Ok(Some(good.rsplit('/').next().unwrap_or(&good).to_string()))
 }
 
@@ -193,7 +193,9 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     } else {
         emit("degraded", json!({"unavailable": bad}));
     }
-    let st = status(cfg)?;
+    // The final state is what this sequence saw, prepare failures included (re-checking from
+    // disk would call an image that failed to prepare "verified" and exit 0).
+    let st = super::status::status_with(cfg, states)?;
     emit("status", serde_json::to_value(&st)?);
     Ok(st)
 }

@@ -123,9 +123,9 @@ fn blob(images: &Path, d: &str) -> std::path::PathBuf {
 pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageState {
     let mut st = ImageState { name: img.name.clone(), digest: img.digest.clone(), state: "missing".into(), detail: None, bad_blobs: vec![], bytes: 0 };
     let listed = (|| -> Option<()> {
-        let top: Idx = serde_json::from_slice(&std::fs::read(images.join("index.json")).ok()?).ok()?;
+        let top: Idx = serde_json::from_slice(&crate::oci::read_json_file(&images.join("index.json")).ok()?).ok()?;
         let b = top.manifests.iter().find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(build_id))?;
-        let nested: Idx = serde_json::from_slice(&std::fs::read(blob(images, &b.digest)).ok()?).ok()?;
+        let nested: Idx = serde_json::from_slice(&crate::oci::read_json_file(&blob(images, &b.digest)).ok()?).ok()?;
         nested.manifests.iter().find(|m| m.digest == img.digest).map(|_| ())
     })();
     if listed.is_none() {
@@ -174,11 +174,18 @@ pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageS
     st
 }
 
-/// The whole status of the device.
+/// The whole status of the device (every external image checked now).
 pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
-    let (rel, ext) = read_release(&cfg.root)?;
-    let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
+    let (_, ext) = read_release(&cfg.root)?;
     let images: Vec<ImageState> = ext.images.iter().map(|i| check_image(&cfg.images, &ext.build_id, i)).collect();
+    status_with(cfg, images)
+}
+
+/// The status with image states already known (the boot sequence's, which include what
+/// happened after the check: a failed pull or a failed prepare). `ok` only if all are verified.
+pub fn status_with(cfg: &AgentConfig, images: Vec<ImageState>) -> anyhow::Result<Status> {
+    let (rel, _) = read_release(&cfg.root)?;
+    let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
     let state = if images.iter().all(|i| i.state == "verified") { "ok" } else { "degraded" };
     Ok(Status {
         slot: crate::cmdline::value(&cmdline, "slotforge.slot"),

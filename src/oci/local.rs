@@ -59,7 +59,7 @@ impl OciDir {
 
     pub fn index_bytes(&self) -> anyhow::Result<Vec<u8>> {
         let p = self.dir.join("index.json");
-        std::fs::read(&p).with_context(|| format!("{}: reading {}", self.name, p.display()))
+        super::read_json_file(&p).with_context(|| format!("{}: its index.json", self.name))
     }
 }
 

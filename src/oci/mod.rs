@@ -11,6 +11,22 @@ pub mod reference;
 pub mod registry;
 
 pub use image::{LayerCompression, ResolvedImage, Resolver};
+
+/// The largest JSON document (an `index.json`, a manifest) read from outside: OCI documents
+/// are kilobytes; a 1.5 GB `index.json` used to be read whole by the resolver and the agent.
+pub const MAX_JSON: u64 = 16 << 20;
+
+/// Read a JSON document from `p`, refusing one over [`MAX_JSON`] before reading it.
+pub fn read_json_file(p: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+    let mut v = Vec::new();
+    f.take(MAX_JSON + 1).read_to_end(&mut v)?;
+    if v.len() as u64 > MAX_JSON {
+        anyhow::bail!("{} is over {MAX_JSON} bytes: not an OCI document slotforge will read", p.display());
+    }
+    Ok(v)
+}
 pub use reference::{ImageRef, Platform};
 
 use crate::hash::{Digest, VerifyingReader};

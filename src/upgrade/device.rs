@@ -30,38 +30,11 @@ pub fn partition_device(cfg: &AgentConfig, label: &str) -> anyhow::Result<PathBu
     bail!("no block device with partition name {label}")
 }
 
-/// Flush the whole file system holding `p` (`syncfs`). On vfat, fsync of a directory does
-/// not write its entries (they live in the block device's buffers), so a rename or unlink
-/// followed by a power cut could be lost — measured by the power-cut boot test. `syncfs` writes
-/// them.
-pub fn sync_fs(p: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let d = std::fs::File::open(p)?;
-    // SAFETY: syncfs on a descriptor we own.
-    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Write `data` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
-pub fn write_durably(path: &Path, data: &mut dyn Read) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap();
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.partial", path.file_name().unwrap().to_string_lossy()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::copy(data, &mut f)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_fs(dir)?;
-    Ok(())
-}
+pub use crate::durable::{sync_fs, write_durably};
 
 impl Target for DeviceTarget {
     fn layout(&mut self) -> anyhow::Result<Layout> {
-        let p = self.cfg.esp.join(crate::build::LAYOUT_RECORD);
+        let p = self.cfg.esp.join(crate::layout::RECORD_PATH);
         serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?).context("layout record")
     }
     fn running(&mut self) -> anyhow::Result<Slot> {
@@ -88,7 +61,7 @@ impl Target for DeviceTarget {
         write_durably(&self.cfg.esp.join(path), data)
     }
     fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(std::fs::read(self.cfg.images.join("index.json")).ok())
+        Ok(crate::oci::read_json_file(&self.cfg.images.join("index.json")).ok())
     }
     fn images_has(&mut self, d: &Digest) -> anyhow::Result<bool> {
         Ok(self.cfg.images.join("blobs/sha256").join(d.hex()).is_file())

@@ -34,9 +34,10 @@ impl FileTarget {
         let layout: Layout = {
             let ro = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, esp.start, esp.size)), fatfs::FsOptions::new().update_accessed_date(false))?;
             let mut s = String::new();
-            ro.root_dir().open_file(crate::build::LAYOUT_RECORD).context("the ESP has no layout record: not a slotforge disk")?.read_to_string(&mut s)?;
+            ro.root_dir().open_file(crate::layout::RECORD_PATH).context("the ESP has no layout record: not a slotforge disk")?.read_to_string(&mut s)?;
             serde_json::from_str(&s)?
         };
+        check_record(&layout, &gpt)?;
         w.seek(SeekFrom::Start(0))?;
         let esp = fatfs::FileSystem::new(w, crate::esp::options(now()))?;
         Ok(Self { path: path.into(), layout, esp })
@@ -63,6 +64,20 @@ impl FileTarget {
         }
         Ok(())
     }
+}
+
+/// The ESP's layout record says where things are, but the GPT is what the disk really holds:
+/// every partition of the record must be the GPT's, same start and size, or nothing is written
+/// (a record with a slot at byte 0 once made `upgrade` write over the GPT).
+fn check_record(layout: &Layout, gpt: &crate::disk::GptReport) -> anyhow::Result<()> {
+    for p in &layout.partitions {
+        match gpt.partitions.iter().find(|g| g.name == p.name) {
+            Some(g) if g.start == p.start && g.size == p.size => {}
+            Some(g) => bail!("the ESP's layout record puts {} at {}+{} but the GPT at {}+{}; refusing to write to this disk", p.name, p.start, p.size, g.start, g.size),
+            None => bail!("the ESP's layout record names partition {}, which the GPT does not have; refusing to write to this disk", p.name),
+        }
+    }
+    Ok(())
 }
 
 impl Target for FileTarget {

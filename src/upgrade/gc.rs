@@ -36,7 +36,7 @@ pub fn gc(images: &Path, keep: &BTreeSet<String>) -> anyhow::Result<GcReport> {
     let (kept, removed): (Vec<_>, Vec<_>) = builds.into_iter().partition(|b| keep.contains(&b.build_id));
     let mut report = GcReport { kept_builds: kept.iter().map(|b| b.build_id.clone()).collect(), removed_builds: removed.iter().map(|b| b.build_id.clone()).collect(), ..Default::default() };
     if !removed.is_empty() {
-        super::device::write_durably(&idx_path, &mut &top_index_json(kept.clone())[..])?;
+        crate::durable::write_durably(&idx_path, &mut &top_index_json(kept.clone())[..])?;
     }
     // Everything the kept sets reach.
     let blob = |d: &str| images.join("blobs/sha256").join(d.trim_start_matches("sha256:"));

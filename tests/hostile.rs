@@ -1,0 +1,205 @@
+//! Hostile inputs, refused at their root with a clear message and nothing written: layers whose
+//! ids, symlinks, xattrs or depth do not fit what the kernel and squashfs can hold; layouts whose
+//! arithmetic would wrap; GPTs that lie about their entry array; an ESP layout record that lies
+//! about the GPT; JSON documents too large to be OCI documents.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// A layer of raw tar entries: (path, header tweaks, data, PAX records).
+fn raw_layer(entries: Vec<(String, tar::EntryType, Vec<u8>, u64, Vec<(String, Vec<u8>)>, Option<Vec<u8>>)>) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, ty, data, uid, pax, link) in entries {
+        if !pax.is_empty() {
+            let refs: Vec<(&str, &[u8])> = pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+            b.append_pax_extensions(refs).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(ty);
+        h.set_mode(0o4755);
+        h.set_uid(uid);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        match link {
+            Some(l) => {
+                b.append_link(&mut h, &path, std::path::Path::new(std::ffi::OsStr::new(std::str::from_utf8(&l).unwrap()))).unwrap();
+            }
+            None => {
+                b.append_data(&mut h, &path, &data[..]).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Build the fixture with one more init image made of `layer`; returns stderr, asserting failure
+/// and that no output was written.
+fn build_refused(layer: Vec<u8>) -> String {
+    let fx = fixture();
+    oci_image(&fx.path().join("images/evil"), "1", vec![(layer, Comp::None)], &[]);
+    std::fs::write(fx.manifest(), MANIFEST.replace("  - oci:images/base:1\n", "  - oci:images/base:1\n  - oci:images/evil:1\n")).unwrap();
+    let out = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    let o = slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]);
+    assert!(!o.status.success(), "built a disk from a hostile layer");
+    assert!(!out.exists(), "a refused build wrote its output");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn an_owner_over_32_bits_is_refused_never_wrapped_to_root() {
+    let e = build_refused(raw_layer(vec![("bin/su".into(), tar::EntryType::Regular, b"x".to_vec(), 1 << 32, vec![], None)]));
+    assert!(e.contains("uid 4294967296 does not fit a 32-bit id") && e.contains("bin/su"), "{e}");
+    let e = build_refused(raw_layer(vec![("bin/su".into(), tar::EntryType::Regular, b"x".to_vec(), 0, vec![("uid".into(), b"4294967296".to_vec())], None)]));
+    assert!(e.contains("uid 4294967296 does not fit"), "{e}");
+}
+
+#[test]
+fn a_pax_uid_overrides_the_header_as_in_docker() {
+    let fx = fixture();
+    let layer = raw_layer(vec![("opt/owned".into(), tar::EntryType::Regular, b"x".to_vec(), 0, vec![("uid".into(), b"4242".to_vec()), ("gid".into(), b"77".to_vec())], None)]);
+    oci_image(&fx.path().join("images/evil"), "1", vec![(layer, Comp::None)], &[]);
+    std::fs::write(fx.manifest(), MANIFEST.replace("  - oci:images/base:1\n", "  - oci:images/base:1\n  - oci:images/evil:1\n")).unwrap();
+    let out = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]));
+    let sq = fx.path().join("a.img");
+    extract_partition(&out, "rootfs_a", &sq);
+    let l = tool("unsquashfs", &["-lln", "-d", "", sq.to_str().unwrap()]);
+    let line = l.lines().find(|x| x.ends_with("/opt/owned")).unwrap();
+    assert!(line.starts_with("-rwsr-xr-x 4242/77"), "{line}");
+}
+
+#[test]
+fn symlinks_xattrs_and_depths_the_kernel_cannot_hold_are_refused() {
+    let long = vec![b'a'; 5000];
+    let e = build_refused(raw_layer(vec![("bin/far".into(), tar::EntryType::Symlink, vec![], 0, vec![], Some(long))]));
+    assert!(e.contains("symlink target of 5000 bytes"), "{e}");
+    let e = build_refused(raw_layer(vec![("bin/x".into(), tar::EntryType::Regular, b"x".to_vec(), 0, vec![("SCHILY.xattr.user.big".into(), vec![7u8; 70_000])], None)]));
+    assert!(e.contains("extended attribute user.big (70000 bytes) is over the kernel's limits"), "{e}");
+    let deep: String = (0..1100).map(|_| "d/").collect::<String>() + "f";
+    let e = build_refused(raw_layer(vec![(deep, tar::EntryType::Regular, b"x".to_vec(), 0, vec![], None)]));
+    assert!(e.contains("1101 directories deep, more than the 1024"), "{e}");
+}
+
+fn layout_error(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.yaml");
+    std::fs::write(&p, text).unwrap();
+    let fx = fixture();
+    let out = fx.path().join("disk.img");
+    let o = slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", p.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]);
+    assert!(!o.status.success() && !out.exists());
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const LAYOUT: &str = "name: evil\ngeneration: 1\ndisk: {size: 1GiB}\npartitions:\n  - {name: esp, role: esp, size: 64MiB}\n  - {name: rootfs_a, role: rootfs, slot: a, size: 64MiB}\n  - {name: rootfs_b, role: rootfs, slot: b, size: 64MiB}\n  - {name: images, role: external-images, size: 256MiB}\n  - {name: persist, role: data, size: rest}\n";
+
+#[test]
+fn layout_arithmetic_cannot_wrap() {
+    let e = layout_error(&LAYOUT.replace("{name: images, role: external-images, size: 256MiB}", "{name: images, role: external-images, size: 18446744073709551615}"));
+    assert!(e.contains("l.yaml:") && e.contains("larger than the 1073741824-byte disk"), "{e}");
+    let e = layout_error(&LAYOUT.replace("{name: rootfs_b, role: rootfs, slot: b, size: 64MiB}", "{name: rootfs_b, role: rootfs, slot: b, size: 64MiB, start: 18446744073708503040}"));
+    assert!(e.contains("larger than the"), "{e}");
+    let many: String = (0..130).map(|i| format!("  - {{name: p{i}, role: data, size: 1MiB}}\n")).collect();
+    let e = layout_error(&format!("{LAYOUT}{many}"));
+    assert!(e.contains("at most 128"), "{e}");
+}
+
+/// CRC-32 (IEEE), as the GPT headers use.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// Rewrite a field of both GPT headers of `disk` and fix their CRCs, so only our checks stand in
+/// the way.
+fn patch_gpt(disk: &Path, offset: usize, value: &[u8]) {
+    let mut b = std::fs::read(disk).unwrap();
+    let alt = u64::from_le_bytes(b[512 + 32..512 + 40].try_into().unwrap()) as usize;
+    for lba in [1usize, alt] {
+        let h = lba * 512;
+        b[h + offset..h + offset + value.len()].copy_from_slice(value);
+        let size = u32::from_le_bytes(b[h + 12..h + 16].try_into().unwrap()) as usize;
+        b[h + 16..h + 20].fill(0);
+        let c = crc32(&b[h..h + size]);
+        b[h + 16..h + 20].copy_from_slice(&c.to_le_bytes());
+    }
+    std::fs::write(disk, b).unwrap();
+}
+
+#[test]
+fn a_gpt_lying_about_its_entries_is_refused_without_a_panic_or_a_gigabyte() {
+    let fx = fixture();
+    let disk = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    for (offset, value, want) in [(84usize, 256u32.to_le_bytes(), "entries of 256 bytes"), (80, (1u32 << 23).to_le_bytes(), "8388608 entries")] {
+        let d = fx.path().join("evil.img");
+        std::fs::copy(&disk, &d).unwrap();
+        patch_gpt(&d, offset, &value);
+        for cmd in ["inspect", "verify"] {
+            let o = std::process::Command::new("/usr/bin/time").args(["-f", "%M", bin(), cmd, d.to_str().unwrap()]).output().unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success() && !err.contains("panicked"), "{cmd}: {err}");
+            assert!(err.contains(want) || String::from_utf8_lossy(&o.stdout).contains(want), "{cmd}: {err}{}", String::from_utf8_lossy(&o.stdout));
+            let kib: u64 = err.lines().last().unwrap().trim().parse().unwrap();
+            assert!(kib < 64 * 1024, "{cmd} used {kib} KiB");
+        }
+        let o = slotforge(&["upgrade", d.to_str().unwrap(), "/nonexistent"]);
+        assert!(!o.status.success());
+    }
+}
+
+#[test]
+fn an_esp_layout_record_that_disagrees_with_the_gpt_is_refused_by_upgrade() {
+    let fx = fixture();
+    let disk = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    let b = fx.path().join("b.tar");
+    ok(&slotforge(&["bundle", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]));
+    // Move slot b to byte 0 in the record (the GPT is unchanged).
+    let start = {
+        let mut f = std::fs::File::open(&disk).unwrap();
+        slotforge::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "esp").unwrap().start
+    };
+    let img = format!("{}@@{start}", disk.display());
+    let rec = fx.path().join("layout.json");
+    tool("mcopy", &["-n", "-i", &img, "::/slotforge/layout.json", rec.to_str().unwrap()]);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    for p in v["partitions"].as_array_mut().unwrap() {
+        if p["name"] == "rootfs_b" {
+            p["start"] = 0.into();
+        }
+    }
+    std::fs::write(&rec, serde_json::to_vec(&v).unwrap()).unwrap();
+    tool("mcopy", &["-o", "-i", &img, rec.to_str().unwrap(), "::/slotforge/layout.json"]);
+    let before = sha256_file(&disk);
+    let o = slotforge(&["upgrade", disk.to_str().unwrap(), b.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("layout record puts rootfs_b at 0") && err.contains("refusing to write"), "{err}");
+    assert_eq!(sha256_file(&disk), before);
+}
+
+#[test]
+fn an_index_json_too_large_to_be_an_oci_document_is_refused_unread() {
+    let fx = fixture();
+    let idx = fx.path().join("images/setup/index.json");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&idx).unwrap();
+    f.set_len(20 << 20).unwrap();
+    drop(f);
+    let out = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    let o = slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is over 16777216 bytes"), "{err}");
+}
