@@ -169,6 +169,7 @@ fn open_ext4(path: &Path, start: u64, size: u64) -> anyhow::Result<ext4_view::Ex
 }
 
 fn read_layout_record(path: &Path, start: u64, size: u64) -> anyhow::Result<Option<Layout>> {
+    crate::fat::check_volume(&mut Window::new(File::open(path)?, start, size), size)?;
     let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, start, size)), fatfs::FsOptions::new().update_accessed_date(false))?;
     let mut f = match fs.root_dir().open_file(LAYOUT_RECORD) {
         Ok(f) => f,

@@ -16,6 +16,7 @@ pub mod disk;
 pub mod durable;
 pub mod entries;
 pub mod esp;
+pub mod fat;
 pub mod flatten;
 pub mod hash;
 pub mod images;

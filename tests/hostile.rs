@@ -203,3 +203,53 @@ fn an_index_json_too_large_to_be_an_oci_document_is_refused_unread() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("is over 16777216 bytes"), "{err}");
 }
+
+/// Make the ESP's `loader/` directory contain itself (a directory entry naming its own cluster).
+fn esp_self_loop(disk: &Path) {
+    let start = {
+        let mut f = std::fs::File::open(disk).unwrap();
+        slotforge::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "esp").unwrap().start as usize
+    };
+    let mut b = std::fs::read(disk).unwrap();
+    let bs = &b[start..start + 512];
+    let u16at = |o: usize| u16::from_le_bytes([bs[o], bs[o + 1]]) as usize;
+    let (bps, spc, reserved, fats) = (u16at(11), bs[13] as usize, u16at(14), bs[16] as usize);
+    let fat_size = u32::from_le_bytes(bs[36..40].try_into().unwrap()) as usize;
+    let root = u32::from_le_bytes(bs[44..48].try_into().unwrap()) as usize;
+    let data = start + (reserved + fats * fat_size) * bps;
+    let at = |c: usize| data + (c - 2) * spc * bps;
+    let cluster_of = |e: &[u8]| (u16::from_le_bytes([e[20], e[21]]) as usize) << 16 | u16::from_le_bytes([e[26], e[27]]) as usize;
+    let loader = (0..spc * bps / 32).map(|i| &b[at(root) + i * 32..at(root) + i * 32 + 32]).find(|e| &e[..11] == b"LOADER     ").map(cluster_of).expect("loader/ in the root");
+    let free = (0..spc * bps / 32).map(|i| at(loader) + i * 32).find(|&o| b[o] == 0).unwrap();
+    let mut e = [0u8; 32];
+    e[..11].copy_from_slice(b"SELF       ");
+    e[11] = 0x10;
+    e[20..22].copy_from_slice(&((loader >> 16) as u16).to_le_bytes());
+    e[26..28].copy_from_slice(&(loader as u16).to_le_bytes());
+    b[free..free + 32].copy_from_slice(&e);
+    std::fs::write(disk, b).unwrap();
+}
+
+#[test]
+fn an_esp_directory_that_contains_itself_is_refused_not_walked_forever() {
+    let fx = fixture();
+    let disk = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    let b = fx.path().join("b.tar");
+    ok(&slotforge(&["bundle", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]));
+    esp_self_loop(&disk);
+    let before = sha256_file(&disk);
+    for args in [vec!["inspect", disk.to_str().unwrap(), "--json"], vec!["verify", disk.to_str().unwrap()], vec!["upgrade", disk.to_str().unwrap(), b.to_str().unwrap()]] {
+        let t = std::time::Instant::now();
+        let o = std::process::Command::new("timeout").arg("60").arg(bin()).args(&args).output().unwrap();
+        let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_ne!(o.status.code(), Some(124), "{args:?} hung");
+        assert!(all.contains("used twice"), "{args:?}: {all}");
+        assert!(t.elapsed().as_secs() < 30);
+        if args[0] != "inspect" {
+            assert!(!o.status.success(), "{args:?}: {all}");
+        }
+    }
+    assert_eq!(sha256_file(&disk), before, "a refused upgrade changed the disk");
+}

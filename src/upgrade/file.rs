@@ -31,6 +31,7 @@ impl FileTarget {
         let gpt = crate::disk::read_gpt(&mut f)?;
         let esp = gpt.partitions.iter().find(|p| p.type_guid == crate::layout::types::ESP).context("the disk has no ESP")?;
         let mut w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(path)?, esp.start, esp.size);
+        crate::fat::check_volume(&mut w, esp.size).context("the ESP")?;
         let layout: Layout = {
             let ro = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, esp.start, esp.size)), fatfs::FsOptions::new().update_accessed_date(false))?;
             let mut s = String::new();
