@@ -523,7 +523,10 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     crate::pull::prefetch(&r.all(), opts.progress)?;
     let build_id = build_id(&m, &r, epoch)?;
     lap("resolve");
-    let mut spill = Spill::new()?;
+    // Unpacked contents may take 16× the largest slot cap (a squashfs compresses them); more is
+    // a bomb, not a rootfs.
+    let largest_cap = std::iter::once(&layout).chain(compat.iter()).flat_map(|l| [l.rootfs(Slot::A).fs_cap, l.rootfs(Slot::B).fs_cap]).max().unwrap_or(0);
+    let mut spill = Spill::with_limit(largest_cap.saturating_mul(16).max(1 << 30))?;
     let parts = assemble(&m, &r, &build_id, epoch, &mut spill, opts.progress)?;
     lap("flatten");
     let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;

@@ -246,29 +246,78 @@ impl Tree {
     }
 }
 
-/// Spilled file contents: one file per regular file of the flattened layers.
+/// Spilled file contents: one file per regular file of the flattened layers. The bytes spilled
+/// are counted while they are written against a budget, so a compression bomb or a GNU sparse
+/// entry claiming a terabyte stops at the budget instead of filling the disk.
 pub struct Spill {
     dir: tempfile::TempDir,
     next: u64,
+    used: u64,
+    budget: u64,
+}
+
+/// Overrides the unpack budget (bytes).
+pub const BUDGET_ENV: &str = "SLOTFORGE_UNPACK_BUDGET";
+/// Free space left untouched on the spill file system.
+const RESERVE: u64 = 512 << 20;
+
+/// Free bytes on the file system holding `p` (statvfs).
+fn free_bytes(p: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { return u64::MAX };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed statvfs we own.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return u64::MAX;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)
 }
 
 impl Spill {
     pub fn new() -> anyhow::Result<Self> {
-        Ok(Self { dir: tempfile::Builder::new().prefix("slotforge-spill-").tempdir()?, next: 0 })
+        Self::with(tempfile::Builder::new().prefix("slotforge-spill-").tempdir()?, u64::MAX)
     }
     /// A spill directory under `parent` (same file system as where the files will end up).
     pub fn new_in(parent: &Path) -> anyhow::Result<Self> {
-        Ok(Self { dir: tempfile::Builder::new().prefix("spill-").tempdir_in(parent)?, next: 0 })
+        Self::with(tempfile::Builder::new().prefix("spill-").tempdir_in(parent)?, u64::MAX)
+    }
+    /// A spill directory whose contents may not exceed `limit` bytes (besides the free space).
+    pub fn with_limit(limit: u64) -> anyhow::Result<Self> {
+        Self::with(tempfile::Builder::new().prefix("slotforge-spill-").tempdir()?, limit)
+    }
+    /// The budget: `$SLOTFORGE_UNPACK_BUDGET` if set, else `limit`, and never more than the
+    /// spill file system's free space less a reserve.
+    fn with(dir: tempfile::TempDir, limit: u64) -> anyhow::Result<Self> {
+        let env = match std::env::var(BUDGET_ENV) {
+            Ok(v) => Some(v.trim().parse::<u64>().map_err(|_| anyhow::anyhow!("{BUDGET_ENV}={v:?} is not a number of bytes"))?),
+            Err(_) => None,
+        };
+        let budget = env.unwrap_or(limit).min(free_bytes(dir.path()).saturating_sub(RESERVE));
+        Ok(Self { dir, next: 0, used: 0, budget })
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
-    /// Copy `r` into a new spill file.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+    /// Copy `r` into a new spill file, counting against the budget as it goes.
     pub fn store(&mut self, r: &mut dyn Read) -> std::io::Result<(Content, u64)> {
         self.next += 1;
         let p = self.dir.path().join(self.next.to_string());
         let mut f = std::fs::File::create(&p)?;
-        let n = std::io::copy(r, &mut f)?;
+        let left = self.budget.saturating_sub(self.used);
+        let n = std::io::copy(&mut r.take(left.saturating_add(1)), &mut f)?;
+        if n > left {
+            drop(f);
+            let _ = std::fs::remove_file(&p);
+            return Err(std::io::Error::other(format!(
+                "unpacking would take more than the {}-byte budget (free space on {} less a reserve, or ${BUDGET_ENV}); a compression bomb or a huge sparse entry?",
+                self.budget,
+                self.dir.path().display()
+            )));
+        }
+        self.used += n;
         Ok((Content::Path(p), n))
     }
 }

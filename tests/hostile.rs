@@ -253,3 +253,49 @@ fn an_esp_directory_that_contains_itself_is_refused_not_walked_forever() {
     }
     assert_eq!(sha256_file(&disk), before, "a refused upgrade changed the disk");
 }
+
+#[test]
+fn a_compression_bomb_stops_at_the_unpack_budget_and_leaves_no_temp_files() {
+    let fx = fixture();
+    // 200 MB of zeros, about 200 KB gzip'd.
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    let mut h = tar::Header::new_gnu();
+    h.set_size(200 << 20);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "zeros", std::io::Read::take(std::io::repeat(0), 200 << 20)).unwrap();
+    let layer = b.into_inner().unwrap().finish().unwrap();
+    assert!(layer.len() < 1 << 20);
+    oci_image(&fx.path().join("images/evil"), "1", vec![(layer, Comp::None)], &[]);
+    // The layer is gzip; tell the manifest so by rewriting its media type.
+    let dir = fx.path().join("images/evil");
+    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mdig = idx["manifests"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let mut man: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("blobs/sha256").join(&mdig)).unwrap()).unwrap();
+    man["layers"][0]["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+    let bytes = serde_json::to_vec(&man).unwrap();
+    let nd = sha256_hex(&bytes);
+    std::fs::write(dir.join("blobs/sha256").join(&nd), &bytes).unwrap();
+    let mut idx2 = idx.clone();
+    idx2["manifests"][0]["digest"] = format!("sha256:{nd}").into();
+    idx2["manifests"][0]["size"] = bytes.len().into();
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&idx2).unwrap()).unwrap();
+    std::fs::write(fx.manifest(), MANIFEST.replace("  - oci:images/base:1\n", "  - oci:images/base:1\n  - oci:images/evil:1\n")).unwrap();
+    let tmp = fx.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    let o = std::process::Command::new(bin())
+        .args(["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"])
+        .env("TMPDIR", &tmp)
+        .env("SLOTFORGE_UNPACK_BUDGET", (64u64 << 20).to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("67108864-byte budget") && err.contains("zeros"), "{err}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "temporary files left behind");
+}
