@@ -13,6 +13,7 @@ use crate::rootfs::ExternalImage;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: u32 = 1;
@@ -306,6 +307,9 @@ impl Bundle {
                 None => tempfile::Builder::new().prefix("slotforge-bundle-").tempdir()?,
             };
             let f = std::fs::File::open(src).with_context(|| format!("opening bundle {}", src.display()))?;
+            // What a hostile stick may make us write: the free space of the scratch file system
+            // less a reserve, counted while copying (members are verified by digest later).
+            let mut budget = crate::tree::disk_budget(tmp.path());
             let mut ar = tar::Archive::new(std::io::BufReader::new(f));
             for e in ar.entries()? {
                 let mut e = e?;
@@ -323,7 +327,11 @@ impl Bundle {
                 }
                 let dest = tmp.path().join(names.join("/"));
                 std::fs::create_dir_all(dest.parent().unwrap())?;
-                std::io::copy(&mut e, &mut std::fs::File::create(&dest)?)?;
+                let n = std::io::copy(&mut (&mut e).take(budget.saturating_add(1)), &mut std::fs::File::create(&dest)?)?;
+                if n > budget {
+                    bail!("bundle member {} would not fit the free space of {} (a bundle larger than the device can hold?)", p.display(), tmp.path().display());
+                }
+                budget -= n;
             }
             (tmp.path().to_path_buf(), Some(tmp))
         };

@@ -261,6 +261,11 @@ pub const BUDGET_ENV: &str = "SLOTFORGE_UNPACK_BUDGET";
 /// Free space left untouched on the spill file system.
 const RESERVE: u64 = 512 << 20;
 
+/// What may be written under `dir`: its file system's free space less a reserve.
+pub fn disk_budget(dir: &Path) -> u64 {
+    free_bytes(dir).saturating_sub(RESERVE)
+}
+
 /// Free bytes on the file system holding `p` (statvfs).
 fn free_bytes(p: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
@@ -292,14 +297,11 @@ impl Spill {
             Ok(v) => Some(v.trim().parse::<u64>().map_err(|_| anyhow::anyhow!("{BUDGET_ENV}={v:?} is not a number of bytes"))?),
             Err(_) => None,
         };
-        let budget = env.unwrap_or(limit).min(free_bytes(dir.path()).saturating_sub(RESERVE));
+        let budget = env.unwrap_or(limit).min(disk_budget(dir.path()));
         Ok(Self { dir, next: 0, used: 0, budget })
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
-    }
-    pub fn budget(&self) -> u64 {
-        self.budget
     }
     /// Copy `r` into a new spill file, counting against the budget as it goes.
     pub fn store(&mut self, r: &mut dyn Read) -> std::io::Result<(Content, u64)> {

@@ -357,3 +357,21 @@ fn keys_rotate_through_a_release_that_trusts_both() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(&format!("signed by key {id1}, which this device does not trust")), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(sha256_file(&disk), before);
 }
+
+#[test]
+fn a_bundle_cannot_inject_lines_into_a_boot_entry() {
+    let fx = fixture();
+    let disk = fx.path().join("disk.img");
+    build(&fx, &disk);
+    let before = sha256_file(&disk);
+    std::fs::write(fx.manifest(), MANIFEST.replace("version: 1.4.0", "version: 1.5.0")).unwrap();
+    for (field, value) in [("version", "1.5.0\nlinux /evil.efi"), ("cmdline", "quiet\ninitrd /evil.img")] {
+        let dir = fx.path().join(format!("b-{field}"));
+        ok(&bundle(&fx, &dir, &[]));
+        retarget_config(&dir, |c| c[field] = value.into());
+        let o = slotforge(&["upgrade", disk.to_str().unwrap(), dir.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("nothing was changed"), "{field}: {err}");
+        assert_eq!(sha256_file(&disk), before, "{field}");
+    }
+}

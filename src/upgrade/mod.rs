@@ -145,6 +145,10 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
     check_fits(b, &layout, &part)?;
     check_rootfs(b)?;
     let options = crate::cmdline::entry_options(&part.name, slot, &cfg.build_id, cfg.verity.as_ref(), &cfg.cmdline).map_err(|e| anyhow::anyhow!("bundle {}: {e:#}; nothing was changed", cfg.build_id))?;
+    // The version goes into the entry's title line: one line of printable text, like the manifest's.
+    if cfg.version.is_empty() || !cfg.version.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)) {
+        bail!("bundle {}: version {:?} may hold only letters, digits and . _ - +; nothing was changed", cfg.build_id, cfg.version);
+    }
     let uki = check_uki(b, slot, &options, &t.entries()?)?;
 
     // 2. External images: blobs first, the build's listing last.
