@@ -92,6 +92,8 @@ print(f"| peak RSS (MiB) | {pt[1]/1024:.0f} | {vt[1]/1024:.0f} | {st[1]/1024:.0f
 print(f"| hash tree of the slot (s) | — | {ph.get('verity', 0):.2f} | {st[0]:.2f} |")
 print(f"| slot bytes | {p['rootfs_bytes']} | {v['rootfs_bytes']} | |")
 print(f"| tree (superblock + levels) bytes | — | {tree} ({100*tree/v['squashfs_bytes']:.2f} % of the squashfs) | same bytes, root hash {'equal' if vs_root == root else 'DIFFERENT'} |")
+print("\nOne run each: build wall times differ by run-to-run noise (about a second here); the tree itself is the")
+print("`verity` phase above.")
 print(f"\nSignature check of a bundle: `slotforge key verify` {1000*(t1-t0)/20:.1f} ms per run (process start, bundle open,")
 print(f"Ed25519 over the config blob) vs `minisign -V` on the same config and signature {1000*(t2-t1)/20:.1f} ms (20 runs each).")
 print(f"`slotforge bundle --sign` of this build: {bt[0]:.2f} s in all.\n")

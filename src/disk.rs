@@ -146,6 +146,8 @@ pub fn read_gpt(dev: &mut File) -> anyhow::Result<GptReport> {
     dev.seek(std::io::SeekFrom::Start(SECTOR))?;
     dev.read_exact(&mut hdr)?;
     let alt = check_gpt_header(&hdr, 1, disk_size)?;
+    let first_usable = u64::from_le_bytes(hdr[40..48].try_into().unwrap());
+    let last_usable = u64::from_le_bytes(hdr[48..56].try_into().unwrap());
     dev.seek(std::io::SeekFrom::Start(alt * SECTOR))?;
     dev.read_exact(&mut hdr)?;
     check_gpt_header(&hdr, alt, disk_size)?;
@@ -165,7 +167,7 @@ pub fn read_gpt(dev: &mut File) -> anyhow::Result<GptReport> {
             let start = p.first_lba.checked_mul(SECTOR);
             let size = p.last_lba.checked_add(1).and_then(|e| e.checked_sub(p.first_lba)).and_then(|x| x.checked_mul(SECTOR));
             match (start, size) {
-                (Some(start), Some(size)) if start >= 2 * SECTOR && start.checked_add(size).is_some_and(|e| e <= disk_size) => Ok(GptEntry {
+                (Some(start), Some(size)) if p.first_lba >= first_usable && p.last_lba <= last_usable && start.checked_add(size).is_some_and(|e| e <= disk_size) => Ok(GptEntry {
                     number: *n,
                     name: p.name.clone(),
                     type_guid: p.part_type_guid.guid.to_string(),
@@ -173,7 +175,7 @@ pub fn read_gpt(dev: &mut File) -> anyhow::Result<GptReport> {
                     start,
                     size,
                 }),
-                _ => bail!("GPT partition {n} ({}) spans LBA {}..={}, outside the {disk_size}-byte disk", p.name, p.first_lba, p.last_lba),
+                _ => bail!("GPT partition {n} ({}) spans LBA {}..={}, outside the usable LBAs {first_usable}..={last_usable} of the {disk_size}-byte disk", p.name, p.first_lba, p.last_lba),
             }
         })
         .collect::<anyhow::Result<_>>()?;

@@ -35,7 +35,20 @@ pub use crate::durable::{sync_fs, write_durably};
 impl Target for DeviceTarget {
     fn layout(&mut self) -> anyhow::Result<Layout> {
         let p = self.cfg.esp.join(crate::layout::RECORD_PATH);
-        serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?).context("layout record")
+        let layout: Layout = serde_json::from_slice(&crate::oci::read_json_file(&p)?).context("layout record")?;
+        // The record on the (writable, unsigned) ESP must agree with the partition table the
+        // kernel read: same start and size for every partition, found by its GPT name.
+        if self.cfg.devices.is_none() {
+            for part in &layout.partitions {
+                let dev = partition_device(&self.cfg, &part.name)?;
+                let sys = Path::new("/sys/class/block").join(dev.file_name().unwrap_or_default());
+                let read = |f: &str| std::fs::read_to_string(sys.join(f)).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                if read("start").map(|s| s * 512) != Some(part.start) || read("size").map(|s| s * 512) != Some(part.size) {
+                    bail!("the ESP's layout record puts {} at {}+{} but the kernel's partition table disagrees; refusing to write", part.name, part.start, part.size);
+                }
+            }
+        }
+        Ok(layout)
     }
     fn running(&mut self) -> anyhow::Result<Slot> {
         let c = std::fs::read_to_string(&self.cfg.cmdline)?;
