@@ -45,7 +45,19 @@ const DELETED: u8 = 0xE5;
 const DOT: &[u8; 11] = b".          ";
 const DOTDOT: &[u8; 11] = b"..         ";
 
+/// The live short entries of one directory cluster: up to the end marker, without deleted,
+/// long-name and volume-label entries (`.` and `..` included; callers skip them as they need).
+fn live_entries(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    buf.chunks(DIRENT).take_while(|e| e[0] != 0).filter(|e| e[0] != DELETED && e[11] != ATTR_LFN && e[11] & ATTR_VOLUME == 0)
+}
+
 impl Geometry {
+    fn read_cluster(&self, dev: &mut (impl Read + Seek), c: u32) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.cluster_bytes()];
+        dev.seek(SeekFrom::Start(self.cluster_offset(c)))?;
+        dev.read_exact(&mut buf)?;
+        Ok(buf)
+    }
     fn cluster_offset(&self, c: u32) -> u64 {
         self.data_start + (c as u64 - 2) * self.spc * self.bps
     }
@@ -113,17 +125,9 @@ pub fn fix_dot_entries(dev: &mut (impl Read + Write + Seek)) -> anyhow::Result<(
     let mut queue = vec![g.root_cluster];
     while let Some(dir) = queue.pop() {
         for c in g.chain(dev, dir)? {
-            let mut buf = vec![0u8; g.cluster_bytes()];
-            dev.seek(SeekFrom::Start(g.cluster_offset(c)))?;
-            dev.read_exact(&mut buf)?;
-            for e in buf.chunks(DIRENT) {
-                if e[0] == 0 {
-                    break;
-                }
-                if e[0] == DELETED || e[11] == ATTR_LFN || e[11] & ATTR_VOLUME != 0 || e[11] & ATTR_DIR == 0 {
-                    continue;
-                }
-                if &e[..11] == DOT || &e[..11] == DOTDOT {
+            let buf = g.read_cluster(dev, c)?;
+            for e in live_entries(&buf) {
+                if e[11] & ATTR_DIR == 0 || &e[..11] == DOT || &e[..11] == DOTDOT {
                     continue;
                 }
                 let child = entry_cluster(e);
@@ -237,14 +241,9 @@ pub fn check_volume(dev: &mut (impl Read + Seek), len: u64) -> anyhow::Result<()
             bail!("FAT: {path} is nested more than {MAX_DIR_DEPTH} directories deep");
         }
         for c in chain(dir, &format!("directory {path}"))? {
-            let mut buf = vec![0u8; g.cluster_bytes()];
-            dev.seek(SeekFrom::Start(g.cluster_offset(c)))?;
-            dev.read_exact(&mut buf)?;
-            for e in buf.chunks(DIRENT) {
-                if e[0] == 0 {
-                    break;
-                }
-                if e[0] == DELETED || e[11] == ATTR_LFN || e[11] & ATTR_VOLUME != 0 || &e[..11] == DOT || &e[..11] == DOTDOT {
+            let buf = g.read_cluster(dev, c)?;
+            for e in live_entries(&buf) {
+                if &e[..11] == DOT || &e[..11] == DOTDOT {
                     continue;
                 }
                 entries += 1;

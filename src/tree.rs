@@ -258,12 +258,14 @@ pub struct Spill {
 
 /// Overrides the unpack budget (bytes).
 pub const BUDGET_ENV: &str = "SLOTFORGE_UNPACK_BUDGET";
-/// Free space left untouched on the spill file system.
+/// Free space left untouched on the spill file system: 512 MiB, or an eighth of what is free
+/// when that is less (a device's tmpfs may hold only a few hundred MiB in all).
 const RESERVE: u64 = 512 << 20;
 
 /// What may be written under `dir`: its file system's free space less a reserve.
 pub fn disk_budget(dir: &Path) -> u64 {
-    free_bytes(dir).saturating_sub(RESERVE)
+    let free = free_bytes(dir);
+    free.saturating_sub(RESERVE.min(free / 8))
 }
 
 /// Free bytes on the file system holding `p` (statvfs).

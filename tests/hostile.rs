@@ -84,6 +84,20 @@ fn symlinks_xattrs_and_depths_the_kernel_cannot_hold_are_refused() {
     assert!(e.contains("1101 directories deep, more than the 1024"), "{e}");
 }
 
+/// The fixture built onto the demo layout, and a bundle of it when asked.
+fn fixture_disk(with_bundle: bool) -> (Fixture, std::path::PathBuf, Option<std::path::PathBuf>) {
+    let fx = fixture();
+    let disk = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    let b = with_bundle.then(|| {
+        let b = fx.path().join("b.tar");
+        ok(&slotforge(&["bundle", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]));
+        b
+    });
+    (fx, disk, b)
+}
+
 fn layout_error(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("l.yaml");
@@ -138,10 +152,7 @@ fn patch_gpt(disk: &Path, offset: usize, value: &[u8]) {
 
 #[test]
 fn a_gpt_lying_about_its_entries_is_refused_without_a_panic_or_a_gigabyte() {
-    let fx = fixture();
-    let disk = fx.path().join("disk.img");
-    let l = layouts().join("demo.yaml");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    let (fx, disk, _) = fixture_disk(false);
     for (offset, value, want) in [(84usize, 256u32.to_le_bytes(), "entries of 256 bytes"), (80, (1u32 << 23).to_le_bytes(), "8388608 entries")] {
         let d = fx.path().join("evil.img");
         std::fs::copy(&disk, &d).unwrap();
@@ -161,12 +172,8 @@ fn a_gpt_lying_about_its_entries_is_refused_without_a_panic_or_a_gigabyte() {
 
 #[test]
 fn an_esp_layout_record_that_disagrees_with_the_gpt_is_refused_by_upgrade() {
-    let fx = fixture();
-    let disk = fx.path().join("disk.img");
-    let l = layouts().join("demo.yaml");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
-    let b = fx.path().join("b.tar");
-    ok(&slotforge(&["bundle", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]));
+    let (fx, disk, b) = fixture_disk(true);
+    let b = b.unwrap();
     // Move slot b to byte 0 in the record (the GPT is unchanged).
     let start = {
         let mut f = std::fs::File::open(&disk).unwrap();
@@ -194,7 +201,7 @@ fn an_esp_layout_record_that_disagrees_with_the_gpt_is_refused_by_upgrade() {
 fn an_index_json_too_large_to_be_an_oci_document_is_refused_unread() {
     let fx = fixture();
     let idx = fx.path().join("images/setup/index.json");
-    let mut f = std::fs::OpenOptions::new().append(true).open(&idx).unwrap();
+    let f = std::fs::OpenOptions::new().append(true).open(&idx).unwrap();
     f.set_len(20 << 20).unwrap();
     drop(f);
     let out = fx.path().join("disk.img");
@@ -232,12 +239,8 @@ fn esp_self_loop(disk: &Path) {
 
 #[test]
 fn an_esp_directory_that_contains_itself_is_refused_not_walked_forever() {
-    let fx = fixture();
-    let disk = fx.path().join("disk.img");
-    let l = layouts().join("demo.yaml");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
-    let b = fx.path().join("b.tar");
-    ok(&slotforge(&["bundle", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", b.to_str().unwrap(), "-q"]));
+    let (_fx, disk, b) = fixture_disk(true);
+    let b = b.unwrap();
     esp_self_loop(&disk);
     let before = sha256_file(&disk);
     for args in [vec!["inspect", disk.to_str().unwrap(), "--json"], vec!["verify", disk.to_str().unwrap()], vec!["upgrade", disk.to_str().unwrap(), b.to_str().unwrap()]] {
