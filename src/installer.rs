@@ -172,7 +172,7 @@ pub fn install(payload: &mut File, data_start: u64, header: &PayloadHeader, targ
     // The fitted layout goes on the target's ESP, so inspect/verify/agent see the real disk.
     {
         use crate::upgrade::Target;
-        let mut ft = crate::upgrade::file::FileTarget::open(target)?;
+        let mut ft = crate::upgrade::file::FileTarget::open_as(target, Some(layout.clone()))?;
         ft.esp_write(crate::layout::RECORD_PATH, &mut std::io::Cursor::new(crate::rootfs::to_json(layout)))?;
         ft.finish()?;
     }

@@ -26,17 +26,27 @@ pub struct FileTarget {
 }
 
 impl FileTarget {
+    /// Open a disk image, its layout read from the ESP's record (checked against the GPT).
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_as(path, None)
+    }
+
+    /// Open a disk image whose layout the caller knows (the installer, about to write that layout
+    /// into the record); it is still checked against the GPT.
+    pub fn open_as(path: &Path, known: Option<Layout>) -> anyhow::Result<Self> {
         let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let gpt = crate::disk::read_gpt(&mut f)?;
         let esp = gpt.partitions.iter().find(|p| p.type_guid == crate::layout::types::ESP).context("the disk has no ESP")?;
         let mut w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(path)?, esp.start, esp.size);
         crate::fat::check_volume(&mut w, esp.size).context("the ESP")?;
-        let layout: Layout = {
-            let ro = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, esp.start, esp.size)), fatfs::FsOptions::new().update_accessed_date(false))?;
-            let mut s = String::new();
-            ro.root_dir().open_file(crate::layout::RECORD_PATH).context("the ESP has no layout record: not a slotforge disk")?.read_to_string(&mut s)?;
-            serde_json::from_str(&s)?
+        let layout: Layout = match known {
+            Some(l) => l,
+            None => {
+                let ro = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, esp.start, esp.size)), fatfs::FsOptions::new().update_accessed_date(false))?;
+                let mut s = String::new();
+                ro.root_dir().open_file(crate::layout::RECORD_PATH).context("the ESP has no layout record: not a slotforge disk")?.read_to_string(&mut s)?;
+                serde_json::from_str(&s)?
+            }
         };
         check_record(&layout, &gpt)?;
         w.seek(SeekFrom::Start(0))?;
