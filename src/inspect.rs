@@ -244,7 +244,7 @@ pub fn verify(path: &Path) -> anyhow::Result<VerifyReport> {
                 booted_any = true;
                 let fits = s.slack.is_none_or(|x| x >= 0);
                 let rel = s.release.as_ref().unwrap();
-                check(&name, fits, format!("squashfs {} bytes, build {} version {}{}", s.rootfs_bytes.unwrap_or(0), rel.build_id, rel.version, match s.slack {
+                check(&name, fits, format!("rootfs {} bytes{}, build {} version {}{}", s.rootfs_bytes.unwrap_or(0), if s.verity.is_some() { " (squashfs + dm-verity tree)" } else { "" }, rel.build_id, rel.version, match s.slack {
                     Some(x) => format!(", slack {x} bytes"),
                     None => String::new(),
                 }));
