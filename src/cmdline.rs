@@ -1,7 +1,7 @@
 //! The kernel command line of a slot's boot entry: which partition is the root, its dm-verity
 //! parameters in systemd's standard form (systemd-veritysetup-generator(8): `roothash=`,
-//! `systemd.verity_root_data=`, `systemd.verity_root_hash=`, `systemd.verity_root_options=`), so
-//! a systemd, dracut or mkosi initrd sets the device up unchanged, and slotforge's own keys
+//! `systemd.verity_root_data=`, `systemd.verity_root_hash=`, `systemd.verity_root_options=`, the
+//! form a systemd-based initrd reads; the reference initramfs reads it too), and slotforge's own keys
 //! (`slotforge.slot=`, `slotforge.build=`). Built in one place for `build` and `upgrade`, parsed
 //! back for `inspect`/`verify`. Pure: strings in, strings out.
 
