@@ -108,12 +108,6 @@ pub fn signature_key_id(sig: &str) -> anyhow::Result<String> {
     Ok(key_id(b.keynum()))
 }
 
-/// The trusted comment of a signature (only meaningful once it verified).
-pub fn trusted_comment(sig: &str) -> anyhow::Result<String> {
-    let b = SignatureBox::from_string(sig).map_err(|e| anyhow::anyhow!("not a minisign signature: {e}"))?;
-    b.trusted_comment().map_err(|e| anyhow::anyhow!("{e}"))
-}
-
 /// What the device decided about a bundle's signatures.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
