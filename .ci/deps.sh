@@ -13,6 +13,7 @@ PKGS=(
   systemd-boot-efi busybox-static                            # the shipped example and QEMU guests
   qemu-system-x86 ovmf netcat-openbsd cpio                   # QEMU boots (guestfwd uses nc)
   bmap-tools qemu-utils                                      # factory media: bmaptool, qemu-img
+  runc                                                       # LinuxKit containers in the QEMU guests
   cryptsetup-bin minisign sbsigntool binutils faketime openssl  # dm-verity, bundle signatures, Secure Boot (UKI via objcopy; faketime: reproducible sbsign)
 )
 missing_pkgs() {

@@ -23,6 +23,7 @@ pub mod images;
 pub mod inspect;
 pub mod installer;
 pub mod layout;
+pub mod linuxkit;
 pub mod lock;
 pub mod manifest;
 pub mod oci;
