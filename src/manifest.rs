@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Release version, recorded in the rootfs (`/etc/slotforge/release.json`) and boot entry title.
     pub version: Option<Spanned<String>>,
@@ -18,13 +19,19 @@ pub struct Manifest {
     #[serde(default)]
     pub init: Vec<Spanned<String>>,
     #[serde(default)]
-    pub onboot: Vec<Service>,
+    pub onboot: Vec<Spanned<Service>>,
     #[serde(default)]
-    pub onshutdown: Vec<Service>,
+    pub onshutdown: Vec<Spanned<Service>>,
     #[serde(default)]
-    pub services: Vec<Service>,
+    pub services: Vec<Spanned<Service>>,
     #[serde(default)]
     pub files: Vec<FileEntry>,
+    /// LinuxKit volumes: parsed (so a file using them gets a clear error, not an unknown key).
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+    /// LinuxKit's old content-trust section: accepted and ignored, as current LinuxKit does.
+    pub trust: Option<Trust>,
+    /// Optional: by default the build host's systemd-boot (Debian's `systemd-boot-efi`).
     pub boot: Option<Boot>,
     /// dm-verity on the rootfs slots (default on): the hash tree follows the squashfs in the
     /// slot and the boot entry carries the root hash. `false` opts out.
@@ -35,21 +42,64 @@ pub struct Manifest {
     pub update_keys: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Kernel {
     pub image: Spanned<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cmdline: String,
     /// Path of the kernel inside the image; default: the first of `kernel`, `boot/vmlinuz`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub binary: Option<String>,
-    /// Path of an initrd inside the image; default: `initrd.img` or `boot/initrd.img` if present.
-    pub initrd: Option<String>,
     /// LinuxKit's modules tarball inside the image, unpacked at `/` of the rootfs when present;
-    /// `none` turns it off. Default `kernel.tar`.
+    /// `none` or `""` turns it off. Default `kernel.tar`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tar: Option<String>,
+    /// A CPU microcode cpio inside the image, prepended to the initrd (LinuxKit `ucode`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ucode: Option<String>,
+    /// slotforge: path of an initrd inside the image; default: `initrd.img` or
+    /// `boot/initrd.img` if present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+}
+
+impl Kernel {
+    /// The modules tarball to unpack, if any (`none` and `""` mean none).
+    pub fn tar_name(&self) -> Option<&str> {
+        match self.tar.as_deref() {
+            None => Some("kernel.tar"),
+            Some("") | Some("none") => None,
+            Some(t) => Some(t),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub name: Spanned<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platforms: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trust {
+    #[serde(default)]
+    pub image: Vec<String>,
+    #[serde(default)]
+    pub org: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Boot {
     /// The UEFI boot loader (systemd-boot): `file:PATH` (relative to the manifest) or an image
     /// reference whose image holds it at `loader_path`.
@@ -68,6 +118,7 @@ pub struct Boot {
 /// A db key and certificate (PEM, relative to the manifest), as `sbsign --key --cert` take them.
 /// The key must not be encrypted (Debian's snakeoil key: `openssl rsa -passin pass:snakeoil`).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SecureBoot {
     pub key: Spanned<String>,
     pub cert: Spanned<String>,
@@ -76,56 +127,40 @@ pub struct SecureBoot {
 /// Where systemd-boot's x86-64 binary sits in Debian's `systemd-boot-efi` package.
 pub const DEFAULT_LOADER_PATH: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 
-#[derive(Debug, Deserialize)]
-pub struct Service {
-    pub name: Spanned<String>,
-    pub image: Spanned<String>,
-    /// `false` makes the image external. Default `true` (LinuxKit behaviour).
-    pub ondisk: Option<bool>,
-    pub command: Option<Vec<String>>,
-    pub env: Option<Vec<String>>,
-    pub cwd: Option<String>,
-}
+/// An `onboot`/`onshutdown`/`services` entry: LinuxKit's container keys plus `ondisk`.
+pub type Service = crate::linuxkit::spec::Container;
 
-impl Service {
-    pub fn is_external(&self) -> bool {
-        self.ondisk == Some(false)
-    }
-}
-
-#[derive(Debug, Deserialize)]
+/// A `files:` entry, LinuxKit's keys.
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileEntry {
     pub path: Spanned<String>,
-    pub contents: Option<String>,
-    /// A host file, relative to the manifest's directory.
-    pub source: Option<String>,
     #[serde(default)]
     pub directory: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub symlink: Option<String>,
-    /// Octal, as a string (`"0644"`), as LinuxKit writes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contents: Option<String>,
+    /// A host file, relative to the manifest's directory (`~/` is the user's home).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// `yaml` or `json`: the file holds the manifest itself, as LinuxKit writes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
+    /// With `source`: skip the entry when the source cannot be read.
+    #[serde(default)]
+    pub optional: bool,
+    /// Octal, as a string (`"0644"`). Default 0600 for files, 0700 for directories (LinuxKit's).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
+    /// A number, `root`, or a container name (LinuxKit's allocated id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<crate::linuxkit::spec::Id>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gid: Option<crate::linuxkit::spec::Id>,
 }
 
-/// Which LinuxKit section a container comes from; it names its directory under `/containers`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Section {
-    Onboot,
-    Onshutdown,
-    Services,
-}
-
-impl Section {
-    pub fn dir(self) -> &'static str {
-        match self {
-            Section::Onboot => "onboot",
-            Section::Onshutdown => "onshutdown",
-            Section::Services => "services",
-        }
-    }
-}
+pub use crate::linuxkit::spec::Section;
 
 /// A parsed, checked manifest and where it came from (relative `file:`/`source:` paths and
 /// `oci:` paths are resolved against its directory).
@@ -133,7 +168,11 @@ impl Section {
 pub struct LoadedManifest {
     pub path: PathBuf,
     pub manifest: Manifest,
+    default_boot: Boot,
 }
+
+/// Where Debian's `systemd-boot-efi` installs systemd-boot: the loader when `boot:` is absent.
+pub const HOST_LOADER: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 
 impl LoadedManifest {
     pub fn dir(&self) -> &Path {
@@ -150,9 +189,26 @@ impl LoadedManifest {
         let m = &self.manifest;
         m.onboot
             .iter()
-            .map(|s| (Section::Onboot, s))
-            .chain(m.onshutdown.iter().map(|s| (Section::Onshutdown, s)))
-            .chain(m.services.iter().map(|s| (Section::Services, s)))
+            .map(|s| (Section::Onboot, &s.value))
+            .chain(m.onshutdown.iter().map(|s| (Section::Onshutdown, &s.value)))
+            .chain(m.services.iter().map(|s| (Section::Services, &s.value)))
+    }
+    /// The entries of one section, in manifest order.
+    pub fn section(&self, section: Section) -> &[Spanned<Service>] {
+        let m = &self.manifest;
+        match section {
+            Section::Onboot => &m.onboot,
+            Section::Onshutdown => &m.onshutdown,
+            Section::Services => &m.services,
+        }
+    }
+    /// The `boot:` section, or the default: the build host's systemd-boot.
+    pub fn boot(&self) -> &Boot {
+        self.manifest.boot.as_ref().unwrap_or(&self.default_boot)
+    }
+    /// The ids LinuxKit allocates to container names (for `uid`/`gid` by name).
+    pub fn ids(&self) -> crate::linuxkit::oci::IdMap {
+        crate::linuxkit::oci::allocate_ids(self.containers().map(|(_, s)| s.name()))
     }
 }
 
@@ -164,7 +220,8 @@ pub fn load(path: &Path) -> anyhow::Result<LoadedManifest> {
 pub fn parse(path: &Path, text: &str) -> Result<LoadedManifest, InputError> {
     let manifest: Manifest = yaml::parse(path, text)?;
     check(path, &manifest)?;
-    Ok(LoadedManifest { path: path.to_path_buf(), manifest })
+    let default_boot = Boot { loader: Spanned::new(format!("file:{HOST_LOADER}"), serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN), loader_path: None, uki: false, stub: None, secure_boot: None };
+    Ok(LoadedManifest { path: path.to_path_buf(), manifest, default_boot })
 }
 
 /// Checks serde cannot express; each error points at the offending value.
@@ -174,17 +231,35 @@ fn check(file: &Path, m: &Manifest) -> Result<(), InputError> {
             return Err(InputError::spanned(file, v, format!("version {:?} may hold only letters, digits and . _ - +", v.value)));
         }
     }
-    let mut names = BTreeSet::new();
+    // LinuxKit: service names are unique (they run side by side); onboot and onshutdown names
+    // may repeat (their directories carry an order prefix). slotforge adds: external images are
+    // stored by name, so those are unique too.
+    let mut services = BTreeSet::new();
+    let mut external = BTreeSet::new();
     for (section, list) in [("onboot", &m.onboot), ("onshutdown", &m.onshutdown), ("services", &m.services)] {
-        for s in list {
-            check_name(file, &s.name)?;
-            if !names.insert(s.name.value.clone()) {
-                return Err(InputError::spanned(file, &s.name, format!("container name {:?} is used twice", s.name.value)));
+        for entry in list {
+            let s = &entry.value;
+            let (Some(name), Some(image)) = (&s.name, &s.image) else {
+                let missing = if s.name.is_none() { "name" } else { "image" };
+                return Err(InputError::spanned(file, entry, format!("a {section} entry needs `{missing}:`")));
+            };
+            check_name(file, name)?;
+            if image.value.is_empty() {
+                return Err(InputError::spanned(file, image, "image must not be empty"));
+            }
+            if section == "services" && !services.insert(name.value.clone()) {
+                return Err(InputError::spanned(file, name, format!("duplicate service name {:?} (services run side by side)", name.value)));
+            }
+            if s.is_external() && !external.insert(name.value.clone()) {
+                return Err(InputError::spanned(file, name, format!("external (`ondisk: false`) container name {:?} is used twice; external images are stored by name", name.value)));
             }
             if s.is_external() && section == "onshutdown" {
-                return Err(InputError::spanned(file, &s.name, "onshutdown containers must be on disk (`ondisk: false` is for onboot and services)"));
+                return Err(InputError::spanned(file, name, "onshutdown containers must be on disk (`ondisk: false` is for onboot and services)"));
             }
         }
+    }
+    if let Some(v) = m.volumes.first() {
+        return Err(InputError::spanned(file, &v.name, "LinuxKit `volumes:` are not supported by slotforge yet (docs/manifest.md)"));
     }
     if let Some(b) = &m.boot {
         if let (Some(sb), false) = (&b.secure_boot, b.uki) {
@@ -193,13 +268,32 @@ fn check(file: &Path, m: &Manifest) -> Result<(), InputError> {
     }
     for f in &m.files {
         check_rel_path(file, &f.path)?;
-        let kinds = [f.contents.is_some(), f.source.is_some(), f.directory, f.symlink.is_some()];
-        if kinds.iter().filter(|k| **k).count() != 1 {
-            return Err(InputError::spanned(file, &f.path, format!("file {:?} needs exactly one of contents, source, directory, symlink", f.path.value)));
-        }
+        check_file_kind(f).map_err(|e| InputError::spanned(file, &f.path, e))?;
         if let Some(mode) = &f.mode {
             parse_mode(mode).map_err(|e| InputError::spanned(file, &f.path, e))?;
         }
+    }
+    Ok(())
+}
+
+/// LinuxKit's rules for what a `files:` entry holds: a directory, a symlink, `contents`, or
+/// (without those) exactly one of `source` and `metadata`.
+fn check_file_kind(f: &FileEntry) -> Result<(), String> {
+    let p = &f.path.value;
+    if f.directory && f.contents.is_some() {
+        return Err(format!("file {p:?}: a directory cannot have contents"));
+    }
+    if !f.directory && f.symlink.is_none() && f.contents.is_none() {
+        match (&f.source, &f.metadata) {
+            (None, None) => return Err(format!("contents of file {p:?} not specified (contents, source, metadata, symlink or directory)")),
+            (Some(_), Some(_)) => return Err(format!("file {p:?}: source and metadata are exclusive")),
+            (None, Some(md)) if md != "yaml" && md != "json" => return Err(format!("file {p:?}: unsupported metadata type {md:?} (yaml or json)")),
+            _ => {}
+        }
+    } else if f.metadata.is_some() {
+        return Err(format!("file {p:?}: metadata cannot be combined with contents, symlink or directory"));
+    } else if f.source.is_some() {
+        return Err(format!("file {p:?}: source cannot be combined with contents, symlink or directory"));
     }
     Ok(())
 }
@@ -273,20 +367,23 @@ trust:
 "#;
 
     #[test]
-    fn linuxkit_yml_with_unused_keys_parses() {
-        // `files` entry with only `metadata` is LinuxKit's; we reject it in check (no content kind),
-        // so the pure parse is tested here and the check separately.
-        let m: Manifest = yaml::parse(Path::new("lk.yml"), LINUXKIT).unwrap();
-        assert_eq!(m.init.len(), 2);
-        assert_eq!(m.services[0].name.value, "getty");
-        assert!(!m.services[0].is_external());
-        assert_eq!(m.kernel.unwrap().cmdline, "console=tty0 console=ttyS0");
+    fn a_linuxkit_yml_parses_unchanged() {
+        let m = parse(Path::new("lk.yml"), LINUXKIT).unwrap();
+        let mf = &m.manifest;
+        assert_eq!(mf.init.len(), 2);
+        assert_eq!(mf.services[0].value.name(), "getty");
+        assert_eq!(mf.services[0].value.capabilities.as_deref(), Some(&["all".to_string()][..]));
+        assert!(!mf.services[0].value.is_external());
+        assert_eq!(mf.kernel.as_ref().unwrap().cmdline, "console=tty0 console=ttyS0");
+        assert_eq!(mf.files[0].metadata.as_deref(), Some("yaml"));
+        assert_eq!(m.boot().loader.value, format!("file:{HOST_LOADER}"), "no boot: means the host's systemd-boot");
+        assert_eq!(m.ids()["getty"], 102);
     }
 
     #[test]
     fn ondisk_false_marks_external() {
         let m = parse(Path::new("m.yml"), "services:\n  - name: big\n    image: oci:x\n    ondisk: false\n").unwrap();
-        assert!(m.manifest.services[0].is_external());
+        assert!(m.manifest.services[0].value.is_external());
     }
 
     #[test]
@@ -296,11 +393,39 @@ trust:
         assert!(e.line >= 4, "{e}");
         let e = parse(Path::new("sys.yml"), "services:\n  - name: a\n    image: x\n  - name: a\n    image: y\n").unwrap_err();
         assert_eq!((e.line, e.column), (4, 11), "{e}");
-        assert!(e.to_string().starts_with("sys.yml:4:11: container name \"a\" is used twice"), "{e}");
+        assert!(e.to_string().starts_with("sys.yml:4:11: duplicate service name \"a\""), "{e}");
         let e = parse(Path::new("s.yml"), "files:\n  - path: ../etc/passwd\n    contents: x\n").unwrap_err();
         assert_eq!(e.line, 2, "{e}");
         let e = parse(Path::new("s.yml"), "services: 3\n").unwrap_err();
         assert_eq!(e.line, 1, "{e}");
+        let e = parse(Path::new("s.yml"), "services:\n  - name: a\n    imag: x\n").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 5), "misspelt key: {e}");
+        let e = parse(Path::new("s.yml"), "kernel:\n  image: k\n  cmdlin: x\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        let e = parse(Path::new("s.yml"), "onboot:\n  - name: a\n").unwrap_err();
+        assert!(e.message.contains("needs `image:`"), "{e}");
+        let e = parse(Path::new("s.yml"), "volumes:\n  - name: v\n").unwrap_err();
+        assert!(e.message.contains("not supported"), "{e}");
+    }
+
+    #[test]
+    fn onboot_names_may_repeat_but_external_ones_may_not() {
+        parse(Path::new("s.yml"), "onboot:\n  - {name: a, image: x}\n  - {name: a, image: y}\nservices:\n  - {name: a, image: z}\n").unwrap();
+        let e = parse(Path::new("s.yml"), "onboot:\n  - {name: a, image: x, ondisk: false}\nservices:\n  - {name: a, image: z, ondisk: false}\n").unwrap_err();
+        assert!(e.message.contains("external"), "{e}");
+    }
+
+    #[test]
+    fn file_entries_follow_linuxkit_rules() {
+        let ok = |y: &str| parse(Path::new("f.yml"), &format!("files:\n  - path: etc/x\n{y}")).map(|_| ()).map_err(|e| e.message);
+        assert!(ok("    metadata: json\n").is_ok());
+        assert!(ok("    contents: \"\"\n").is_ok(), "empty contents are contents");
+        assert!(ok("    source: a\n    optional: true\n    uid: getty\n    gid: 5\n").is_ok());
+        assert!(ok("    directory: true\n    mode: \"0750\"\n").is_ok());
+        assert!(ok("    mode: \"0644\"\n").unwrap_err().contains("not specified"));
+        assert!(ok("    source: a\n    metadata: yaml\n").unwrap_err().contains("exclusive"));
+        assert!(ok("    metadata: toml\n").unwrap_err().contains("unsupported metadata"));
+        assert!(ok("    directory: true\n    contents: x\n").unwrap_err().contains("directory"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The rootfs of one build: init images flattened at `/`, on-disk containers at LinuxKit's
+//! The rootfs of one build: init images flattened at `/`, on-disk containers in LinuxKit's
 //! `/containers/{onboot,services}/NAME/{rootfs,config.json}`, external containers as metadata
 //! only, `files:` entries, and slotforge's own metadata (`/etc/slotforge/release.json`,
 //! `/etc/slotforge/external-images.json`). Also the size-cap check and its report.
@@ -9,7 +9,6 @@ use crate::manifest::{parse_mode, Section};
 use crate::oci::ResolvedImage;
 use crate::tree::{components, Content, Kind, Meta, Node, Tree};
 use serde::Serialize;
-use serde_json::json;
 use std::sync::Arc;
 
 pub const RELEASE_PATH: &str = "etc/slotforge/release.json";
@@ -41,6 +40,12 @@ pub struct ExternalImage {
     pub platform: String,
     /// Bytes of manifest + config + layers.
     pub size: u64,
+    /// The container's directory (`containers/services/NAME`), where the device mounts it
+    /// (`rootfs/` when read-only, `lower/` under an overlay when writable).
+    #[serde(default)]
+    pub bundle: String,
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// `/etc/slotforge/external-images.json`.
@@ -71,6 +76,8 @@ impl ExternalImage {
             media_type: img.manifest_media_type.clone(),
             platform: img.platform.to_string(),
             size: img.stored_size(),
+            bundle: String::new(),
+            readonly: false,
         }
     }
 }
@@ -93,81 +100,101 @@ pub fn to_json(v: &impl Serialize) -> Vec<u8> {
     out
 }
 
-/// An OCI runtime `config.json` for a container, from its image config and manifest overrides.
-/// Written by hand (not oci-spec's `Spec`) because that type keeps capabilities in a HashSet,
-/// whose order changes between runs and would break reproducibility.
-pub fn runtime_config(img: &ResolvedImage, command: Option<&[String]>, env: Option<&[String]>, cwd: Option<&str>, hostname: &str) -> Vec<u8> {
+/// What LinuxKit takes from an image's config: entrypoint + cmd, env, working dir, and the
+/// `org.mobyproject.config` label.
+pub fn image_defaults(img: &ResolvedImage) -> crate::linuxkit::oci::ImageDefaults {
     let cfg = img.config.config().clone().unwrap_or_default();
-    let args: Vec<String> = match command {
-        Some(c) => c.to_vec(),
-        None => cfg.entrypoint().clone().unwrap_or_default().into_iter().chain(cfg.cmd().clone().unwrap_or_default()).collect(),
-    };
-    let mut envs: Vec<String> = cfg.env().clone().unwrap_or_else(|| vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]);
-    for e in env.unwrap_or_default() {
-        let key = e.split('=').next().unwrap_or("");
-        envs.retain(|x| x.split('=').next() != Some(key));
-        envs.push(e.clone());
+    crate::linuxkit::oci::ImageDefaults {
+        entrypoint: cfg.entrypoint().clone().unwrap_or_default(),
+        cmd: cfg.cmd().clone().unwrap_or_default(),
+        env: cfg.env().clone(),
+        working_dir: cfg.working_dir().clone().unwrap_or_default(),
+        label: cfg.labels().as_ref().and_then(|l| l.get(crate::linuxkit::oci::LABEL)).filter(|t| !t.is_empty()).cloned(),
     }
-    let cwd = cwd.map(str::to_string).or_else(|| cfg.working_dir().clone().filter(|w| !w.is_empty())).unwrap_or_else(|| "/".into());
-    let (uid, gid) = parse_user(cfg.user().as_deref().unwrap_or(""));
-    let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
-    let v = json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": uid, "gid": gid},
-            "args": args,
-            "env": envs,
-            "cwd": cwd,
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "noNewPrivileges": true
-        },
-        "root": {"path": "rootfs", "readonly": true},
-        "hostname": hostname,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
-        }
-    });
-    to_json(&v)
 }
 
-/// `uid[:gid]` numbers; names cannot be resolved without the image's /etc/passwd, so they map to 0.
-fn parse_user(u: &str) -> (u32, u32) {
-    let mut it = u.splitn(2, ':');
-    let uid = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let gid = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    (uid, gid)
-}
-
-/// Apply one `files:` entry.
-pub fn apply_file_entry(t: &mut Tree, f: &crate::manifest::FileEntry, base: &std::path::Path, epoch: u64, origin: u32) -> anyhow::Result<()> {
-    let comps = components(f.path.value.as_bytes(), true).map_err(|e| anyhow::anyhow!("files: {}: {e}", f.path.value))?;
-    let (kind, default_mode) = if let Some(c) = &f.contents {
-        (Kind::File { content: Content::Inline(Arc::new(c.clone().into_bytes())), size: c.len() as u64, link: None }, 0o644)
-    } else if let Some(src) = &f.source {
-        let p = base.join(src);
-        let md = std::fs::metadata(&p).map_err(|e| anyhow::anyhow!("files: {}: source {}: {e}", f.path.value, p.display()))?;
-        if !md.is_file() {
-            anyhow::bail!("files: {}: source {} is not a regular file", f.path.value, p.display());
-        }
-        (Kind::File { content: Content::Path(p), size: md.len(), link: None }, 0o644)
-    } else if f.directory {
-        (Kind::Dir(Default::default()), 0o755)
-    } else if let Some(target) = &f.symlink {
-        (Kind::Symlink(target.clone().into_bytes()), 0o777)
-    } else {
-        unreachable!("manifest check guarantees one content kind")
+/// The manifest as a `files: metadata:` entry holds it: LinuxKit's sections, as YAML or JSON.
+pub fn metadata(m: &crate::manifest::LoadedManifest, kind: &str) -> anyhow::Result<Vec<u8>> {
+    let mf = &m.manifest;
+    #[derive(Serialize)]
+    struct Moby<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kernel: Option<&'a crate::manifest::Kernel>,
+        init: Vec<&'a str>,
+        onboot: Vec<&'a crate::manifest::Service>,
+        onshutdown: Vec<&'a crate::manifest::Service>,
+        services: Vec<&'a crate::manifest::Service>,
+        files: &'a [crate::manifest::FileEntry],
+    }
+    let v = Moby {
+        kernel: mf.kernel.as_ref(),
+        init: mf.init.iter().map(|i| i.value.as_str()).collect(),
+        onboot: mf.onboot.iter().map(|s| &s.value).collect(),
+        onshutdown: mf.onshutdown.iter().map(|s| &s.value).collect(),
+        services: mf.services.iter().map(|s| &s.value).collect(),
+        files: &mf.files,
     };
-    let mut meta = Meta::new(f.mode.as_deref().map(|m| parse_mode(m).expect("checked")).unwrap_or(default_mode), epoch);
-    meta.uid = f.uid.unwrap_or(0);
-    meta.gid = f.gid.unwrap_or(0);
-    t.insert(&comps, Node { meta, kind, layer: u32::MAX, origin }).map_err(|e| anyhow::anyhow!("files: {}: {e}", f.path.value))
+    Ok(match kind {
+        "json" => crate::linuxkit::oci::to_json(&v),
+        "yaml" => serde_saphyr::to_string(&v).map_err(|e| anyhow::anyhow!("metadata: {e}"))?.into_bytes(),
+        other => anyhow::bail!("unsupported metadata type: {other}"),
+    })
+}
+
+/// Apply `files:` entry `n` as LinuxKit does: files default to mode 0600 and directories to
+/// 0700; every parent directory not already made by an earlier entry is (re)set to the entry's
+/// mode plus search bits and to its owner; `uid`/`gid` may name a container; `optional`
+/// skips an unreadable `source`; `metadata` writes the manifest itself.
+pub fn apply_file_entry(t: &mut Tree, m: &crate::manifest::LoadedManifest, n: usize, ids: &crate::linuxkit::oci::IdMap, added: &mut std::collections::BTreeSet<String>, epoch: u64, origin: u32) -> anyhow::Result<()> {
+    let f = &m.manifest.files[n];
+    let rel = f.path.value.trim_start_matches('/').to_string();
+    let mode = match &f.mode {
+        Some(s) => parse_mode(s).map_err(|e| anyhow::anyhow!(e))?,
+        None if f.directory => 0o700,
+        None => 0o600,
+    };
+    let mut dir_mode = mode;
+    for (any, x) in [(0o700, 0o100), (0o070, 0o010), (0o007, 0o001)] {
+        if dir_mode & any != 0 {
+            dir_mode |= x;
+        }
+    }
+    let uid = crate::linuxkit::oci::id_numeric(f.uid.as_ref(), ids).map_err(|e| anyhow::anyhow!(e))?;
+    let gid = crate::linuxkit::oci::id_numeric(f.gid.as_ref(), ids).map_err(|e| anyhow::anyhow!(e))?;
+    let kind = if f.directory {
+        Kind::Dir(Default::default())
+    } else if let Some(target) = &f.symlink {
+        Kind::Symlink(target.clone().into_bytes())
+    } else if let Some(c) = &f.contents {
+        Kind::File { content: Content::Inline(Arc::new(c.clone().into_bytes())), size: c.len() as u64, link: None }
+    } else if let Some(src) = &f.source {
+        let p = match src.strip_prefix("~/") {
+            Some(rest) => std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(rest),
+            None => m.dir().join(src),
+        };
+        let md = match std::fs::metadata(&p) {
+            Ok(md) => md,
+            Err(_) if f.optional => return Ok(()),
+            Err(e) => anyhow::bail!("source {}: {e}", p.display()),
+        };
+        if !md.is_file() {
+            anyhow::bail!("source {} is not a regular file", p.display());
+        }
+        Kind::File { content: Content::Path(p), size: md.len(), link: None }
+    } else {
+        let data = metadata(m, f.metadata.as_deref().expect("checked: source or metadata"))?;
+        Kind::File { size: data.len() as u64, content: Content::Inline(Arc::new(data)), link: None }
+    };
+    let comps = components(rel.as_bytes(), true).map_err(|e| anyhow::anyhow!(e))?;
+    let meta = |mode: u16| Meta { uid, gid, ..Meta::new(mode, epoch) };
+    for i in 1..comps.len() {
+        let parent = crate::tree::display(&comps[..i]);
+        if added.insert(parent.trim_start_matches('/').to_string()) {
+            t.insert(&comps[..i], Node::dir(meta(dir_mode), u32::MAX, origin)).map_err(|e| anyhow::anyhow!(e))?;
+        }
+    }
+    added.insert(rel);
+    t.insert(&comps, Node { meta: meta(mode), kind, layer: u32::MAX, origin }).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The slack of a rootfs against one layout's slots.

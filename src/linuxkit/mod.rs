@@ -3,6 +3,7 @@
 //! `config.json` and `runtime.json` (`oci`). Pure: the build writes the results into the
 //! rootfs, the agent reads them back on the device.
 
+pub mod bundle;
 pub mod oci;
 pub mod spec;
 

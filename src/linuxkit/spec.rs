@@ -6,6 +6,25 @@ use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 
+/// Which LinuxKit section a container comes from; it names its directory under `/containers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    Onboot,
+    Onshutdown,
+    Services,
+}
+
+impl Section {
+    pub fn dir(self) -> &'static str {
+        match self {
+            Section::Onboot => "onboot",
+            Section::Onshutdown => "onshutdown",
+            Section::Services => "services",
+        }
+    }
+}
+
 /// A uid or gid: a number, or a name (`root`, or another container's name, which LinuxKit
 /// allocates an id for).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
