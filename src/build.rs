@@ -394,6 +394,18 @@ fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill:
             let mut sub = Tree::new(epoch);
             flatten_image(&mut sub, img, spill, o, &mut 0, &mut tick)?;
             crate::linuxkit::bundle::fixups(&mut sub, None, epoch, o).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
+            if b.readonly {
+                // runc makes missing mount points itself; in a read-only slot it cannot, so
+                // they are made here (LinuxKit's unpacked root is writable at that moment).
+                for mt in &spec.mounts {
+                    let d = mt.destination.trim_start_matches('/');
+                    let under_api = ["dev", "proc", "sys"].iter().any(|p| d == *p || d.starts_with(&format!("{p}/")));
+                    let Ok(c) = components(d.as_bytes(), true) else { continue };
+                    if !d.is_empty() && !under_api && sub.get(&c).is_none() {
+                        sub.insert(&c, Node::dir(Meta::new(0o755, epoch), u32::MAX, o)).map_err(|e| anyhow::anyhow!("{}: mount point {d}: {e}", img.reference))?;
+                    }
+                }
+            }
             root.graft(&components(at_dir.as_bytes(), true).unwrap(), sub, o).map_err(|e| anyhow::anyhow!("{at_dir}: {e}"))?;
         }
     }

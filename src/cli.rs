@@ -178,8 +178,15 @@ enum AgentCmd {
     Boot,
     /// Drop the booted slot's boot counter.
     MarkGood,
-    /// Run the services once (external ones only from verified, prepared images).
-    Run,
+    /// Run the LinuxKit containers with runc: onboot in order, each to completion, then every
+    /// service (external ones only from verified, prepared images).
+    Run {
+        /// Seconds to wait for services that finish, to report their output; the others keep running.
+        #[arg(long, default_value_t = 10)]
+        settle: u64,
+    },
+    /// Run the onshutdown containers in order.
+    Shutdown,
     /// Apply an update bundle (a directory, a tar file, or a block device holding the tar) to
     /// the inactive slot.
     Apply {
@@ -342,7 +349,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let e = crate::agent::boot::mark_good(&cfg)?;
                     crate::agent::emit("marked-good", serde_json::json!({"entry": e}));
                 }
-                AgentCmd::Run => crate::agent::boot::run_services(&cfg)?,
+                AgentCmd::Run { settle } => crate::agent::runner::run(&cfg, std::time::Duration::from_secs(settle))?,
+                AgentCmd::Shutdown => crate::agent::runner::shutdown(&cfg)?,
                 AgentCmd::Apply { bundle, pause_at } => {
                     let b = crate::bundle::Bundle::open(&bundle, Some(&cfg.images.join(".partial")))?;
                     crate::agent::emit("apply-start", serde_json::json!({"build_id": b.config.build_id, "version": b.config.version}));

@@ -7,6 +7,9 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
 bylabel() { for u in /sys/class/block/*/uevent; do grep -q "^PARTNAME=$1\$" "$u" && echo /dev/$(basename $(dirname "$u")); done; }
 if grep -q slotforge.install /proc/cmdline; then
   # Booted from the USB installer: write the target disk, then power off. No network, no agent boot.
@@ -24,6 +27,7 @@ if [ -e /sys/class/net/eth0 ]; then
   ip route add default via 10.0.2.2
 fi
 /usr/bin/slotforge agent boot
+echo "@slotforge {\"event\":\"host-ns\",\"net\":\"$(readlink /proc/self/ns/net)\",\"pid\":\"$(readlink /proc/self/ns/pid)\",\"uts\":\"$(readlink /proc/self/ns/uts)\"}"
 /usr/bin/slotforge agent run
 next=poweroff
 if [ -b /dev/vdb ]; then
@@ -33,6 +37,7 @@ if [ -b /dev/vdb ]; then
     next=reboot
   fi
 fi
+/usr/bin/slotforge agent shutdown
 umount /var/lib/slotforge/images
 umount /boot/efi
 sync

@@ -16,11 +16,13 @@ use std::process::Command;
 pub const MODULES: &[&str] = &[
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk", "squashfs", "fat", "vfat", "nls_cp437",
     "nls_iso8859-1", "nls_ascii", "nls_utf8", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4", "failover", "net_failover", "virtio_net", "efivarfs",
-    "reed_solomon", "dm-mod", "dm-bufio", "dm-verity",
+    "reed_solomon", "dm-mod", "dm-bufio", "dm-verity", "overlay",
 ];
 /// Debian's veritysetup (cryptsetup-bin): the reference initramfs opens dm-verity roots with it.
 pub const VERITYSETUP: &str = "/sbin/veritysetup";
 pub const BUSYBOX: &str = "/bin/busybox";
+/// Debian's runc: the appliance runs its LinuxKit containers with it.
+pub const RUNC: &str = "/usr/sbin/runc";
 pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 const INITRAMFS_INIT: &str = include_str!("../guest/initramfs-init.sh");
 const APPLIANCE_INIT: &str = include_str!("../guest/appliance-init.sh");
@@ -118,6 +120,7 @@ pub fn initramfs(kernel: &Path, out: &Path) -> anyhow::Result<()> {
 
 /// Copy the program `bin` to `dest` and every shared library `ldd` names under `root`.
 pub fn copy_with_libs(bin: &Path, dest: &Path, root: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dest.parent().context("destination has a parent")?)?;
     std::fs::copy(bin, dest).with_context(|| format!("copying {}", bin.display()))?;
     for line in run("ldd", &[bin.to_str().unwrap()])?.lines() {
         let path = line.split("=>").nth(1).unwrap_or(line).split_whitespace().next().unwrap_or("");
@@ -191,10 +194,11 @@ pub fn build(agent: &Path) -> anyhow::Result<Fixtures> {
         std::fs::create_dir_all(b.join(d))?;
     }
     std::fs::copy(BUSYBOX, b.join("bin/busybox"))?;
-    for a in ["sh", "mount", "umount", "sleep", "cat", "ls", "ip", "poweroff", "reboot", "sync", "grep", "sed", "basename", "dirname", "echo", "mkdir", "head", "tr"] {
+    for a in ["sh", "mount", "umount", "sleep", "cat", "ls", "ip", "poweroff", "reboot", "sync", "grep", "sed", "basename", "dirname", "echo", "mkdir", "head", "tr", "readlink"] {
         std::os::unix::fs::symlink("busybox", b.join("bin").join(a))?;
     }
     copy_with_libs(agent, &b.join("usr/bin/slotforge"), &b)?;
+    copy_with_libs(Path::new(RUNC), &b.join("usr/sbin/runc"), &b).context("runc is needed (apt-get install runc)")?;
     let _ = Command::new("strip").arg(b.join("usr/bin/slotforge")).status();
     std::fs::write(b.join("sbin/init"), APPLIANCE_INIT)?;
     run("chmod", &["755", b.join("sbin/init").to_str().unwrap()])?;

@@ -1,6 +1,6 @@
 //! The agent's boot sequence: check → pull what is missing or corrupt → make verified images
-//! ready → mark the boot good (only if every image verified) → report. Also `run`, which starts
-//! the LinuxKit services (on-disk ones from the rootfs, external ones from their prepared tree).
+//! ready → mark the boot good (only if every image verified) → report. The containers are then
+//! run by `runner`.
 
 use super::status::{check_image, read_release, writable, ImageState};
 use super::{emit, AgentConfig};
@@ -198,51 +198,6 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let st = super::status::status_with(cfg, states)?;
     emit("status", serde_json::to_value(&st)?);
     Ok(st)
-}
-
-/// Run every service once: on-disk ones from `/containers/services/NAME/rootfs`, external ones
-/// from their prepared tree; never an external image that was not verified and prepared.
-pub fn run_services(cfg: &AgentConfig) -> anyhow::Result<()> {
-    let base = cfg.root.join("containers/services");
-    let mut names: Vec<String> = std::fs::read_dir(&base).map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
-    names.sort();
-    for name in names {
-        let dir = base.join(&name);
-        let external = dir.join("image.json").exists();
-        let rootfs = if external { cfg.run_dir.join("containers").join(&name).join("rootfs") } else { dir.join("rootfs") };
-        if !rootfs.is_dir() {
-            emit("service-skipped", json!({"name": name, "external": external, "reason": "image not verified and prepared"}));
-            continue;
-        }
-        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
-        let args: Vec<String> = serde_json::from_value(config["process"]["args"].clone()).unwrap_or_default();
-        let env: Vec<String> = serde_json::from_value(config["process"]["env"].clone()).unwrap_or_default();
-        let cwd = config["process"]["cwd"].as_str().unwrap_or("/").to_string();
-        let Some((prog, rest)) = args.split_first() else {
-            emit("service-skipped", json!({"name": name, "reason": "no process.args"}));
-            continue;
-        };
-        let mut cmd = std::process::Command::new(prog);
-        cmd.args(rest).env_clear();
-        for e in &env {
-            if let Some((k, v)) = e.split_once('=') {
-                cmd.env(k, v);
-            }
-        }
-        let root_c = rootfs.clone();
-        // SAFETY: only async-signal-safe calls (chroot, chdir) between fork and exec.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                std::os::unix::fs::chroot(&root_c)?;
-                std::env::set_current_dir(&cwd)
-            });
-        }
-        match cmd.output() {
-            Ok(o) => emit("service-exited", json!({"name": name, "external": external, "status": o.status.code(), "stdout": String::from_utf8_lossy(&o.stdout), "stderr": String::from_utf8_lossy(&o.stderr)})),
-            Err(e) => emit("service-failed", json!({"name": name, "external": external, "error": e.to_string()})),
-        }
-    }
-    Ok(())
 }
 
 /// `agent install`, booted from an installer: the payload partition's disk is this one; the

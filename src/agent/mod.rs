@@ -5,6 +5,7 @@
 //! every state change as one JSON line (`@slotforge {...}`) on the console. Schema: docs/agent.md.
 
 pub mod boot;
+pub mod runner;
 pub mod status;
 
 use serde::Deserialize;

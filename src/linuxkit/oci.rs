@@ -175,7 +175,7 @@ pub struct LinuxDevice {
 }
 
 /// `runtime.json`: every key present (empty when unset), as LinuxKit writes it.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct RuntimeJson {
     pub cgroups: Vec<String>,
     pub mounts: Vec<Mount>,
@@ -186,7 +186,8 @@ pub struct RuntimeJson {
     pub namespace: String,
 }
 
-#[derive(Debug, Serialize, PartialEq, Default)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Default)]
+#[serde(default)]
 pub struct BindNs {
     pub cgroup: String,
     pub ipc: String,

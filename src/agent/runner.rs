@@ -1,0 +1,370 @@
+//! Running the containers on the device as LinuxKit's init does, with runc: each bundle's
+//! `runtime.json` applied around `runc create`/`runc start` (mkdir, a read-only root bound onto
+//! itself or a writable one as an overlay on a tmpfs, cgroups, interfaces, namespace binds);
+//! `onboot` entries in directory order, each to completion; `services` all started, none
+//! waiting for another; `onshutdown` in order at shutdown. External images (`ondisk: false`)
+//! are bound into their bundle first, only when verified. Reference: docs/agent.md.
+
+use super::{emit, AgentConfig};
+use crate::linuxkit::oci::RuntimeJson;
+use crate::linuxkit::spec::Section;
+use anyhow::{bail, Context};
+use serde_json::json;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Debian's runc (`/usr/sbin/runc`), or `runc` on the PATH.
+fn runc() -> PathBuf {
+    ["/usr/sbin/runc", "/usr/bin/runc"].iter().map(PathBuf::from).find(|p| p.exists()).unwrap_or_else(|| "runc".into())
+}
+
+fn cstr(p: &Path) -> anyhow::Result<CString> {
+    Ok(CString::new(p.as_os_str().as_encoded_bytes())?)
+}
+
+fn mount(src: &Path, dst: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> anyhow::Result<()> {
+    let (s, d) = (cstr(src)?, cstr(dst)?);
+    let t = fstype.map(CString::new).transpose()?;
+    let o = data.map(CString::new).transpose()?;
+    // SAFETY: every pointer is a valid NUL-terminated string or null, alive for the call.
+    let rc = unsafe { libc::mount(s.as_ptr(), d.as_ptr(), t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()), flags, o.as_ref().map_or(std::ptr::null(), |o| o.as_ptr().cast())) };
+    if rc != 0 {
+        bail!("mount {} on {}: {}", src.display(), dst.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn umount(p: &Path) {
+    if let Ok(c) = cstr(p) {
+        // SAFETY: a valid path string; failure (not mounted) is fine for a best-effort cleanup.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Containers of one section, in the order LinuxKit runs them (directory names sorted).
+pub fn bundles(root: &Path, section: Section) -> Vec<(String, PathBuf)> {
+    let base = root.join("containers").join(section.dir());
+    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(&base)
+        .map(|r| r.filter_map(|e| e.ok()).filter(|e| e.path().join("config.json").is_file()).map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn read_runtime(dir: &Path) -> anyhow::Result<Option<RuntimeJson>> {
+    match std::fs::read(dir.join("runtime.json")) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{}/runtime.json", dir.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// fstab-style options → `mount(2)` flags and the data string (what is not a flag), as
+/// LinuxKit's init reads them.
+pub fn mount_options(options: &[String]) -> (libc::c_ulong, String) {
+    let table: &[(&str, bool, libc::c_ulong)] = &[
+        ("async", true, libc::MS_SYNCHRONOUS),
+        ("atime", true, libc::MS_NOATIME),
+        ("bind", false, libc::MS_BIND),
+        ("dev", true, libc::MS_NODEV),
+        ("diratime", true, libc::MS_NODIRATIME),
+        ("dirsync", false, libc::MS_DIRSYNC),
+        ("exec", true, libc::MS_NOEXEC),
+        ("mand", false, libc::MS_MANDLOCK),
+        ("noatime", false, libc::MS_NOATIME),
+        ("nodev", false, libc::MS_NODEV),
+        ("nodiratime", false, libc::MS_NODIRATIME),
+        ("noexec", false, libc::MS_NOEXEC),
+        ("nomand", true, libc::MS_MANDLOCK),
+        ("norelatime", true, libc::MS_RELATIME),
+        ("nostrictatime", true, libc::MS_STRICTATIME),
+        ("nosuid", false, libc::MS_NOSUID),
+        ("private", false, libc::MS_PRIVATE),
+        ("rbind", false, libc::MS_BIND | libc::MS_REC),
+        ("relatime", false, libc::MS_RELATIME),
+        ("remount", false, libc::MS_REMOUNT),
+        ("ro", false, libc::MS_RDONLY),
+        ("rw", true, libc::MS_RDONLY),
+        ("shared", false, libc::MS_SHARED),
+        ("slave", false, libc::MS_SLAVE),
+        ("strictatime", false, libc::MS_STRICTATIME),
+        ("suid", true, libc::MS_NOSUID),
+        ("sync", false, libc::MS_SYNCHRONOUS),
+        ("unbindable", false, libc::MS_UNBINDABLE),
+    ];
+    let mut flags = 0;
+    let mut data = Vec::new();
+    for o in options {
+        match table.iter().find(|(n, _, _)| n == o) {
+            Some((_, true, f)) => flags &= !f,
+            Some((_, false, f)) => flags |= f,
+            None => data.push(o.as_str()),
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// Before `runc create`, as LinuxKit's init: runtime.json's mounts in order (the root first:
+/// `rootfs/` bound onto itself, or a tmpfs at `tmp/` and an overlay of `lower/` at `rootfs/`),
+/// each destination (and overlay upper/work dir) made first; then `mkdir`; then cgroups.
+/// Relative paths are inside the container's `rootfs/`.
+fn prepare_fs(dir: &Path, rt: Option<&RuntimeJson>) -> anyhow::Result<()> {
+    let Some(rt) = rt else { return Ok(()) };
+    let rootfs = dir.join("rootfs");
+    let abs = |p: &str| if Path::new(p).is_absolute() { PathBuf::from(p) } else { rootfs.join(p) };
+    for m in &rt.mounts {
+        let dest = abs(&m.destination);
+        std::fs::create_dir_all(&dest).with_context(|| format!("mount point {}", dest.display()))?;
+        for o in m.options.iter().flatten() {
+            if let Some((k, v)) = o.split_once('=') {
+                if k == "upperdir" || k == "workdir" {
+                    std::fs::create_dir_all(v).with_context(|| format!("overlay {k}={v}"))?;
+                }
+            }
+        }
+        let (flags, data) = mount_options(m.options.as_deref().unwrap_or_default());
+        let kind = Some(m.kind.as_str()).filter(|k| !k.is_empty());
+        mount(Path::new(&m.source), &dest, kind, flags, Some(data.as_str()).filter(|d| !d.is_empty()))?;
+    }
+    for d in &rt.mkdir {
+        std::fs::create_dir_all(abs(d)).with_context(|| format!("runtime mkdir {d}"))?;
+    }
+    for cg in &rt.cgroups {
+        std::fs::create_dir_all(Path::new("/sys/fs/cgroup").join(cg.trim_start_matches('/'))).with_context(|| format!("runtime cgroup {cg}"))?;
+    }
+    Ok(())
+}
+
+/// Best effort, as LinuxKit: the root mount goes (a writable root's tmpfs stays until reboot).
+fn cleanup(dir: &Path) {
+    umount(&dir.join("rootfs"));
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let st = Command::new("ip").args(args).status().context("running ip")?;
+    if !st.success() {
+        bail!("ip {}: {st}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// After `runc create`, before `runc start`: interfaces moved into (or made for) the
+/// container's network namespace, and its namespaces bound at the requested paths.
+fn prepare_process(pid: i32, rt: &RuntimeJson) -> anyhow::Result<()> {
+    let p = pid.to_string();
+    for i in &rt.interfaces {
+        if i.name.is_empty() {
+            bail!("runtime interface requires a name");
+        }
+        let add = if !i.peer.is_empty() && i.add.is_empty() { "veth" } else { i.add.as_str() };
+        match add {
+            "" => {}
+            "veth" if i.peer.is_empty() => bail!("creating a veth pair {} requires a peer", i.name),
+            "veth" => ip(&["link", "add", &i.name, "type", "veth", "peer", "name", &i.peer])?,
+            kind => ip(&["link", "add", &i.name, "type", kind])?,
+        }
+        // Made in the root namespace (or already there), then moved into the container's.
+        ip(&["link", "set", &i.name, "netns", &p])?;
+    }
+    let b = &rt.bind_ns;
+    for (ns, path) in [("cgroup", &b.cgroup), ("ipc", &b.ipc), ("mnt", &b.mnt), ("net", &b.net), ("pid", &b.pid), ("user", &b.user), ("uts", &b.uts)] {
+        if path.is_empty() {
+            continue;
+        }
+        let path = Path::new(path);
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::File::create(path).with_context(|| format!("namespace bind point {}", path.display()))?;
+        mount(&PathBuf::from(format!("/proc/{pid}/ns/{ns}")), path, None, libc::MS_BIND, None)?;
+    }
+    Ok(())
+}
+
+/// Log files of one container: `/run/log/<section>/<name>.{out,err}`.
+fn logs(section: Section, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let d = PathBuf::from("/run/log").join(section.dir());
+    std::fs::create_dir_all(&d)?;
+    Ok((d.join(format!("{name}.out")), d.join(format!("{name}.err"))))
+}
+
+/// Prepare, create and start one container; returns its init's pid.
+fn start(section: Section, name: &str, dir: &Path, pid_dir: &Path) -> anyhow::Result<i32> {
+    let rt = read_runtime(dir)?;
+    prepare_fs(dir, rt.as_ref()).context("preparing the root filesystem")?;
+    let (out, err) = logs(section, name)?;
+    let pidfile = pid_dir.join(name);
+    let st = Command::new(runc())
+        .args(["create", "--bundle"])
+        .arg(dir)
+        .arg("--pid-file")
+        .arg(&pidfile)
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(&err)?)
+        .status()
+        .context("running runc (Debian package runc)")?;
+    if !st.success() {
+        bail!("runc create: {st}: {}", std::fs::read_to_string(&err).unwrap_or_default().trim());
+    }
+    let pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse().context("runc pid file")?;
+    if let Some(rt) = &rt {
+        prepare_process(pid, rt).context("preparing the process")?;
+    }
+    let st = Command::new(runc()).args(["start", name]).stdin(Stdio::null()).status()?;
+    if !st.success() {
+        bail!("runc start: {st}");
+    }
+    Ok(pid)
+}
+
+/// Wait for `pid` (we are a subreaper, so a container's init becomes our child when runc
+/// exits); `None` when `deadline` passes first.
+fn wait(pid: i32, deadline: Option<Instant>) -> Option<i32> {
+    loop {
+        let mut status = 0;
+        let flags = if deadline.is_some() { libc::WNOHANG } else { 0 };
+        // SAFETY: waitpid with a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r == pid {
+            return Some(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) });
+        }
+        if r < 0 {
+            // Not our child (already reaped, or never reparented): poll for it to vanish.
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return Some(-1);
+            }
+        }
+        match deadline {
+            Some(d) if Instant::now() >= d => return None,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn output(section: Section, name: &str) -> (String, String) {
+    let (o, e) = logs(section, name).unwrap_or_default();
+    (std::fs::read_to_string(o).unwrap_or_default(), std::fs::read_to_string(e).unwrap_or_default())
+}
+
+/// Bind each verified, prepared external image into its bundle (`rootfs/` or `lower/`).
+/// Returns the bundle directories that have their image.
+fn mount_external(cfg: &AgentConfig) -> anyhow::Result<Vec<PathBuf>> {
+    let (_, ext) = super::status::read_release(&cfg.root)?;
+    let mut ready = Vec::new();
+    for img in &ext.images {
+        if img.bundle.is_empty() {
+            continue; // written by a build before bundles were recorded: not run by this agent
+        }
+        let prepared = cfg.run_dir.join("containers").join(&img.name).join("rootfs");
+        let dir = cfg.root.join(&img.bundle);
+        if !prepared.is_dir() {
+            continue;
+        }
+        let at = dir.join(if img.readonly { "rootfs" } else { "lower" });
+        match mount(&prepared, &at, None, libc::MS_BIND | libc::MS_REC, None) {
+            Ok(()) => ready.push(dir),
+            Err(e) => emit("image-mount-failed", json!({"name": img.name, "error": format!("{e:#}")})),
+        }
+    }
+    Ok(ready)
+}
+
+/// `agent run`: onboot containers in order, each to completion, then every service started.
+/// Waits up to `settle` for services that finish (their output is reported); the rest keep
+/// running and are reported as running.
+pub fn run(cfg: &AgentConfig, settle: Duration) -> anyhow::Result<()> {
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let ready = mount_external(cfg)?;
+    let pid_dir = cfg.run_dir.join("pids");
+    std::fs::create_dir_all(&pid_dir)?;
+    let external = |dir: &Path| dir.join("image.json").exists();
+    let runnable = |dir: &Path| !external(dir) || ready.iter().any(|r| r == dir);
+    for (name, dir) in bundles(&cfg.root, Section::Onboot) {
+        if !runnable(&dir) {
+            emit("onboot-skipped", json!({"name": name, "external": true, "reason": "image not verified and prepared"}));
+            continue;
+        }
+        match start(Section::Onboot, &name, &dir, &pid_dir) {
+            Ok(pid) => {
+                let status = wait(pid, None);
+                let (stdout, stderr) = output(Section::Onboot, &name);
+                emit("onboot-exited", json!({"name": name, "external": external(&dir), "status": status, "stdout": stdout, "stderr": stderr}));
+            }
+            Err(e) => emit("onboot-failed", json!({"name": name, "external": external(&dir), "error": format!("{e:#}")})),
+        }
+        cleanup(&dir);
+        let _ = Command::new(runc()).args(["delete", "--force", &name]).stderr(Stdio::null()).status();
+    }
+    let mut running = Vec::new();
+    for (name, dir) in bundles(&cfg.root, Section::Services) {
+        if !runnable(&dir) {
+            emit("service-skipped", json!({"name": name, "external": true, "reason": "image not verified and prepared"}));
+            continue;
+        }
+        match start(Section::Services, &name, &dir, &pid_dir) {
+            Ok(pid) => {
+                emit("service-started", json!({"name": name, "external": external(&dir), "pid": pid}));
+                running.push((name, dir, pid));
+            }
+            Err(e) => emit("service-failed", json!({"name": name, "external": external(&dir), "error": format!("{e:#}")})),
+        }
+    }
+    let deadline = Instant::now() + settle;
+    while !running.is_empty() {
+        running.retain(|(name, dir, pid)| match wait(*pid, Some(Instant::now())) {
+            Some(status) => {
+                let (stdout, stderr) = output(Section::Services, name);
+                emit("service-exited", json!({"name": name, "external": external(dir), "status": status, "stdout": stdout, "stderr": stderr}));
+                false
+            }
+            None => true,
+        });
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (name, dir, pid) in &running {
+        emit("service-running", json!({"name": name, "external": external(dir), "pid": pid}));
+    }
+    Ok(())
+}
+
+/// `agent shutdown`: the onshutdown containers in order, each to completion.
+pub fn shutdown(cfg: &AgentConfig) -> anyhow::Result<()> {
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let pid_dir = cfg.run_dir.join("pids");
+    std::fs::create_dir_all(&pid_dir)?;
+    for (name, dir) in bundles(&cfg.root, Section::Onshutdown) {
+        match start(Section::Onshutdown, &name, &dir, &pid_dir) {
+            Ok(pid) => {
+                let status = wait(pid, None);
+                let (stdout, stderr) = output(Section::Onshutdown, &name);
+                emit("onshutdown-exited", json!({"name": name, "status": status, "stdout": stdout, "stderr": stderr}));
+            }
+            Err(e) => emit("onshutdown-failed", json!({"name": name, "error": format!("{e:#}")})),
+        }
+        cleanup(&dir);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_options_split_into_flags_and_data() {
+        let o = |v: &[&str]| mount_options(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(o(&["rbind", "rshared"]), (libc::MS_BIND | libc::MS_REC, "rshared".into()), "rshared is not in LinuxKit's table: passed as data");
+        assert_eq!(o(&["remount", "private"]), (libc::MS_REMOUNT | libc::MS_PRIVATE, String::new()));
+        assert_eq!(o(&["ro", "rw", "nosuid"]), (libc::MS_NOSUID, String::new()), "rw clears ro");
+        assert_eq!(o(&["lowerdir=/a", "upperdir=/b"]), (0, "lowerdir=/a,upperdir=/b".into()));
+    }
+}
