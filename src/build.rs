@@ -50,11 +50,15 @@ pub struct SourceOptions {
     pub insecure: Vec<String>,
     /// Build exactly what `<manifest>.lock` says.
     pub locked: bool,
+    /// containers-registries.conf mirrors (`Mirrors::load()` reads the standard place).
+    pub mirrors: crate::oci::mirrors::Mirrors,
 }
 
 impl SourceOptions {
     pub fn resolver(&self) -> Resolver {
-        Resolver::new(self.platform.clone(), self.cache_dir.clone(), self.offline, self.insecure.clone())
+        let mut r = Resolver::new(self.platform.clone(), self.cache_dir.clone(), self.offline, self.insecure.clone());
+        r.mirrors = self.mirrors.clone();
+        r
     }
 }
 

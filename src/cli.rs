@@ -258,14 +258,15 @@ struct SourceArgs {
 }
 
 impl SourceArgs {
-    fn options(self) -> SourceOptions {
-        SourceOptions {
+    fn options(self) -> anyhow::Result<SourceOptions> {
+        Ok(SourceOptions {
             platform: self.platform,
             cache_dir: self.cache.unwrap_or_else(crate::cache::Cache::default_dir),
             offline: self.offline,
             insecure: self.insecure,
             locked: self.locked,
-        }
+            mirrors: crate::oci::mirrors::Mirrors::load()?,
+        })
     }
 }
 
@@ -287,7 +288,7 @@ fn json_out(v: &impl serde::Serialize) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Lock { manifest, src, json } => {
-            let (path, l) = crate::build::lock(&manifest, &src.options(), Progress::new(json))?;
+            let (path, l) = crate::build::lock(&manifest, &src.options()?, Progress::new(json))?;
             if json {
                 json_out(&l)?;
             } else {
@@ -299,7 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pull { manifest, src, json, quiet } => {
-            let s = crate::build::pull(&manifest, &src.options(), Progress::new(quiet || json))?;
+            let s = crate::build::pull(&manifest, &src.options()?, Progress::new(quiet || json))?;
             if json {
                 json_out(&s)?;
             } else {
@@ -308,7 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Build { manifest, layout, output, compat, no_prefill, boot_tries, bmap, qcow2, src, json, quiet } => {
-            let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
+            let compose = ComposeOptions { manifest, layout, compat, sources: src.options()?, progress: Progress::new(quiet || json) };
             let opts = BuildOptions { compose, output, no_prefill, boot_tries, bmap, qcow2, extra_cmdline: None };
             let s = build(&opts)?;
             warn_unsigned(&s.update_keys);
@@ -380,7 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bundle { manifest, layout, output, compat, without_images, sign, src, json, quiet } => {
-            let compose = ComposeOptions { manifest, layout, compat, sources: src.options(), progress: Progress::new(quiet || json) };
+            let compose = ComposeOptions { manifest, layout, compat, sources: src.options()?, progress: Progress::new(quiet || json) };
             let s = crate::bundle::bundle(&crate::bundle::BundleOptions { compose, output, without_images, sign })?;
             if s.signed_by.is_empty() {
                 eprintln!("warning: the bundle is unsigned; devices whose rootfs trusts an update key will refuse it (sign with --sign KEY)");
@@ -393,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Installer { manifest, layout, output, src, json, quiet } => {
-            let compose = ComposeOptions { manifest, layout, compat: vec![], sources: src.options(), progress: Progress::new(quiet || json) };
+            let compose = ComposeOptions { manifest, layout, compat: vec![], sources: src.options()?, progress: Progress::new(quiet || json) };
             let s = crate::installer::installer(&crate::installer::InstallerOptions { compose, output })?;
             if json {
                 json_out(&s)?;

@@ -24,14 +24,40 @@ pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &Extern
     let ImageRef::Registry { host, repo, .. } = r else {
         bail!("{} names no registry to pull from", img.reference);
     };
-    let host = cfg.mirror.clone().unwrap_or(host);
-    let registry = Arc::new(Registry::new(&host, &cfg.insecure)?);
     let store = Arc::new(Cache::open_layout(&cfg.images)?);
     let digest = Digest::parse(&img.digest).map_err(|e| anyhow::anyhow!(e))?;
-    let (bytes, mt) = registry.manifest(&repo, digest.as_str())?;
-    if Digest::of_bytes(&bytes) != digest {
-        bail!("{host}/{repo}@{digest}: the registry's manifest does not match the pinned digest; refusing it");
+    // Where to fetch from: agent.json's `mirror` if set, else the rootfs's (or the
+    // environment's) containers-registries.conf, else the reference's own registry.
+    let endpoints = match &cfg.mirror {
+        Some(m) => vec![crate::oci::mirrors::Endpoint { host: m.clone(), repo: repo.clone(), insecure: false, mirror: true }],
+        None => {
+            let conf = match std::env::var_os("CONTAINERS_REGISTRIES_CONF") {
+                Some(p) => crate::oci::mirrors::Mirrors::load_from(Path::new(&p), true)?,
+                None => crate::oci::mirrors::Mirrors::load_from(&cfg.root.join(crate::oci::mirrors::DEFAULT_PATH.trim_start_matches('/')), false)?,
+            };
+            conf.endpoints(&host, &repo, true).map_err(|e| anyhow::anyhow!(e))?
+        }
+    };
+    let mut errors = Vec::new();
+    let mut served = None;
+    for ep in &endpoints {
+        let mut insecure = cfg.insecure.clone();
+        if ep.insecure {
+            insecure.push(ep.host.clone());
+        }
+        let registry = Arc::new(Registry::new(&ep.host, &insecure)?);
+        match registry.manifest(&ep.repo, digest.as_str()) {
+            Ok((b, mt)) if Digest::of_bytes(&b) == digest => {
+                served = Some((registry, ep.repo.clone(), ep.host.clone(), b, mt));
+                break;
+            }
+            Ok(_) => errors.push(format!("{}/{}@{digest}: the registry's manifest does not match the pinned digest; refused", ep.host, ep.repo)),
+            Err(e) => errors.push(format!("{}/{}: {e:#}", ep.host, ep.repo)),
+        }
     }
+    let Some((registry, repo, host, bytes, mt)) = served else {
+        bail!("{}: {}", img.reference, errors.join("; "));
+    };
     store.put(&bytes[..], &digest, bytes.len() as u64, "manifest")?;
     let src: Arc<dyn BlobSource> = Arc::new(RegistrySource { registry, repo, cache: store.clone(), offline: false, name: format!("{host}/{}", img.name) });
     let platform: Platform = img.platform.parse().unwrap_or_default();

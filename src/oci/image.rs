@@ -86,13 +86,15 @@ pub struct Resolver {
     pub offline: bool,
     /// Registry hosts reached over plain http besides loopback ones.
     pub insecure: Vec<String>,
+    /// containers-registries.conf: mirrors tried before (or instead of) a reference's host.
+    pub mirrors: super::mirrors::Mirrors,
     cache: OnceLock<Arc<Cache>>,
     registries: Mutex<HashMap<String, Arc<Registry>>>,
 }
 
 impl Resolver {
     pub fn new(platform: Platform, cache_dir: PathBuf, offline: bool, insecure: Vec<String>) -> Self {
-        Self { platform, cache_dir, offline, insecure, cache: OnceLock::new(), registries: Mutex::new(HashMap::new()) }
+        Self { platform, cache_dir, offline, insecure, mirrors: Default::default(), cache: OnceLock::new(), registries: Mutex::new(HashMap::new()) }
     }
 
     pub fn cache(&self) -> anyhow::Result<Arc<Cache>> {
@@ -103,14 +105,38 @@ impl Resolver {
         Ok(self.cache.get_or_init(|| c).clone())
     }
 
-    fn registry(&self, host: &str) -> anyhow::Result<Arc<Registry>> {
+    fn registry(&self, host: &str, insecure: bool) -> anyhow::Result<Arc<Registry>> {
         let mut m = self.registries.lock().unwrap();
         if let Some(r) = m.get(host) {
             return Ok(r.clone());
         }
-        let r = Arc::new(Registry::new(host, &self.insecure)?);
+        let mut list = self.insecure.clone();
+        if insecure {
+            list.push(host.to_string());
+        }
+        let r = Arc::new(Registry::new(host, &list)?);
         m.insert(host.to_string(), r.clone());
         Ok(r)
+    }
+
+    /// The manifest `reference` (a tag or digest) of `host/repo`, from the first endpoint
+    /// registries.conf gives that answers; returns it with the registry and repository that
+    /// served it (blobs come from the same place).
+    fn fetch_manifest(&self, host: &str, repo: &str, reference: &str) -> anyhow::Result<(Vec<u8>, String, Arc<Registry>, String)> {
+        let by_digest = reference.contains(':');
+        let endpoints = self.mirrors.endpoints(host, repo, by_digest).map_err(|e| anyhow::anyhow!(e))?;
+        let mut errors = Vec::new();
+        for ep in &endpoints {
+            let registry = self.registry(&ep.host, ep.insecure)?;
+            match registry.manifest(&ep.repo, reference) {
+                Ok((b, mt)) => return Ok((b, mt, registry, ep.repo.clone())),
+                Err(e) => errors.push(format!("{}/{}: {e:#}", ep.host, ep.repo)),
+            }
+        }
+        if endpoints.len() == 1 {
+            anyhow::bail!("{}", errors.remove(0));
+        }
+        anyhow::bail!("no registries.conf endpoint served {host}/{repo}:{reference}:\n  {}", errors.join("\n  "))
     }
 
     /// Resolve `reference` (as written; relative paths against `base`). With `pin` (from a lock
@@ -125,7 +151,10 @@ impl Resolver {
             ImageRef::DockerArchive { path, tag } => super::docker_archive::resolve(reference, path, tag.as_deref(), platform)?,
             ImageRef::Registry { host, repo, tag, digest } => {
                 let cache = self.cache()?;
-                let registry = self.registry(host)?;
+                // Where blobs come from: the endpoint that served the manifest (or, for a
+                // manifest already cached, the first endpoint).
+                let first = self.mirrors.endpoints(host, repo, true).map_err(|e| anyhow::anyhow!(e))?.remove(0);
+                let mut served = (self.registry(&first.host, first.insecure)?, first.repo);
                 let want = match (pin, digest) {
                     (Some(p), _) => Some(p.clone()),
                     (None, Some(d)) => Some(Digest::parse(d).map_err(|e| anyhow::anyhow!("{reference}: {e}"))?),
@@ -139,7 +168,8 @@ impl Resolver {
                     }
                     Some(d) if self.offline => bail!("{reference}: manifest {d} is not in the cache {} (offline; run `slotforge pull` first)", cache.root().display()),
                     Some(d) => {
-                        let (b, mt) = registry.manifest(repo, d.as_str())?;
+                        let (b, mt, reg, r) = self.fetch_manifest(host, repo, d.as_str())?;
+                        served = (reg, r);
                         let got = Digest::of_bytes(&b);
                         if got != d {
                             bail!("{reference}: the registry's manifest for {d} hashes to {got}; refusing it");
@@ -156,14 +186,15 @@ impl Resolver {
                             let b = std::fs::read(cache.blob_path(&d)).with_context(|| format!("{reference}: manifest {d} missing from the cache"))?;
                             (d, b, mt)
                         } else {
-                            let (b, mt) = registry.manifest(repo, &t)?;
+                            let (b, mt, reg, r) = self.fetch_manifest(host, repo, &t)?;
+                            served = (reg, r);
                             let d = cache.put_bytes(&b)?;
                             cache.set_ref(host, repo, &t, &d, &mt)?;
                             (d, b, mt)
                         }
                     }
                 };
-                let src: Arc<dyn BlobSource> = Arc::new(RegistrySource { registry, repo: repo.clone(), cache, offline: self.offline, name: reference.to_string() });
+                let src: Arc<dyn BlobSource> = Arc::new(RegistrySource { registry: served.0, repo: served.1, cache, offline: self.offline, name: reference.to_string() });
                 let desc = Descriptor::new(MediaType::from(mt.as_str()), bytes.len() as u64, oci_digest(&top)?);
                 resolve_descriptor(reference, src, desc, platform, 0, top)?
             }

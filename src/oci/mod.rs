@@ -7,6 +7,7 @@ pub mod auth;
 pub mod docker_archive;
 pub mod image;
 pub mod local;
+pub mod mirrors;
 pub mod reference;
 pub mod registry;
 
