@@ -118,13 +118,11 @@ impl Mirrors {
             return Ok(vec![Endpoint { host: host.into(), repo: repo.into(), insecure: false, mirror: false }]);
         };
         let full = format!("{host}/{repo}");
-        // The part after the prefix stays; a wildcard prefix keeps the whole reference.
-        let rest = if prefix.starts_with("*.") { None } else { Some(&full[prefix.len()..]) };
+        // The part after the matched prefix stays; a wildcard prefix matches the host.
+        let matched = if prefix.starts_with("*.") { host } else { prefix.as_str() };
+        let rest = &full[matched.len()..];
         let at = |loc: &str| -> (String, String) {
-            let whole = match rest {
-                Some(r) => format!("{loc}{r}"),
-                None => full.clone(),
-            };
+            let whole = format!("{loc}{rest}");
             let (h, r) = whole.split_once('/').unwrap_or((whole.as_str(), ""));
             (h.to_string(), r.to_string())
         };
@@ -145,7 +143,7 @@ impl Mirrors {
                 return Err(format!("{full}: blocked by registries.conf and no mirror may serve this pull"));
             }
         } else {
-            let (h, r) = at(e.location.as_deref().unwrap_or(&prefix));
+            let (h, r) = at(e.location.as_deref().unwrap_or(matched));
             v.push(Endpoint { host: h, repo: r, insecure: e.insecure, mirror: false });
         }
         Ok(v)
