@@ -209,3 +209,33 @@ pub fn build(agent: &Path) -> anyhow::Result<Fixtures> {
     }
     Ok(Fixtures { kernel, base, loader: SYSTEMD_BOOT.into(), dir, _tmp: tmp })
 }
+
+/// The probe every LinuxKit-fidelity container runs: one JSON line on stdout saying what the
+/// container sees (capabilities, namespaces, hostname, mounts, limits, devices, its root).
+pub const PROBE: &str = r#"#!/bin/sh
+n=$1
+w() { if touch "$1" 2>/dev/null; then echo true; else echo false; fi; }
+caps=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)
+if [ -d /hostrun ]; then hr=$(w /hostrun/probe-$n); else hr=absent; fi
+if [ -d /hostrun/made-by-runtime ]; then mk=true; else mk=false; fi
+dev=false
+if [ -c /dev/probe-null ] && echo x > /dev/probe-null 2>/dev/null; then dev=true; fi
+sl=$(for c in /proc/[0-9]*/comm; do if [ "$(cat $c 2>/dev/null)" = sleep ]; then cat ${c%/comm}/cgroup; fi; done | tr '\n' ' ')
+echo "{\"name\":\"$n\",\"caps\":\"$caps\",\"oom\":$(cat /proc/self/oom_score_adj),\"net\":\"$(readlink /proc/self/ns/net)\",\"pidns\":\"$(readlink /proc/self/ns/pid)\",\"pid\":$$,\"host\":\"$(hostname)\",\"hostrun\":\"$hr\",\"root_writable\":$(w /probe-root),\"made\":$mk,\"dev\":$dev,\"ip_forward\":$(cat /proc/sys/net/ipv4/ip_forward),\"nofile\":\"$(ulimit -n)\",\"sleeper_cgroup\":\"$sl\",\"uid\":$(id -u),\"resolv\":\"$(cat /etc/resolv.conf | tr -d '\n#')\"}"
+"#;
+
+/// An image with busybox and [`PROBE`] at `/probe.sh`, carrying `label` as its
+/// `org.mobyproject.config` label.
+pub fn probe_image(layout: &Path, tag: &str, label: &str) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(BUSYBOX, bin.join("busybox"))?;
+    for a in ["sh", "sed", "cat", "touch", "readlink", "hostname", "tr", "id", "sleep", "echo"] {
+        std::os::unix::fs::symlink("busybox", bin.join(a))?;
+    }
+    std::fs::write(tmp.path().join("probe.sh"), PROBE)?;
+    umoci_image(layout, tag, tmp.path(), Some("/bin/sh"))?;
+    run("umoci", &["config", "--image", &format!("{}:{tag}", layout.display()), "--config.label", &format!("org.mobyproject.config={label}")])?;
+    Ok(())
+}

@@ -105,6 +105,7 @@ pub fn prepare(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<PathBuf
     let mut spill = Spill::new_in(&spill_parent)?;
     let mut tree = Tree::new(0);
     crate::flatten::flatten_image(&mut tree, &resolved, &mut spill, 0, &mut 0, &mut |_| {})?;
+    crate::linuxkit::bundle::fixups(&mut tree, None, 0, 0).map_err(|e| anyhow::anyhow!("{}: {e}", img.name))?;
     materialize(&tree, &rootfs)?;
     drop(spill);
     let _ = std::fs::remove_dir_all(&spill_parent);
