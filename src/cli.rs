@@ -52,6 +52,13 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Check a manifest without fetching anything: every key known, values well-formed,
+    /// names as LinuxKit allows them. Lists its containers and where they go in the rootfs.
+    Check {
+        manifest: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Resolve every image reference to a digest and write <manifest>.lock.
     Lock {
         manifest: PathBuf,
@@ -287,6 +294,29 @@ fn json_out(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
+        Cmd::Check { manifest, json } => {
+            let m = crate::manifest::load(&manifest)?;
+            let ids = m.ids();
+            let mut rows = Vec::new();
+            for section in [crate::manifest::Section::Onboot, crate::manifest::Section::Onshutdown, crate::manifest::Section::Services] {
+                for (i, s) in m.section(section).iter().enumerate() {
+                    let s = &s.value;
+                    rows.push(serde_json::json!({
+                        "section": section.dir(), "name": s.name(), "image": s.image.as_ref().map(|i| i.value.clone()),
+                        "external": s.is_external(), "dir": crate::linuxkit::bundle::bundle_dir(section, i, s.name()), "id": ids.get(s.name()),
+                    }));
+                }
+            }
+            if json {
+                json_out(&serde_json::json!({"manifest": manifest, "ok": true, "boot_loader": m.boot().loader.value, "containers": rows}))?;
+            } else {
+                for r in &rows {
+                    println!("{:<10} {:<20} {}{}", r["section"].as_str().unwrap_or(""), r["name"].as_str().unwrap_or(""), r["dir"].as_str().unwrap_or(""), if r["external"] == true { "  (external)" } else { "" });
+                }
+                println!("{}: ok", manifest.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Lock { manifest, src, json } => {
             let (path, l) = crate::build::lock(&manifest, &src.options()?, Progress::new(json))?;
             if json {

@@ -60,7 +60,7 @@ fn built_disk_passes_every_standard_reader() {
     let vs = tool("veritysetup", &["verify", sq.to_str().unwrap(), sq.to_str().unwrap(), &root_hash, &format!("--hash-offset={offset}")]);
     assert!(!vs.contains("fail"), "{vs}");
     let l = tool("unsquashfs", &["-lln", "-d", "", sq.to_str().unwrap()]);
-    let line = |path: &str| l.lines().find(|x| x.ends_with(path) || x.contains(&format!("{path} -> "))).unwrap_or_else(|| panic!("{path} not in:\n{l}")).to_string();
+    let line = |path: &str| l.lines().find(|x| x.ends_with(&format!(" {path}")) || x.contains(&format!(" {path} -> "))).unwrap_or_else(|| panic!("{path} not in:\n{l}")).to_string();
     assert!(line("/bin/busybox").starts_with("-rwxr-xr-x 0/0"), "{}", line("/bin/busybox"));
     assert!(line("/bin/sh").starts_with("lrwxrwxrwx") && line("/bin/sh").ends_with("/bin/sh -> busybox"));
     assert!(line("/dev/null").starts_with("crw-rw-rw- 0/0") && line("/dev/null").contains("1,  3"), "{}", line("/dev/null"));
@@ -74,11 +74,19 @@ fn built_disk_passes_every_standard_reader() {
     assert!(line("/var/cache").starts_with("drwx------"));
     assert!(!l.contains(".wh."), "whiteout markers leaked:\n{l}");
     assert!(line("/lib/modules/6.1/virtio.ko").starts_with("-rw-r--r--"), "kernel.tar not unpacked");
-    assert!(line("/containers/onboot/setup/rootfs/bin/setup").starts_with("-rwxr-xr-x"));
-    assert!(l.contains("/containers/services/newlogd/rootfs/usr/bin/newlogd"));
+    // LinuxKit's layout: onboot in order (`000-`), a writable root (the default) under `lower/`
+    // with `tmp/` and `rootfs/` as mount points, config.json and runtime.json beside it.
+    assert!(line("/containers/onboot/000-setup/lower/bin/setup").starts_with("-rwxr-xr-x"));
+    assert!(line("/containers/onboot/000-setup/rootfs").starts_with("drwxr-xr-x"));
+    assert!(line("/containers/onboot/000-setup/tmp").starts_with("drwxr-xr-x"));
+    assert!(l.contains("/containers/services/newlogd/lower/usr/bin/newlogd"));
+    assert!(l.contains("/containers/services/newlogd/runtime.json"));
     assert!(l.contains("/containers/services/edgeview/config.json"));
-    assert!(!l.contains("/containers/services/edgeview/rootfs"), "external image flattened into the rootfs");
-    assert!(!l.contains("/containers/services/analytics/rootfs"));
+    assert!(!l.contains("/containers/services/edgeview/lower/"), "external image flattened into the rootfs");
+    // LinuxKit's `files:` defaults: 0600 files, parents (re)made with the entry's mode + x.
+    assert!(line("/etc/hostname").starts_with("-rw------- 0/0"), "{}", line("/etc/hostname"));
+    assert!(line("/etc").starts_with("drwx------ 0/0"), "{}", line("/etc"));
+    assert!(!l.contains("/containers/services/analytics/lower/"), "external image flattened into the rootfs");
     // Hard link: one inode for both names.
     let x = tempfile::tempdir().unwrap();
     let dest = x.path().join("r");
@@ -328,5 +336,5 @@ fn images_made_by_umoci_build() {
     let sq = fx.path().join("a.sqfs");
     extract_partition(&out, "rootfs_a", &sq);
     let l = tool("unsquashfs", &["-lln", sq.to_str().unwrap()]);
-    assert!(l.contains("/containers/services/newlogd/rootfs/opt/hello"), "{l}");
+    assert!(l.contains("/containers/services/newlogd/lower/opt/hello"), "{l}");
 }
