@@ -45,7 +45,13 @@ pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, InputErr
 }
 
 fn first_message_line(full: &str) -> String {
-    let line = full.lines().find(|l| !l.trim().is_empty()).unwrap_or(full).trim();
+    let mut line = full.lines().find(|l| !l.trim().is_empty()).unwrap_or(full).trim();
+    // Drop a leading "error: line X column Y: " the crate may add: we print our own position.
+    if let Some(rest) = line.strip_prefix("error: line ") {
+        if let Some((_, msg)) = rest.split_once(": ") {
+            line = msg;
+        }
+    }
     // Drop a trailing " at line X, column Y" the crate may add: we print our own position.
     match line.find(" at line ") {
         Some(i) => line[..i].to_string(),

@@ -237,7 +237,7 @@ fn docker_archive_sources_build() {
     let sq = fx.path().join("a.sqfs");
     extract_partition(&out, "rootfs_a", &sq);
     let l = tool("unsquashfs", &["-lln", sq.to_str().unwrap()]);
-    assert!(l.contains("/containers/services/newlogd/rootfs/usr/bin/newlogd"), "{l}");
+    assert!(l.contains("/containers/services/newlogd/lower/usr/bin/newlogd"), "{l}");
 }
 
 #[test]
@@ -296,6 +296,6 @@ fn docker_schema2_manifests_and_multi_platform_indexes_from_a_registry() {
     let sq = fx.path().join("a.sqfs");
     extract_partition(&out, "rootfs_a", &sq);
     let list = tool("unsquashfs", &["-lln", sq.to_str().unwrap()]);
-    assert!(list.contains("/containers/services/newlogd/rootfs/usr/bin/newlogd"), "{list}");
-    assert!(list.contains("/containers/onboot/setup/rootfs/bin/setup") && !list.contains("/containers/onboot/setup/rootfs/arch"), "{list}");
+    assert!(list.contains("/containers/services/newlogd/lower/usr/bin/newlogd"), "{list}");
+    assert!(list.contains("/containers/onboot/000-setup/lower/bin/setup") && !list.contains("/containers/onboot/000-setup/lower/arch"), "{list}");
 }

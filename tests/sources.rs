@@ -64,7 +64,7 @@ fn platform_selects_the_manifest_from_an_index() {
     let sq = fx.path().join("amd.sqfs");
     extract_partition(&out, "rootfs_a", &sq);
     let list = tool("unsquashfs", &["-lln", sq.to_str().unwrap()]);
-    assert!(list.contains("/containers/onboot/setup/rootfs/bin/setup") && !list.contains("/containers/onboot/setup/rootfs/arch"), "{list}");
+    assert!(list.contains("/containers/onboot/000-setup/lower/bin/setup") && !list.contains("/containers/onboot/000-setup/lower/arch"), "{list}");
     // No other image offers riscv64: a clear error naming what the index has.
     let (o, out) = build("linux/riscv64", "rv.img");
     let err = String::from_utf8_lossy(&o.stderr);
