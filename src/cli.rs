@@ -59,6 +59,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Upgrade-compatibility testing in QEMU: build the matrix's variants, install, boot,
+    /// upgrade, inject faults, and check what each step must show (docs/testing.md).
+    Test {
+        matrix: PathBuf,
+        /// Run only paths or steps matching these globs (`field-*`, `field-v1/upgrade*`).
+        #[arg(long)]
+        only: Vec<String>,
+        /// Write a JUnit XML report here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Print the report as JSON on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Keep disks, bundles and serial logs in this directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Paths run in parallel (each is one VM).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Blob cache for the builds (default: the user cache).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
     /// Resolve every image reference to a digest and write <manifest>.lock.
     Lock {
         manifest: PathBuf,
@@ -294,6 +317,39 @@ fn json_out(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
+        Cmd::Test { matrix, only, junit, json, keep, jobs, cache } => {
+            let m = crate::harness::matrix::load(&matrix)?;
+            let total: usize = m.matrix.paths.iter().map(|p| p.steps.len() + 1).sum();
+            let pb = Progress::new(json).bar("test", total as u64, false);
+            let pb2 = pb.clone();
+            let opts = crate::harness::run::Options {
+                only,
+                keep,
+                jobs,
+                cache,
+                on_step: Box::new(move |r| {
+                    pb2.inc(1);
+                    let line = format!("{:<7} {}/{} ({:.0} s)", r.result, r.path, r.label, r.seconds);
+                    if pb2.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        pb2.println(line);
+                    }
+                }),
+            };
+            let report = crate::harness::run::run(&m, &opts)?;
+            pb.finish_and_clear();
+            if let Some(j) = &junit {
+                std::fs::write(j, crate::harness::run::junit(&report)).map_err(|e| anyhow::anyhow!("writing {}: {e}", j.display()))?;
+            }
+            if json {
+                eprint!("{}", crate::harness::run::table(&report));
+                json_out(&report)?;
+            } else {
+                print!("{}", crate::harness::run::table(&report));
+            }
+            Ok(if report.failed == 0 && report.steps.iter().any(|s| s.result == "pass") { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
         Cmd::Check { manifest, json } => {
             let m = crate::manifest::load(&manifest)?;
             let ids = m.ids();

@@ -18,6 +18,7 @@ pub mod entries;
 pub mod esp;
 pub mod fat;
 pub mod flatten;
+pub mod harness;
 pub mod hash;
 pub mod images;
 pub mod inspect;

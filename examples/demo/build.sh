@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the shipped example disk image on a fresh Debian machine:
-#   installs the packages it needs, turns Debian's kernel, busybox-static and systemd-boot into
-#   OCI images (with umoci), builds examples/demo/system.yml onto layouts/demo.yaml with
-#   slotforge, and verifies the result. Output: out/demo.img (and out/demo.json, the summary).
+#   installs the packages it needs, makes the reference kernel and appliance images and two
+#   service images (OCI layouts, with umoci), builds examples/demo/system.yml onto
+#   layouts/demo.yaml with slotforge (the host's systemd-boot as loader), and verifies the
+#   result. Output: out/demo.img (and out/demo.json, the summary). Boot it: examples/demo/boot.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -26,26 +27,17 @@ mkimage() { # mkimage LAYOUT TAG SRC_DIR [ENTRYPOINT]
   rm -rf "$work/bundle"
 }
 
-# Kernel: Debian's, from the linux-image .deb (only vmlinuz; modules come with the QEMU fixtures).
-kpkg="$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')"
-if [ ! -f "$work/kernel-src/kernel" ]; then
-  (cd "$work" && chmod a+rwx . && apt-get download "$kpkg" >/dev/null)
-  rm -rf "$work/deb" && dpkg-deb -x "$work/${kpkg}"_*.deb "$work/deb"
-  mkdir -p "$work/kernel-src" && cp "$work"/deb/boot/vmlinuz-* "$work/kernel-src/kernel"
-fi
-mkimage "$work/images/kernel" 6.1 "$work/kernel-src"
-
-# Base: busybox-static with its applet links.
-rm -rf "$work/base-src" && mkdir -p "$work/base-src/bin" "$work/base-src/etc" "$work/base-src/proc" "$work/base-src/sys" "$work/base-src/dev" "$work/base-src/tmp"
-cp /bin/busybox "$work/base-src/bin/busybox"
-for a in sh ls cat echo mount umount sleep; do ln -sf busybox "$work/base-src/bin/$a"; done
-mkimage "$work/images/base" 1 "$work/base-src"
+# Kernel (Debian's, with the reference initramfs) and the appliance base (busybox, the agent,
+# runc, the reference init): the same reference images the QEMU tests boot.
+cargo build --release --quiet -p slotforge-qemu-tests --bin slotforge-vm
+"$repo/target/release/slotforge-vm" images "$work/images" --agent "$sf"
 
 # Two services: one on disk, one external (kept out of the rootfs, pre-filled in the images partition).
 rm -rf "$work/hello-src" && mkdir -p "$work/hello-src/bin" && cp /bin/busybox "$work/hello-src/bin/busybox"
 mkimage "$work/images/hello" 1 "$work/hello-src" /bin/busybox
 rm -rf "$work/big-src" && mkdir -p "$work/big-src/opt/big" && cp /bin/busybox "$work/big-src/opt/big/busybox"
-head -c 8000000 /dev/urandom > "$work/big-src/opt/big/model.bin"
+# Deterministic incompressible bytes (AES-CTR of zeros), so the same inputs give the same disk.
+(openssl enc -aes-128-ctr -K 00000000000000000000000000000000 -iv 00000000000000000000000000000000 -nosalt < /dev/zero 2>/dev/null || true) | head -c 8000000 > "$work/big-src/opt/big/model.bin"
 mkimage "$work/images/bigsvc" 1 "$work/big-src" /opt/big/busybox
 
 cp "$here/system.yml" "$work/system.yml"

@@ -1,0 +1,223 @@
+//! The upgrade matrix file (`slotforge test upgrades.yaml`): the user's variants (manifests),
+//! layout generations, and paths — an install followed by steps (boots and upgrades, each with
+//! an optional fault) and what must be true after each. Pure: parsed and checked here, driven by
+//! `run.rs`. Reference: docs/testing.md.
+
+use crate::yaml::{self, InputError};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Matrix {
+    pub variants: BTreeMap<String, Variant>,
+    pub layouts: BTreeMap<String, Spanned<String>>,
+    pub paths: Vec<PathSpec>,
+    /// Seconds a single boot may take before it counts as hung (default 300).
+    pub boot_timeout: Option<u64>,
+    /// Guest memory in MiB (default 768).
+    pub memory: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// The manifest, relative to the matrix file.
+    pub manifest: Spanned<String>,
+    /// A minisign secret key bundles of this variant are signed with.
+    pub key: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathSpec {
+    pub name: Spanned<String>,
+    pub install: Install,
+    #[serde(default)]
+    pub steps: Vec<Spanned<Step>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    pub variant: Spanned<String>,
+    pub layout: Spanned<String>,
+    /// What the first boot must show (default: the variant running on slot a, images verified).
+    pub expect: Option<Expect>,
+}
+
+/// One step: `boot` (no update), or `upgrade: VARIANT` (a bundle for the device's layout
+/// generation, supplied on a second disk, applied by the agent, then the next boot checked).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub upgrade: Option<Spanned<String>>,
+    #[serde(default)]
+    pub boot: bool,
+    /// `--compat` layout generations the bundle must also fit.
+    #[serde(default)]
+    pub compat: Vec<Spanned<String>>,
+    pub fault: Option<Spanned<String>>,
+    pub expect: Option<Expect>,
+}
+
+/// What must hold after a step, read from the guest's events of the step's last boot.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// The slot that booted (`a`/`b`).
+    pub slot: Option<String>,
+    /// The variant whose build is running (its build id).
+    pub variant: Option<String>,
+    /// `ok` (every external image verified) or `degraded`.
+    pub state: Option<String>,
+    /// A `rolled-back` event was seen.
+    pub rolled_back: Option<bool>,
+    /// The update was refused (by `slotforge bundle`, or by the device: `apply-failed`), and
+    /// the device kept running what it ran.
+    pub refused: Option<bool>,
+}
+
+/// Faults a step can inject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Cut the power when the apply reaches this step (`slotforge agent apply --pause-at`).
+    PowerCut(String),
+    /// The new slot's rootfs is corrupted after the apply: it must fail to boot and roll back.
+    BadRootfs,
+    /// The bundle is signed with a key the device does not trust.
+    WrongKey,
+    /// One blob of an external image in the images partition is corrupted before the boot.
+    CorruptImage,
+}
+
+/// The apply steps a power cut can hit (docs/upgrade-protocol.md).
+pub const APPLY_STEPS: &[&str] = &["blob-written", "images-listed", "entry-removed", "slot-half-written", "slot-written", "kernel-written", "entry-written"];
+
+impl Fault {
+    pub fn parse(s: &str) -> Result<Fault, String> {
+        Ok(match s {
+            "bad-rootfs" => Fault::BadRootfs,
+            "wrong-key" => Fault::WrongKey,
+            "corrupt-image" => Fault::CorruptImage,
+            _ => match s.strip_prefix("power-cut:") {
+                Some(step) if APPLY_STEPS.contains(&step) => Fault::PowerCut(step.to_string()),
+                Some(step) => return Err(format!("power-cut at unknown apply step {step:?} (one of {})", APPLY_STEPS.join(", "))),
+                None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image)")),
+            },
+        })
+    }
+    pub fn name(&self) -> String {
+        match self {
+            Fault::PowerCut(s) => format!("power-cut:{s}"),
+            Fault::BadRootfs => "bad-rootfs".into(),
+            Fault::WrongKey => "wrong-key".into(),
+            Fault::CorruptImage => "corrupt-image".into(),
+        }
+    }
+}
+
+/// A loaded, checked matrix and the directory its relative paths start from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub matrix: Matrix,
+}
+
+impl Loaded {
+    pub fn dir(&self) -> &Path {
+        self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.dir().join(rel)
+    }
+}
+
+pub fn load(path: &Path) -> anyhow::Result<Loaded> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading matrix {}: {e}", path.display()))?;
+    Ok(parse(path, &text)?)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Loaded, InputError> {
+    let matrix: Matrix = yaml::parse(path, text)?;
+    check(path, &matrix)?;
+    Ok(Loaded { path: path.to_path_buf(), matrix })
+}
+
+fn check(file: &Path, m: &Matrix) -> Result<(), InputError> {
+    let err = |s: &Spanned<String>, msg: String| InputError::spanned(file, s, msg);
+    let variant = |s: &Spanned<String>| if m.variants.contains_key(&s.value) { Ok(()) } else { Err(err(s, format!("unknown variant {:?} (variants: {})", s.value, m.variants.keys().cloned().collect::<Vec<_>>().join(", ")))) };
+    let layout = |s: &Spanned<String>| if m.layouts.contains_key(&s.value) { Ok(()) } else { Err(err(s, format!("unknown layout {:?} (layouts: {})", s.value, m.layouts.keys().cloned().collect::<Vec<_>>().join(", ")))) };
+    let mut names = std::collections::BTreeSet::new();
+    for p in &m.paths {
+        if p.name.value.is_empty() || !p.name.value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+            return Err(err(&p.name, format!("path name {:?} may hold only letters, digits and . _ -", p.name.value)));
+        }
+        if !names.insert(p.name.value.clone()) {
+            return Err(err(&p.name, format!("path name {:?} is used twice", p.name.value)));
+        }
+        variant(&p.install.variant)?;
+        layout(&p.install.layout)?;
+        for s in &p.steps {
+            let st = &s.value;
+            match (&st.upgrade, st.boot) {
+                (Some(u), false) => variant(u)?,
+                (None, true) => {}
+                _ => return Err(InputError::spanned(file, s, "a step is either `upgrade: VARIANT` or `boot: true`")),
+            }
+            for c in &st.compat {
+                layout(c)?;
+            }
+            if let Some(f) = &st.fault {
+                let fault = Fault::parse(&f.value).map_err(|e| err(f, e))?;
+                if st.boot && !matches!(fault, Fault::CorruptImage) {
+                    return Err(err(f, format!("fault {} needs an upgrade step", f.value)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: &str = r#"
+variants:
+  v1: {manifest: v1.yml}
+  v2: {manifest: v2.yml, key: keys/release.key}
+layouts:
+  gen1: layouts/gen1.yaml
+paths:
+  - name: field-v1
+    install: {variant: v1, layout: gen1}
+    steps:
+      - upgrade: v2
+        expect: {slot: b, variant: v2}
+      - upgrade: v1
+        fault: power-cut:slot-written
+        expect: {slot: b, variant: v2}
+      - boot: true
+        fault: corrupt-image
+"#;
+
+    #[test]
+    fn a_matrix_parses_and_faults_are_checked() {
+        let l = parse(Path::new("m.yaml"), M).unwrap();
+        assert_eq!(l.matrix.paths[0].steps.len(), 3);
+        assert_eq!(Fault::parse("power-cut:slot-written").unwrap(), Fault::PowerCut("slot-written".into()));
+        let bad = |from: &str, to: &str| parse(Path::new("m.yaml"), &M.replace(from, to)).unwrap_err();
+        let e = bad("upgrade: v2", "upgrade: v3");
+        assert_eq!((e.line, e.column), (11, 18), "{e}");
+        assert!(e.message.contains("unknown variant \"v3\""), "{e}");
+        let e = bad("power-cut:slot-written", "power-cut:halfway");
+        assert!(e.message.contains("unknown apply step"), "{e}");
+        let e = bad("expect: {slot: b, variant: v2}\n      - upgrade: v1", "expct: {slot: b}\n      - upgrade: v1");
+        assert!(e.message.contains("expct"), "{e}");
+        let e = bad("layout: gen1}", "layout: gen9}");
+        assert!(e.message.contains("unknown layout"), "{e}");
+    }
+}

@@ -1,0 +1,564 @@
+//! Driving an upgrade matrix: build each (variant, layout) once, then for every path install,
+//! boot under QEMU, and run its steps — bundles supplied on a second disk and applied by the
+//! guest's agent, faults injected — reading the guest's JSON events after each step and
+//! comparing them with the step's expectations. Paths are independent VMs (`--jobs`).
+
+use super::matrix::{Expect, Fault, Loaded, Step};
+use super::vm::{self, Boot, Outcome, VmOptions};
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub struct Options {
+    /// `PATH` or `PATH/STEP` globs (`*` matches any run of characters); empty: everything.
+    pub only: Vec<String>,
+    /// Keep disks and serial logs here (else a temporary directory).
+    pub keep: Option<PathBuf>,
+    pub jobs: usize,
+    /// The blob cache `slotforge build`/`bundle` use.
+    pub cache: Option<PathBuf>,
+    /// Called with one line per finished step (progress on the terminal).
+    pub on_step: Box<dyn Fn(&StepResult) + Sync>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepResult {
+    pub path: String,
+    pub index: usize,
+    /// `install`, `upgrade v2`, `upgrade v2 (power-cut:slot-written)`, `boot (corrupt-image)`.
+    pub label: String,
+    /// `pass`, `fail` or `skipped` (an earlier step of the path failed).
+    pub result: &'static str,
+    pub seconds: f64,
+    pub boots: usize,
+    pub expect: Expect,
+    pub observed: Value,
+    /// Why it failed: the unmet expectations, what the guest said, the serial log's tail.
+    pub message: String,
+    pub serial: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub matrix: PathBuf,
+    pub accel: &'static str,
+    pub jobs: usize,
+    pub seconds: f64,
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub steps: Vec<StepResult>,
+}
+
+/// `*` glob.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == s;
+    }
+    let mut rest = s;
+    for (i, p) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(p) else { return false };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(p);
+        } else {
+            let Some(at) = rest.find(p) else { return false };
+            rest = &rest[at + p.len()..];
+        }
+    }
+    true
+}
+
+fn step_label(s: &Step) -> String {
+    let base = match &s.upgrade {
+        Some(v) => format!("upgrade {}", v.value),
+        None => "boot".to_string(),
+    };
+    match &s.fault {
+        Some(f) => format!("{base} ({})", f.value),
+        None => base,
+    }
+}
+
+/// What the builds of the matrix share: the work directory, built disks and bundles by key.
+struct Shared<'a> {
+    m: &'a Loaded,
+    work: PathBuf,
+    bin: PathBuf,
+    cache: PathBuf,
+    built: Mutex<BTreeMap<String, Result<(PathBuf, String), String>>>,
+    locks: Mutex<BTreeMap<String, std::sync::Arc<Mutex<()>>>>,
+}
+
+impl Shared<'_> {
+    fn slotforge(&self, args: &[&str]) -> Result<String, String> {
+        let o = Command::new(&self.bin).args(args).output().map_err(|e| format!("running {}: {e}", self.bin.display()))?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(format!("slotforge {}: {}", args.first().unwrap_or(&""), String::from_utf8_lossy(&o.stderr).trim()))
+        }
+    }
+
+    /// Build (once) what `key` names with `make`; concurrent paths wait for the first.
+    fn once(&self, key: &str, make: impl FnOnce() -> Result<(PathBuf, String), String>) -> Result<(PathBuf, String), String> {
+        let lock = self.locks.lock().unwrap().entry(key.to_string()).or_default().clone();
+        let _g = lock.lock().unwrap();
+        if let Some(r) = self.built.lock().unwrap().get(key) {
+            return r.clone();
+        }
+        let r = make();
+        self.built.lock().unwrap().insert(key.to_string(), r.clone());
+        r
+    }
+
+    fn manifest(&self, variant: &str) -> PathBuf {
+        self.m.file(&self.m.matrix.variants[variant].manifest.value)
+    }
+    fn layout(&self, name: &str) -> PathBuf {
+        self.m.file(&self.m.matrix.layouts[name].value)
+    }
+
+    /// The disk of `variant` built for `layout`: (path, build id).
+    fn disk(&self, variant: &str, layout: &str) -> Result<(PathBuf, String), String> {
+        self.once(&format!("disk {variant} {layout}"), || {
+            let out = self.work.join("builds").join(format!("{variant}-{layout}.img"));
+            std::fs::create_dir_all(out.parent().unwrap()).map_err(|e| e.to_string())?;
+            let j = self.slotforge(&["build", &self.manifest(variant).to_string_lossy(), "--layout", &self.layout(layout).to_string_lossy(), "-o", &out.to_string_lossy(), "--json", "--cache", &self.cache.to_string_lossy()])?;
+            let v: Value = serde_json::from_str(&j).map_err(|e| format!("build summary: {e}"))?;
+            Ok((out, v["build_id"].as_str().unwrap_or_default().to_string()))
+        })
+    }
+
+    /// A rogue signing key no device trusts.
+    fn rogue_key(&self) -> Result<PathBuf, String> {
+        self.once("rogue key", || {
+            let dir = self.work.join("keys");
+            let key = dir.join("rogue.key");
+            if !key.exists() {
+                self.slotforge(&["key", "generate", "rogue", "-o", &dir.to_string_lossy()])?;
+            }
+            Ok((key, String::new()))
+        })
+        .map(|(k, _)| k)
+    }
+
+    /// An update bundle of `variant` for `layout` (+ compat), signed as asked.
+    fn bundle(&self, variant: &str, layout: &str, compat: &[String], rogue: bool) -> Result<(PathBuf, String), String> {
+        let key = if rogue { Some(self.rogue_key()?) } else { self.m.matrix.variants[variant].key.as_ref().map(|k| self.m.file(&k.value)) };
+        let tag = format!("{variant}-{layout}{}{}", compat.iter().map(|c| format!("+{c}")).collect::<String>(), if rogue { "-rogue" } else { "" });
+        self.once(&format!("bundle {tag}"), || {
+            let out = self.work.join("builds").join(format!("{tag}.oci.tar"));
+            let m = self.manifest(variant).to_string_lossy().into_owned();
+            let l = self.layout(layout).to_string_lossy().into_owned();
+            let (o, c) = (out.to_string_lossy().into_owned(), self.cache.to_string_lossy().into_owned());
+            let mut args: Vec<String> = ["bundle", &m, "--layout", &l, "-o", &o, "--json", "--cache", &c].iter().map(|s| s.to_string()).collect();
+            for cl in compat {
+                args.push("--compat".into());
+                args.push(self.layout(cl).to_string_lossy().into_owned());
+            }
+            if let Some(k) = &key {
+                args.push("--sign".into());
+                args.push(k.to_string_lossy().into_owned());
+            }
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let j = self.slotforge(&a)?;
+            let v: Value = serde_json::from_str(&j).map_err(|e| format!("bundle summary: {e}"))?;
+            Ok((out, v["build_id"].as_str().unwrap_or_default().to_string()))
+        })
+    }
+}
+
+/// One path's device: its disk and VM settings.
+struct Device<'a> {
+    sh: &'a Shared<'a>,
+    dir: PathBuf,
+    disk: PathBuf,
+    /// Build id of each variant seen so far (to name what is running).
+    builds: BTreeMap<String, String>,
+}
+
+impl Device<'_> {
+    fn boot(&self, extra: &[PathBuf], pause: Option<&str>) -> anyhow::Result<Boot> {
+        let mut o = VmOptions::new(&self.disk, &self.dir.join("vm"), "dev");
+        o.memory_mb = self.sh.m.matrix.memory.unwrap_or(768);
+        o.timeout = Duration::from_secs(self.sh.m.matrix.boot_timeout.unwrap_or(300));
+        o.extra_disks.extend(extra.iter().cloned());
+        if let Some(p) = pause {
+            let f = self.dir.join("pause.disk");
+            let mut data = p.as_bytes().to_vec();
+            data.resize(4096, 0);
+            std::fs::write(&f, data)?;
+            o.extra_disks.push(f);
+        }
+        let step = pause.map(str::to_string);
+        vm::boot(&o, &move |ev| step.as_ref().is_some_and(|s| ev.iter().any(|e| e["event"] == "paused" && e["step"] == s.as_str())))
+    }
+
+    /// Boot until a boot reaches the agent's `status` (a broken slot's boots fail in the
+    /// initramfs and count down its tries); at most 6 boots.
+    fn boot_until_status(&self, boots: &mut Vec<Boot>) -> anyhow::Result<()> {
+        for _ in 0..6 {
+            let b = self.boot(&[], None)?;
+            let done = !b.named("status").is_empty() || b.outcome != Outcome::Exited;
+            boots.push(b);
+            if done {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn partition(&self, name: &str) -> anyhow::Result<(u64, u64)> {
+        let mut f = std::fs::File::open(&self.disk)?;
+        let g = crate::disk::read_gpt(&mut f)?;
+        let p = g.partitions.iter().find(|p| p.name == name).with_context(|| format!("no partition {name}"))?;
+        Ok((p.start, p.size))
+    }
+
+    fn flip(&self, at: u64) -> anyhow::Result<()> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&self.disk)?;
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(at))?;
+        f.read_exact(&mut b)?;
+        f.seek(SeekFrom::Start(at))?;
+        f.write_all(&[b[0] ^ 0x5a])?;
+        Ok(())
+    }
+
+    /// Flip one byte inside the largest blob of the images partition (found with debugfs).
+    fn corrupt_image(&self) -> anyhow::Result<()> {
+        let (start, size) = self.partition("images")?;
+        let part = self.dir.join("images.ext4");
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open(&self.disk)?;
+            f.seek(SeekFrom::Start(start))?;
+            std::io::copy(&mut f.take(size), &mut std::fs::File::create(&part)?)?;
+        }
+        let ls = Command::new("debugfs").args(["-R", "ls -p /blobs/sha256"]).arg(&part).output().context("debugfs (e2fsprogs)")?;
+        let (name, _) = String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('/').collect();
+                (f.len() > 6 && f[5].len() == 64).then(|| (f[5].to_string(), f[6].parse::<u64>().unwrap_or(0)))
+            })
+            .max_by_key(|x| x.1)
+            .context("no blobs in the images partition")?;
+        let bmap = Command::new("debugfs").args(["-R", &format!("bmap /blobs/sha256/{name} 0")]).arg(&part).output()?;
+        let block: u64 = String::from_utf8_lossy(&bmap.stdout).trim().parse().context("debugfs bmap")?;
+        let _ = std::fs::remove_file(&part);
+        self.flip(start + block * 4096 + 17)
+    }
+
+    /// What the step's boots showed: the last status, rollbacks, refusals.
+    fn observe(&self, boots: &[Boot], refused: Option<String>) -> Value {
+        let status = boots.iter().rev().find_map(|b| b.named("status").first().cloned().cloned());
+        let rolled_back = boots.iter().any(|b| !b.named("rolled-back").is_empty());
+        let apply_failed = boots.iter().flat_map(|b| b.named("apply-failed")).next().map(|e| e["error"].as_str().unwrap_or("").to_string());
+        let refusal = refused.or(apply_failed);
+        let build = status.as_ref().and_then(|s| s["build_id"].as_str()).unwrap_or("");
+        let variant = self.builds.iter().find(|(_, b)| b.as_str() == build).map(|(v, _)| v.clone());
+        json!({
+            "slot": status.as_ref().map(|s| s["slot"].clone()),
+            "build_id": build,
+            "variant": variant,
+            "version": status.as_ref().map(|s| s["version"].clone()),
+            "state": status.as_ref().map(|s| s["state"].clone()),
+            "images": status.as_ref().map(|s| s["images"].clone()),
+            "rolled_back": rolled_back,
+            "refused": refusal.is_some(),
+            "refusal": refusal,
+            "boots": boots.len(),
+            "outcomes": boots.iter().map(|b| format!("{:?}", b.outcome)).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Unmet expectations, one per line.
+pub fn compare(expect: &Expect, observed: &Value) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut want = |key: &str, v: Value| {
+        if observed[key] != v {
+            bad.push(format!("expected {key} = {v}, observed {}", observed[key]));
+        }
+    };
+    if let Some(s) = &expect.slot {
+        want("slot", json!(s));
+    }
+    if let Some(v) = &expect.variant {
+        want("variant", json!(v));
+    }
+    if let Some(s) = &expect.state {
+        want("state", json!(s));
+    }
+    if let Some(r) = expect.rolled_back {
+        want("rolled_back", json!(r));
+    }
+    if let Some(r) = expect.refused {
+        want("refused", json!(r));
+    }
+    if observed["slot"].is_null() {
+        bad.push("the guest never reported its status (no `status` event)".into());
+    }
+    bad
+}
+
+fn tail(b: Option<&Boot>) -> String {
+    let Some(b) = b else { return String::new() };
+    let log = b.log();
+    let lines: Vec<&str> = log.lines().rev().take(15).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResult>>) {
+    let p = &sh.m.matrix.paths[index];
+    let name = p.name.value.clone();
+    let selected = |label: &str| opts.only.is_empty() || opts.only.iter().any(|o| glob(o, &name) || glob(o, &format!("{name}/{label}")));
+    let mut labels = vec!["install".to_string()];
+    labels.extend(p.steps.iter().map(|s| step_label(&s.value)));
+    if !labels.iter().any(|l| selected(l)) {
+        return;
+    }
+    let emit = |r: StepResult| {
+        (opts.on_step)(&r);
+        out.lock().unwrap().push(r);
+    };
+    let dir = sh.work.join("paths").join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::create_dir_all(&dir);
+    let mut failed = false;
+    let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new() };
+    let layout = p.install.layout.value.clone();
+    for (i, label) in labels.iter().enumerate() {
+        let step = if i == 0 { None } else { Some(&p.steps[i - 1].value) };
+        let expect = match step {
+            None => p.install.expect.clone().unwrap_or(Expect { slot: Some("a".into()), variant: Some(p.install.variant.value.clone()), state: Some("ok".into()), ..Default::default() }),
+            Some(s) => s.expect.clone().unwrap_or_default(),
+        };
+        let base = StepResult { path: name.clone(), index: i, label: label.clone(), result: "skipped", seconds: 0.0, boots: 0, expect: expect.clone(), observed: Value::Null, message: String::new(), serial: None };
+        if failed {
+            emit(StepResult { message: "an earlier step of this path failed".into(), ..base });
+            continue;
+        }
+        let t = Instant::now();
+        let mut boots: Vec<Boot> = Vec::new();
+        let r: anyhow::Result<Option<String>> = (|| {
+            let Some(step) = step else {
+                let (disk, id) = sh.disk(&p.install.variant.value, &layout).map_err(anyhow::Error::msg)?;
+                dev.builds.insert(p.install.variant.value.clone(), id);
+                let st = Command::new("cp").arg("--sparse=always").arg(&disk).arg(&dev.disk).status()?;
+                if !st.success() {
+                    bail!("copying {}", disk.display());
+                }
+                boots.push(dev.boot(&[], None)?);
+                return Ok(None);
+            };
+            let fault = step.fault.as_ref().map(|f| Fault::parse(&f.value)).transpose().map_err(anyhow::Error::msg)?;
+            if fault == Some(Fault::CorruptImage) {
+                dev.corrupt_image()?;
+            }
+            let Some(v) = &step.upgrade else {
+                boots.push(dev.boot(&[], None)?);
+                return Ok(None);
+            };
+            let compat: Vec<String> = step.compat.iter().map(|c| c.value.clone()).collect();
+            let bundle = match sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey)) {
+                Ok((b, id)) => {
+                    // The variant's build id: what the device reports once it runs it.
+                    dev.builds.insert(v.value.clone(), id);
+                    b
+                }
+                Err(e) => {
+                    // Refused by the builder (e.g. over a slot's cap): the device keeps running.
+                    boots.push(dev.boot(&[], None)?);
+                    return Ok(Some(e));
+                }
+            };
+            match &fault {
+                Some(Fault::PowerCut(at)) => {
+                    boots.push(dev.boot(&[bundle], Some(at))?);
+                    dev.boot_until_status(&mut boots)?;
+                }
+                Some(Fault::BadRootfs) => {
+                    let b = dev.boot(&[bundle], None)?;
+                    let applied = b.named("applied").first().map(|a| a["slot"].as_str().unwrap_or("").to_string());
+                    boots.push(b);
+                    let Some(slot) = applied else { return Ok(None) };
+                    let (start, _) = dev.partition(&format!("rootfs_{slot}"))?;
+                    dev.flip(start + 2000)?;
+                    dev.boot_until_status(&mut boots)?;
+                }
+                _ => {
+                    let b = dev.boot(&[bundle], None)?;
+                    let applied = !b.named("applied").is_empty();
+                    boots.push(b);
+                    if applied {
+                        dev.boot_until_status(&mut boots)?;
+                    }
+                }
+            }
+            Ok(None)
+        })();
+        let serial = boots.last().map(|b| b.serial_path.clone());
+        let (result, observed, message) = match r {
+            Err(e) => ("fail", Value::Null, format!("{e:#}")),
+            Ok(refused) => {
+                let obs = dev.observe(&boots, refused);
+                let bad = compare(&expect, &obs);
+                if bad.is_empty() {
+                    ("pass", obs, String::new())
+                } else {
+                    let said: Vec<String> = boots.last().map(|b| b.events.iter().filter(|e| ["apply-failed", "degraded", "rolled-back", "initramfs-failed", "image-check", "status"].contains(&e["event"].as_str().unwrap_or(""))).map(|e| e.to_string()).collect()).unwrap_or_default();
+                    let msg = format!("{}\nguest said:\n  {}\nlast serial lines ({}):\n{}", bad.join("\n"), said.join("\n  "), serial.as_ref().map(|s| s.display().to_string()).unwrap_or_default(), tail(boots.last()));
+                    ("fail", obs, msg)
+                }
+            }
+        };
+        failed |= result == "fail";
+        emit(StepResult { result, seconds: t.elapsed().as_secs_f64(), boots: boots.len(), observed, message, serial, ..base });
+    }
+}
+
+/// Run every selected path; results in matrix order.
+pub fn run(m: &Loaded, opts: &Options) -> anyhow::Result<Report> {
+    let t = Instant::now();
+    let tmp;
+    let work = match &opts.keep {
+        Some(k) => {
+            std::fs::create_dir_all(k)?;
+            std::fs::canonicalize(k)?
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("slotforge-test-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let sh = Shared {
+        m,
+        work: work.clone(),
+        bin: std::env::current_exe()?,
+        cache: opts.cache.clone().unwrap_or_else(crate::cache::Cache::default_dir),
+        built: Mutex::new(BTreeMap::new()),
+        locks: Mutex::new(BTreeMap::new()),
+    };
+    let _ = vm::accel();
+    let out = Mutex::new(Vec::new());
+    let next = Mutex::new(0usize);
+    let n = m.matrix.paths.len();
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.max(1).min(n.max(1)) {
+            s.spawn(|| loop {
+                let i = {
+                    let mut g = next.lock().unwrap();
+                    let i = *g;
+                    *g += 1;
+                    i
+                };
+                if i >= n {
+                    break;
+                }
+                run_path(&sh, i, opts, &out);
+            });
+        }
+    });
+    let mut steps = out.into_inner().unwrap();
+    let order: BTreeMap<String, usize> = m.matrix.paths.iter().enumerate().map(|(i, p)| (p.name.value.clone(), i)).collect();
+    steps.sort_by_key(|r| (order[&r.path], r.index));
+    let count = |k: &str| steps.iter().filter(|r| r.result == k).count();
+    Ok(Report { matrix: m.path.clone(), accel: vm::accel(), jobs: opts.jobs, seconds: t.elapsed().as_secs_f64(), passed: count("pass"), failed: count("fail"), skipped: count("skipped"), steps })
+}
+
+/// The table printed at the end: path × step, result, seconds.
+pub fn table(r: &Report) -> String {
+    let w = r.steps.iter().map(|s| s.path.len()).max().unwrap_or(4).max(4);
+    let l = r.steps.iter().map(|s| s.label.len()).max().unwrap_or(4).max(4);
+    let mut out = format!("{:<w$}  {:<l$}  {:<7}  {:>8}  {}\n", "path", "step", "result", "seconds", "boots");
+    for s in &r.steps {
+        out += &format!("{:<w$}  {:<l$}  {:<7}  {:>8.1}  {}\n", s.path, s.label, s.result, s.seconds, s.boots);
+    }
+    out += &format!("{} passed, {} failed, {} skipped in {:.0} s ({}, {} job{})\n", r.passed, r.failed, r.skipped, r.seconds, r.accel, r.jobs, if r.jobs == 1 { "" } else { "s" });
+    for s in r.steps.iter().filter(|s| s.result == "fail") {
+        out += &format!("\nFAILED {}/{}:\n{}\n", s.path, s.label, s.message);
+    }
+    out
+}
+
+fn xml(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c == '\n' || *c == '\t' || !c.is_control())
+        .map(|c| match c {
+            '&' => "&amp;".into(),
+            '<' => "&lt;".into(),
+            '>' => "&gt;".into(),
+            '"' => "&quot;".into(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// JUnit XML: one testsuite per path, one testcase per step.
+pub fn junit(r: &Report) -> String {
+    let mut out = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"slotforge test\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{:.3}\">\n", r.steps.len(), r.failed, r.skipped, r.seconds);
+    let mut paths: Vec<&str> = r.steps.iter().map(|s| s.path.as_str()).collect();
+    paths.dedup();
+    for p in paths {
+        let steps: Vec<&StepResult> = r.steps.iter().filter(|s| s.path == p).collect();
+        let f = steps.iter().filter(|s| s.result == "fail").count();
+        let sk = steps.iter().filter(|s| s.result == "skipped").count();
+        let time: f64 = steps.iter().map(|s| s.seconds).sum();
+        out += &format!("  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\" skipped=\"{sk}\" time=\"{time:.3}\">\n", xml(p), steps.len());
+        for s in steps {
+            out += &format!("    <testcase classname=\"{}\" name=\"{}\" time=\"{:.3}\">", xml(p), xml(&format!("{:02} {}", s.index, s.label)), s.seconds);
+            match s.result {
+                "fail" => out += &format!("\n      <failure message=\"{}\">{}</failure>\n    ", xml(s.message.lines().next().unwrap_or("")), xml(&s.message)),
+                "skipped" => out += &format!("\n      <skipped message=\"{}\"/>\n    ", xml(&s.message)),
+                _ => {}
+            }
+            out += "</testcase>\n";
+        }
+        out += "  </testsuite>\n";
+    }
+    out += "</testsuites>\n";
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("field-*", "field-v1"));
+        assert!(glob("field-v1/*", "field-v1/upgrade v2"));
+        assert!(glob("*power-cut*", "p/upgrade v2 (power-cut:slot-written)"));
+        assert!(!glob("field-*", "lab-v1"));
+        assert!(glob("exact", "exact") && !glob("exact", "exactly"));
+    }
+
+    #[test]
+    fn expectations_name_what_differs() {
+        let e = Expect { slot: Some("b".into()), variant: Some("v2".into()), rolled_back: Some(false), ..Default::default() };
+        let obs = json!({"slot": "a", "variant": "v1", "rolled_back": false});
+        let bad = compare(&e, &obs);
+        assert_eq!(bad, vec!["expected slot = \"b\", observed \"a\"".to_string(), "expected variant = \"v2\", observed \"v1\"".to_string()]);
+        assert!(compare(&Expect::default(), &json!({"slot": null}))[0].contains("never reported"));
+    }
+
+    #[test]
+    fn junit_escapes_and_counts() {
+        let s = |result: &'static str, msg: &str| StepResult { path: "p<1>".into(), index: 0, label: "install".into(), result, seconds: 1.0, boots: 1, expect: Expect::default(), observed: Value::Null, message: msg.into(), serial: None };
+        let r = Report { matrix: "m".into(), accel: "tcg", jobs: 1, seconds: 2.0, passed: 1, failed: 1, skipped: 0, steps: vec![s("pass", ""), s("fail", "expected slot = \"b\"\nmore")] };
+        let x = junit(&r);
+        assert!(x.contains("name=\"p&lt;1&gt;\" tests=\"2\" failures=\"1\""), "{x}");
+        assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;\">"), "{x}");
+    }
+}

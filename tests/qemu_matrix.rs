@@ -1,0 +1,96 @@
+//! `slotforge test` on a matrix of the project's own variants (qemu-tests/variants/): a
+//! rollback after a broken rootfs, a power cut mid-apply then a completed upgrade, and one path
+//! whose expectation is deliberately wrong — which must fail with a diagnosis while the others
+//! pass. The JUnit and JSON reports are read back.
+
+use slotforge_qemu_tests::fixtures::{self, Fixtures};
+use slotforge_qemu_tests::world::World;
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_slotforge"))
+}
+fn fx() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| fixtures::build(bin()).expect("building QEMU fixtures"))
+}
+
+#[test]
+fn a_matrix_runs_through_slotforge_test_with_junit_and_json_reports() {
+    let w = World::new(bin(), fx());
+    let d = w.dir.path();
+    let matrix = format!(
+        r#"variants:
+  small: {{manifest: {small}}}
+  large: {{manifest: {large}}}
+layouts:
+  gen2: {gen2}
+paths:
+  - name: rollback
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: large
+        fault: bad-rootfs
+        expect: {{slot: a, variant: small, rolled_back: true, state: ok}}
+  - name: power-cut
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: large
+        fault: power-cut:slot-written
+        expect: {{slot: a, variant: small}}
+      - upgrade: large
+        expect: {{slot: b, variant: large, state: ok, rolled_back: false}}
+  - name: wrong-expectation
+    install: {{variant: small, layout: gen2, expect: {{slot: b}}}}
+    steps:
+      - boot: true
+"#,
+        small = w.manifest("small").display(),
+        large = w.manifest("large").display(),
+        gen2 = World::layout(2).display(),
+    );
+    let m = d.join("upgrades.yaml");
+    std::fs::write(&m, matrix).unwrap();
+    let junit = d.join("report.xml");
+    let keep = d.join("keep");
+    let o = Command::new(bin())
+        .args(["test", m.to_str().unwrap(), "--json", "--junit", junit.to_str().unwrap(), "--keep", keep.to_str().unwrap(), "--cache", d.join("cache").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "one path fails on purpose:\n{table}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
+    let steps = r["steps"].as_array().unwrap();
+    let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
+    for (p, n) in [("rollback", 2), ("power-cut", 3)] {
+        for i in 0..n {
+            assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
+        }
+    }
+    assert_eq!(result("rollback", 1)["observed"]["rolled_back"], true);
+    assert!(result("rollback", 1)["boots"].as_u64().unwrap() >= 4, "the apply, three failed tries of the broken slot, the fallback");
+    assert_eq!(result("power-cut", 1)["observed"]["outcomes"][0], "Killed", "the first boot of the step is the cut");
+    // The deliberately wrong expectation: reported as a failure, with what was observed.
+    let bad = result("wrong-expectation", 0);
+    assert_eq!(bad["result"], "fail");
+    let msg = bad["message"].as_str().unwrap();
+    assert!(msg.contains("expected slot = \"b\", observed \"a\""), "{msg}");
+    assert!(msg.contains("last serial lines"), "{msg}");
+    assert_eq!(result("wrong-expectation", 1)["result"], "skipped");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(5), Some(1), Some(1)), "{table}");
+    assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
+    // JUnit read back: three suites, one failure, one skipped.
+    let x = std::fs::read_to_string(&junit).unwrap();
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"7\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 3);
+    assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
+    // --keep: the builds (each variant built once) and every path's serial logs are there.
+    assert!(keep.join("builds/small-gen2.img").exists());
+    assert!(std::fs::read_dir(keep.join("paths/power-cut/vm")).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".serial.log")));
+    // --only picks one path; nothing else runs.
+    let o = Command::new(bin()).args(["test", m.to_str().unwrap(), "--only", "wrong-*", "--json", "--cache", d.join("cache").to_str().unwrap()]).output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["steps"].as_array().unwrap().iter().all(|s| s["path"] == "wrong-expectation"), "{r}");
+}
