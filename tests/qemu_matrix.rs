@@ -1,5 +1,6 @@
 //! `slotforge test` on a matrix of the project's own variants (qemu-tests/variants/): a
-//! rollback after a broken rootfs, a power cut mid-apply then a completed upgrade, and one path
+//! rollback after a broken rootfs (the scenario tests/qemu_upgrade.rs used to drive by hand),
+//! a power cut mid-apply then a completed upgrade, and one path
 //! whose expectation is deliberately wrong — which must fail with a diagnosis while the others
 //! pass. The JUnit and JSON reports are read back.
 
@@ -70,7 +71,8 @@ paths:
         }
     }
     assert_eq!(result("rollback", 1)["observed"]["rolled_back"], true);
-    assert!(result("rollback", 1)["boots"].as_u64().unwrap() >= 4, "the apply, three failed tries of the broken slot, the fallback");
+    assert_eq!(result("rollback", 1)["boots"], 5, "the apply, exactly three failed tries of the broken slot, the fallback");
+    assert_eq!(result("rollback", 1)["observed"]["outcomes"], serde_json::json!(["Exited", "Exited", "Exited", "Exited", "Exited"]));
     assert_eq!(result("power-cut", 1)["observed"]["outcomes"][0], "Killed", "the first boot of the step is the cut");
     // The deliberately wrong expectation: reported as a failure, with what was observed.
     let bad = result("wrong-expectation", 0);

@@ -171,54 +171,6 @@ fn oversize_is_refused_by_bundle_and_by_apply_and_changes_nothing() {
 }
 
 #[test]
-fn a_broken_new_rootfs_falls_back_to_the_old_slot_after_three_tries() {
-    let (_g, w, _t) = world();
-    let disk = w.build("small", 2, "dev");
-    let large = w.bundle("large", 2, &[], &[]).unwrap();
-    let o = std::process::Command::new(bin()).args(["upgrade", disk.to_str().unwrap(), large.to_str().unwrap()]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Flip one byte of slot b's squashfs, past its superblock: the squashfs itself would still
-    // mount, but dm-verity refuses the block, so the initramfs cannot mount it and reboots.
-    let inspect = w.inspect(&disk);
-    let start = inspect["gpt"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == "rootfs_b").unwrap()["start"].as_u64().unwrap();
-    let root_hash = inspect["slots"][1]["verity"]["root_hash"].as_str().expect("slot b has a verity root hash").to_string();
-    {
-        use std::io::{Read, Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
-        let mut byte = [0u8; 1];
-        f.seek(SeekFrom::Start(start + 2000)).unwrap();
-        f.read_exact(&mut byte).unwrap();
-        f.seek(SeekFrom::Start(start + 2000)).unwrap();
-        f.write_all(&[byte[0] ^ 0x01]).unwrap();
-    }
-    let mut failed = 0;
-    let mut last = None;
-    for _ in 0..6 {
-        let b = w.boot(&disk, None, None, false);
-        if !b.named("initramfs-failed").is_empty() {
-            assert_eq!(one(&b, "initramfs")["root"], "rootfs_b");
-            assert_eq!(one(&b, "verity")["root_hash"], root_hash.as_str(), "opened under the entry's root hash");
-            assert_eq!(one(&b, "initramfs-failed")["why"], "mount", "dm-verity refused the block on read");
-            failed += 1;
-            continue;
-        }
-        last = Some(b);
-        break;
-    }
-    assert_eq!(failed, 3, "slot b must be tried exactly three times");
-    let b = last.expect("the old slot booted");
-    ended(&b, "poweroff");
-    assert_eq!(one(&b, "initramfs")["root"], "rootfs_a");
-    let rb = one(&b, "rolled-back");
-    assert_eq!((rb["from_slot"].as_str(), rb["to_slot"].as_str()), (Some("b"), Some("a")));
-    assert_eq!(status(&b)["version"], "1.0.0");
-    assert!(all_verified(&b), "the old slot's images are intact: {:?}", image_states(&b));
-    let slots = status(&b)["slots"].as_array().unwrap().clone();
-    assert_eq!(slots[1]["boot"], "bad");
-    assert_eq!(slots[1]["entry"], "slot-b+0-3.conf");
-}
-
-#[test]
 fn a_device_that_trusts_a_key_applies_only_bundles_it_signed_and_boots_them_under_dm_verity() {
     let (_g, w, _t) = world();
     let disk = w.build("signed", 2, "dev");

@@ -19,6 +19,10 @@ pub struct Matrix {
     pub boot_timeout: Option<u64>,
     /// Guest memory in MiB (default 768).
     pub memory: Option<u32>,
+    /// The registry (`HOST:PORT` on this machine) the guest reaches as 10.0.2.100:5000, for
+    /// `supply: registry` steps and pull-on-miss. The appliance points its agent there
+    /// (`agent.json` `mirror`, or registries.conf).
+    pub registry: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +48,11 @@ pub struct PathSpec {
 pub struct Install {
     pub variant: Spanned<String>,
     pub layout: Spanned<String>,
+    /// `disk` (default: the built disk image is the device's disk) or `installer` (the USB
+    /// installer is booted with an empty target disk, which it writes; then the target boots).
+    pub via: Option<Spanned<String>>,
+    /// Bytes of the installer's target disk (default: the layout's disk size).
+    pub target_size: Option<u64>,
     /// What the first boot must show (default: the variant running on slot a, images verified).
     pub expect: Option<Expect>,
 }
@@ -59,6 +68,10 @@ pub struct Step {
     /// `--compat` layout generations the bundle must also fit.
     #[serde(default)]
     pub compat: Vec<Spanned<String>>,
+    /// How the update arrives: `disk` (default: the whole bundle on a second disk) or
+    /// `registry` (a thin bundle on a second disk; the new slot pulls its external images from
+    /// the matrix's `registry`).
+    pub supply: Option<Spanned<String>>,
     pub fault: Option<Spanned<String>>,
     pub expect: Option<Expect>,
 }
@@ -91,6 +104,8 @@ pub enum Fault {
     WrongKey,
     /// One blob of an external image in the images partition is corrupted before the boot.
     CorruptImage,
+    /// The guest's network is cut for the step's boots (pull-on-miss cannot reach the registry).
+    NetworkDown,
 }
 
 /// The apply steps a power cut can hit (docs/upgrade-protocol.md).
@@ -102,10 +117,11 @@ impl Fault {
             "bad-rootfs" => Fault::BadRootfs,
             "wrong-key" => Fault::WrongKey,
             "corrupt-image" => Fault::CorruptImage,
+            "network-down" => Fault::NetworkDown,
             _ => match s.strip_prefix("power-cut:") {
                 Some(step) if APPLY_STEPS.contains(&step) => Fault::PowerCut(step.to_string()),
                 Some(step) => return Err(format!("power-cut at unknown apply step {step:?} (one of {})", APPLY_STEPS.join(", "))),
-                None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image)")),
+                None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image, network-down)")),
             },
         })
     }
@@ -115,6 +131,7 @@ impl Fault {
             Fault::BadRootfs => "bad-rootfs".into(),
             Fault::WrongKey => "wrong-key".into(),
             Fault::CorruptImage => "corrupt-image".into(),
+            Fault::NetworkDown => "network-down".into(),
         }
     }
 }
@@ -150,6 +167,9 @@ fn check(file: &Path, m: &Matrix) -> Result<(), InputError> {
     let err = |s: &Spanned<String>, msg: String| InputError::spanned(file, s, msg);
     let variant = |s: &Spanned<String>| if m.variants.contains_key(&s.value) { Ok(()) } else { Err(err(s, format!("unknown variant {:?} (variants: {})", s.value, m.variants.keys().cloned().collect::<Vec<_>>().join(", ")))) };
     let layout = |s: &Spanned<String>| if m.layouts.contains_key(&s.value) { Ok(()) } else { Err(err(s, format!("unknown layout {:?} (layouts: {})", s.value, m.layouts.keys().cloned().collect::<Vec<_>>().join(", ")))) };
+    if let Some(r) = &m.registry {
+        registry_port(&r.value).map_err(|e| err(r, e))?;
+    }
     let mut names = std::collections::BTreeSet::new();
     for p in &m.paths {
         if p.name.value.is_empty() || !p.name.value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
@@ -160,6 +180,11 @@ fn check(file: &Path, m: &Matrix) -> Result<(), InputError> {
         }
         variant(&p.install.variant)?;
         layout(&p.install.layout)?;
+        if let Some(v) = &p.install.via {
+            if v.value != "disk" && v.value != "installer" {
+                return Err(err(v, format!("install via {:?}: `disk` or `installer`", v.value)));
+            }
+        }
         for s in &p.steps {
             let st = &s.value;
             match (&st.upgrade, st.boot) {
@@ -170,15 +195,33 @@ fn check(file: &Path, m: &Matrix) -> Result<(), InputError> {
             for c in &st.compat {
                 layout(c)?;
             }
+            if let Some(sp) = &st.supply {
+                match sp.value.as_str() {
+                    "disk" => {}
+                    "registry" if m.registry.is_some() => {}
+                    "registry" => return Err(err(sp, "supply: registry needs the matrix's `registry: HOST:PORT`".into())),
+                    other => return Err(err(sp, format!("supply {other:?}: `disk` or `registry`"))),
+                }
+            }
             if let Some(f) = &st.fault {
                 let fault = Fault::parse(&f.value).map_err(|e| err(f, e))?;
-                if st.boot && !matches!(fault, Fault::CorruptImage) {
+                if st.boot && !matches!(fault, Fault::CorruptImage | Fault::NetworkDown) {
                     return Err(err(f, format!("fault {} needs an upgrade step", f.value)));
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The port of `registry:` (`127.0.0.1:PORT` or `localhost:PORT`: the guest's only network is a
+/// forward to this machine's loopback).
+pub fn registry_port(r: &str) -> Result<u16, String> {
+    let (host, port) = r.rsplit_once(':').ok_or_else(|| format!("registry {r:?}: HOST:PORT"))?;
+    if host != "127.0.0.1" && host != "localhost" {
+        return Err(format!("registry {r:?}: the guest reaches only this machine's loopback (127.0.0.1:PORT)"));
+    }
+    port.parse().map_err(|_| format!("registry {r:?}: bad port"))
 }
 
 #[cfg(test)]

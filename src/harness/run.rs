@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -137,6 +137,17 @@ impl Shared<'_> {
         })
     }
 
+    /// The USB installer of `variant` for `layout`: (path, target disk size).
+    fn installer(&self, variant: &str, layout: &str) -> Result<(PathBuf, String), String> {
+        self.once(&format!("installer {variant} {layout}"), || {
+            let out = self.work.join("builds").join(format!("{variant}-{layout}.usb.img"));
+            std::fs::create_dir_all(out.parent().unwrap()).map_err(|e| e.to_string())?;
+            let j = self.slotforge(&["installer", &self.manifest(variant).to_string_lossy(), "--layout", &self.layout(layout).to_string_lossy(), "-o", &out.to_string_lossy(), "--json", "--cache", &self.cache.to_string_lossy()])?;
+            let v: Value = serde_json::from_str(&j).map_err(|e| format!("installer summary: {e}"))?;
+            Ok((out, format!("{} {}", v["build_id"].as_str().unwrap_or_default(), v["target_image_size"].as_u64().unwrap_or(0))))
+        })
+    }
+
     /// A rogue signing key no device trusts.
     fn rogue_key(&self) -> Result<PathBuf, String> {
         self.once("rogue key", || {
@@ -151,9 +162,9 @@ impl Shared<'_> {
     }
 
     /// An update bundle of `variant` for `layout` (+ compat), signed as asked.
-    fn bundle(&self, variant: &str, layout: &str, compat: &[String], rogue: bool) -> Result<(PathBuf, String), String> {
+    fn bundle(&self, variant: &str, layout: &str, compat: &[String], rogue: bool, thin: bool) -> Result<(PathBuf, String), String> {
         let key = if rogue { Some(self.rogue_key()?) } else { self.m.matrix.variants[variant].key.as_ref().map(|k| self.m.file(&k.value)) };
-        let tag = format!("{variant}-{layout}{}{}", compat.iter().map(|c| format!("+{c}")).collect::<String>(), if rogue { "-rogue" } else { "" });
+        let tag = format!("{variant}-{layout}{}{}{}", compat.iter().map(|c| format!("+{c}")).collect::<String>(), if rogue { "-rogue" } else { "" }, if thin { "-thin" } else { "" });
         self.once(&format!("bundle {tag}"), || {
             let out = self.work.join("builds").join(format!("{tag}.oci.tar"));
             let m = self.manifest(variant).to_string_lossy().into_owned();
@@ -163,6 +174,9 @@ impl Shared<'_> {
             for cl in compat {
                 args.push("--compat".into());
                 args.push(self.layout(cl).to_string_lossy().into_owned());
+            }
+            if thin {
+                args.push("--without-images".into());
             }
             if let Some(k) = &key {
                 args.push("--sign".into());
@@ -183,11 +197,18 @@ struct Device<'a> {
     disk: PathBuf,
     /// Build id of each variant seen so far (to name what is running).
     builds: BTreeMap<String, String>,
+    /// The host port the guest's 10.0.2.100:5000 reaches, while the network is up.
+    network: Option<u16>,
 }
 
 impl Device<'_> {
     fn boot(&self, extra: &[PathBuf], pause: Option<&str>) -> anyhow::Result<Boot> {
-        let mut o = VmOptions::new(&self.disk, &self.dir.join("vm"), "dev");
+        self.boot_disk(&self.disk, "dev", extra, pause)
+    }
+
+    fn boot_disk(&self, disk: &Path, name: &str, extra: &[PathBuf], pause: Option<&str>) -> anyhow::Result<Boot> {
+        let mut o = VmOptions::new(disk, &self.dir.join("vm"), name);
+        o.registry_port = self.network;
         o.memory_mb = self.sh.m.matrix.memory.unwrap_or(768);
         o.timeout = Duration::from_secs(self.sh.m.matrix.boot_timeout.unwrap_or(300));
         o.extra_disks.extend(extra.iter().cloned());
@@ -336,7 +357,8 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
     let mut failed = false;
-    let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new() };
+    let port = sh.m.matrix.registry.as_ref().and_then(|r| super::matrix::registry_port(&r.value).ok());
+    let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new(), network: port };
     let layout = p.install.layout.value.clone();
     for (i, label) in labels.iter().enumerate() {
         let step = if i == 0 { None } else { Some(&p.steps[i - 1].value) };
@@ -353,11 +375,26 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
         let mut boots: Vec<Boot> = Vec::new();
         let r: anyhow::Result<Option<String>> = (|| {
             let Some(step) = step else {
-                let (disk, id) = sh.disk(&p.install.variant.value, &layout).map_err(anyhow::Error::msg)?;
-                dev.builds.insert(p.install.variant.value.clone(), id);
-                let st = Command::new("cp").arg("--sparse=always").arg(&disk).arg(&dev.disk).status()?;
-                if !st.success() {
-                    bail!("copying {}", disk.display());
+                let v = &p.install.variant.value;
+                if p.install.via.as_ref().is_some_and(|v| v.value == "installer") {
+                    let (usb, info) = sh.installer(v, &layout).map_err(anyhow::Error::msg)?;
+                    let (id, size) = info.split_once(' ').unwrap_or((&info, "0"));
+                    dev.builds.insert(v.clone(), id.to_string());
+                    let size = p.install.target_size.unwrap_or(size.parse().unwrap_or(0));
+                    std::fs::File::create(&dev.disk)?.set_len(size)?;
+                    let b = dev.boot_disk(&usb, "usb", std::slice::from_ref(&dev.disk), None)?;
+                    let installed = !b.named("installed").is_empty();
+                    boots.push(b);
+                    if !installed {
+                        return Ok(Some("the installer did not install (no `installed` event)".into()));
+                    }
+                } else {
+                    let (disk, id) = sh.disk(v, &layout).map_err(anyhow::Error::msg)?;
+                    dev.builds.insert(v.clone(), id);
+                    let st = Command::new("cp").arg("--sparse=always").arg(&disk).arg(&dev.disk).status()?;
+                    if !st.success() {
+                        bail!("copying {}", disk.display());
+                    }
                 }
                 boots.push(dev.boot(&[], None)?);
                 return Ok(None);
@@ -366,16 +403,22 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
             if fault == Some(Fault::CorruptImage) {
                 dev.corrupt_image()?;
             }
+            dev.network = if fault == Some(Fault::NetworkDown) { None } else { port };
             let Some(v) = &step.upgrade else {
                 boots.push(dev.boot(&[], None)?);
                 return Ok(None);
             };
             let compat: Vec<String> = step.compat.iter().map(|c| c.value.clone()).collect();
-            let bundle = match sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey)) {
+            let thin = step.supply.as_ref().is_some_and(|s| s.value == "registry");
+            let bundle = match sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey), thin) {
                 Ok((b, id)) => {
                     // The variant's build id: what the device reports once it runs it.
                     dev.builds.insert(v.value.clone(), id);
-                    b
+                    // Each VM gets its own copy: QEMU locks a disk image for writing, and paths
+                    // running in parallel may attach the same bundle.
+                    let own = dev.dir.join("bundle.disk");
+                    std::fs::copy(&b, &own).with_context(|| format!("copying {}", b.display()))?;
+                    own
                 }
                 Err(e) => {
                     // Refused by the builder (e.g. over a slot's cap): the device keeps running.
