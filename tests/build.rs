@@ -338,3 +338,43 @@ fn images_made_by_umoci_build() {
     let l = tool("unsquashfs", &["-lln", sq.to_str().unwrap()]);
     assert!(l.contains("/containers/services/newlogd/lower/opt/hello"), "{l}");
 }
+
+#[test]
+fn linuxkit_kernel_keys_and_metadata_files() {
+    // ucode: prepended to the initrd on the ESP; tar: "" turns the modules tarball off;
+    // files: metadata: json writes the manifest's LinuxKit sections.
+    let fx = fixture();
+    let ktar = layer(&[E::File("lib/modules/6.1/virtio.ko", noise(2_000, 1), 0o644)]);
+    let (ucode, initrd) = (noise(3_000, 8), noise(50_000, 3));
+    oci_image(
+        &fx.path().join("images/kernel"),
+        "6.1",
+        vec![(layer(&[E::File("kernel", noise(300_000, 2), 0o644), E::File("initrd.img", initrd.clone(), 0o644), E::File("kernel.tar", ktar, 0o644), E::File("ucode.cpio", ucode.clone(), 0o644)]), Comp::Gzip)],
+        &[],
+    );
+    let m = MANIFEST.replace("  image: oci:images/kernel:6.1\n", "  image: oci:images/kernel:6.1\n  tar: \"\"\n  ucode: ucode.cpio\n").replace("files:\n", "files:\n  - path: etc/linuxkit-config\n    metadata: json\n    mode: \"0644\"\n");
+    std::fs::write(fx.manifest(), m).unwrap();
+    let out = fx.path().join("disk.img");
+    ok(&build(&fx, "demo.yaml", &out, &[]));
+    let esp = fx.path().join("esp.img");
+    extract_partition(&out, "esp", &esp);
+    let got = fx.path().join("initrd");
+    tool("mcopy", &["-i", esp.to_str().unwrap(), "::/a/initrd.img", got.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&got).unwrap(), [ucode, initrd].concat(), "the microcode cpio leads the initrd");
+    let sq = fx.path().join("a.sqfs");
+    extract_partition(&out, "rootfs_a", &sq);
+    let x = tempfile::tempdir().unwrap();
+    let dest = x.path().join("r");
+    tool("unsquashfs", &["-d", dest.to_str().unwrap(), sq.to_str().unwrap()]);
+    assert!(!dest.join("lib/modules").exists(), "tar: \"\" means no modules tarball");
+    let md: serde_json::Value = serde_json::from_slice(&std::fs::read(dest.join("etc/linuxkit-config")).unwrap()).unwrap();
+    assert_eq!(md["kernel"]["ucode"], "ucode.cpio");
+    assert_eq!(md["onboot"][0]["name"], "setup");
+    assert!(md["services"].as_array().unwrap().iter().any(|s| s["name"] == "edgeview" && s["ondisk"] == false), "{md}");
+    assert!(md.get("boot").is_none(), "only LinuxKit's sections: {md}");
+    // Each container's runtime.json, as LinuxKit writes it (every key, the root's mounts first).
+    let rt: serde_json::Value = serde_json::from_slice(&std::fs::read(dest.join("containers/onboot/000-setup/runtime.json")).unwrap()).unwrap();
+    assert_eq!(rt["mounts"][2]["destination"], "/containers/onboot/000-setup/rootfs");
+    assert_eq!(rt["mounts"][2]["options"][0], "lowerdir=/containers/onboot/000-setup/lower");
+    assert_eq!(rt["bindNS"]["net"], "");
+}

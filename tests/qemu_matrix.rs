@@ -1,6 +1,9 @@
 //! `slotforge test` on a matrix of the project's own variants (qemu-tests/variants/): a
 //! rollback after a broken rootfs (the scenario tests/qemu_upgrade.rs used to drive by hand),
-//! a power cut mid-apply then a completed upgrade, and one path
+//! a power cut mid-apply then a completed upgrade, a thin bundle whose images come from the
+//! registry (then a corrupted blob repaired from it; and the same without network: degraded),
+//! a bundle signed by an untrusted key then a trusted one, an install through the USB
+//! installer, and one path
 //! whose expectation is deliberately wrong — which must fail with a diagnosis while the others
 //! pass. The JUnit and JSON reports are read back.
 
@@ -26,8 +29,11 @@ fn a_matrix_runs_through_slotforge_test_with_junit_and_json_reports() {
         r#"variants:
   small: {{manifest: {small}}}
   large: {{manifest: {large}}}
+  signed: {{manifest: {signed}}}
+  signed2: {{manifest: {signed2}, key: {release}}}
 layouts:
   gen2: {gen2}
+registry: 127.0.0.1:{port}
 paths:
   - name: rollback
     install: {{variant: small, layout: gen2}}
@@ -47,9 +53,39 @@ paths:
     install: {{variant: small, layout: gen2, expect: {{slot: b}}}}
     steps:
       - boot: true
+  - name: thin
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: large
+        supply: registry
+        expect: {{slot: b, variant: large, state: ok}}
+      - boot: true
+        fault: corrupt-image
+        expect: {{slot: b, variant: large, state: ok}}
+  - name: thin-offline
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: large
+        supply: registry
+        fault: network-down
+        expect: {{slot: b, variant: large, state: degraded}}
+  - name: keys
+    install: {{variant: signed, layout: gen2}}
+    steps:
+      - upgrade: signed2
+        fault: wrong-key
+        expect: {{refused: true, slot: a, variant: signed}}
+      - upgrade: signed2
+        expect: {{slot: b, variant: signed2}}
+  - name: usb
+    install: {{variant: small, layout: gen2, via: installer}}
 "#,
         small = w.manifest("small").display(),
         large = w.manifest("large").display(),
+        signed = w.manifest("signed").display(),
+        signed2 = w.manifest("signed2").display(),
+        release = w.key("release").display(),
+        port = w.reg.port,
         gen2 = World::layout(2).display(),
     );
     let m = d.join("upgrades.yaml");
@@ -57,7 +93,7 @@ paths:
     let junit = d.join("report.xml");
     let keep = d.join("keep");
     let o = Command::new(bin())
-        .args(["test", m.to_str().unwrap(), "--json", "--junit", junit.to_str().unwrap(), "--keep", keep.to_str().unwrap(), "--cache", d.join("cache").to_str().unwrap()])
+        .args(["test", m.to_str().unwrap(), "--json", "--junit", junit.to_str().unwrap(), "--keep", keep.to_str().unwrap(), "--jobs", "2", "--cache", d.join("cache").to_str().unwrap()])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&o.stderr);
@@ -65,7 +101,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -74,6 +110,8 @@ paths:
     assert_eq!(result("rollback", 1)["boots"], 5, "the apply, exactly three failed tries of the broken slot, the fallback");
     assert_eq!(result("rollback", 1)["observed"]["outcomes"], serde_json::json!(["Exited", "Exited", "Exited", "Exited", "Exited"]));
     assert_eq!(result("power-cut", 1)["observed"]["outcomes"][0], "Killed", "the first boot of the step is the cut");
+    assert!(result("keys", 1)["observed"]["refusal"].as_str().unwrap().contains("nothing was changed"), "{}", result("keys", 1)["observed"]);
+    assert_eq!(result("usb", 0)["boots"], 2, "the installer's boot, then the target's");
     // The deliberately wrong expectation: reported as a failure, with what was observed.
     let bad = result("wrong-expectation", 0);
     assert_eq!(bad["result"], "fail");
@@ -81,12 +119,12 @@ paths:
     assert!(msg.contains("expected slot = \"b\", observed \"a\""), "{msg}");
     assert!(msg.contains("last serial lines"), "{msg}");
     assert_eq!(result("wrong-expectation", 1)["result"], "skipped");
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(5), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(14), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"7\" failures=\"1\" skipped=\"1\""), "{x}");
-    assert_eq!(x.matches("<testsuite ").count(), 3);
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"16\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 7);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());
