@@ -195,34 +195,7 @@ fn a_missing_image_is_pulled_from_the_host_registry_and_present_on_the_next_offl
 
 /// Flip a byte inside the largest blob of the images partition, found with debugfs.
 fn corrupt_largest_blob(disk: &Path, work: &Path) {
-    let mut f = std::fs::File::open(disk).unwrap();
-    let g = slotforge::disk::read_gpt(&mut f).unwrap();
-    let p = g.partitions.iter().find(|p| p.name == "images").unwrap();
-    let part = work.join("images.ext4");
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        f.seek(SeekFrom::Start(p.start)).unwrap();
-        std::io::copy(&mut f.take(p.size), &mut std::fs::File::create(&part).unwrap()).unwrap();
-    }
-    let ls = Command::new("debugfs").args(["-R", "ls -p /blobs/sha256", part.to_str().unwrap()]).output().unwrap();
-    let (name, _) = String::from_utf8_lossy(&ls.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('/').collect();
-            (f.len() > 6 && f[5].len() == 64).then(|| (f[5].to_string(), f[6].parse::<u64>().unwrap_or(0)))
-        })
-        .max_by_key(|x| x.1)
-        .unwrap();
-    let bmap = Command::new("debugfs").args(["-R", &format!("bmap /blobs/sha256/{name} 10"), part.to_str().unwrap()]).output().unwrap();
-    let block: u64 = String::from_utf8_lossy(&bmap.stdout).trim().parse().unwrap();
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut d = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
-    let at = p.start + block * 4096 + 17;
-    let mut b = [0u8; 1];
-    d.seek(SeekFrom::Start(at)).unwrap();
-    d.read_exact(&mut b).unwrap();
-    d.seek(SeekFrom::Start(at)).unwrap();
-    d.write_all(&[b[0] ^ 0x5a]).unwrap();
+    slotforge::harness::faults::corrupt_largest_blob(disk, work).unwrap();
 }
 
 #[test]

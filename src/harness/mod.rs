@@ -4,6 +4,7 @@
 //! runner through the `slotforge-qemu-tests` crate.
 
 pub mod events;
+pub mod faults;
 pub mod matrix;
 pub mod run;
 pub mod vm;

@@ -237,49 +237,6 @@ impl Device<'_> {
         Ok(())
     }
 
-    fn partition(&self, name: &str) -> anyhow::Result<(u64, u64)> {
-        let mut f = std::fs::File::open(&self.disk)?;
-        let g = crate::disk::read_gpt(&mut f)?;
-        let p = g.partitions.iter().find(|p| p.name == name).with_context(|| format!("no partition {name}"))?;
-        Ok((p.start, p.size))
-    }
-
-    fn flip(&self, at: u64) -> anyhow::Result<()> {
-        use std::io::{Read, Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&self.disk)?;
-        let mut b = [0u8; 1];
-        f.seek(SeekFrom::Start(at))?;
-        f.read_exact(&mut b)?;
-        f.seek(SeekFrom::Start(at))?;
-        f.write_all(&[b[0] ^ 0x5a])?;
-        Ok(())
-    }
-
-    /// Flip one byte inside the largest blob of the images partition (found with debugfs).
-    fn corrupt_image(&self) -> anyhow::Result<()> {
-        let (start, size) = self.partition("images")?;
-        let part = self.dir.join("images.ext4");
-        {
-            use std::io::{Read, Seek, SeekFrom};
-            let mut f = std::fs::File::open(&self.disk)?;
-            f.seek(SeekFrom::Start(start))?;
-            std::io::copy(&mut f.take(size), &mut std::fs::File::create(&part)?)?;
-        }
-        let ls = Command::new("debugfs").args(["-R", "ls -p /blobs/sha256"]).arg(&part).output().context("debugfs (e2fsprogs)")?;
-        let (name, _) = String::from_utf8_lossy(&ls.stdout)
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split('/').collect();
-                (f.len() > 6 && f[5].len() == 64).then(|| (f[5].to_string(), f[6].parse::<u64>().unwrap_or(0)))
-            })
-            .max_by_key(|x| x.1)
-            .context("no blobs in the images partition")?;
-        let bmap = Command::new("debugfs").args(["-R", &format!("bmap /blobs/sha256/{name} 0")]).arg(&part).output()?;
-        let block: u64 = String::from_utf8_lossy(&bmap.stdout).trim().parse().context("debugfs bmap")?;
-        let _ = std::fs::remove_file(&part);
-        self.flip(start + block * 4096 + 17)
-    }
-
     /// What the step's boots showed: the last status, rollbacks, refusals.
     fn observe(&self, boots: &[Boot], refused: Option<String>) -> Value {
         let status = boots.iter().rev().find_map(|b| b.named("status").first().cloned().cloned());
@@ -401,7 +358,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
             };
             let fault = step.fault.as_ref().map(|f| Fault::parse(&f.value)).transpose().map_err(anyhow::Error::msg)?;
             if fault == Some(Fault::CorruptImage) {
-                dev.corrupt_image()?;
+                super::faults::corrupt_largest_blob(&dev.disk, &dev.dir)?;
             }
             dev.network = if fault == Some(Fault::NetworkDown) { None } else { port };
             let Some(v) = &step.upgrade else {
@@ -436,8 +393,8 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
                     let applied = b.named("applied").first().map(|a| a["slot"].as_str().unwrap_or("").to_string());
                     boots.push(b);
                     let Some(slot) = applied else { return Ok(None) };
-                    let (start, _) = dev.partition(&format!("rootfs_{slot}"))?;
-                    dev.flip(start + 2000)?;
+                    let (start, _) = super::faults::partition(&dev.disk, &format!("rootfs_{slot}"))?;
+                    super::faults::flip_byte(&dev.disk, start + 2000)?;
                     dev.boot_until_status(&mut boots)?;
                 }
                 _ => {
