@@ -7,19 +7,18 @@ use slotforge_qemu_tests::registry::TestRegistry;
 use slotforge_qemu_tests::vm::{self, Boot, Outcome, VmOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_slotforge")
 }
 
-/// One set of fixtures per test binary; one VM at a time (2 cores: parallel TCG guests would
-/// only slow each other and the timings).
+/// One set of fixtures per test binary. Tests (and their VMs) run side by side, one per core;
+/// bench/boot.sh runs them one at a time for its timings.
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| fixtures::build(Path::new(bin())).expect("building QEMU fixtures"))
 }
-static VM_LOCK: Mutex<()> = Mutex::new(());
 
 struct Scenario {
     dir: tempfile::TempDir,
@@ -97,7 +96,6 @@ boot:
     }
 
     fn boot(&self, disk: &Path, network: bool) -> Boot {
-        let _guard = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let mut o = VmOptions::new(disk, &self.dir.path().join("vm"), "dev");
         if network {
             o.registry_port = Some(self.reg.port);

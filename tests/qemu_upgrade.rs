@@ -7,7 +7,7 @@ use slotforge_qemu_tests::fixtures::{self, Fixtures};
 use slotforge_qemu_tests::vm::{Boot, Outcome};
 use slotforge_qemu_tests::world::World;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_slotforge"))
@@ -16,13 +16,12 @@ fn fx() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| fixtures::build(bin()).expect("building QEMU fixtures"))
 }
-/// One test at a time: each boots many VMs on 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn world() -> (std::sync::MutexGuard<'static, ()>, World, Timer) {
-    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// Tests run side by side (cargo's default: one per core); each has its own world, registry and
+/// VM. TCG gives each guest one host thread, so two guests on two cores do not slow each other
+/// much; bench/upgrade.sh runs them one at a time for its timings.
+fn world() -> ((), World, Timer) {
     let t = Timer(std::time::Instant::now());
-    (g, World::new(bin(), fx()), t)
+    ((), World::new(bin(), fx()), t)
 }
 
 /// Appends `{"test", "seconds"}` (on drop) and other measurements to `$SLOTFORGE_UPGRADE_REPORT`
