@@ -250,6 +250,22 @@ fn output(section: Section, name: &str) -> (String, String) {
     (std::fs::read_to_string(o).unwrap_or_default(), std::fs::read_to_string(e).unwrap_or_default())
 }
 
+/// An onboot or onshutdown container: started, waited for, reported (`<section>-exited` or
+/// `-failed`), its root unmounted and its runc state deleted.
+fn to_completion(section: Section, name: &str, dir: &Path, pid_dir: &Path, external: bool) {
+    let what = section.dir();
+    match start(section, name, dir, pid_dir) {
+        Ok(pid) => {
+            let status = wait(pid, None);
+            let (stdout, stderr) = output(section, name);
+            emit(&format!("{what}-exited"), json!({"name": name, "external": external, "status": status, "stdout": stdout, "stderr": stderr}));
+        }
+        Err(e) => emit(&format!("{what}-failed"), json!({"name": name, "external": external, "error": format!("{e:#}")})),
+    }
+    cleanup(dir);
+    let _ = Command::new(runc()).args(["delete", "--force", name]).stderr(Stdio::null()).status();
+}
+
 /// Bind each verified, prepared external image into its bundle (`rootfs/` or `lower/`).
 /// Returns the bundle directories that have their image.
 fn mount_external(cfg: &AgentConfig) -> anyhow::Result<Vec<PathBuf>> {
@@ -289,16 +305,7 @@ pub fn run(cfg: &AgentConfig, settle: Duration) -> anyhow::Result<()> {
             emit("onboot-skipped", json!({"name": name, "external": true, "reason": "image not verified and prepared"}));
             continue;
         }
-        match start(Section::Onboot, &name, &dir, &pid_dir) {
-            Ok(pid) => {
-                let status = wait(pid, None);
-                let (stdout, stderr) = output(Section::Onboot, &name);
-                emit("onboot-exited", json!({"name": name, "external": external(&dir), "status": status, "stdout": stdout, "stderr": stderr}));
-            }
-            Err(e) => emit("onboot-failed", json!({"name": name, "external": external(&dir), "error": format!("{e:#}")})),
-        }
-        cleanup(&dir);
-        let _ = Command::new(runc()).args(["delete", "--force", &name]).stderr(Stdio::null()).status();
+        to_completion(Section::Onboot, &name, &dir, &pid_dir, external(&dir));
     }
     let mut running = Vec::new();
     for (name, dir) in bundles(&cfg.root, Section::Services) {
@@ -342,15 +349,7 @@ pub fn shutdown(cfg: &AgentConfig) -> anyhow::Result<()> {
     let pid_dir = cfg.run_dir.join("pids");
     std::fs::create_dir_all(&pid_dir)?;
     for (name, dir) in bundles(&cfg.root, Section::Onshutdown) {
-        match start(Section::Onshutdown, &name, &dir, &pid_dir) {
-            Ok(pid) => {
-                let status = wait(pid, None);
-                let (stdout, stderr) = output(Section::Onshutdown, &name);
-                emit("onshutdown-exited", json!({"name": name, "status": status, "stdout": stdout, "stderr": stderr}));
-            }
-            Err(e) => emit("onshutdown-failed", json!({"name": name, "error": format!("{e:#}")})),
-        }
-        cleanup(&dir);
+        to_completion(Section::Onshutdown, &name, &dir, &pid_dir, false);
     }
     Ok(())
 }
