@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 
 pub struct BuildOptions {
@@ -282,9 +282,12 @@ struct RootfsParts {
     kernel: KernelFiles,
     loader: Content,
     external: Vec<(ExternalImage, usize)>,
+    /// Sealed external images by name: the sealed file (in the work directory) and its
+    /// artifact manifest.
+    sealed: BTreeMap<String, (PathBuf, Vec<u8>)>,
 }
 
-fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, progress: Progress) -> anyhow::Result<RootfsParts> {
+fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, work: &Path, progress: Progress) -> anyhow::Result<RootfsParts> {
     let mf = &m.manifest;
     let kspec = mf.kernel.as_ref().unwrap();
     let mut contributors: Vec<Contributor> = Vec::new();
@@ -367,6 +370,7 @@ fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill:
     };
 
     let mut external = Vec::new();
+    let mut sealed_files = BTreeMap::new();
     let ids = m.ids();
     let mut unpacked = BTreeMap::new();
     for (idx, (section, i, img)) in r.containers.iter().enumerate() {
@@ -392,6 +396,17 @@ fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill:
             let mut e = ExternalImage::of(name, *section, img);
             e.bundle = b.dir.clone();
             e.readonly = b.readonly;
+            if s.is_sealed() {
+                // A read-only container's mount points must exist in its sealed image (runc
+                // cannot make them there); a writable one gets them in its overlay.
+                let mkdirs = if b.readonly { mount_points(&spec) } else { vec![] };
+                let file = work.join(format!("sealed-{name}.img"));
+                let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
+                let (sealed, artifact) = crate::sealed::seal(img, &mkdirs, &file, &mut sp, &mut |_| {}).with_context(|| format!("sealing external image {name}"))?;
+                e.sealed = Some(sealed);
+                e.keep_layers = s.keeps_layers();
+                sealed_files.insert(name.to_string(), (file, artifact));
+            }
             rootfs::put_file(&mut root, &format!("{}/image.json", b.dir), rootfs::to_json(&e), 0o644, epoch, o)?;
             external.push((e, idx));
         } else if let Some(at_dir) = &b.unpack_at {
@@ -401,14 +416,7 @@ fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill:
             if b.readonly {
                 // runc makes missing mount points itself; in a read-only slot it cannot, so
                 // they are made here (LinuxKit's unpacked root is writable at that moment).
-                for mt in &spec.mounts {
-                    let d = mt.destination.trim_start_matches('/');
-                    let under_api = ["dev", "proc", "sys"].iter().any(|p| d == *p || d.starts_with(&format!("{p}/")));
-                    let Ok(c) = components(d.as_bytes(), true) else { continue };
-                    if !d.is_empty() && !under_api && sub.get(&c).is_none() {
-                        sub.insert(&c, Node::dir(Meta::new(0o755, epoch), u32::MAX, o)).map_err(|e| anyhow::anyhow!("{}: mount point {d}: {e}", img.reference))?;
-                    }
-                }
+                crate::sealed::add_mount_points(&mut sub, &mount_points(&spec), epoch, o).with_context(|| img.reference.clone())?;
             }
             root.graft(&components(at_dir.as_bytes(), true).unwrap(), sub, o).map_err(|e| anyhow::anyhow!("{at_dir}: {e}"))?;
         }
@@ -436,7 +444,23 @@ fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill:
             c.bytes += b;
         }
     }
-    Ok(RootfsParts { tree: root, contributors, kernel: KernelFiles { kernel, initrd }, loader, external })
+    Ok(RootfsParts { tree: root, contributors, kernel: KernelFiles { kernel, initrd }, loader, external, sealed: sealed_files })
+}
+
+/// The mount destinations of a container that must exist in a read-only root (not under
+/// /dev, /proc or /sys, which the runtime mounts whole).
+fn mount_points(spec: &crate::linuxkit::oci::Spec) -> Vec<String> {
+    let mut v: Vec<String> = spec
+        .mounts
+        .iter()
+        .map(|mt| mt.destination.trim_start_matches('/').to_string())
+        .filter(|d| !d.is_empty() && !["dev", "proc", "sys"].iter().any(|p| d == p || d.starts_with(&format!("{p}/"))))
+        .filter(|d| components(d.as_bytes(), true).is_ok())
+        .map(|d| format!("/{d}"))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// What every output (a disk, a bundle) is made from: the manifest resolved, the rootfs
@@ -474,6 +498,10 @@ impl Composed {
     /// The external images with their resolved sources.
     pub fn external(&self) -> Vec<(&ExternalImage, &ResolvedImage)> {
         self.parts.external.iter().map(|(e, i)| (e, &self.resolved.containers[*i].2)).collect()
+    }
+    /// A sealed external image's file and artifact manifest.
+    pub fn sealed_file(&self, name: &str) -> Option<&(PathBuf, Vec<u8>)> {
+        self.parts.sealed.get(name)
     }
     pub fn kernel(&self) -> &Content {
         &self.parts.kernel.kernel.0
@@ -576,9 +604,9 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     // a bomb, not a rootfs.
     let largest_cap = std::iter::once(&layout).chain(compat.iter()).flat_map(|l| [l.rootfs(Slot::A).fs_cap, l.rootfs(Slot::B).fs_cap]).max().unwrap_or(0);
     let mut spill = Spill::with_limit(largest_cap.saturating_mul(16).max(1 << 30))?;
-    let parts = assemble(&m, &r, &build_id, epoch, &mut spill, opts.progress)?;
-    lap("flatten");
     let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;
+    let parts = assemble(&m, &r, &build_id, epoch, &mut spill, work.path(), opts.progress)?;
+    lap("flatten");
     let sqfs = work.path().join("rootfs.squashfs");
     let pb = opts.progress.bar("squashfs", parts.tree.count(), false);
     let squashfs_bytes = squashfs::write(&parts.tree, &sqfs, epoch as u32, &mut || pb.inc(1))?;
@@ -636,7 +664,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         }
         for (e, idx) in parts.external.iter().filter(|(e, _)| !opts.no_prefill.contains(&e.name)) {
             let img = &r.containers[*idx].2;
-            stage.add_image(img, &mut |n| pb.inc(n))?;
+            stage.add_external(e, img, parts.sealed.get(&e.name), &mut |n| pb.inc(n))?;
             pairs.push((e.clone(), img));
         }
         pb.finish_and_clear();

@@ -149,7 +149,7 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     let mut images = Vec::new();
     for (e, img) in c.external() {
         if !opts.without_images {
-            stage.add_image(img, &mut |_| {})?;
+            stage.add_external(e, img, c.sealed_file(&e.name), &mut |_| {})?;
             index.push(json!({"mediaType": img.manifest_media_type, "digest": img.manifest_digest.to_string(), "size": img.manifest_bytes.len(),
                 "annotations": {REF_NAME: format!("{}.{}", c.build_id, e.name), ANN_IMAGE: e.name}}));
         }

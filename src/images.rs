@@ -66,6 +66,10 @@ pub struct IndexEntry {
     pub size: u64,
     pub os: String,
     pub architecture: String,
+    /// Its layers are not stored (a sealed image without `keep-layers`).
+    pub layers_omitted: bool,
+    /// Its sealed artifact manifest (digest, size), listed in the set right after it.
+    pub sealed: Option<(Digest, u64)>,
 }
 
 impl IndexEntry {
@@ -78,25 +82,116 @@ impl IndexEntry {
             size: img.manifest_bytes.len() as u64,
             os: img.platform.os.clone(),
             architecture: img.platform.architecture.clone(),
+            layers_omitted: e.sealed.is_some() && !e.keep_layers,
+            sealed: e.sealed.as_ref().and_then(|s| Some((Digest::parse(&s.artifact).ok()?, s.artifact_size))),
         }
     }
+}
+
+impl IndexEntry {
+    /// The entry for an image as the rootfs pins it (`external-images.json`).
+    pub fn pinned(e: &ExternalImage, manifest_size: u64) -> anyhow::Result<Self> {
+        let p: crate::oci::Platform = e.platform.parse().unwrap_or_default();
+        Ok(Self {
+            name: e.name.clone(),
+            reference: e.reference.clone(),
+            media_type: e.media_type.clone(),
+            digest: Digest::parse(&e.digest).map_err(|x| anyhow::anyhow!("{}: {x}", e.name))?,
+            size: manifest_size,
+            os: p.os,
+            architecture: p.architecture,
+            layers_omitted: !stores_layers(e),
+            sealed: e.sealed.as_ref().map(|s| Ok::<_, anyhow::Error>((Digest::parse(&s.artifact).map_err(|x| anyhow::anyhow!("{}: {x}", e.name))?, s.artifact_size))).transpose()?,
+        })
+    }
+}
+
+/// Read a build's nested index back into its entries (artifact entries attached to their image).
+pub fn parse_build_index(bytes: &[u8]) -> anyhow::Result<(BTreeMap<String, String>, Vec<IndexEntry>)> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).context("build index")?;
+    let mut entries: Vec<IndexEntry> = Vec::new();
+    let mut artifacts: Vec<(String, Digest, u64)> = Vec::new();
+    for m in v["manifests"].as_array().into_iter().flatten() {
+        let ann = |k: &str| m["annotations"][k].as_str().map(str::to_string);
+        let digest = Digest::parse(m["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
+        let size = m["size"].as_u64().unwrap_or(0);
+        if let Some(name) = ann(crate::sealed::ANN_SEALED_FOR) {
+            artifacts.push((name, digest, size));
+            continue;
+        }
+        entries.push(IndexEntry {
+            name: ann(REF_NAME).unwrap_or_default(),
+            reference: ann(ANN_REFERENCE).unwrap_or_default(),
+            media_type: m["mediaType"].as_str().unwrap_or(crate::oci::image::MT_OCI_MANIFEST).to_string(),
+            digest,
+            size,
+            os: m["platform"]["os"].as_str().unwrap_or("linux").to_string(),
+            architecture: m["platform"]["architecture"].as_str().unwrap_or("amd64").to_string(),
+            layers_omitted: ann(crate::sealed::ANN_LAYERS).as_deref() == Some(crate::sealed::LAYERS_OMITTED),
+            sealed: None,
+        });
+    }
+    for (name, d, size) in artifacts {
+        if let Some(e) = entries.iter_mut().find(|e| e.name == name) {
+            e.sealed = Some((d, size));
+        }
+    }
+    let annotations = v["annotations"].as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default();
+    Ok((annotations, entries))
+}
+
+/// Whether the images partition stores `e`'s layers (not for a sealed image without
+/// `keep-layers`: its sealed filesystem is all the device reads).
+pub fn stores_layers(e: &ExternalImage) -> bool {
+    e.sealed.is_none() || e.keep_layers
+}
+
+/// Every blob the images partition must hold for `e`, given its manifest's bytes: manifest,
+/// config, layers (when stored), and for a sealed image its artifact manifest, the empty
+/// config and the sealed blob. Digest and size each.
+pub fn required_blobs(e: &ExternalImage, manifest: &[u8]) -> anyhow::Result<Vec<(Digest, u64)>> {
+    let d = |s: &str| Digest::parse(s).map_err(|x| anyhow::anyhow!("{}: {x}", e.name));
+    let man: serde_json::Value = serde_json::from_slice(manifest).with_context(|| format!("{}: manifest", e.name))?;
+    let mut v = vec![(d(&e.digest)?, manifest.len() as u64), (d(man["config"]["digest"].as_str().unwrap_or(""))?, man["config"]["size"].as_u64().unwrap_or(0))];
+    if stores_layers(e) {
+        for l in man["layers"].as_array().into_iter().flatten() {
+            v.push((d(l["digest"].as_str().unwrap_or(""))?, l["size"].as_u64().unwrap_or(0)));
+        }
+    }
+    if let Some(s) = &e.sealed {
+        v.push((d(&s.artifact)?, s.artifact_size));
+        v.push((Digest::of_bytes(crate::sealed::EMPTY_JSON), crate::sealed::EMPTY_JSON.len() as u64));
+        v.push((d(&s.digest)?, s.size));
+    }
+    Ok(v)
 }
 
 /// A build's nested image index: its images sorted by name, annotated with build id and version.
 pub fn build_index_json(build_id: &str, version: &str, mut entries: Vec<IndexEntry>) -> Vec<u8> {
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    let manifests: Vec<serde_json::Value> = entries
-        .iter()
-        .map(|e| {
-            json!({
-                "mediaType": e.media_type,
-                "digest": e.digest.to_string(),
-                "size": e.size,
-                "platform": {"architecture": e.architecture, "os": e.os},
-                "annotations": {REF_NAME: e.name, ANN_REFERENCE: e.reference}
-            })
-        })
-        .collect();
+    let mut manifests: Vec<serde_json::Value> = Vec::new();
+    for e in &entries {
+        let mut ann = json!({REF_NAME: e.name, ANN_REFERENCE: e.reference});
+        if e.layers_omitted {
+            ann[crate::sealed::ANN_LAYERS] = crate::sealed::LAYERS_OMITTED.into();
+        }
+        manifests.push(json!({
+            "mediaType": e.media_type,
+            "digest": e.digest.to_string(),
+            "size": e.size,
+            "platform": {"architecture": e.architecture, "os": e.os},
+            "annotations": ann
+        }));
+        if let Some((d, size)) = &e.sealed {
+            manifests.push(json!({
+                "mediaType": crate::oci::image::MT_OCI_MANIFEST,
+                "artifactType": crate::sealed::ARTIFACT_TYPE,
+                "digest": d.to_string(),
+                "size": size,
+                "annotations": {crate::sealed::ANN_SEALED_FOR: e.name}
+            }));
+        }
+    }
     serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": MT_OCI_INDEX,
@@ -140,20 +235,9 @@ pub fn add_to_build(root: &Path, build_id: &str, version: &str, entry: IndexEntr
         let id = b.annotations.get(REF_NAME).cloned().unwrap_or_default();
         let d = Digest::parse(&b.digest).map_err(|e| anyhow::anyhow!(e))?;
         if id == build_id {
-            let nested: Idx = serde_json::from_slice(&std::fs::read(store.blob_path(&d))?).with_context(|| format!("build {id} index"))?;
-            version = nested.annotations.get(ANN_VERSION).cloned().unwrap_or(version);
-            for m in nested.manifests {
-                let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(store.blob_path(&Digest::parse(&m.digest).map_err(|e| anyhow::anyhow!(e))?)).unwrap_or_default()).unwrap_or_default();
-                entries.push(IndexEntry {
-                    name: m.annotations.get(REF_NAME).cloned().unwrap_or_default(),
-                    reference: m.annotations.get(ANN_REFERENCE).cloned().unwrap_or_default(),
-                    media_type: raw.get("mediaType").and_then(|v| v.as_str()).unwrap_or(crate::oci::image::MT_OCI_MANIFEST).to_string(),
-                    digest: Digest::parse(&m.digest).map_err(|e| anyhow::anyhow!(e))?,
-                    size: m.size,
-                    os: "linux".into(),
-                    architecture: "amd64".into(),
-                });
-            }
+            let (ann, nested) = parse_build_index(&std::fs::read(store.blob_path(&d))?).with_context(|| format!("build {id} index"))?;
+            version = ann.get(ANN_VERSION).cloned().unwrap_or(version);
+            entries.extend(nested);
         } else {
             builds.push(BuildSet { build_id: id, version: b.annotations.get(ANN_VERSION).cloned().unwrap_or_default(), index_digest: d, index_size: b.size });
         }
@@ -208,8 +292,34 @@ impl Stage {
         Ok((d, data.len() as u64))
     }
 
+    /// Copy the blobs `e` needs (manifest, config, the layers unless sealed without
+    /// `keep-layers`, the sealed artifact) in, verified. `sealed` is the sealed file and its
+    /// artifact manifest. Returns bytes written.
+    pub fn add_external(&self, e: &ExternalImage, img: &ResolvedImage, sealed: Option<&(PathBuf, Vec<u8>)>, on_bytes: &mut dyn FnMut(u64)) -> anyhow::Result<u64> {
+        let mut written = self.add_image_blobs(img, stores_layers(e), on_bytes)?;
+        if let (Some(s), Some((file, artifact))) = (&e.sealed, sealed) {
+            let d = Digest::parse(&s.digest).map_err(|x| anyhow::anyhow!(x))?;
+            let dest = self.blob_path(&d);
+            if !dest.exists() {
+                // Hard link when the work directory shares the file system, else copy.
+                if std::fs::hard_link(file, &dest).is_err() {
+                    std::fs::copy(file, &dest)?;
+                }
+                written += s.size;
+                on_bytes(s.size);
+            }
+            written += self.put_bytes(artifact)?.1;
+            self.put_bytes(crate::sealed::EMPTY_JSON)?;
+        }
+        Ok(written)
+    }
+
     /// Copy every blob of `img` (manifest, config, layers) in, verified. Returns bytes written.
     pub fn add_image(&self, img: &ResolvedImage, on_bytes: &mut dyn FnMut(u64)) -> anyhow::Result<u64> {
+        self.add_image_blobs(img, true, on_bytes)
+    }
+
+    fn add_image_blobs(&self, img: &ResolvedImage, layers: bool, on_bytes: &mut dyn FnMut(u64)) -> anyhow::Result<u64> {
         let mut written = 0;
         for (d, bytes) in [(&img.manifest_digest, &img.manifest_bytes), (&img.config_digest, &img.config_bytes)] {
             let p = self.blob_path(d);
@@ -218,7 +328,7 @@ impl Stage {
                 written += bytes.len() as u64;
             }
         }
-        for l in &img.layers {
+        for l in img.layers.iter().filter(|_| layers) {
             let dest = self.blob_path(&l.digest);
             if dest.exists() {
                 continue; // shared with another image or build: stored once
@@ -414,6 +524,9 @@ pub struct ImageReport {
     pub digest: String,
     pub bytes: u64,
     pub blobs: Vec<(String, u64)>,
+    /// Its sealed artifact manifest, when the set lists one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -466,14 +579,26 @@ pub fn read_report(fs: &dyn LayoutFs) -> anyhow::Result<PartitionReport> {
         unique.insert(b.digest.clone(), b.size);
         let mut images = Vec::new();
         let mut bytes = b.size;
-        for m in &idx.manifests {
+        // Images first, then each sealed artifact joins its image's blobs.
+        let (artifacts, plain): (Vec<&Desc>, Vec<&Desc>) = idx.manifests.iter().partition(|m| m.annotations.contains_key(crate::sealed::ANN_SEALED_FOR));
+        for m in plain.into_iter().chain(artifacts) {
             let man: Man = serde_json::from_slice(&fs.read(&blob_path(&m.digest)?)?).with_context(|| format!("build {build_id}: manifest {}", m.digest))?;
             let mut blobs = vec![(m.digest.clone(), m.size), (man.config.digest.clone(), man.config.size)];
-            blobs.extend(man.layers.iter().map(|l| (l.digest.clone(), l.size)));
+            if m.annotations.get(crate::sealed::ANN_LAYERS).map(String::as_str) != Some(crate::sealed::LAYERS_OMITTED) {
+                blobs.extend(man.layers.iter().map(|l| (l.digest.clone(), l.size)));
+            }
             let ib: u64 = blobs.iter().map(|b| b.1).sum();
             bytes += ib;
             for (d, s) in &blobs {
                 unique.insert(d.clone(), *s);
+            }
+            if let Some(name) = m.annotations.get(crate::sealed::ANN_SEALED_FOR) {
+                if let Some(i) = images.iter_mut().find(|i: &&mut ImageReport| &i.name == name) {
+                    i.sealed = Some(m.digest.clone());
+                    i.bytes += ib;
+                    i.blobs.extend(blobs);
+                    continue;
+                }
             }
             images.push(ImageReport {
                 name: m.annotations.get(REF_NAME).cloned().unwrap_or_default(),
@@ -481,6 +606,7 @@ pub fn read_report(fs: &dyn LayoutFs) -> anyhow::Result<PartitionReport> {
                 digest: m.digest.clone(),
                 bytes: ib,
                 blobs,
+                sealed: None,
             });
         }
         builds.push(BuildReport { build_id, version: idx.annotations.get(ANN_VERSION).cloned(), index_digest: b.digest.clone(), images, bytes });

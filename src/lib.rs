@@ -2,7 +2,7 @@
 //!
 //! The data path reads top to bottom through these modules (see `docs/architecture.md`):
 //! manifest + layout -> oci (resolve, verified blobs) -> flatten (layers -> tree) -> rootfs
-//! (tree -> squashfs, size cap) -> images (external-images partition) -> esp (FAT + boot
+//! (tree -> squashfs, size cap; external images -> sealed, dm-verity) -> images (external-images partition) -> esp (FAT + boot
 //! entries) -> disk (GPT + sparse image) -> inspect/verify (read it all back).
 
 pub mod agent;
@@ -31,6 +31,7 @@ pub mod oci;
 pub mod progress;
 pub mod pull;
 pub mod rootfs;
+pub mod sealed;
 pub mod signature;
 pub mod squashfs;
 pub mod tree;

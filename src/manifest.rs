@@ -253,6 +253,13 @@ fn check(file: &Path, m: &Manifest) -> Result<(), InputError> {
             if s.is_external() && !external.insert(name.value.clone()) {
                 return Err(InputError::spanned(file, name, format!("external (`ondisk: false`) container name {:?} is used twice; external images are stored by name", name.value)));
             }
+            if let (Some(k), false) = (&s.sealed, s.is_external()) {
+                return Err(InputError::spanned(file, k, "`sealed` applies to external images (`ondisk: false`) only"));
+            }
+            if let (Some(k), false) = (&s.keep_layers, s.is_sealed()) {
+                let why = if s.is_external() { "this image is not sealed (`sealed: false` stores its layers anyway)" } else { "it applies to external images (`ondisk: false`) only" };
+                return Err(InputError::spanned(file, k, format!("`keep-layers`: {why}")));
+            }
             if s.is_external() && section == "onshutdown" {
                 return Err(InputError::spanned(file, name, "onshutdown containers must be on disk (`ondisk: false` is for onboot and services)"));
             }

@@ -46,6 +46,13 @@ pub struct ExternalImage {
     pub bundle: String,
     #[serde(default)]
     pub readonly: bool,
+    /// Stored as a dm-verity-sealed filesystem (docs/formats.md#sealed-images); `None`: as OCI
+    /// layers, unpacked at boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<crate::sealed::Sealed>,
+    /// For a sealed image: its layers are stored in the images partition too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_layers: bool,
 }
 
 /// `/etc/slotforge/external-images.json`.
@@ -78,6 +85,8 @@ impl ExternalImage {
             size: img.stored_size(),
             bundle: String::new(),
             readonly: false,
+            sealed: None,
+            keep_layers: false,
         }
     }
 }

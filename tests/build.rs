@@ -115,12 +115,15 @@ fn built_disk_passes_every_standard_reader() {
     tool("debugfs", &["-R", &format!("rdump / {}", rd.display()), ext4.to_str().unwrap()]);
     let inspect = tool("skopeo", &["inspect", "--raw", &format!("oci:{}:{build_id}", rd.display())]);
     let idx: serde_json::Value = serde_json::from_str(&inspect).unwrap();
-    assert_eq!(idx["manifests"].as_array().unwrap().len(), 2, "{idx}");
+    // analytics (layers), edgeview (sealed: manifest without its layers) and edgeview's sealed artifact.
+    assert_eq!(idx["manifests"].as_array().unwrap().len(), 3, "{idx}");
     assert!(inspect.contains(&edgeview_digest));
+    assert_eq!(idx["manifests"][2]["artifactType"], "application/vnd.slotforge.sealed-image.v1", "{idx}");
     let meta = tool("skopeo", &["inspect", &format!("oci:{}:{build_id}", rd.display())]);
     assert!(meta.contains("\"Os\": \"linux\""), "{meta}");
-    // The shared layer is stored once: 2 manifests + 2 configs + 3 distinct layers + the build index.
-    assert_eq!(std::fs::read_dir(rd.join("blobs/sha256")).unwrap().count(), 8);
+    // analytics: manifest + config + 2 layers (one shared with edgeview); edgeview: manifest +
+    // config, no layers; its artifact manifest + the empty config + the sealed blob; the build index.
+    assert_eq!(std::fs::read_dir(rd.join("blobs/sha256")).unwrap().count(), 10);
     let md: serde_json::Value = serde_json::from_slice(&std::fs::read(rd.join("slotforge-images.json")).unwrap()).unwrap();
     assert_eq!(md["format"], 1);
 

@@ -69,20 +69,7 @@ pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &Extern
             fetched += l.size;
         }
     }
-    add_to_build(
-        &cfg.images,
-        build_id,
-        version,
-        IndexEntry {
-            name: img.name.clone(),
-            reference: img.reference.clone(),
-            media_type: media_type_of(&bytes).unwrap_or(mt),
-            digest,
-            size: bytes.len() as u64,
-            os: platform.os,
-            architecture: platform.architecture,
-        },
-    )?;
+    add_to_build(&cfg.images, build_id, version, IndexEntry { media_type: media_type_of(&bytes).unwrap_or(mt), ..IndexEntry::pinned(img, bytes.len() as u64)? })?;
     Ok(fetched + bytes.len() as u64 + resolved.config_bytes.len() as u64)
 }
 

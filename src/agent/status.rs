@@ -4,7 +4,7 @@
 
 use super::AgentConfig;
 use crate::hash::{digest_reader, Digest};
-use crate::images::{Idx, Man, METADATA_FILE};
+use crate::images::{Idx, METADATA_FILE};
 use crate::oci::image::REF_NAME;
 use crate::rootfs::{ExternalImage, ExternalImages, Release, EXTERNAL_PATH, RELEASE_PATH};
 use serde::Serialize;
@@ -126,7 +126,11 @@ pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageS
         let top: Idx = serde_json::from_slice(&crate::oci::read_json_file(&images.join("index.json")).ok()?).ok()?;
         let b = top.manifests.iter().find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(build_id))?;
         let nested: Idx = serde_json::from_slice(&crate::oci::read_json_file(&blob(images, &b.digest)).ok()?).ok()?;
-        nested.manifests.iter().find(|m| m.digest == img.digest).map(|_| ())
+        nested.manifests.iter().find(|m| m.digest == img.digest)?;
+        match &img.sealed {
+            Some(sl) => nested.manifests.iter().find(|m| m.digest == sl.artifact).map(|_| ()),
+            None => Some(()),
+        }
     })();
     if listed.is_none() {
         st.detail = Some(format!("not in build {build_id}'s set in the images partition"));
@@ -146,23 +150,35 @@ pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageS
         st.detail = Some(format!("manifest {} does not match its digest", img.digest));
         return st;
     }
-    let man: Man = match serde_json::from_slice(&mbytes) {
-        Ok(m) => m,
+    let blobs = match crate::images::required_blobs(img, &mbytes) {
+        Ok(b) => b,
         Err(e) => {
             st.state = "corrupt".into();
-            st.detail = Some(format!("manifest is not an image manifest: {e}"));
+            st.detail = Some(format!("manifest is not an image manifest: {e:#}"));
             return st;
         }
     };
-    st.bytes = mbytes.len() as u64;
+    let sealed_blob = img.sealed.as_ref().map(|s| s.digest.as_str());
     let mut missing = Vec::new();
-    for d in std::iter::once(&man.config).chain(&man.layers) {
-        match std::fs::File::open(blob(images, &d.digest)).map_err(anyhow::Error::from).and_then(|f| Ok(digest_reader(f)?)) {
-            Ok((got, n)) if got.as_str() == d.digest && n == d.size => st.bytes += n,
-            Ok(_) => st.bad_blobs.push(d.digest.clone()),
-            Err(_) => missing.push(d.digest.clone()),
+    for (d, size) in blobs.iter().skip(1) {
+        let path = blob(images, d.as_str());
+        if Some(d.as_str()) == sealed_blob {
+            // The sealed filesystem is checked by dm-verity on every read, under the root hash
+            // the verified rootfs pins: here only that it is there, whole.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() == *size => st.bytes += size,
+                Ok(_) => st.bad_blobs.push(d.to_string()),
+                Err(_) => missing.push(d.to_string()),
+            }
+            continue;
+        }
+        match std::fs::File::open(&path).map_err(anyhow::Error::from).and_then(|f| Ok(digest_reader(f)?)) {
+            Ok((got, n)) if got == *d && n == *size => st.bytes += n,
+            Ok(_) => st.bad_blobs.push(d.to_string()),
+            Err(_) => missing.push(d.to_string()),
         }
     }
+    st.bytes += mbytes.len() as u64;
     if !st.bad_blobs.is_empty() {
         st.state = "corrupt".into();
         st.detail = Some(format!("{} blob(s) do not match their digests", st.bad_blobs.len()));

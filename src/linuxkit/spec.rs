@@ -47,6 +47,14 @@ pub struct Container {
     /// slotforge: `false` makes the image external (kept out of the rootfs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ondisk: Option<bool>,
+    /// slotforge, external images only: `false` keeps the image as OCI layers unpacked at each
+    /// boot instead of a dm-verity-sealed filesystem mounted in place (default `true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<Spanned<bool>>,
+    /// slotforge, sealed external images only: also store the image's layers in the images
+    /// partition (default `false`: the sealed filesystem is all the device needs).
+    #[serde(rename = "keep-layers", skip_serializing_if = "Option::is_none")]
+    pub keep_layers: Option<Spanned<bool>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<String>>,
     #[serde(rename = "capabilities.add", skip_serializing_if = "Option::is_none")]
@@ -120,6 +128,14 @@ pub struct Container {
 impl Container {
     pub fn is_external(&self) -> bool {
         self.ondisk == Some(false)
+    }
+    /// An external image stored sealed (the default for external images).
+    pub fn is_sealed(&self) -> bool {
+        self.is_external() && self.sealed.as_ref().map_or(true, |s| s.value)
+    }
+    /// A sealed image whose layers are stored too.
+    pub fn keeps_layers(&self) -> bool {
+        !self.is_sealed() || self.keep_layers.as_ref().is_some_and(|k| k.value)
     }
     pub fn name(&self) -> &str {
         self.name.as_ref().map(|n| n.value.as_str()).unwrap_or("")
@@ -359,7 +375,7 @@ pub struct InterfacePriority {
 pub fn parse_label(image: &str, text: &str) -> Result<Container, String> {
     let label = format!("{image} label {}", super::oci::LABEL);
     let c: Container = crate::yaml::parse(std::path::Path::new(&label), text).map_err(|e| e.to_string())?;
-    for (key, set) in [("name", c.name.is_some()), ("image", c.image.is_some()), ("ondisk", c.ondisk.is_some())] {
+    for (key, set) in [("name", c.name.is_some()), ("image", c.image.is_some()), ("ondisk", c.ondisk.is_some()), ("sealed", c.sealed.is_some()), ("keep-layers", c.keep_layers.is_some())] {
         if set {
             return Err(format!("{label}: {key} cannot be set in the label"));
         }

@@ -1,7 +1,9 @@
 //! Garbage collection of the external-images partition after a good boot: keep exactly the
 //! image sets of the builds slot A and slot B hold (the booted build, and the other slot's build
 //! named by its boot entry), drop every other set from `index.json` (replaced atomically first),
-//! then delete the blobs no kept set reaches. Rollback never loses its images.
+//! then delete the blobs no kept set reaches (a sealed image's artifact and sealed blob are
+//! listed in the set; the layers of a sealed image without `keep-layers` are not reached). Rollback
+//! never loses its images.
 
 use crate::hash::Digest;
 use crate::images::top_index_json;
@@ -47,9 +49,11 @@ pub fn gc(images: &Path, keep: &BTreeSet<String>) -> anyhow::Result<GcReport> {
         for m in nested["manifests"].as_array().into_iter().flatten() {
             let md = m["digest"].as_str().unwrap_or("");
             live.insert(md.trim_start_matches("sha256:").to_string());
+            // A sealed image without `keep-layers` keeps its manifest and config, not its layers.
+            let layers = m["annotations"][crate::sealed::ANN_LAYERS] != crate::sealed::LAYERS_OMITTED;
             if let Ok(mb) = std::fs::read(blob(md)) {
                 let man: serde_json::Value = serde_json::from_slice(&mb).unwrap_or_default();
-                for d in std::iter::once(&man["config"]).chain(man["layers"].as_array().into_iter().flatten()) {
+                for d in std::iter::once(&man["config"]).chain(man["layers"].as_array().into_iter().flatten().filter(|_| layers)) {
                     if let Some(x) = d["digest"].as_str() {
                         live.insert(x.trim_start_matches("sha256:").to_string());
                     }

@@ -17,7 +17,7 @@ pub mod gc;
 use crate::bundle::Bundle;
 use crate::entries::{BootEntry, EntryReport};
 use crate::hash::Digest;
-use crate::images::{build_index_json, top_index_json, BuildSet, Idx, IndexEntry};
+use crate::images::{build_index_json, required_blobs, top_index_json, BuildSet, Idx, IndexEntry};
 use crate::layout::{Layout, Partition, Slot};
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -158,21 +158,20 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
     for e in &cfg.images {
         let md = Digest::parse(&e.digest).map_err(|x| anyhow::anyhow!(x))?;
         let mpath = b.blob_path(&md);
-        let p: crate::oci::Platform = e.platform.parse().unwrap_or_default();
-        let entry = |size: u64| IndexEntry { name: e.name.clone(), reference: e.reference.clone(), media_type: e.media_type.clone(), digest: md.clone(), size, os: p.os.clone(), architecture: p.architecture.clone() };
         if !cfg.images_included || !mpath.exists() {
             // Not in the bundle: list it now if the device already holds all of it (another
             // build shares it), else the agent pulls it at first boot.
             if t.images_has(&md)? {
                 let mbytes = t.images_read(&md)?;
-                let man: serde_json::Value = serde_json::from_slice(&mbytes).unwrap_or_default();
                 let mut all = Digest::of_bytes(&mbytes) == md;
-                for d in std::iter::once(&man["config"]).chain(man["layers"].as_array().into_iter().flatten()) {
-                    all &= Digest::parse(d["digest"].as_str().unwrap_or("")).map(|d| t.images_has(&d).unwrap_or(false)).unwrap_or(false);
+                if all {
+                    for (d, _) in required_blobs(e, &mbytes)? {
+                        all &= t.images_has(&d)?;
+                    }
                 }
                 if all {
                     present += 1;
-                    entries.push(entry(mbytes.len() as u64));
+                    entries.push(IndexEntry::pinned(e, mbytes.len() as u64)?);
                     continue;
                 }
             }
@@ -183,12 +182,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
         if Digest::of_bytes(&mbytes) != md {
             bail!("bundle: manifest of {} is corrupt", e.name);
         }
-        let man: serde_json::Value = serde_json::from_slice(&mbytes)?;
-        let mut blobs = vec![(md.clone(), mbytes.len() as u64)];
-        for d in std::iter::once(&man["config"]).chain(man["layers"].as_array().into_iter().flatten()) {
-            blobs.push((Digest::parse(d["digest"].as_str().unwrap_or("")).map_err(|x| anyhow::anyhow!(x))?, d["size"].as_u64().unwrap_or(0)));
-        }
-        for (d, size) in blobs {
+        for (d, size) in required_blobs(e, &mbytes)? {
             if t.images_has(&d)? {
                 present += 1;
                 continue;
@@ -204,7 +198,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
                 step("blob-written");
             }
         }
-        entries.push(entry(mbytes.len() as u64));
+        entries.push(IndexEntry::pinned(e, mbytes.len() as u64)?);
     }
     if !entries.is_empty() {
         let nested = build_index_json(&cfg.build_id, &cfg.version, entries);

@@ -247,6 +247,7 @@ services:
   - name: analytics
     image: oci:images/analytics:3
     ondisk: false
+    sealed: false
 files:
   - path: etc/hostname
     contents: appliance
