@@ -214,7 +214,13 @@ enum AgentCmd {
         /// Seconds to wait for services that finish, to report their output; the others keep running.
         #[arg(long, default_value_t = 10)]
         settle: u64,
+        /// After the settle window, read every sealed image end to end through dm-verity (a
+        /// scrub), so corruption is found now rather than when a service reads it.
+        #[arg(long)]
+        scrub: bool,
     },
+    /// Read every open sealed image end to end through dm-verity, repair what is corrupt.
+    Scrub,
     /// Run the onshutdown containers in order.
     Shutdown,
     /// Apply an update bundle (a directory, a tar file, or a block device holding the tar) to
@@ -436,7 +442,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let e = crate::agent::boot::mark_good(&cfg)?;
                     crate::agent::emit("marked-good", serde_json::json!({"entry": e}));
                 }
-                AgentCmd::Run { settle } => crate::agent::runner::run(&cfg, std::time::Duration::from_secs(settle))?,
+                AgentCmd::Run { settle, scrub } => crate::agent::runner::run(&cfg, std::time::Duration::from_secs(settle), scrub)?,
+                AgentCmd::Scrub => crate::agent::runner::scrub(&cfg)?,
                 AgentCmd::Shutdown => crate::agent::runner::shutdown(&cfg)?,
                 AgentCmd::Apply { bundle, pause_at } => {
                     let b = crate::bundle::Bundle::open(&bundle, Some(&cfg.images.join(".partial")))?;

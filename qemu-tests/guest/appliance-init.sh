@@ -27,8 +27,15 @@ if [ -e /sys/class/net/eth0 ]; then
   ip route add default via 10.0.2.2
 fi
 /usr/bin/slotforge agent boot
+# What image contents cost in RAM: tmpfs bytes under /run (not crossing into mounts: a sealed
+# image is a read-only mount there, an unsealed one is unpacked into it), all tmpfs (Shmem),
+# and the sealed images mounted from dm-verity devices.
+run_kb=$(/bin/busybox du -skx /run | /bin/busybox cut -f1)
+shmem_kb=$(sed -n 's/^Shmem: *\([0-9]*\) kB/\1/p' /proc/meminfo)
+sealed=$(grep -c ' - squashfs /dev/mapper/slotforge-' /proc/self/mountinfo)
+echo "@slotforge {\"event\":\"memory\",\"run_kb\":$run_kb,\"shmem_kb\":$shmem_kb,\"sealed_mounts\":$sealed}"
 echo "@slotforge {\"event\":\"host-ns\",\"net\":\"$(readlink /proc/self/ns/net)\",\"pid\":\"$(readlink /proc/self/ns/pid)\",\"uts\":\"$(readlink /proc/self/ns/uts)\"}"
-/usr/bin/slotforge agent run
+/usr/bin/slotforge agent run --scrub
 next=poweroff
 if [ -b /dev/vdb ]; then
   pause=""

@@ -16,9 +16,10 @@ use std::process::Command;
 pub const MODULES: &[&str] = &[
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk", "squashfs", "fat", "vfat", "nls_cp437",
     "nls_iso8859-1", "nls_ascii", "nls_utf8", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4", "failover", "net_failover", "virtio_net", "efivarfs",
-    "reed_solomon", "dm-mod", "dm-bufio", "dm-verity", "overlay",
+    "reed_solomon", "dm-mod", "dm-bufio", "dm-verity", "overlay", "loop",
 ];
-/// Debian's veritysetup (cryptsetup-bin): the reference initramfs opens dm-verity roots with it.
+/// Debian's veritysetup (cryptsetup-bin): the reference initramfs opens dm-verity roots with it,
+/// and the agent sealed external images.
 pub const VERITYSETUP: &str = "/sbin/veritysetup";
 pub const BUSYBOX: &str = "/bin/busybox";
 /// Debian's runc: the appliance runs its LinuxKit containers with it.
@@ -199,6 +200,8 @@ pub fn build(agent: &Path) -> anyhow::Result<Fixtures> {
     }
     copy_with_libs(agent, &b.join("usr/bin/slotforge"), &b)?;
     copy_with_libs(Path::new(RUNC), &b.join("usr/sbin/runc"), &b).context("runc is needed (apt-get install runc)")?;
+    // The agent opens sealed external images with dm-verity (docs/agent.md).
+    copy_with_libs(Path::new(VERITYSETUP), &b.join("usr/sbin/veritysetup"), &b).context("veritysetup is needed (apt-get install cryptsetup-bin)")?;
     let _ = Command::new("strip").arg(b.join("usr/bin/slotforge")).status();
     std::fs::write(b.join("sbin/init"), APPLIANCE_INIT)?;
     run("chmod", &["755", b.join("sbin/init").to_str().unwrap()])?;

@@ -69,8 +69,41 @@ pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &Extern
             fetched += l.size;
         }
     }
+    // A sealed image is rebuilt from the pulled layers and must come out bit-identical to the
+    // pinned one; its layers are then left to GC unless it keeps them.
+    if let Some(s) = &img.sealed {
+        super::sealed::reseal(cfg, img, s)?;
+    }
     add_to_build(&cfg.images, build_id, version, IndexEntry { media_type: media_type_of(&bytes).unwrap_or(mt), ..IndexEntry::pinned(img, bytes.len() as u64)? })?;
     Ok(fetched + bytes.len() as u64 + resolved.config_bytes.len() as u64)
+}
+
+/// Make a missing or corrupt image whole again: a sealed image whose layers are all here
+/// (`keep-layers`) is resealed locally, without the network; otherwise it is pulled by digest
+/// (and resealed). Returns the bytes fetched or written.
+pub fn repair(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalImage) -> anyhow::Result<u64> {
+    if let Some(s) = &img.sealed {
+        let local = (|| -> anyhow::Result<bool> {
+            let m = std::fs::read(cfg.images.join("blobs/sha256").join(img.digest.trim_start_matches("sha256:")))?;
+            let man: serde_json::Value = serde_json::from_slice(&m)?;
+            Ok(man["layers"].as_array().into_iter().flatten().all(|l| cfg.images.join("blobs/sha256").join(l["digest"].as_str().unwrap_or("x").trim_start_matches("sha256:")).exists()))
+        })()
+        .unwrap_or(false);
+        if local {
+            match super::sealed::reseal(cfg, img, s) {
+                Ok(n) => {
+                    add_to_build(&cfg.images, build_id, version, IndexEntry::pinned(img, std::fs::metadata(cfg.images.join("blobs/sha256").join(img.digest.trim_start_matches("sha256:")))?.len())?)?;
+                    emit("image-resealed", json!({"name": img.name, "root_hash": s.root_hash, "bytes": n, "from": "local layers"}));
+                    return Ok(n);
+                }
+                Err(e) => emit("image-reseal-failed", json!({"name": img.name, "error": format!("{e:#}")})),
+            }
+        }
+    }
+    if cfg.offline {
+        bail!("offline, and the image cannot be rebuilt from what the device holds");
+    }
+    pull_image(cfg, build_id, version, img)
 }
 
 /// Unpack a verified image from the partition to `<run_dir>/containers/<name>/rootfs`.
@@ -136,6 +169,46 @@ fn quarantine(cfg: &AgentConfig, blobs: &[String]) -> Vec<(PathBuf, PathBuf)> {
         .collect()
 }
 
+/// Repair an image that is not verified: its bad blobs set aside (a corrupt blob is corrupt for
+/// every build sharing it), then [`repair`]; on failure the blobs are put back (the state stays
+/// and nothing is lost). Returns the new state.
+pub fn fix(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalImage, st: ImageState) -> ImageState {
+    let aside = quarantine(cfg, &st.bad_blobs);
+    match repair(cfg, build_id, version, img) {
+        Ok(bytes) => {
+            for (_, q) in &aside {
+                let _ = std::fs::remove_file(q);
+            }
+            let st = check_image(&cfg.images, build_id, img);
+            emit("image-pulled", json!({"name": img.name, "digest": img.digest, "bytes": bytes, "state": st.state, "sealed": img.sealed.as_ref().map(|s| &s.root_hash)}));
+            st
+        }
+        Err(e) => {
+            for (orig, q) in &aside {
+                let _ = std::fs::rename(q, orig);
+            }
+            if cfg.offline {
+                emit("image-pull-skipped", json!({"name": img.name, "reason": "offline", "error": format!("{e:#}")}));
+            } else {
+                emit("image-pull-failed", json!({"name": img.name, "digest": img.digest, "error": format!("{e:#}")}));
+            }
+            st
+        }
+    }
+}
+
+/// Make a verified image ready where the runner binds it from: a sealed image opened with
+/// dm-verity and mounted read-only, an unsealed one unpacked.
+fn ready(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<(PathBuf, Option<super::sealed::SealedState>)> {
+    match &img.sealed {
+        Some(s) => {
+            let st = super::sealed::open(cfg, img, s)?;
+            Ok((super::sealed::mount_point(cfg, img), Some(st)))
+        }
+        None => Ok((prepare(cfg, img)?, None)),
+    }
+}
+
 /// The boot sequence. Returns the final status.
 pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let (rel, ext) = read_release(&cfg.root)?;
@@ -156,36 +229,36 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
         let mut st = check_image(&cfg.images, &ext.build_id, img);
         emit("image-check", json!({"name": img.name, "digest": img.digest, "state": st.state, "detail": st.detail, "bytes": st.bytes, "seconds": t.elapsed().as_secs_f64()}));
         if st.state != "verified" {
-            if cfg.offline {
-                emit("image-pull-skipped", json!({"name": img.name, "reason": "offline"}));
-            } else {
-                // A corrupt blob is corrupt for every build sharing it: set it aside so the
-                // pull can replace it, and put it back if the pull fails (the state stays
-                // "corrupt" and nothing is lost).
-                let aside = quarantine(cfg, &st.bad_blobs);
-                match pull_image(cfg, &ext.build_id, &rel.version, img) {
-                    Ok(bytes) => {
-                        for (_, q) in &aside {
-                            let _ = std::fs::remove_file(q);
-                        }
-                        st = check_image(&cfg.images, &ext.build_id, img);
-                        emit("image-pulled", json!({"name": img.name, "digest": img.digest, "bytes": bytes, "state": st.state}));
-                    }
-                    Err(e) => {
-                        for (orig, q) in &aside {
-                            let _ = std::fs::rename(q, orig);
-                        }
-                        emit("image-pull-failed", json!({"name": img.name, "digest": img.digest, "error": format!("{e:#}")}));
-                    }
-                }
-            }
+            st = fix(cfg, &ext.build_id, &rel.version, img, st);
         }
         if st.state == "verified" {
-            match prepare(cfg, img) {
-                Ok(p) => emit("image-ready", json!({"name": img.name, "path": p})),
+            let t = std::time::Instant::now();
+            match ready(cfg, img) {
+                Ok(r) => {
+                    emit("image-ready", json!({"name": img.name, "path": r.0, "sealed": r.1, "seconds": t.elapsed().as_secs_f64()}));
+                    st.sealed = r.1;
+                }
                 Err(e) => {
                     emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
                     st.state = "corrupt".into();
+                    st.detail = Some(format!("{e:#}"));
+                    // A sealed blob dm-verity or the kernel refuses is set aside and rebuilt.
+                    if let Some(s) = &img.sealed {
+                        st.bad_blobs = vec![s.digest.clone()];
+                        st = fix(cfg, &ext.build_id, &rel.version, img, st);
+                        if st.state == "verified" {
+                            match ready(cfg, img) {
+                                Ok(r) => {
+                                    emit("image-ready", json!({"name": img.name, "path": r.0, "sealed": r.1, "seconds": t.elapsed().as_secs_f64()}));
+                                    st.sealed = r.1;
+                                }
+                                Err(e) => {
+                                    emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
+                                    st.state = "corrupt".into();
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -8,6 +8,7 @@
 use super::{emit, AgentConfig};
 use crate::linuxkit::oci::RuntimeJson;
 use crate::linuxkit::spec::Section;
+use crate::rootfs::ExternalImage;
 use anyhow::{bail, Context};
 use serde_json::json;
 use std::ffi::CString;
@@ -24,7 +25,7 @@ fn cstr(p: &Path) -> anyhow::Result<CString> {
     Ok(CString::new(p.as_os_str().as_encoded_bytes())?)
 }
 
-fn mount(src: &Path, dst: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> anyhow::Result<()> {
+pub(crate) fn mount(src: &Path, dst: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> anyhow::Result<()> {
     let (s, d) = (cstr(src)?, cstr(dst)?);
     let t = fstype.map(CString::new).transpose()?;
     let o = data.map(CString::new).transpose()?;
@@ -36,7 +37,7 @@ fn mount(src: &Path, dst: &Path, fstype: Option<&str>, flags: libc::c_ulong, dat
     Ok(())
 }
 
-fn umount(p: &Path) {
+pub(crate) fn umount(p: &Path) {
     if let Ok(c) = cstr(p) {
         // SAFETY: a valid path string; failure (not mounted) is fine for a best-effort cleanup.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -275,24 +276,142 @@ fn mount_external(cfg: &AgentConfig) -> anyhow::Result<Vec<PathBuf>> {
         if img.bundle.is_empty() {
             continue; // written by a build before bundles were recorded: not run by this agent
         }
-        let prepared = cfg.run_dir.join("containers").join(&img.name).join("rootfs");
         let dir = cfg.root.join(&img.bundle);
-        if !prepared.is_dir() {
-            continue;
-        }
-        let at = dir.join(if img.readonly { "rootfs" } else { "lower" });
-        match mount(&prepared, &at, None, libc::MS_BIND | libc::MS_REC, None) {
-            Ok(()) => ready.push(dir),
+        match bind_image(cfg, img) {
+            Ok(true) => ready.push(dir),
+            Ok(false) => {}
             Err(e) => emit("image-mount-failed", json!({"name": img.name, "error": format!("{e:#}")})),
         }
     }
     Ok(ready)
 }
 
+/// Bind one image's ready root (the mounted sealed filesystem, or the unpacked tree) into its
+/// bundle. `false` when the image is not ready.
+fn bind_image(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<bool> {
+    let prepared = cfg.run_dir.join("containers").join(&img.name).join("rootfs");
+    let is_ready = match &img.sealed {
+        Some(s) => super::sealed::state(cfg, img, s).mounted.is_some(),
+        None => prepared.is_dir(),
+    };
+    if !is_ready {
+        return Ok(false);
+    }
+    let at = cfg.root.join(&img.bundle).join(if img.readonly { "rootfs" } else { "lower" });
+    mount(&prepared, &at, None, libc::MS_BIND | libc::MS_REC, None)?;
+    Ok(true)
+}
+
+/// Report the services that exit before `deadline`; returns those still running.
+fn settle(running: Vec<(String, PathBuf, i32)>, deadline: Instant) -> Vec<(String, PathBuf, i32)> {
+    let external = |dir: &Path| dir.join("image.json").exists();
+    let mut running = running;
+    while !running.is_empty() {
+        running.retain(|(name, dir, pid)| match wait(*pid, Some(Instant::now())) {
+            Some(status) => {
+                let (stdout, stderr) = output(Section::Services, name);
+                emit("service-exited", json!({"name": name, "external": external(dir), "status": status, "stdout": stdout, "stderr": stderr}));
+                false
+            }
+            None => true,
+        });
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    running
+}
+
+/// Read every open sealed image through dm-verity (`image-scrubbed` per image).
+fn scrub_all(cfg: &AgentConfig) -> anyhow::Result<()> {
+    let (_, ext) = super::status::read_release(&cfg.root)?;
+    for img in ext.images.iter().filter(|i| i.sealed.is_some()) {
+        let t = Instant::now();
+        let r = super::sealed::scrub(img);
+        emit("image-scrubbed", json!({"name": img.name, "ok": r.is_ok(), "bytes": r.as_ref().ok(), "error": r.as_ref().err().map(|e| format!("{e:#}")), "seconds": t.elapsed().as_secs_f64()}));
+    }
+    Ok(())
+}
+
+/// `agent scrub`: read every sealed image through dm-verity and repair what is corrupt (the
+/// services using it are restarted), then report the status.
+pub fn scrub(cfg: &AgentConfig) -> anyhow::Result<()> {
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let pid_dir = cfg.run_dir.join("pids");
+    std::fs::create_dir_all(&pid_dir)?;
+    scrub_all(cfg)?;
+    repair_corrupt(cfg, &mut Vec::new(), &pid_dir, Duration::from_secs(10))
+}
+
+/// Sealed images that dm-verity found corrupt on read while the containers ran: the services
+/// using them are stopped, the image is rebuilt (from kept layers, or pulled by digest) and must
+/// come out bit-identical to the pinned one, is reopened, and its services restart. Offline or
+/// unrepairable: reported, left closed (`degraded`).
+fn repair_corrupt(cfg: &AgentConfig, running: &mut Vec<(String, PathBuf, i32)>, pid_dir: &Path, settle_for: Duration) -> anyhow::Result<()> {
+    let (rel, ext) = super::status::read_release(&cfg.root)?;
+    let mut restarted = Vec::new();
+    let mut found = false;
+    for img in &ext.images {
+        let Some(s) = &img.sealed else { continue };
+        if super::sealed::verity_status(&super::sealed::dm_name(img)).as_deref() != Some("corrupted") {
+            continue;
+        }
+        found = true;
+        emit("image-corrupt", json!({"name": img.name, "root_hash": s.root_hash, "device": format!("/dev/mapper/{}", super::sealed::dm_name(img))}));
+        let dir = cfg.root.join(&img.bundle);
+        let service = bundles(&cfg.root, Section::Services).into_iter().find(|(_, d)| *d == dir).map(|(n, _)| n);
+        if let Some(pos) = running.iter().position(|(_, d, _)| *d == dir) {
+            let (name, _, pid) = running.remove(pos);
+            let _ = Command::new(runc()).args(["kill", &name, "KILL"]).stderr(Stdio::null()).status();
+            wait(pid, Some(Instant::now() + Duration::from_secs(5)));
+        }
+        if let Some(n) = &service {
+            let _ = Command::new(runc()).args(["delete", "--force", n]).stderr(Stdio::null()).status();
+        }
+        cleanup(&dir);
+        umount(&dir.join(if img.readonly { "rootfs" } else { "lower" }));
+        super::sealed::close(cfg, img);
+        let st = super::status::ImageState { state: "corrupt".into(), bad_blobs: vec![s.digest.clone()], ..super::status::check_image(&cfg.images, &ext.build_id, img) };
+        let st = super::boot::fix(cfg, &ext.build_id, &rel.version, img, st);
+        let reopened = st.state == "verified" && match super::sealed::open(cfg, img, s).and_then(|_| bind_image(cfg, img)) {
+            Ok(b) => b,
+            Err(e) => {
+                emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
+                false
+            }
+        };
+        super::sealed::mark_corrupt(cfg, img, !reopened);
+        if !reopened {
+            emit("degraded", json!({"unavailable": [img.name]}));
+            continue;
+        }
+        emit("image-repaired", json!({"name": img.name, "root_hash": s.root_hash}));
+        if let Some(n) = service {
+            match start(Section::Services, &n, &dir, pid_dir) {
+                Ok(pid) => {
+                    emit("service-started", json!({"name": n, "external": true, "pid": pid, "restart": "image repaired"}));
+                    restarted.push((n, dir, pid));
+                }
+                Err(e) => emit("service-failed", json!({"name": n, "external": true, "error": format!("{e:#}")})),
+            }
+        }
+    }
+    if !restarted.is_empty() {
+        running.extend(settle(restarted, Instant::now() + settle_for));
+    }
+    if found {
+        // The state changed since `agent boot` reported it.
+        emit("status", serde_json::to_value(super::status::status(cfg)?)?);
+    }
+    Ok(())
+}
+
 /// `agent run`: onboot containers in order, each to completion, then every service started.
 /// Waits up to `settle` for services that finish (their output is reported); the rest keep
 /// running and are reported as running.
-pub fn run(cfg: &AgentConfig, settle: Duration) -> anyhow::Result<()> {
+pub fn run(cfg: &AgentConfig, settle: Duration, scrub_images: bool) -> anyhow::Result<()> {
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let ready = mount_external(cfg)?;
@@ -321,21 +440,11 @@ pub fn run(cfg: &AgentConfig, settle: Duration) -> anyhow::Result<()> {
             Err(e) => emit("service-failed", json!({"name": name, "external": external(&dir), "error": format!("{e:#}")})),
         }
     }
-    let deadline = Instant::now() + settle;
-    while !running.is_empty() {
-        running.retain(|(name, dir, pid)| match wait(*pid, Some(Instant::now())) {
-            Some(status) => {
-                let (stdout, stderr) = output(Section::Services, name);
-                emit("service-exited", json!({"name": name, "external": external(dir), "status": status, "stdout": stdout, "stderr": stderr}));
-                false
-            }
-            None => true,
-        });
-        if Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let mut running = self::settle(running, Instant::now() + settle);
+    if scrub_images {
+        scrub_all(cfg)?;
     }
+    repair_corrupt(cfg, &mut running, &pid_dir, settle)?;
     for (name, dir, pid) in &running {
         emit("service-running", json!({"name": name, "external": external(dir), "pid": pid}));
     }

@@ -32,6 +32,9 @@ pub struct ImageState {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bad_blobs: Vec<String>,
     pub bytes: u64,
+    /// A sealed image: root hash, device, mount point and dm-verity's verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<super::sealed::SealedState>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,7 +124,7 @@ fn blob(images: &Path, d: &str) -> std::path::PathBuf {
 
 /// Check one external image of `build_id` in the partition at `images`, every blob hashed.
 pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageState {
-    let mut st = ImageState { name: img.name.clone(), digest: img.digest.clone(), state: "missing".into(), detail: None, bad_blobs: vec![], bytes: 0 };
+    let mut st = ImageState { name: img.name.clone(), digest: img.digest.clone(), state: "missing".into(), detail: None, bad_blobs: vec![], bytes: 0, sealed: None };
     let listed = (|| -> Option<()> {
         let top: Idx = serde_json::from_slice(&crate::oci::read_json_file(&images.join("index.json")).ok()?).ok()?;
         let b = top.manifests.iter().find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(build_id))?;
@@ -193,7 +196,22 @@ pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageS
 /// The whole status of the device (every external image checked now).
 pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
     let (_, ext) = read_release(&cfg.root)?;
-    let images: Vec<ImageState> = ext.images.iter().map(|i| check_image(&cfg.images, &ext.build_id, i)).collect();
+    let images: Vec<ImageState> = ext
+        .images
+        .iter()
+        .map(|i| {
+            let mut st = check_image(&cfg.images, &ext.build_id, i);
+            if let Some(s) = &i.sealed {
+                let live = super::sealed::state(cfg, i, s);
+                if live.verity.as_deref() == Some("corrupted") || super::sealed::marked_corrupt(cfg, i) {
+                    st.state = "corrupt".into();
+                    st.detail = Some("dm-verity found a block that does not match the pinned root hash".into());
+                }
+                st.sealed = Some(live);
+            }
+            st
+        })
+        .collect();
     status_with(cfg, images)
 }
 

@@ -239,7 +239,9 @@ impl Device<'_> {
 
     /// What the step's boots showed: the last status, rollbacks, refusals.
     fn observe(&self, boots: &[Boot], refused: Option<String>) -> Value {
-        let status = boots.iter().rev().find_map(|b| b.named("status").first().cloned().cloned());
+        // The last status of the last boot that reported one (the runner reports again after
+        // repairing a sealed image dm-verity found corrupt).
+        let status = boots.iter().rev().find_map(|b| b.named("status").last().cloned().cloned());
         let rolled_back = boots.iter().any(|b| !b.named("rolled-back").is_empty());
         let apply_failed = boots.iter().flat_map(|b| b.named("apply-failed")).next().map(|e| e["error"].as_str().unwrap_or("").to_string());
         let refusal = refused.or(apply_failed);
