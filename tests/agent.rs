@@ -49,6 +49,12 @@ fn agent(dev: &Device, args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>, S
     (o.status.code(), events, format!("{out}{}", String::from_utf8_lossy(&o.stderr)))
 }
 
+/// The fixture's manifest with edgeview unsealed too: these tests drive the unpack path on the
+/// host (opening a sealed image needs device-mapper, which the QEMU tests have).
+fn unsealed() -> String {
+    MANIFEST.replace("    image: oci:images/edgeview:1.2\n    ondisk: false\n", "    image: oci:images/edgeview:1.2\n    ondisk: false\n    sealed: false\n")
+}
+
 fn ev<'a>(events: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
     events.iter().filter(|e| e["event"] == name).collect()
 }
@@ -67,6 +73,7 @@ fn build(fx: &Fixture, extra: &[&str]) -> PathBuf {
 #[test]
 fn a_fresh_disk_verifies_prepares_and_marks_good() {
     let fx = fixture();
+    std::fs::write(fx.manifest(), unsealed()).unwrap();
     let disk = build(&fx, &["--boot-tries", "3"]);
     let dev = device(&fx, &disk);
     // systemd-boot would have renamed the entry before starting the kernel.
@@ -95,7 +102,7 @@ fn a_missing_image_is_pulled_from_the_registry_and_kept() {
     reg.push(&fx.path().join("images/edgeview"), "1.2", "edgeview:1.2");
     reg.push(&fx.path().join("images/analytics"), "3", "analytics:3");
     // External images come from the registry; edgeview is not pre-filled.
-    let m = MANIFEST.replace("oci:images/edgeview:1.2", &format!("{}/edgeview:1.2", reg.host())).replace("oci:images/analytics:3", &format!("{}/analytics:3", reg.host()));
+    let m = unsealed().replace("oci:images/edgeview:1.2", &format!("{}/edgeview:1.2", reg.host())).replace("oci:images/analytics:3", &format!("{}/analytics:3", reg.host()));
     std::fs::write(fx.manifest(), m).unwrap();
     let disk = build(&fx, &["--no-prefill", "edgeview"]);
     let dev = device(&fx, &disk);
@@ -128,7 +135,7 @@ fn a_corrupt_blob_is_detected_repulled_or_reported_degraded() {
     let fx = fixture();
     let reg = TestRegistry::start(None);
     reg.push(&fx.path().join("images/analytics"), "3", "analytics:3");
-    std::fs::write(fx.manifest(), MANIFEST.replace("oci:images/analytics:3", &format!("{}/analytics:3", reg.host()))).unwrap();
+    std::fs::write(fx.manifest(), unsealed().replace("oci:images/analytics:3", &format!("{}/analytics:3", reg.host()))).unwrap();
     let disk = build(&fx, &[]);
     let dev = device(&fx, &disk);
     // Corrupt the analytics layer (uncompressed, 500 kB) in the partition.
@@ -151,6 +158,7 @@ fn a_corrupt_blob_is_detected_repulled_or_reported_degraded() {
 #[test]
 fn an_image_that_fails_to_prepare_makes_the_boot_degraded_with_exit_3() {
     let fx = fixture();
+    std::fs::write(fx.manifest(), unsealed()).unwrap();
     let disk = build(&fx, &["--boot-tries", "3"]);
     let dev = device(&fx, &disk);
     std::fs::rename(dev.esp.join("loader/entries/slot-a+3.conf"), dev.esp.join("loader/entries/slot-a+2-1.conf")).unwrap();
@@ -164,4 +172,50 @@ fn an_image_that_fails_to_prepare_makes_the_boot_degraded_with_exit_3() {
     assert_eq!(status["state"], "degraded", "{status}");
     assert!(ev(&events, "marked-good").is_empty(), "a degraded boot is not marked good");
     assert!(dev.esp.join("loader/entries/slot-a+2-1.conf").exists());
+}
+
+#[test]
+fn a_missing_sealed_image_is_rebuilt_from_the_pulled_image_bit_identically() {
+    let fx = fixture();
+    let reg = TestRegistry::start(None);
+    reg.push(&fx.path().join("images/edgeview"), "1.2", "edgeview:1.2");
+    std::fs::write(fx.manifest(), MANIFEST.replace("oci:images/edgeview:1.2", &format!("{}/edgeview:1.2", reg.host()))).unwrap();
+    let full = build(&fx, &[]);
+    let pinned: serde_json::Value = {
+        let d = device(&fx, &full);
+        let ext: serde_json::Value = serde_json::from_slice(&std::fs::read(d.root.join("etc/slotforge/external-images.json")).unwrap()).unwrap();
+        ext["images"].as_array().unwrap().iter().find(|i| i["name"] == "edgeview").unwrap()["sealed"].clone()
+    };
+    std::fs::remove_dir_all(fx.path().join("device")).unwrap();
+    let disk = build(&fx, &["--no-prefill", "edgeview"]);
+    let dev = device(&fx, &disk);
+    let sealed_blob = dev.images.join("blobs/sha256").join(pinned["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    assert!(!sealed_blob.exists());
+    let (_, events, all) = agent(&dev, &["boot"]);
+    // Pulled by digest, sealed on the device with the build's code: the same bytes, so the same
+    // root hash (a different result would be refused).
+    let pulled = ev(&events, "image-pulled").into_iter().find(|e| e["name"] == "edgeview").unwrap_or_else(|| panic!("{all}"));
+    assert_eq!(pulled["state"], "verified", "{all}");
+    assert_eq!(pulled["sealed"], pinned["root_hash"]);
+    assert_eq!(sha256_file(&sealed_blob), pinned["digest"].as_str().unwrap());
+    let f = sealed_blob.to_str().unwrap();
+    tool("veritysetup", &["verify", f, f, pinned["root_hash"].as_str().unwrap(), &format!("--hash-offset={}", pinned["hash_offset"])]);
+    // Opening it needs device-mapper: this host may lack it (the QEMU tests open and mount it).
+    let opened = ev(&events, "image-ready").into_iter().any(|e| e["name"] == "edgeview");
+    let refused = ev(&events, "image-prepare-failed").into_iter().any(|e| e["name"] == "edgeview" && e["error"].as_str().unwrap_or("").contains("dm-verity"));
+    assert!(opened || refused, "{all}");
+    // The layers it was sealed from are left to GC (no keep-layers): GC drops edgeview's own
+    // layer, keeps the one analytics (unsealed) shares, and keeps the sealed blob.
+    let man: serde_json::Value = serde_json::from_slice(&std::fs::read(dev.images.join("blobs/sha256").join(reg.digest("edgeview:1.2").trim_start_matches("sha256:"))).unwrap()).unwrap();
+    let layer = |i: usize| dev.images.join("blobs/sha256").join(man["layers"][i]["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    assert!(layer(0).exists() && layer(1).exists(), "pulled layers are in the partition");
+    let (code, events, all) = agent(&dev, &["gc"]);
+    assert_eq!(code, Some(0), "{all}");
+    let _ = events;
+    assert!(layer(0).exists(), "the layer analytics shares was collected");
+    assert!(!layer(1).exists(), "edgeview's own layer was kept without keep-layers");
+    assert!(sealed_blob.exists());
+    let rel: serde_json::Value = serde_json::from_slice(&std::fs::read(dev.root.join("etc/slotforge/release.json")).unwrap()).unwrap();
+    let raw = tool("skopeo", &["inspect", "--raw", &format!("oci:{}:{}", dev.images.display(), rel["build_id"].as_str().unwrap())]);
+    assert!(raw.contains(pinned["artifact"].as_str().unwrap()), "{raw}");
 }

@@ -35,6 +35,13 @@ fn payload_size() -> usize {
     std::env::var("SLOTFORGE_QEMU_PAYLOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(3_000_000)
 }
 
+/// bench/sealed-boot.sh: `SLOTFORGE_QEMU_SEALED=false` stores hello unsealed (the previous
+/// way), `SLOTFORGE_QEMU_LAYOUT` builds on another layout (room for a large image),
+/// `SLOTFORGE_QEMU_MEMORY` (MB) and `SLOTFORGE_QEMU_TIMEOUT` (s) size the VM.
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
 impl Scenario {
     /// A registry holding `hello:1` (busybox + a 3 MB payload) and a manifest whose `hello`
     /// service is external, pulled through the guest's mirror 10.0.2.100:5000.
@@ -59,7 +66,7 @@ services:
     image: {host}/hello:1
     command: [/bin/busybox, sh, -c, '/bin/busybox sha256sum /data/payload > /dev/null && /bin/busybox echo hello from the external image']
     ondisk: false
-  - name: ondisk
+{unsealed}  - name: ondisk
     image: oci:{ondisk}:1
     command: [/bin/busybox, echo, hello from the rootfs]
 files:
@@ -73,7 +80,8 @@ boot:
             host = reg.host(),
             ondisk = ondisk.display(),
             mirror = vm::GUEST_REGISTRY,
-            loader = f.loader.display()
+            loader = f.loader.display(),
+            unsealed = if env_or("SLOTFORGE_QEMU_SEALED", true) { "" } else { "    sealed: false\n" },
         );
         // bench/verity.sh compares boots without verity (the previous way).
         let manifest = if verity() { manifest } else { format!("{manifest}verity: false\n") };
@@ -83,7 +91,7 @@ boot:
 
     fn build(&self, extra: &[&str]) -> PathBuf {
         let out = self.dir.path().join("disk.img");
-        let layout = Path::new(env!("CARGO_MANIFEST_DIR")).join("layouts/demo.yaml");
+        let layout = std::env::var_os("SLOTFORGE_QEMU_LAYOUT").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("layouts/demo.yaml"));
         let cache = self.dir.path().join("cache");
         let o = Command::new(bin())
             .args(["build", self.dir.path().join("system.yml").to_str().unwrap(), "--layout", layout.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"])
@@ -97,11 +105,13 @@ boot:
 
     fn boot(&self, disk: &Path, network: bool) -> Boot {
         let mut o = VmOptions::new(disk, &self.dir.path().join("vm"), "dev");
+        o.memory_mb = env_or("SLOTFORGE_QEMU_MEMORY", o.memory_mb);
+        o.timeout = std::time::Duration::from_secs(env_or("SLOTFORGE_QEMU_TIMEOUT", o.timeout.as_secs()));
         if network {
             o.registry_port = Some(self.reg.port);
         }
         let b = vm::boot_to_end(&o).unwrap();
-        report(&b);
+        report(&b, disk);
         assert_eq!(b.outcome, Outcome::Exited, "guest did not power off; serial log {}:\n{}", b.serial_path.display(), tail(&b.log()));
         assert!(!b.named("poweroff").is_empty(), "no clean power-off; serial:\n{}", tail(&b.log()));
         b
@@ -113,7 +123,7 @@ fn tail(s: &str) -> String {
 }
 
 /// Append this boot's timings to `$SLOTFORGE_BOOT_REPORT` (bench/boot.sh reads it).
-fn report(b: &Boot) {
+fn report(b: &Boot, disk: &Path) {
     let Ok(p) = std::env::var("SLOTFORGE_BOOT_REPORT") else { return };
     let log = b.log();
     // The kernel's own clock at the first agent event: time since the kernel started.
@@ -124,7 +134,13 @@ fn report(b: &Boot) {
         .last();
     let check: f64 = b.named("image-check").iter().filter_map(|e| e["seconds"].as_f64()).sum();
     let bytes: u64 = b.named("image-check").iter().filter_map(|e| e["bytes"].as_u64()).sum();
-    let line = serde_json::json!({"test": std::thread::current().name(), "accel": b.accel, "total_s": b.seconds, "kernel_to_agent_s": kernel_at_agent, "check_s": check, "checked_bytes": bytes});
+    let ready: f64 = b.named("image-ready").iter().filter_map(|e| e["seconds"].as_f64()).sum();
+    let images_ready = b.named("images-ready").first().and_then(|e| e["seconds"].as_f64());
+    let mem = b.named("memory").first().map(|e| (*e).clone());
+    let insp: serde_json::Value = serde_json::from_slice(&Command::new(bin()).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap().stdout).unwrap_or_default();
+    let line = serde_json::json!({"test": std::thread::current().name(), "accel": b.accel, "total_s": b.seconds, "kernel_to_agent_s": kernel_at_agent, "check_s": check, "checked_bytes": bytes,
+        "ready_s": ready, "images_ready_s": images_ready, "memory": mem, "sealed": env_or("SLOTFORGE_QEMU_SEALED", true), "payload": payload_size(),
+        "images_partition_bytes": insp["images"]["unique_bytes"]});
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
     writeln!(f, "{line}").unwrap();

@@ -3,7 +3,7 @@
 //! a power cut mid-apply then a completed upgrade, a thin bundle whose images come from the
 //! registry (then a corrupted blob repaired from it; and the same without network: degraded),
 //! a bundle signed by an untrusted key then a trusted one, an install through the USB
-//! installer, and one path
+//! installer, an upgrade from a build with unsealed images to sealed ones and back, and one path
 //! whose expectation is deliberately wrong — which must fail with a diagnosis while the others
 //! pass. The JUnit and JSON reports are read back.
 
@@ -31,6 +31,7 @@ fn a_matrix_runs_through_slotforge_test_with_junit_and_json_reports() {
   large: {{manifest: {large}}}
   signed: {{manifest: {signed}}}
   signed2: {{manifest: {signed2}, key: {release}}}
+  unsealed: {{manifest: {unsealed}}}
 layouts:
   gen2: {gen2}
 registry: 127.0.0.1:{port}
@@ -79,11 +80,19 @@ paths:
         expect: {{slot: b, variant: signed2}}
   - name: usb
     install: {{variant: small, layout: gen2, via: installer}}
+  - name: seal
+    install: {{variant: unsealed, layout: gen2}}
+    steps:
+      - upgrade: small
+        expect: {{slot: b, variant: small, state: ok}}
+      - upgrade: unsealed
+        expect: {{slot: a, variant: unsealed, state: ok}}
 "#,
         small = w.manifest("small").display(),
         large = w.manifest("large").display(),
         signed = w.manifest("signed").display(),
         signed2 = w.manifest("signed2").display(),
+        unsealed = w.manifest("unsealed").display(),
         release = w.key("release").display(),
         port = w.reg.port,
         gen2 = World::layout(2).display(),
@@ -101,7 +110,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -119,12 +128,18 @@ paths:
     assert!(msg.contains("expected slot = \"b\", observed \"a\""), "{msg}");
     assert!(msg.contains("last serial lines"), "{msg}");
     assert_eq!(result("wrong-expectation", 1)["result"], "skipped");
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(14), Some(1), Some(1)), "{table}");
+    // Unsealed → sealed → back: the sealed build's boot ran GC keeping both slots' sets, so the
+    // unsealed build finds its layers again (every blob re-hashed: state ok).
+    let seal = |i: usize| result("seal", i)["observed"]["images"][0].clone();
+    assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
+    assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
+    assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(17), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"16\" failures=\"1\" skipped=\"1\""), "{x}");
-    assert_eq!(x.matches("<testsuite ").count(), 7);
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"19\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 8);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());

@@ -224,6 +224,7 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
         }
     }
     let mut states: Vec<ImageState> = Vec::new();
+    let started = std::time::Instant::now();
     for img in &ext.images {
         let t = std::time::Instant::now();
         let mut st = check_image(&cfg.images, &ext.build_id, img);
@@ -264,6 +265,8 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
         }
         states.push(st);
     }
+    // From the first check to the last image ready (or given up on): what the services wait for.
+    emit("images-ready", json!({"images": states.len(), "ready": states.iter().filter(|s| s.state == "verified").count(), "seconds": started.elapsed().as_secs_f64()}));
     let bad: Vec<&str> = states.iter().filter(|s| s.state != "verified").map(|s| s.name.as_str()).collect();
     if bad.is_empty() {
         match mark_good(cfg) {
