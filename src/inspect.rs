@@ -310,6 +310,24 @@ pub fn verify(path: &Path) -> anyhow::Result<VerifyReport> {
             .map(|e| format!("{} {}", e.name, e.digest))
             .collect();
         check(&name, missing.is_empty(), if missing.is_empty() { format!("{} images of build {} present", ext.images.len(), ext.build_id) } else { format!("missing: {}", missing.join(", ")) });
+        // Each sealed image: listed with its artifact, and its dm-verity tree recomputed up to
+        // the root hash this slot pins.
+        let p = images_partition(&rep.gpt, rep.layout.as_ref()).unwrap();
+        let fs = open_ext4(path, p.start, p.size)?;
+        for e in &ext.images {
+            let Some(sl) = &e.sealed else { continue };
+            let listed = b.images.iter().any(|i| i.name == e.name && i.sealed.as_deref() == Some(sl.artifact.as_str()));
+            let r = if !listed {
+                Err(anyhow::anyhow!("artifact {} is not listed in build {}'s set", sl.artifact, ext.build_id))
+            } else {
+                images::LayoutFs::open(&fs, &format!("/blobs/sha256/{}", sl.digest.trim_start_matches("sha256:"))).and_then(|f| crate::sealed::check_blob(f, &e.digest, sl))
+            };
+            let what = format!("slot {} sealed {}", s.slot, e.name);
+            match r {
+                Ok(()) => check(&what, true, format!("dm-verity root {} matches ({} bytes)", sl.root_hash, sl.size)),
+                Err(x) => check(&what, false, format!("{x:#}")),
+            }
+        }
     }
     let ok = checks.iter().all(|c| c.ok);
     Ok(VerifyReport { ok, checks })

@@ -161,6 +161,27 @@ pub fn seal(img: &ResolvedImage, mkdirs: &[String], out: &Path, spill: &mut Spil
     Ok((sealed, manifest))
 }
 
+/// Check a sealed blob read from `r` against what the rootfs pins: the verity parameters derive
+/// from the image digest and mount points, the tree recomputed from the data must equal the
+/// stored one and end in the pinned root hash. Streams; holds only the tree.
+pub fn check_blob(mut r: impl std::io::Read, image_digest: &str, s: &Sealed) -> anyhow::Result<()> {
+    let p = crate::verity::Params::derived(s.hash_offset, &seed(image_digest, &s.mkdirs));
+    if p.hash_offset() != s.hash_offset || p.data_blocks != s.data_blocks {
+        anyhow::bail!("pinned hash offset {} and {} data blocks do not agree", s.hash_offset, s.data_blocks);
+    }
+    let tree = crate::verity::build(std::io::Read::take(&mut r, s.hash_offset), &p)?;
+    let root = crate::hash::hex(&tree.root);
+    if root != s.root_hash {
+        anyhow::bail!("the data hashes to root {root}, the rootfs pins {}", s.root_hash);
+    }
+    let mut stored = Vec::with_capacity(tree.bytes.len());
+    r.read_to_end(&mut stored)?;
+    if stored != tree.bytes {
+        anyhow::bail!("the stored dm-verity tree differs from the data's");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -208,6 +208,11 @@ fn a_missing_image_is_pulled_from_the_host_registry_and_present_on_the_next_offl
     let pulled = image(&b, "image-pulled", "hello").unwrap_or_else(|| panic!("not pulled:\n{}", tail(&b.log())));
     assert_eq!(pulled["state"], "verified");
     assert!(pulled["bytes"].as_u64().unwrap() >= payload_size() as u64);
+    // Sealed in the guest from the pulled layers by the build's code: the pinned root hash.
+    let insp: serde_json::Value = serde_json::from_slice(&Command::new(bin()).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap().stdout).unwrap();
+    let pinned = insp["slots"][0]["external_images"]["images"][0]["sealed"]["root_hash"].clone();
+    assert!(pinned.is_string() && pulled["sealed"] == pinned, "{pulled} vs {pinned}");
+    assert_eq!(image(&b, "image-ready", "hello").unwrap()["sealed"]["verity"], "verified");
     assert_eq!(image(&b, "service-exited", "hello").unwrap()["status"], 0);
     // Next boot, no network: present, verified, used.
     let b = s.boot(&disk, false);

@@ -144,6 +144,20 @@ fn sealed_image_verifies_under_the_pinned_root_hash_and_equals_umoci_unpack() {
         assert!(!blob(&b, l["digest"].as_str().unwrap()).exists(), "layer {} stored without keep-layers", l["digest"]);
     }
     let _ = &b.rootfs;
+
+    // slotforge verify recomputes each sealed image's tree up to the pinned root hash…
+    let disk = fx.path().join("a.img");
+    let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", disk.to_str().unwrap(), "--json"]))).unwrap();
+    let sealed_checks: Vec<&serde_json::Value> = v["checks"].as_array().unwrap().iter().filter(|c| c["name"].as_str().unwrap().starts_with("slot a sealed")).collect();
+    assert_eq!(sealed_checks.len(), 2, "rich and edgeview: {v}");
+    assert!(sealed_checks.iter().all(|c| c["ok"] == true), "{v}");
+    // …and names the one whose bytes changed (the largest blob: edgeview's sealed image).
+    slotforge::harness::faults::corrupt_largest_blob(&disk, fx.path()).unwrap();
+    let o = slotforge(&["verify", disk.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bad: Vec<&str> = v["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).map(|c| c["name"].as_str().unwrap()).collect();
+    assert!(bad.contains(&"slot a sealed edgeview"), "{v}");
 }
 
 #[test]

@@ -55,9 +55,10 @@ fn offline_upgrade_writes_slot_b_only_new_blobs_and_a_counted_entry() {
     assert_eq!(r["slot"], "b");
     assert_eq!(r["entry"], "slot-b+3.conf");
     assert_eq!(r["install_number"], 2);
-    // Shared blobs (analytics, the shared layer) were already there: only edgeview's new
-    // manifest, config and top layer are written.
-    assert_eq!(r["blobs_written"], 3, "{r}");
+    // Shared blobs (analytics, the shared layer, the empty config) were already there: only
+    // edgeview's new manifest, config, sealed artifact manifest and sealed image are written
+    // (sealed without keep-layers: its layers are not stored).
+    assert_eq!(r["blobs_written"], 4, "{r}");
     let after = inspect(&disk);
     assert_eq!(after["slots"][1]["release"]["build_id"], s["build_id"]);
     assert_eq!(after["slots"][0]["release"]["build_id"], b1.as_str(), "slot a untouched");
