@@ -64,7 +64,7 @@ init:
 services:
   - name: hello
     image: {host}/hello:1
-    command: [/bin/busybox, sh, -c, '/bin/busybox sha256sum /data/payload > /dev/null && /bin/busybox echo hello from the external image']
+    command: [/bin/busybox, sh, -c, '{read}/bin/busybox echo hello from the external image']
     ondisk: false
 {unsealed}  - name: ondisk
     image: oci:{ondisk}:1
@@ -82,6 +82,9 @@ boot:
             mirror = vm::GUEST_REGISTRY,
             loader = f.loader.display(),
             unsealed = if env_or("SLOTFORGE_QEMU_SEALED", true) { "" } else { "    sealed: false\n" },
+            // The service reads its whole payload (a corrupt block fails it), unless
+            // bench/sealed-boot.sh made it large: reading 500 MB under TCG outlasts the settle window.
+            read = if payload_size() <= 8_000_000 { "/bin/busybox sha256sum /data/payload > /dev/null && " } else { "" },
         );
         // bench/verity.sh compares boots without verity (the previous way).
         let manifest = if verity() { manifest } else { format!("{manifest}verity: false\n") };
@@ -176,15 +179,21 @@ fn a_fresh_disk_boots_verifies_runs_the_external_service_and_marks_good() {
     // read-only, not unpacked — tmpfs under /run holds far less than the 3 MB payload.
     let pinned = insp["slots"][0]["external_images"]["images"].as_array().and_then(|a| a.iter().find(|i| i["name"] == "hello").cloned()).expect("inspect lists hello");
     let ready = image(&b, "image-ready", "hello").expect("hello ready");
-    assert_eq!(ready["sealed"]["verity"], "verified", "{ready}");
-    assert_eq!(ready["sealed"]["device"], "/dev/mapper/slotforge-hello", "{ready}");
-    assert_eq!(ready["sealed"]["root_hash"], pinned["sealed"]["root_hash"], "{ready} vs {pinned}");
-    assert!(pinned["sealed"]["root_hash"].is_string(), "{pinned}");
     let mem = b.named("memory")[0];
-    assert_eq!(mem["sealed_mounts"], 1, "{mem}");
-    assert!(mem["run_kb"].as_u64().unwrap() * 1024 < payload_size() as u64 / 4, "image contents copied to tmpfs: {mem}");
-    let scrub = image(&b, "image-scrubbed", "hello").expect("scrubbed");
-    assert_eq!(scrub["ok"], true, "{scrub}");
+    if env_or("SLOTFORGE_QEMU_SEALED", true) {
+        assert_eq!(ready["sealed"]["verity"], "verified", "{ready}");
+        assert_eq!(ready["sealed"]["device"], "/dev/mapper/slotforge-hello", "{ready}");
+        assert_eq!(ready["sealed"]["root_hash"], pinned["sealed"]["root_hash"], "{ready} vs {pinned}");
+        assert!(pinned["sealed"]["root_hash"].is_string(), "{pinned}");
+        assert_eq!(mem["sealed_mounts"], 1, "{mem}");
+        assert!(mem["run_kb"].as_u64().unwrap() * 1024 < payload_size() as u64 / 4, "image contents copied to tmpfs: {mem}");
+        let scrub = image(&b, "image-scrubbed", "hello").expect("scrubbed");
+        assert_eq!(scrub["ok"], true, "{scrub}");
+    } else {
+        // bench/sealed-boot.sh's baseline: unpacked into tmpfs.
+        assert!(ready["sealed"].is_null() && mem["sealed_mounts"] == 0, "{ready} {mem}");
+        assert!(mem["run_kb"].as_u64().unwrap() * 1024 >= payload_size() as u64, "{mem}");
+    }
     // systemd-boot counted the try (slot-a+2-1.conf); the agent dropped the counter.
     assert_eq!(b.named("marked-good")[0]["entry"], "slot-a.conf");
     let st = b.named("status")[0];
