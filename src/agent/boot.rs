@@ -209,6 +209,23 @@ fn ready(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<(PathBuf, Opt
     }
 }
 
+/// [`ready`], reported (`image-ready` or `image-prepare-failed`, then `corrupt`); `true` if ready.
+fn make_ready(cfg: &AgentConfig, img: &ExternalImage, st: &mut ImageState, t: std::time::Instant) -> bool {
+    match ready(cfg, img) {
+        Ok((path, sealed)) => {
+            emit("image-ready", json!({"name": img.name, "path": path, "sealed": sealed, "seconds": t.elapsed().as_secs_f64()}));
+            st.sealed = sealed;
+            true
+        }
+        Err(e) => {
+            emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
+            st.state = "corrupt".into();
+            st.detail = Some(format!("{e:#}"));
+            false
+        }
+    }
+}
+
 /// The boot sequence. Returns the final status.
 pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let (rel, ext) = read_release(&cfg.root)?;
@@ -234,31 +251,13 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
         }
         if st.state == "verified" {
             let t = std::time::Instant::now();
-            match ready(cfg, img) {
-                Ok(r) => {
-                    emit("image-ready", json!({"name": img.name, "path": r.0, "sealed": r.1, "seconds": t.elapsed().as_secs_f64()}));
-                    st.sealed = r.1;
-                }
-                Err(e) => {
-                    emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
-                    st.state = "corrupt".into();
-                    st.detail = Some(format!("{e:#}"));
-                    // A sealed blob dm-verity or the kernel refuses is set aside and rebuilt.
-                    if let Some(s) = &img.sealed {
-                        st.bad_blobs = vec![s.digest.clone()];
-                        st = fix(cfg, &ext.build_id, &rel.version, img, st);
-                        if st.state == "verified" {
-                            match ready(cfg, img) {
-                                Ok(r) => {
-                                    emit("image-ready", json!({"name": img.name, "path": r.0, "sealed": r.1, "seconds": t.elapsed().as_secs_f64()}));
-                                    st.sealed = r.1;
-                                }
-                                Err(e) => {
-                                    emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
-                                    st.state = "corrupt".into();
-                                }
-                            }
-                        }
+            if !make_ready(cfg, img, &mut st, t) {
+                // A sealed blob dm-verity or the kernel refuses is set aside and rebuilt.
+                if let Some(s) = &img.sealed {
+                    st.bad_blobs = vec![s.digest.clone()];
+                    st = fix(cfg, &ext.build_id, &rel.version, img, st);
+                    if st.state == "verified" {
+                        make_ready(cfg, img, &mut st, t);
                     }
                 }
             }
