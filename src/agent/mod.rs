@@ -25,7 +25,8 @@ pub struct AgentConfig {
     pub esp: PathBuf,
     /// The mounted external-images partition.
     pub images: PathBuf,
-    /// Where verified external images are unpacked for the runtime (a tmpfs).
+    /// Where verified external images are made ready for the runtime (a tmpfs): sealed ones
+    /// mounted, unsealed ones unpacked.
     pub run_dir: PathBuf,
     /// The kernel command line (`/proc/cmdline`).
     pub cmdline: PathBuf,

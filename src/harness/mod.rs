@@ -1,10 +1,12 @@
 //! Upgrade-compatibility testing in QEMU (`slotforge test`): the VM runner (`vm`: OVMF +
 //! systemd-boot, TCG unless KVM answers), the guest's JSON events (`events`), the matrix file
 //! (`matrix`) and its driver and reports (`run`). The project's own QEMU tests use the same
-//! runner through the `slotforge-qemu-tests` crate.
+//! runner through the `slotforge-qemu-tests` crate. `logwrites` reads and replays dm-log-writes
+//! logs (QEMU's `blklogwrites`): the groundwork of crash-state replay, not yet wired to a fault.
 
 pub mod events;
 pub mod faults;
+pub mod logwrites;
 pub mod matrix;
 pub mod run;
 pub mod vm;
