@@ -191,6 +191,58 @@ pub fn list(v: &dyn EspView) -> Vec<EntryReport> {
     out
 }
 
+/// The order in which systemd-boot (252) lists entries, hence which one it starts with
+/// `timeout 0` and no `default`: the first. Entries whose counter reached `+0` go last; then
+/// entries with a `sort-key` before those without; among those, by sort-key, then `version`
+/// newest first; then by name newest first (versions and names compared as version strings).
+/// Pure: the crash-state checker asks it which slot a disk would boot.
+pub fn boot_order(entries: &[EntryReport]) -> Vec<&EntryReport> {
+    let mut v: Vec<&EntryReport> = entries.iter().collect();
+    v.sort_by(|a, b| {
+        let exhausted = |e: &EntryReport| e.tries_left == Some(0);
+        exhausted(a)
+            .cmp(&exhausted(b))
+            .then(a.sort_key.is_none().cmp(&b.sort_key.is_none()))
+            .then_with(|| match (&a.sort_key, &b.sort_key) {
+                (Some(x), Some(y)) => x.cmp(y).then_with(|| version_cmp(b.version.as_deref().unwrap_or(""), a.version.as_deref().unwrap_or(""))),
+                _ => std::cmp::Ordering::Equal,
+            })
+            .then_with(|| version_cmp(&parse_name(&b.file).0, &parse_name(&a.file).0))
+    });
+    v
+}
+
+/// Compare version strings the way systemd does for entries, in the part that matters here:
+/// runs of digits compare as numbers, other runs as text.
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn runs(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let b = s.as_bytes();
+        for i in 1..=b.len() {
+            if i == b.len() || b[i].is_ascii_digit() != b[start].is_ascii_digit() {
+                out.push((b[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ra, rb) = (runs(a), runs(b));
+    for ((da, xa), (db, xb)) in ra.iter().zip(&rb) {
+        let o = match (da, db) {
+            (true, true) => {
+                let (ta, tb) = (xa.trim_start_matches('0'), xb.trim_start_matches('0'));
+                ta.len().cmp(&tb.len()).then(ta.cmp(tb))
+            }
+            _ => xa.cmp(xb),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    ra.len().cmp(&rb.len())
+}
+
 /// A mounted ESP (the device).
 pub struct DirView(pub PathBuf);
 
@@ -253,5 +305,23 @@ mod tests {
         let c = parse_conf("slot-a+1-2.conf", "title t\nversion 4\noptions x\n");
         assert_eq!((c.install_number(), c.good_path()), (4, "loader/entries/slot-a.conf".to_string()));
         assert_eq!(parse_uki("other.efi", None, None).slot, None);
+    }
+
+    #[test]
+    fn systemd_boot_order_newest_install_first_exhausted_last() {
+        let conf = |file: &str, v: u64| parse_conf(file, &format!("title t\nsort-key {SORT_KEY}\nversion {v}\n"));
+        let names = |es: &[EntryReport]| boot_order(es).iter().map(|e| e.file.clone()).collect::<Vec<_>>();
+        // A fresh install on b (probation) goes before the good a; 10 sorts after 9 as a number.
+        assert_eq!(names(&[conf("slot-a.conf", 9), conf("slot-b+3.conf", 10)]), ["slot-b+3.conf", "slot-a.conf"]);
+        assert_eq!(names(&[conf("slot-a.conf", 9), conf("slot-b+2-1.conf", 10)])[0], "slot-b+2-1.conf");
+        // Tries used up: the older good entry boots.
+        assert_eq!(names(&[conf("slot-a.conf", 9), conf("slot-b+0-3.conf", 10)])[0], "slot-a.conf");
+        // An entry without sort-key goes after those with one, whatever its version.
+        let old = parse_conf("slot-b.conf", "title t\nversion 99\n");
+        assert_eq!(names(&[old, conf("slot-a.conf", 1)])[0], "slot-a.conf");
+        // UKIs (no sort-key here): by name, the install number compared as a number.
+        let u = |f: &str| parse_uki(f, None, None);
+        assert_eq!(names(&[u("slotforge-9-a.efi"), u("slotforge-10-b+3.efi")])[0], "slotforge-10-b+3.efi");
+        assert_eq!(version_cmp("1.10", "1.9"), std::cmp::Ordering::Greater);
     }
 }

@@ -125,10 +125,18 @@ pub struct EspReport {
     pub missing: Vec<String>,
 }
 
-/// Read the ESP back (loader, loader.conf, entries, and whether their files exist).
+/// Read the ESP back (loader, loader.conf, entries, and whether their files exist), after
+/// checking the volume's structure (`fat::check_volume`: a disk image may come from anywhere).
 pub fn read<D: Read + Write + Seek>(mut dev: D) -> anyhow::Result<EspReport> {
     let len = dev.seek(SeekFrom::End(0))?;
     crate::fat::check_volume(&mut dev, len)?;
+    read_unchecked(dev)
+}
+
+/// [`read`] without the structure check, as a firmware's FAT driver reads: a volume a power cut
+/// tore somewhere (a file being written) still yields the entries and files that are intact.
+/// Only for volumes of known origin (the crash-state checker's own replays).
+pub fn read_unchecked<D: Read + Write + Seek>(mut dev: D) -> anyhow::Result<EspReport> {
     dev.seek(SeekFrom::Start(0))?; // fatfs reads the boot sector from the current position
     let fs = FileSystem::new(dev, FsOptions::new().update_accessed_date(false)).context("ESP is not a FAT file system")?;
     let root = fs.root_dir();

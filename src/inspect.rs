@@ -128,6 +128,12 @@ fn read_slot(disk: &mut File, p: &crate::disk::GptEntry, layout: Option<&Layout>
 
 /// Read everything back from `path`.
 pub fn inspect(path: &Path) -> anyhow::Result<InspectReport> {
+    inspect_with(path, true)
+}
+
+/// [`inspect`]; `check_fat: false` reads the ESP as a firmware would, without refusing a volume
+/// whose structure a power cut left inconsistent (only for disks of known origin: crash states).
+pub fn inspect_with(path: &Path, check_fat: bool) -> anyhow::Result<InspectReport> {
     let mut disk = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let gpt = read_gpt(&mut disk)?;
     let mut errors = Vec::new();
@@ -135,11 +141,11 @@ pub fn inspect(path: &Path) -> anyhow::Result<InspectReport> {
     let mut layout = None;
     if let Some(p) = find(&gpt, types::ESP).next() {
         let w = Window::new(File::open(path)?, p.start, p.size);
-        match esp::read(ReadOnly(w)) {
+        match if check_fat { esp::read(ReadOnly(w)) } else { esp::read_unchecked(ReadOnly(w)) } {
             Ok(r) => esp_report = Some(r),
             Err(e) => errors.push(format!("ESP {}: {e:#}", p.name)),
         }
-        layout = read_layout_record(path, p.start, p.size).unwrap_or_else(|e| {
+        layout = read_layout_record(path, p.start, p.size, check_fat).unwrap_or_else(|e| {
             errors.push(format!("ESP {}: {LAYOUT_RECORD}: {e:#}", p.name));
             None
         });
@@ -168,8 +174,10 @@ fn open_ext4(path: &Path, start: u64, size: u64) -> anyhow::Result<ext4_view::Ex
     ext4_view::Ext4::load(Box::new(w)).map_err(|e| anyhow::anyhow!("not a readable ext4 file system: {e}"))
 }
 
-fn read_layout_record(path: &Path, start: u64, size: u64) -> anyhow::Result<Option<Layout>> {
-    crate::fat::check_volume(&mut Window::new(File::open(path)?, start, size), size)?;
+fn read_layout_record(path: &Path, start: u64, size: u64, check_fat: bool) -> anyhow::Result<Option<Layout>> {
+    if check_fat {
+        crate::fat::check_volume(&mut Window::new(File::open(path)?, start, size), size)?;
+    }
     let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, start, size)), fatfs::FsOptions::new().update_accessed_date(false))?;
     let mut f = match fs.root_dir().open_file(LAYOUT_RECORD) {
         Ok(f) => f,
@@ -217,42 +225,95 @@ pub struct VerifyReport {
 /// Every check `verify` makes; `ok` only if all pass.
 pub fn verify(path: &Path) -> anyhow::Result<VerifyReport> {
     let mut checks = Vec::new();
-    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
     let rep = match inspect(path) {
         Ok(r) => r,
         Err(e) => {
-            check("gpt", false, format!("{e:#}"));
+            checks.push(Check { name: "gpt".into(), ok: false, detail: format!("{e:#}") });
             return Ok(VerifyReport { ok: false, checks });
         }
     };
-    check("gpt", true, format!("{} partitions, primary and backup headers and entry CRCs valid", rep.gpt.partitions.len()));
-    for e in &rep.errors {
-        check("read", false, e.clone());
-    }
-    if let Some(l) = &rep.layout {
-        let same = l.partitions.len() == rep.gpt.partitions.len()
-            && l.partitions.iter().zip(&rep.gpt.partitions).all(|(a, b)| a.name == b.name && a.start == b.start && a.size == b.size);
-        check("layout", same, format!("GPT {} the recorded layout {} generation {}", if same { "matches" } else { "differs from" }, l.name, l.generation));
-    }
-    let mut booted_any = false;
+    checks.extend(disk_checks(&rep));
     for s in &rep.slots {
-        let name = format!("slot {}", s.slot);
-        match (&s.error, s.state.as_str()) {
-            (Some(e), _) => check(&name, false, e.clone()),
-            (None, "empty") => check(&name, true, "empty".into()),
-            (None, _) => {
-                booted_any = true;
-                let fits = s.slack.is_none_or(|x| x >= 0);
-                let rel = s.release.as_ref().unwrap();
-                check(&name, fits, format!("rootfs {} bytes{}, build {} version {}{}", s.rootfs_bytes.unwrap_or(0), if s.verity.is_some() { " (squashfs + dm-verity tree)" } else { "" }, rel.build_id, rel.version, match s.slack {
-                    Some(x) => format!(", slack {x} bytes"),
-                    None => String::new(),
-                }));
+        checks.extend(slot_checks(path, &rep, s)?);
+    }
+    let booted_any = rep.slots.iter().any(|s| s.error.is_none() && s.state != "empty");
+    checks.push(Check { name: "rootfs".into(), ok: booted_any, detail: if booted_any { "at least one slot holds a rootfs".into() } else { "no slot holds a rootfs".into() } });
+    checks.extend(esp_check(&rep));
+    checks.extend(blobs_check(path, &rep)?);
+    let ok = checks.iter().all(|c| c.ok);
+    Ok(VerifyReport { ok, checks })
+}
+
+/// What must hold for the disk to boot `slot`: the GPT and layout, the slot's rootfs, its
+/// dm-verity tree under its entry's root hash, its build's external images (sealed trees
+/// recomputed), the ESP and the images partition's blobs — the other slot may be anything (the
+/// crash-state checker asks this of the slot systemd-boot would start).
+pub fn verify_slot(path: &Path, rep: &InspectReport, slot: &str) -> anyhow::Result<VerifyReport> {
+    let mut checks = disk_checks(rep);
+    match rep.slots.iter().find(|s| s.slot == slot) {
+        Some(s) => {
+            checks.extend(slot_checks(path, rep, s)?);
+            if s.state == "empty" {
+                checks.push(Check { name: format!("slot {slot}"), ok: false, detail: "holds no rootfs".into() });
             }
         }
+        None => checks.push(Check { name: format!("slot {slot}"), ok: false, detail: "no such slot".into() }),
     }
-    for s in &rep.slots {
-        let Some(v) = &s.verity else { continue };
+    checks.extend(esp_check(rep));
+    checks.extend(blobs_check(path, rep)?);
+    let ok = checks.iter().all(|c| c.ok);
+    Ok(VerifyReport { ok, checks })
+}
+
+fn disk_checks(rep: &InspectReport) -> Vec<Check> {
+    let mut checks = vec![Check { name: "gpt".into(), ok: true, detail: format!("{} partitions, primary and backup headers and entry CRCs valid", rep.gpt.partitions.len()) }];
+    // Read errors of the ESP and the images partition (a slot's own error is its check's).
+    for e in &rep.errors {
+        checks.push(Check { name: "read".into(), ok: false, detail: e.clone() });
+    }
+    if let Some(l) = &rep.layout {
+        let same = l.partitions.len() == rep.gpt.partitions.len() && l.partitions.iter().zip(&rep.gpt.partitions).all(|(a, b)| a.name == b.name && a.start == b.start && a.size == b.size);
+        checks.push(Check { name: "layout".into(), ok: same, detail: format!("GPT {} the recorded layout {} generation {}", if same { "matches" } else { "differs from" }, l.name, l.generation) });
+    }
+    checks
+}
+
+fn esp_check(rep: &InspectReport) -> Vec<Check> {
+    vec![match &rep.esp {
+        Some(e) => {
+            let ok = e.loader_bytes.is_some_and(|b| b > 0) && e.missing.is_empty() && !e.entries.is_empty() && e.fat_type == "Fat32";
+            Check { name: "esp".into(), ok, detail: format!("{}, loader {} bytes, {} entries{}", e.fat_type, e.loader_bytes.unwrap_or(0), e.entries.len(), if e.missing.is_empty() { String::new() } else { format!(", missing: {}", e.missing.join(", ")) }) }
+        }
+        None => Check { name: "esp".into(), ok: false, detail: "unreadable".into() },
+    }]
+}
+
+fn blobs_check(path: &Path, rep: &InspectReport) -> anyhow::Result<Vec<Check>> {
+    let Some(img) = &rep.images else { return Ok(vec![]) };
+    let p = images_partition(&rep.gpt, rep.layout.as_ref()).unwrap();
+    let fs = open_ext4(path, p.start, p.size)?;
+    let problems = images::verify_blobs(&fs, img);
+    Ok(vec![Check { name: "images-blobs".into(), ok: problems.is_empty(), detail: if problems.is_empty() { format!("{} blobs, {} bytes, all digests match", img.unique_blobs, img.unique_bytes) } else { problems.join("; ") } }])
+}
+
+/// One slot's checks: its rootfs, its dm-verity tree, its build's external images.
+fn slot_checks(path: &Path, rep: &InspectReport, s: &SlotReport) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
+    let name = format!("slot {}", s.slot);
+    match (&s.error, s.state.as_str()) {
+        (Some(e), _) => check(&name, false, e.clone()),
+        (None, "empty") => check(&name, true, "empty".into()),
+        (None, _) => {
+            let fits = s.slack.is_none_or(|x| x >= 0);
+            let rel = s.release.as_ref().unwrap();
+            check(&name, fits, format!("rootfs {} bytes{}, build {} version {}{}", s.rootfs_bytes.unwrap_or(0), if s.verity.is_some() { " (squashfs + dm-verity tree)" } else { "" }, rel.build_id, rel.version, match s.slack {
+                Some(x) => format!(", slack {x} bytes"),
+                None => String::new(),
+            }));
+        }
+    }
+    if let Some(v) = &s.verity {
         let name = format!("slot {} verity", s.slot);
         let p = rep.gpt.partitions.iter().find(|g| g.name == s.partition).unwrap();
         let mut w = Window::new(File::open(path)?, p.start, p.size);
@@ -267,68 +328,45 @@ pub fn verify(path: &Path) -> anyhow::Result<VerifyReport> {
             }),
             Err(e) => check(&name, false, format!("{e:#}")),
         }
-    }
-    for s in rep.slots.iter().filter(|s| s.verity.is_none() && s.state == "squashfs") {
+    } else if s.state == "squashfs" {
         let entry = rep.esp.as_ref().and_then(|e| e.entries.iter().find(|en| en.slot.as_deref() == Some(s.slot.as_str())));
         if entry.and_then(|e| e.options.as_deref()).and_then(crate::cmdline::verity_of).is_some() {
             check(&format!("slot {} verity", s.slot), false, "the boot entry names a root hash but the slot has no verity tree".into());
         }
     }
-    check("rootfs", booted_any, if booted_any { "at least one slot holds a rootfs".into() } else { "no slot holds a rootfs".into() });
-    match &rep.esp {
-        Some(e) => {
-            let ok = e.loader_bytes.is_some_and(|b| b > 0) && e.missing.is_empty() && !e.entries.is_empty() && e.fat_type == "Fat32";
-            check("esp", ok, format!("{}, loader {} bytes, {} entries{}", e.fat_type, e.loader_bytes.unwrap_or(0), e.entries.len(), if e.missing.is_empty() { String::new() } else { format!(", missing: {}", e.missing.join(", ")) }));
-        }
-        None => check("esp", false, "unreadable".into()),
+    let Some(ext) = &s.external_images else { return Ok(checks) };
+    let name = format!("slot {} external images", s.slot);
+    if ext.images.is_empty() {
+        check(&name, true, "none needed".into());
+        return Ok(checks);
     }
-    if let Some(img) = &rep.images {
-        let p = images_partition(&rep.gpt, rep.layout.as_ref()).unwrap();
-        let fs = open_ext4(path, p.start, p.size)?;
-        let problems = images::verify_blobs(&fs, img);
-        check("images-blobs", problems.is_empty(), if problems.is_empty() { format!("{} blobs, {} bytes, all digests match", img.unique_blobs, img.unique_bytes) } else { problems.join("; ") });
-    }
-    for s in &rep.slots {
-        let Some(ext) = &s.external_images else { continue };
-        let name = format!("slot {} external images", s.slot);
-        if ext.images.is_empty() {
-            check(&name, true, "none needed".into());
-            continue;
-        }
-        let Some(img) = &rep.images else {
-            check(&name, false, "the disk has no readable external-images partition".into());
-            continue;
+    let Some(img) = &rep.images else {
+        check(&name, false, "the disk has no readable external-images partition".into());
+        return Ok(checks);
+    };
+    let Some(b) = img.builds.iter().find(|b| b.build_id == ext.build_id) else {
+        check(&name, false, format!("build {} is not in the external-images partition", ext.build_id));
+        return Ok(checks);
+    };
+    let missing: Vec<String> = ext.images.iter().filter(|e| !b.images.iter().any(|i| i.name == e.name && i.digest == e.digest)).map(|e| format!("{} {}", e.name, e.digest)).collect();
+    check(&name, missing.is_empty(), if missing.is_empty() { format!("{} images of build {} present", ext.images.len(), ext.build_id) } else { format!("missing: {}", missing.join(", ")) });
+    // Each sealed image: listed with its artifact, and its dm-verity tree recomputed up to the
+    // root hash this slot pins.
+    let p = images_partition(&rep.gpt, rep.layout.as_ref()).unwrap();
+    let fs = open_ext4(path, p.start, p.size)?;
+    for e in &ext.images {
+        let Some(sl) = &e.sealed else { continue };
+        let listed = b.images.iter().any(|i| i.name == e.name && i.sealed.as_deref() == Some(sl.artifact.as_str()));
+        let r = if !listed {
+            Err(anyhow::anyhow!("artifact {} is not listed in build {}'s set", sl.artifact, ext.build_id))
+        } else {
+            images::LayoutFs::open(&fs, &format!("/blobs/sha256/{}", sl.digest.trim_start_matches("sha256:"))).and_then(|f| crate::sealed::check_blob(f, &e.digest, sl))
         };
-        let Some(b) = img.builds.iter().find(|b| b.build_id == ext.build_id) else {
-            check(&name, false, format!("build {} is not in the external-images partition", ext.build_id));
-            continue;
-        };
-        let missing: Vec<String> = ext
-            .images
-            .iter()
-            .filter(|e| !b.images.iter().any(|i| i.name == e.name && i.digest == e.digest))
-            .map(|e| format!("{} {}", e.name, e.digest))
-            .collect();
-        check(&name, missing.is_empty(), if missing.is_empty() { format!("{} images of build {} present", ext.images.len(), ext.build_id) } else { format!("missing: {}", missing.join(", ")) });
-        // Each sealed image: listed with its artifact, and its dm-verity tree recomputed up to
-        // the root hash this slot pins.
-        let p = images_partition(&rep.gpt, rep.layout.as_ref()).unwrap();
-        let fs = open_ext4(path, p.start, p.size)?;
-        for e in &ext.images {
-            let Some(sl) = &e.sealed else { continue };
-            let listed = b.images.iter().any(|i| i.name == e.name && i.sealed.as_deref() == Some(sl.artifact.as_str()));
-            let r = if !listed {
-                Err(anyhow::anyhow!("artifact {} is not listed in build {}'s set", sl.artifact, ext.build_id))
-            } else {
-                images::LayoutFs::open(&fs, &format!("/blobs/sha256/{}", sl.digest.trim_start_matches("sha256:"))).and_then(|f| crate::sealed::check_blob(f, &e.digest, sl))
-            };
-            let what = format!("slot {} sealed {}", s.slot, e.name);
-            match r {
-                Ok(()) => check(&what, true, format!("dm-verity root {} matches ({} bytes)", sl.root_hash, sl.size)),
-                Err(x) => check(&what, false, format!("{x:#}")),
-            }
+        let what = format!("slot {} sealed {}", s.slot, e.name);
+        match r {
+            Ok(()) => check(&what, true, format!("dm-verity root {} matches ({} bytes)", sl.root_hash, sl.size)),
+            Err(x) => check(&what, false, format!("{x:#}")),
         }
     }
-    let ok = checks.iter().all(|c| c.ok);
-    Ok(VerifyReport { ok, checks })
+    Ok(checks)
 }

@@ -108,34 +108,42 @@ pub fn parse(mut r: impl Read + Seek) -> anyhow::Result<Log> {
 /// Apply `which` entries of `log` (indices, in log order) to `disk`: each write's data copied from
 /// the log to its sector, a discard as zeros, flushes and marks ignored. Streams in chunks.
 pub fn apply(log: &Log, mut log_file: impl Read + Seek, mut disk: impl Write + Seek, which: impl IntoIterator<Item = usize>) -> anyhow::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
     let mut written = 0;
     for i in which {
         let e = log.entries.get(i).with_context(|| format!("no entry {i} in the log"))?;
-        if e.sectors == 0 || e.flags & MARK != 0 {
-            continue;
-        }
-        let mut left = e.sectors * log.sector_size;
-        disk.seek(SeekFrom::Start(e.sector * log.sector_size))?;
-        if e.flags & DISCARD != 0 {
-            buf.fill(0);
-            while left > 0 {
-                let k = left.min(buf.len() as u64) as usize;
-                disk.write_all(&buf[..k])?;
-                left -= k as u64;
-            }
-        } else {
-            log_file.seek(SeekFrom::Start(e.data_at))?;
-            while left > 0 {
-                let k = left.min(buf.len() as u64) as usize;
-                log_file.read_exact(&mut buf[..k])?;
-                disk.write_all(&buf[..k])?;
-                left -= k as u64;
-            }
-        }
-        written += e.sectors * log.sector_size;
+        written += apply_sectors(log, &mut log_file, &mut disk, i, e.sectors)?;
     }
     Ok(written)
+}
+
+/// Apply the first `sectors` sectors of entry `i` only: a write torn by a power cut (a disk
+/// persists whole sectors, not whole requests). Returns the bytes written.
+pub fn apply_sectors(log: &Log, mut log_file: impl Read + Seek, mut disk: impl Write + Seek, i: usize, sectors: u64) -> anyhow::Result<u64> {
+    let e = log.entries.get(i).with_context(|| format!("no entry {i} in the log"))?;
+    if e.sectors == 0 || e.flags & MARK != 0 {
+        return Ok(0);
+    }
+    let n = sectors.min(e.sectors);
+    let mut buf = vec![0u8; (n * log.sector_size).min(1 << 20) as usize];
+    let mut left = n * log.sector_size;
+    disk.seek(SeekFrom::Start(e.sector * log.sector_size))?;
+    if e.flags & DISCARD != 0 {
+        buf.fill(0);
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            disk.write_all(&buf[..k])?;
+            left -= k as u64;
+        }
+    } else {
+        log_file.seek(SeekFrom::Start(e.data_at))?;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            log_file.read_exact(&mut buf[..k])?;
+            disk.write_all(&buf[..k])?;
+            left -= k as u64;
+        }
+    }
+    Ok(n * log.sector_size)
 }
 
 #[cfg(test)]
@@ -197,8 +205,13 @@ mod tests {
         assert!(d[..512].iter().all(|b| *b == 0xcd));
         // Only the last write (a cache that kept it and lost the first).
         let mut disk = Cursor::new(vec![0x11u8; 4096]);
-        apply(&log, Cursor::new(raw), &mut disk, [4]).unwrap();
+        apply(&log, Cursor::new(raw.clone()), &mut disk, [4]).unwrap();
         assert!(disk.get_ref()[1024..2048].iter().all(|b| *b == 0x11));
+        // The first write torn after one of its two sectors.
+        let mut disk = Cursor::new(vec![0x11u8; 4096]);
+        assert_eq!(apply_sectors(&log, Cursor::new(raw), &mut disk, 0, 1).unwrap(), 512);
+        let d = disk.get_ref();
+        assert!(d[1024..1536].iter().all(|b| *b == 0xab) && d[1536..2048].iter().all(|b| *b == 0x11));
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub enum Fault {
     CorruptImage,
     /// The guest's network is cut for the step's boots (pull-on-miss cannot reach the registry).
     NetworkDown,
+    /// Record the apply and the first boot of the new slot (boot counting, mark-good, GC) with
+    /// every write logged; check every crash state a power cut could leave offline, and boot
+    /// this many of them (default 2) in QEMU — an apply's states then re-run the apply.
+    CrashStates(Option<usize>),
 }
 
 /// The apply steps a power cut can hit (docs/upgrade-protocol.md).
@@ -118,10 +122,15 @@ impl Fault {
             "wrong-key" => Fault::WrongKey,
             "corrupt-image" => Fault::CorruptImage,
             "network-down" => Fault::NetworkDown,
+            "crash-states" => Fault::CrashStates(None),
+            _ if s.starts_with("crash-states:") => match s["crash-states:".len()..].parse() {
+                Ok(n) => Fault::CrashStates(Some(n)),
+                Err(_) => return Err(format!("{s:?}: crash-states:N, N the number of states to boot")),
+            },
             _ => match s.strip_prefix("power-cut:") {
                 Some(step) if APPLY_STEPS.contains(&step) => Fault::PowerCut(step.to_string()),
                 Some(step) => return Err(format!("power-cut at unknown apply step {step:?} (one of {})", APPLY_STEPS.join(", "))),
-                None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image, network-down)")),
+                None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image, network-down, crash-states[:N])")),
             },
         })
     }
@@ -132,6 +141,8 @@ impl Fault {
             Fault::WrongKey => "wrong-key".into(),
             Fault::CorruptImage => "corrupt-image".into(),
             Fault::NetworkDown => "network-down".into(),
+            Fault::CrashStates(None) => "crash-states".into(),
+            Fault::CrashStates(Some(n)) => format!("crash-states:{n}"),
         }
     }
 }
@@ -252,6 +263,9 @@ paths:
         let l = parse(Path::new("m.yaml"), M).unwrap();
         assert_eq!(l.matrix.paths[0].steps.len(), 3);
         assert_eq!(Fault::parse("power-cut:slot-written").unwrap(), Fault::PowerCut("slot-written".into()));
+        assert_eq!(Fault::parse("crash-states:3").unwrap(), Fault::CrashStates(Some(3)));
+        assert_eq!(Fault::parse("crash-states").unwrap().name(), "crash-states");
+        assert!(Fault::parse("crash-states:many").unwrap_err().contains("crash-states:N"));
         let bad = |from: &str, to: &str| parse(Path::new("m.yaml"), &M.replace(from, to)).unwrap_err();
         let e = bad("upgrade: v2", "upgrade: v3");
         assert_eq!((e.line, e.column), (11, 18), "{e}");

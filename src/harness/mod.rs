@@ -2,8 +2,9 @@
 //! systemd-boot, TCG unless KVM answers), the guest's JSON events (`events`), the matrix file
 //! (`matrix`) and its driver and reports (`run`). The project's own QEMU tests use the same
 //! runner through the `slotforge-qemu-tests` crate. `logwrites` reads and replays dm-log-writes
-//! logs (QEMU's `blklogwrites`): the groundwork of crash-state replay, not yet wired to a fault.
+//! logs (QEMU's `blklogwrites`); `crash` rebuilds and checks every state a power cut can leave.
 
+pub mod crash;
 pub mod events;
 pub mod faults;
 pub mod logwrites;

@@ -22,6 +22,10 @@ pub struct Options {
     pub jobs: usize,
     /// The blob cache `slotforge build`/`bundle` use.
     pub cache: Option<PathBuf>,
+    /// `crash-states`: states to boot, overriding each step's budget.
+    pub crash_boots: Option<usize>,
+    /// `crash-states`: every prefix and torn write, 8 subsets per interval.
+    pub crash_full: bool,
     /// Called with one line per finished step (progress on the terminal).
     pub on_step: Box<dyn Fn(&StepResult) + Sync>,
 }

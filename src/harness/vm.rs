@@ -5,7 +5,7 @@
 
 use super::events;
 use anyhow::{bail, Context};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -36,11 +36,14 @@ pub struct VmOptions {
     /// Kill the VM (like a reset) as soon as the serial log contains one of these, e.g. the
     /// loader's "Access Denied" for an image whose signature does not verify.
     pub stop_on_serial: Vec<String>,
+    /// Record every write and flush the guest sends to `disk` in this dm-log-writes log (QEMU's
+    /// `blklogwrites` driver between the virtio disk and the file): crash-state replay.
+    pub log_writes: Option<PathBuf>,
 }
 
 impl VmOptions {
     pub fn new(disk: &Path, work_dir: &Path, name: &str) -> Self {
-        Self { disk: disk.into(), extra_disks: vec![], registry_port: None, timeout: Duration::from_secs(180), memory_mb: 512, work_dir: work_dir.into(), name: name.into(), secure_boot: false, stop_on_serial: vec![] }
+        Self { disk: disk.into(), extra_disks: vec![], registry_port: None, timeout: Duration::from_secs(180), memory_mb: 512, work_dir: work_dir.into(), name: name.into(), secure_boot: false, stop_on_serial: vec![], log_writes: None }
     }
 }
 
@@ -133,7 +136,19 @@ fn spawn(o: &VmOptions, vars: &Path, serial: &Path) -> anyhow::Result<Child> {
         .args(["-drive", &format!("if=pflash,format=raw,file={}", vars.display())])
         .args(["-serial", &format!("file:{}", serial.display())]);
     for (i, d) in std::iter::once(&o.disk).chain(&o.extra_disks).enumerate() {
-        c.args(["-drive", &format!("file={},if=none,id=d{i},format=raw", d.display())]).args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
+        match (&o.log_writes, i) {
+            (Some(log), 0) => {
+                // blklogwrites: its super block (entry count) is rewritten every 4096 entries
+                // and when QEMU closes the log, so a recording is whole only if the VM exits.
+                let spec = json!({"driver": "blklogwrites", "node-name": "d0",
+                    "file": {"driver": "file", "filename": d}, "log": {"driver": "file", "filename": log}});
+                c.args(["-blockdev", &spec.to_string()]);
+            }
+            _ => {
+                c.args(["-drive", &format!("file={},if=none,id=d{i},format=raw", d.display())]);
+            }
+        }
+        c.args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
     }
     match o.registry_port {
         Some(p) => {
@@ -167,6 +182,10 @@ pub fn boot(o: &VmOptions, stop: &dyn Fn(&[Value]) -> bool) -> anyhow::Result<Bo
     };
     let _ = accel(); // decide (and probe) before the clock starts
     let start = Instant::now();
+    if let Some(log) = &o.log_writes {
+        // QEMU opens the log; it must exist (an empty file: blklogwrites writes a new super block).
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    }
     let mut child = spawn(o, &vars, &serial)?;
     let outcome = loop {
         if let Some(st) = child.try_wait()? {

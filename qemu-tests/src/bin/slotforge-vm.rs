@@ -4,9 +4,10 @@
 //!   the reference initramfs: busybox, the modules a virtio/verity boot needs, veritysetup) and
 //!   the reference appliance base image (busybox, the slotforge agent, runc, the reference init),
 //!   as OCI layouts `OUT_DIR/kernel:1` and `OUT_DIR/base:1` — the same images the tests boot.
-//! - `slotforge-vm boot DISK [--bundle FILE] [--registry-port N] [--timeout S] [--work DIR]`:
+//! - `slotforge-vm boot DISK [--bundle FILE] [--registry-port N] [--timeout S] [--work DIR] [--log-writes LOG]`:
 //!   boot a disk under QEMU + OVMF (TCG unless KVM answers) and print the agent's events as they
-//!   come; exit 0 when the guest powered off by itself.
+//!   come; exit 0 when the guest powered off by itself. `--log-writes LOG` records every write
+//!   and flush to DISK in LOG (dm-log-writes format, QEMU's `blklogwrites`).
 
 use anyhow::{bail, Context};
 use slotforge_qemu_tests::{fixtures, vm};
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 fn usage() -> ! {
-    eprintln!("usage: slotforge-vm images OUT_DIR [--agent BIN]\n       slotforge-vm boot DISK [--bundle FILE] [--registry-port N] [--timeout SECONDS] [--work DIR]");
+    eprintln!("usage: slotforge-vm images OUT_DIR [--agent BIN]\n       slotforge-vm boot DISK [--bundle FILE] [--registry-port N] [--timeout SECONDS] [--work DIR] [--log-writes LOG]");
     std::process::exit(64)
 }
 
@@ -64,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             let port = flag(&mut args, "--registry-port").map(|p| p.parse::<u16>()).transpose()?;
             let timeout = flag(&mut args, "--timeout").map(|t| t.parse::<u64>()).transpose()?.unwrap_or(300);
             let work = flag(&mut args, "--work");
+            let log = flag(&mut args, "--log-writes");
             let [_, disk] = &args[..] else { usage() };
             let disk = PathBuf::from(disk);
             let work = work.map(PathBuf::from).unwrap_or_else(|| disk.with_extension("vm"));
@@ -71,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             o.timeout = Duration::from_secs(timeout);
             o.registry_port = port;
             o.extra_disks.extend(bundle.map(PathBuf::from));
+            o.log_writes = log.map(PathBuf::from);
             eprintln!("booting {} under QEMU ({}), serial log in {}", disk.display(), vm::accel(), work.display());
             let shown = Cell::new(0usize);
             let print = |events: &[serde_json::Value]| {
