@@ -3,7 +3,8 @@
 //! a power cut mid-apply then a completed upgrade, a thin bundle whose images come from the
 //! registry (then a corrupted blob repaired from it; and the same without network: degraded),
 //! a bundle signed by an untrusted key then a trusted one, an install through the USB
-//! installer, an upgrade from a build with unsealed images to sealed ones and back, and one path
+//! installer, an upgrade from a build with unsealed images to sealed ones and back, an upgrade
+//! recorded write by write whose crash states are all checked offline and two booted, and one path
 //! whose expectation is deliberately wrong — which must fail with a diagnosis while the others
 //! pass. The JUnit and JSON reports are read back.
 
@@ -32,6 +33,7 @@ fn a_matrix_runs_through_slotforge_test_with_junit_and_json_reports() {
   signed: {{manifest: {signed}}}
   signed2: {{manifest: {signed2}, key: {release}}}
   unsealed: {{manifest: {unsealed}}}
+  small2: {{manifest: {small2}}}
 layouts:
   gen2: {gen2}
 registry: 127.0.0.1:{port}
@@ -87,12 +89,19 @@ paths:
         expect: {{slot: b, variant: small, state: ok}}
       - upgrade: unsealed
         expect: {{slot: a, variant: unsealed, state: ok}}
+  - name: crash
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: small2
+        fault: crash-states:3
+        expect: {{slot: b, variant: small2, state: ok}}
 "#,
         small = w.manifest("small").display(),
         large = w.manifest("large").display(),
         signed = w.manifest("signed").display(),
         signed2 = w.manifest("signed2").display(),
         unsealed = w.manifest("unsealed").display(),
+        small2 = w.manifest("small2").display(),
         release = w.key("release").display(),
         port = w.reg.port,
         gen2 = World::layout(2).display(),
@@ -110,7 +119,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3), ("crash", 2)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -134,16 +143,50 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(17), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(19), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"19\" failures=\"1\" skipped=\"1\""), "{x}");
-    assert_eq!(x.matches("<testsuite ").count(), 8);
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"21\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 9);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());
     assert!(std::fs::read_dir(keep.join("paths/power-cut/vm")).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".serial.log")));
+    // Crash states: the apply and the first boot recorded, every sampled state checked offline
+    // and sound, three booted in QEMU (where the decision changes first: the new slot on
+    // probation, the new slot's first rename; then an apply state on the old slot, where the
+    // apply re-ran to the new slot).
+    let c = &result("crash", 1)["observed"]["crash_states"];
+    let ops = c["operations"].as_array().unwrap();
+    assert_eq!(ops.iter().map(|o| o["operation"].as_str().unwrap()).collect::<Vec<_>>(), ["apply", "first-boot"], "{c}");
+    for o in ops {
+        assert!(o["states"].as_u64().unwrap() > o["flushes"].as_u64().unwrap(), "every flush boundary and samples between: {o}");
+        assert_eq!(o["failed"], 0, "{o}");
+    }
+    let apply_to: Vec<&String> = ops[0]["decisions"].as_object().unwrap().keys().collect();
+    assert!(apply_to.iter().any(|k| k.starts_with("slot-a")) && apply_to.iter().any(|k| k.starts_with("slot-b+3")), "the apply's states boot the old slot, then the new one on probation: {apply_to:?}");
+    assert!(ops[0]["by_region"]["rootfs_b"]["writes"].as_u64().unwrap() > 0 && ops[0]["by_region"]["rootfs_a"].is_null(), "{}", ops[0]);
+    let booted = c["booted"].as_array().unwrap();
+    assert_eq!(booted.len(), 3, "{c}");
+    assert!(booted.iter().all(|b| b["ok"] == true), "{c}");
+    assert!(booted.iter().any(|b| b["operation"] == "apply" && b["slot"] == "b"), "{c}");
+    assert!(booted.iter().any(|b| b["rerun"] == true), "{c}");
+    // Independently: replaying the whole apply log onto the disk before gives, byte for byte, the
+    // disk QEMU left; and `slotforge crash-states` on the kept recording agrees with the step.
+    let cd = keep.join("paths/crash/crash");
+    let log = slotforge::harness::logwrites::parse(std::fs::File::open(cd.join("apply.log")).unwrap()).unwrap();
+    let replayed = d.join("replayed.img");
+    std::fs::copy(cd.join("before-apply.img"), &replayed).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&replayed).unwrap();
+    slotforge::harness::logwrites::apply(&log, std::fs::File::open(cd.join("apply.log")).unwrap(), &mut f, 0..log.entries.len()).unwrap();
+    drop(f);
+    let sha = |p: &Path| String::from_utf8(Command::new("sha256sum").arg(p).output().unwrap().stdout).unwrap()[..64].to_string();
+    assert_eq!(sha(&replayed), sha(&cd.join("before-first-boot.img")), "the whole log replayed = the disk after the apply");
+    let o = Command::new(bin()).args(["crash-states", cd.join("before-apply.img").to_str().unwrap(), cd.join("apply.log").to_str().unwrap(), "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((again["states"].clone(), again["failed"].clone()), (ops[0]["states"].clone(), serde_json::json!(0)), "same log, same sample, same verdicts");
     // --only picks one path; nothing else runs.
     let o = Command::new(bin()).args(["test", m.to_str().unwrap(), "--only", "wrong-*", "--json", "--cache", d.join("cache").to_str().unwrap()]).output().unwrap();
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

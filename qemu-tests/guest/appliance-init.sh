@@ -18,7 +18,15 @@ if grep -q slotforge.install /proc/cmdline; then
   echo '@slotforge {"event":"poweroff"}'
   poweroff -f
 fi
-mount -t vfat "$(bylabel esp)" /boot/efi
+# FAT has no journal: a power cut while a file was being written leaves leaked clusters or a
+# temporary file whose chain is short (docs/upgrade-protocol.md#crash-states). Repair before
+# mounting read-write, so damage never accumulates; systemd-boot has already read it by now.
+esp=$(bylabel esp)
+if [ -x /usr/sbin/fsck.fat ]; then
+  out=$(/usr/sbin/fsck.fat -a "$esp" 2>&1); rc=$?
+  [ "$rc" = 1 ] && echo "@slotforge {\"event\":\"esp-repaired\",\"fsck_exit\":$rc,\"lines\":$(printf '%s\n' "$out" | grep -vc '^$')}"
+fi
+mount -t vfat "$esp" /boot/efi
 mount -t ext4 "$(bylabel images)" /var/lib/slotforge/images
 if [ -e /sys/class/net/eth0 ]; then
   ip link set lo up
@@ -45,7 +53,9 @@ if [ -b /dev/vdb ]; then
   fi
 fi
 /usr/bin/slotforge agent shutdown
-umount /var/lib/slotforge/images
+# Open sealed images (dm-verity over loop over files in the partition) keep it busy: then
+# remount it read-only, which commits the journal and marks it clean all the same.
+umount /var/lib/slotforge/images 2>/dev/null || mount -o remount,ro /var/lib/slotforge/images
 umount /boot/efi
 sync
 echo "@slotforge {\"event\":\"$next\"}"

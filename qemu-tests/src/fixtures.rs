@@ -22,6 +22,9 @@ pub const MODULES: &[&str] = &[
 /// and the agent sealed external images.
 pub const VERITYSETUP: &str = "/sbin/veritysetup";
 pub const BUSYBOX: &str = "/bin/busybox";
+/// Debian's fsck.fat (dosfstools): the reference init repairs the ESP with it before mounting.
+pub const FSCK_FAT: &str = "/sbin/fsck.fat";
+
 /// Debian's runc: the appliance runs its LinuxKit containers with it.
 pub const RUNC: &str = "/usr/sbin/runc";
 pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
@@ -202,6 +205,8 @@ pub fn build(agent: &Path) -> anyhow::Result<Fixtures> {
     copy_with_libs(Path::new(RUNC), &b.join("usr/sbin/runc"), &b).context("runc is needed (apt-get install runc)")?;
     // The agent opens sealed external images with dm-verity (docs/agent.md).
     copy_with_libs(Path::new(VERITYSETUP), &b.join("usr/sbin/veritysetup"), &b).context("veritysetup is needed (apt-get install cryptsetup-bin)")?;
+    // The reference init repairs the ESP before mounting it (a power cut tears FAT).
+    copy_with_libs(Path::new(FSCK_FAT), &b.join("usr/sbin/fsck.fat"), &b).context("fsck.fat is needed (apt-get install dosfstools)")?;
     let _ = Command::new("strip").arg(b.join("usr/bin/slotforge")).status();
     std::fs::write(b.join("sbin/init"), APPLIANCE_INIT)?;
     run("chmod", &["755", b.join("sbin/init").to_str().unwrap()])?;

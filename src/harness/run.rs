@@ -14,6 +14,8 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod crash_step;
+
 pub struct Options {
     /// `PATH` or `PATH/STEP` globs (`*` matches any run of characters); empty: everything.
     pub only: Vec<String>,
@@ -210,12 +212,18 @@ impl Device<'_> {
         self.boot_disk(&self.disk, "dev", extra, pause)
     }
 
-    fn boot_disk(&self, disk: &Path, name: &str, extra: &[PathBuf], pause: Option<&str>) -> anyhow::Result<Boot> {
+    /// The VM settings of this path's boots of `disk`.
+    fn vm_options(&self, disk: &Path, name: &str, extra: &[PathBuf]) -> VmOptions {
         let mut o = VmOptions::new(disk, &self.dir.join("vm"), name);
         o.registry_port = self.network;
         o.memory_mb = self.sh.m.matrix.memory.unwrap_or(768);
         o.timeout = Duration::from_secs(self.sh.m.matrix.boot_timeout.unwrap_or(300));
         o.extra_disks.extend(extra.iter().cloned());
+        o
+    }
+
+    fn boot_disk(&self, disk: &Path, name: &str, extra: &[PathBuf], pause: Option<&str>) -> anyhow::Result<Boot> {
+        let mut o = self.vm_options(disk, name, extra);
         if let Some(p) = pause {
             let f = self.dir.join("pause.disk");
             let mut data = p.as_bytes().to_vec();
@@ -336,6 +344,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
         }
         let t = Instant::now();
         let mut boots: Vec<Boot> = Vec::new();
+        let mut crash: Option<crash_step::CrashStep> = None;
         let r: anyhow::Result<Option<String>> = (|| {
             let Some(step) = step else {
                 let v = &p.install.variant.value;
@@ -390,6 +399,10 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
                 }
             };
             match &fault {
+                Some(Fault::CrashStates(budget)) => {
+                    let c = dev.crash_states(&bundle, *budget, opts, &mut boots)?;
+                    crash = Some(c);
+                }
                 Some(Fault::PowerCut(at)) => {
                     boots.push(dev.boot(&[bundle], Some(at))?);
                     dev.boot_until_status(&mut boots)?;
@@ -418,8 +431,12 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
         let (result, observed, message) = match r {
             Err(e) => ("fail", Value::Null, format!("{e:#}")),
             Ok(refused) => {
-                let obs = dev.observe(&boots, refused);
-                let bad = compare(&expect, &obs);
+                let mut obs = dev.observe(&boots, refused);
+                let mut bad = compare(&expect, &obs);
+                if let Some(c) = &crash {
+                    bad.extend(c.problems.iter().cloned());
+                    obs["crash_states"] = serde_json::to_value(c).unwrap_or_default();
+                }
                 if bad.is_empty() {
                     ("pass", obs, String::new())
                 } else {
@@ -490,6 +507,9 @@ pub fn table(r: &Report) -> String {
     let mut out = format!("{:<w$}  {:<l$}  {:<7}  {:>8}  {}\n", "path", "step", "result", "seconds", "boots");
     for s in &r.steps {
         out += &format!("{:<w$}  {:<l$}  {:<7}  {:>8.1}  {}\n", s.path, s.label, s.result, s.seconds, s.boots);
+    }
+    for s in r.steps.iter().filter(|s| !s.observed["crash_states"].is_null()) {
+        out += &crash_step::table_lines(&s.path, &s.label, &s.observed["crash_states"]);
     }
     out += &format!("{} passed, {} failed, {} skipped in {:.0} s ({}, {} job{})\n", r.passed, r.failed, r.skipped, r.seconds, r.accel, r.jobs, if r.jobs == 1 { "" } else { "s" });
     for s in r.steps.iter().filter(|s| s.result == "fail") {

@@ -74,14 +74,14 @@ pub struct OperationReport {
 }
 
 impl OperationReport {
-    /// Flush states where the decision differs from the previous flush state's (the first
-    /// included): where booting tells the most.
+    /// Flush states where the decision differs from the previous flush state's (not the first
+    /// state: that is the disk before): where booting tells the most.
     pub fn decision_changes(&self) -> Vec<usize> {
         let mut out = Vec::new();
         let mut last: Option<(Option<String>, Option<String>)> = None;
         for (i, r) in self.results.iter().enumerate().filter(|(_, r)| r.kind == Kind::Flush) {
             let d = (r.decision.entry.clone(), r.decision.build.clone());
-            if last.as_ref() != Some(&d) {
+            if last.as_ref().is_some_and(|l| *l != d) {
                 out.push(i);
             }
             last = Some(d);

@@ -1,0 +1,211 @@
+//! The `crash-states` fault of an upgrade step: record the apply and the new slot's first boot
+//! (boot counting, mark-good, GC) with every write logged, check every crash state offline
+//! (`harness::crash`), then boot a budget of them in QEMU — each must reach a good slot, and an
+//! apply's state must take a re-run of the apply through to the new slot.
+
+use super::{Device, Options};
+use crate::harness::crash::{self, plan::Sampling, OperationReport, Recording};
+use crate::harness::vm::{self, Boot, Outcome};
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What one operation's replay found.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpSummary {
+    pub operation: String,
+    pub log_entries: usize,
+    pub writes: usize,
+    pub write_bytes: u64,
+    pub flushes: usize,
+    pub by_region: BTreeMap<String, crash::RegionWrites>,
+    pub states: usize,
+    pub failed: usize,
+    /// States by the entry (and build) they boot.
+    pub decisions: BTreeMap<String, usize>,
+    /// States whose ESP needed the boot-time repair (`fsck.vfat -a`) beyond the dirty bit.
+    pub esp_repaired: usize,
+    pub seconds: f64,
+}
+
+/// One state booted in QEMU.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootedState {
+    pub operation: String,
+    pub state: String,
+    pub expected_slot: Option<String>,
+    pub slot: Option<String>,
+    pub status: Option<String>,
+    /// An apply's state: the re-run of the apply reached the new slot.
+    pub rerun: Option<bool>,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CrashStep {
+    pub operations: Vec<OpSummary>,
+    pub booted: Vec<BootedState>,
+    /// Every failure, one line each (empty: the step's crash check passed).
+    pub problems: Vec<String>,
+}
+
+fn cp(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let st = std::process::Command::new("cp").arg("--sparse=always").arg(from).arg(to).status()?;
+    if !st.success() {
+        bail!("copying {} to {}", from.display(), to.display());
+    }
+    Ok(())
+}
+
+fn last_status(boots: &[Boot]) -> Option<Value> {
+    boots.iter().rev().find_map(|b| b.named("status").last().map(|v| (*v).clone()))
+}
+
+impl Device<'_> {
+    /// Boot `disk` until a boot reports `status` (at most 4: a slot on probation that fails
+    /// spends its tries first).
+    fn boot_to_status(&self, disk: &Path, extra: &[PathBuf]) -> anyhow::Result<Vec<Boot>> {
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            let b = vm::boot(&self.vm_options(disk, "crash", extra), &|_| false)?;
+            let done = !b.named("status").is_empty() || b.outcome != Outcome::Exited;
+            out.push(b);
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn crash_states(&self, bundle: &Path, budget: Option<usize>, opts: &Options, boots: &mut Vec<Boot>) -> anyhow::Result<CrashStep> {
+        let dir = self.dir.join("crash");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut problems = Vec::new();
+        // Record the apply.
+        let before_apply = dir.join("before-apply.img");
+        cp(&self.disk, &before_apply)?;
+        let mut o = self.vm_options(&self.disk, "dev", &[bundle.to_path_buf()]);
+        o.log_writes = Some(dir.join("apply.log"));
+        let b = vm::boot(&o, &|_| false)?;
+        let applied = b.named("applied").first().map(|a| (*a).clone());
+        let exited = b.outcome == Outcome::Exited;
+        boots.push(b);
+        let Some(applied) = applied else {
+            return Ok(CrashStep { operations: vec![], booted: vec![], problems: vec!["crash-states: the recorded apply did not complete (no `applied` event)".into()] });
+        };
+        if !exited {
+            bail!("crash-states: the recording VM did not exit by itself, so the log is incomplete");
+        }
+        // Record the new slot's first boot: boot counting, mark-good, GC.
+        let before_first = dir.join("before-first-boot.img");
+        cp(&self.disk, &before_first)?;
+        let mut o = self.vm_options(&self.disk, "dev", &[]);
+        o.log_writes = Some(dir.join("first-boot.log"));
+        let b = vm::boot(&o, &|_| false)?;
+        let first_ok = !b.named("status").is_empty() && b.outcome == Outcome::Exited;
+        boots.push(b);
+        if !first_ok {
+            self.boot_until_status(boots)?;
+        }
+        let sampling = if opts.crash_full { Sampling::full(1) } else { Sampling::sample(1) };
+        let recs = [
+            Recording { operation: "apply".into(), before: before_apply, log: dir.join("apply.log") },
+            Recording { operation: "first-boot".into(), before: before_first, log: dir.join("first-boot.log") },
+        ];
+        let budget = opts.crash_boots.or(budget).unwrap_or(2);
+        let mut operations = Vec::new();
+        let mut booted = Vec::new();
+        for (k, rec) in recs.iter().enumerate() {
+            let r: OperationReport = crash::replay(rec, &sampling, &dir.join("scratch"), &|_, _| {}).with_context(|| format!("replaying the {} log", rec.operation))?;
+            if !r.protected.ok {
+                problems.push(format!("crash-states {}: {}", rec.operation, r.protected.detail));
+            }
+            for s in r.results.iter().filter(|s| !s.ok).take(10) {
+                let why: Vec<&str> = [&s.gpt, &s.esp, &s.images].iter().filter(|v| !v.ok).map(|v| v.detail.as_str()).chain((!s.decision.ok).then_some(s.decision.detail.as_str())).collect();
+                problems.push(format!("crash-states {} {}: {}", rec.operation, s.label, why.join("; ")));
+            }
+            let esp_repaired = r.results.iter().filter(|s| s.esp.detail.contains("after fsck.vfat -a") && !s.esp.detail.starts_with("fsck.vfat -n: dirty bit (cut while mounted); clean")).count();
+            // The apply gets the larger half of the boot budget: its states also re-run it.
+            let mine = if k == 0 { budget.div_ceil(2) } else { budget / 2 };
+            let log = crate::harness::logwrites::parse(std::fs::File::open(&rec.log)?)?;
+            for i in crash::pick_boots(&r, mine) {
+                let state = &r.results[i];
+                let disk = dir.join("state.img");
+                crash::rebuild(rec, &log, &r.plan[i], &disk)?;
+                let bs = self.boot_to_status(&disk, &[])?;
+                let st = last_status(&bs);
+                let slot = st.as_ref().and_then(|s| s["slot"].as_str().map(str::to_string));
+                let status = st.as_ref().and_then(|s| s["state"].as_str().map(str::to_string));
+                let mut ok = slot.is_some() && slot == state.decision.slot && status.as_deref() == Some("ok");
+                let mut rerun = None;
+                if ok && rec.operation == "apply" && st.as_ref().is_some_and(|s| s["build_id"] != applied["build_id"]) {
+                    // The power came back on the old slot: the update is offered again and must
+                    // go through. (A state already booting the new build has nothing to re-run.)
+                    let own = dir.join("bundle.disk");
+                    std::fs::copy(bundle, &own)?;
+                    let again = vm::boot(&self.vm_options(&disk, "crash", &[own]), &|_| false)?;
+                    let re_applied = !again.named("applied").is_empty();
+                    let next = if re_applied { self.boot_to_status(&disk, &[])? } else { vec![] };
+                    let st2 = last_status(&next);
+                    let good = re_applied && st2.as_ref().is_some_and(|s| s["slot"] == applied["slot"] && s["build_id"] == applied["build_id"]);
+                    rerun = Some(good);
+                    ok &= good;
+                }
+                if !ok {
+                    problems.push(format!(
+                        "crash-states {} {}: booted in QEMU: expected slot {:?} ok, observed slot {:?} {:?}{}",
+                        rec.operation,
+                        state.label,
+                        state.decision.slot,
+                        slot,
+                        status,
+                        if rerun == Some(false) { "; the re-run of the apply did not reach the new slot" } else { "" }
+                    ));
+                }
+                booted.push(BootedState { operation: rec.operation.clone(), state: state.label.clone(), expected_slot: state.decision.slot.clone(), slot, status, rerun, ok });
+                let _ = std::fs::remove_file(&disk);
+            }
+            operations.push(OpSummary {
+                operation: r.operation.clone(),
+                log_entries: r.entries,
+                writes: r.writes,
+                write_bytes: r.write_bytes,
+                flushes: r.flushes,
+                by_region: r.by_region.clone(),
+                states: r.states,
+                failed: r.failed,
+                decisions: r.decisions.clone(),
+                esp_repaired,
+                seconds: r.seconds,
+            });
+            // The full report, for reading later (`--keep`).
+            std::fs::write(dir.join(format!("{}.states.json", rec.operation)), serde_json::to_vec_pretty(&r)?)?;
+        }
+        let _ = std::fs::remove_dir_all(dir.join("scratch"));
+        Ok(CrashStep { operations, booted, problems })
+    }
+}
+
+/// Lines under the results table for one step's crash check.
+pub fn table_lines(path: &str, label: &str, c: &Value) -> String {
+    let mut out = String::new();
+    for o in c["operations"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{path}/{label}: {} — {} writes ({:.1} MiB), {} flushes; {} crash states checked offline, {} failed, {} needed the ESP repair\n",
+            o["operation"].as_str().unwrap_or(""),
+            o["writes"],
+            o["write_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            o["flushes"],
+            o["states"],
+            o["failed"],
+            o["esp_repaired"]
+        );
+    }
+    let booted = c["booted"].as_array().map(|b| b.len()).unwrap_or(0);
+    let good = c["booted"].as_array().into_iter().flatten().filter(|b| b["ok"] == true).count();
+    out += &format!("{path}/{label}: {booted} crash states booted in QEMU, {good} reached a good slot\n");
+    out
+}
