@@ -93,8 +93,10 @@ paths:
     install: {{variant: small, layout: gen2}}
     steps:
       - upgrade: small2
-        fault: crash-states:3
         expect: {{slot: b, variant: small2, state: ok}}
+      - upgrade: unsealed
+        fault: crash-states:3
+        expect: {{slot: a, variant: unsealed, state: ok}}
 "#,
         small = w.manifest("small").display(),
         large = w.manifest("large").display(),
@@ -119,7 +121,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3), ("crash", 2)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3), ("crash", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -143,21 +145,22 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(19), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(20), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"21\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"22\" failures=\"1\" skipped=\"1\""), "{x}");
     assert_eq!(x.matches("<testsuite ").count(), 9);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());
     assert!(std::fs::read_dir(keep.join("paths/power-cut/vm")).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".serial.log")));
-    // Crash states: the apply and the first boot recorded, every sampled state checked offline
-    // and sound, three booted in QEMU (where the decision changes first: the new slot on
-    // probation, the new slot's first rename; then an apply state on the old slot, where the
-    // apply re-ran to the new slot).
-    let c = &result("crash", 1)["observed"]["crash_states"];
+    // Crash states of the third build's upgrade (small → small2 → unsealed onto slot a): the apply
+    // and the first boot — whose GC drops small's set — recorded, every sampled state checked
+    // offline and sound, three booted in QEMU (where the decision first changes: the new slot on
+    // probation, the new slot's first rename; then an ESP needing repair, or an apply state on
+    // the old slot, where the apply re-ran to the new slot), each leaving a clean ESP.
+    let c = &result("crash", 2)["observed"]["crash_states"];
     let ops = c["operations"].as_array().unwrap();
     assert_eq!(ops.iter().map(|o| o["operation"].as_str().unwrap()).collect::<Vec<_>>(), ["apply", "first-boot"], "{c}");
     for o in ops {
@@ -165,13 +168,21 @@ paths:
         assert_eq!(o["failed"], 0, "{o}");
     }
     let apply_to: Vec<&String> = ops[0]["decisions"].as_object().unwrap().keys().collect();
-    assert!(apply_to.iter().any(|k| k.starts_with("slot-a")) && apply_to.iter().any(|k| k.starts_with("slot-b+3")), "the apply's states boot the old slot, then the new one on probation: {apply_to:?}");
-    assert!(ops[0]["by_region"]["rootfs_b"]["writes"].as_u64().unwrap() > 0 && ops[0]["by_region"]["rootfs_a"].is_null(), "{}", ops[0]);
+    assert!(apply_to.iter().any(|k| k.starts_with("slot-b")) && apply_to.iter().any(|k| k.starts_with("slot-a+3")), "the apply's states boot the old slot, then the new one on probation: {apply_to:?}");
+    assert!(ops[0]["by_region"]["rootfs_a"]["writes"].as_u64().unwrap() > 0 && ops[0]["by_region"]["rootfs_b"].is_null(), "{}", ops[0]);
+    let gc_removed = std::fs::read_dir(keep.join("paths/crash/vm"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("dev.boot"))
+        .flat_map(|e| slotforge::harness::events::parse(&std::fs::read_to_string(e.path()).unwrap_or_default()))
+        .filter(|e| e["event"] == "gc")
+        .map(|e| e["removed_blobs"].as_u64().unwrap_or(0))
+        .max();
+    assert!(gc_removed.unwrap_or(0) > 0, "the recorded first boot's GC removed the first build's blobs: {gc_removed:?}");
     let booted = c["booted"].as_array().unwrap();
     assert_eq!(booted.len(), 3, "{c}");
-    assert!(booted.iter().all(|b| b["ok"] == true), "{c}");
-    assert!(booted.iter().any(|b| b["operation"] == "apply" && b["slot"] == "b"), "{c}");
-    assert!(booted.iter().any(|b| b["rerun"] == true), "{c}");
+    assert!(booted.iter().all(|b| b["ok"] == true && b["esp_after"] == "fsck.vfat -n: clean"), "{c}");
+    assert!(booted.iter().any(|b| b["operation"] == "apply" && b["slot"] == "a"), "{c}");
     // Independently: replaying the whole apply log onto the disk before gives, byte for byte, the
     // disk QEMU left; and `slotforge crash-states` on the kept recording agrees with the step.
     let cd = keep.join("paths/crash/crash");
@@ -187,6 +198,25 @@ paths:
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((again["states"].clone(), again["failed"].clone()), (ops[0]["states"].clone(), serde_json::json!(0)), "same log, same sample, same verdicts");
+    // The checker sees what would not boot: the whole apply except its writes to slot a (an entry
+    // on probation naming a slot never written) boots slot b only by systemd-boot's fallback; with
+    // slot b's rootfs also damaged, no entry boots and the state fails.
+    let regions = slotforge::harness::crash::check::regions(&cd.join("before-apply.img")).unwrap();
+    let slot_a = regions.iter().find(|r| r.name == "rootfs_a").unwrap().clone();
+    let torn = d.join("no-slot.img");
+    std::fs::copy(cd.join("before-apply.img"), &torn).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&torn).unwrap();
+    let keep_out = (0..log.entries.len()).filter(|&i| !(slot_a.start..slot_a.end).contains(&(log.entries[i].sector * 512)));
+    slotforge::harness::logwrites::apply(&log, std::fs::File::open(cd.join("apply.log")).unwrap(), &mut f, keep_out).unwrap();
+    drop(f);
+    let known = slotforge::harness::crash::check::Known::from_disks(&[&cd.join("before-apply.img"), &cd.join("before-first-boot.img")]).unwrap();
+    let dec = slotforge::harness::crash::check::decide(&torn, &regions, &known, d).unwrap();
+    assert!(dec.ok && dec.fallback && dec.slot.as_deref() == Some("b"), "{dec:?}");
+    assert!(dec.detail.contains("slot-a+3.conf would not boot") && dec.detail.contains("slot a"), "{dec:?}");
+    let slot_b = regions.iter().find(|r| r.name == "rootfs_b").unwrap();
+    slotforge::harness::faults::flip_byte(&torn, slot_b.start + 2000).unwrap();
+    let dec = slotforge::harness::crash::check::decide(&torn, &regions, &known, d).unwrap();
+    assert!(!dec.ok && dec.entry.is_none(), "{dec:?}");
     // --only picks one path; nothing else runs.
     let o = Command::new(bin()).args(["test", m.to_str().unwrap(), "--only", "wrong-*", "--json", "--cache", d.join("cache").to_str().unwrap()]).output().unwrap();
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

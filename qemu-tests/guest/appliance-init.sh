@@ -53,9 +53,9 @@ if [ -b /dev/vdb ]; then
   fi
 fi
 /usr/bin/slotforge agent shutdown
-# Open sealed images (dm-verity over loop over files in the partition) keep it busy: then
-# remount it read-only, which commits the journal and marks it clean all the same.
-umount /var/lib/slotforge/images 2>/dev/null || mount -o remount,ro /var/lib/slotforge/images
+# `agent shutdown` closed the sealed images (dm-verity over loop over files in the partition),
+# so nothing holds it: unmounted cleanly, no journal to replay at the next boot.
+umount /var/lib/slotforge/images
 umount /boot/efi
 sync
 echo "@slotforge {\"event\":\"$next\"}"

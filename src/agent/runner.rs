@@ -44,6 +44,18 @@ pub(crate) fn umount(p: &Path) {
     }
 }
 
+/// Every mount stacked at `p` (a bundle's root can hold the image bind and the read-only
+/// self-bind over it), topmost first, until none is left.
+fn umount_all(p: &Path) {
+    let Ok(c) = cstr(p) else { return };
+    for _ in 0..16 {
+        // SAFETY: a valid path string; stops at the first failure (nothing mounted there).
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            break;
+        }
+    }
+}
+
 /// Containers of one section, in the order LinuxKit runs them (directory names sorted).
 pub fn bundles(root: &Path, section: Section) -> Vec<(String, PathBuf)> {
     let base = root.join("containers").join(section.dir());
@@ -460,7 +472,35 @@ pub fn shutdown(cfg: &AgentConfig) -> anyhow::Result<()> {
     for (name, dir) in bundles(&cfg.root, Section::Onshutdown) {
         to_completion(Section::Onshutdown, &name, &dir, &pid_dir, false);
     }
+    release(cfg);
     Ok(())
+}
+
+/// After the onshutdown containers: stop the services still running, unbind every external
+/// image from its bundle, close each sealed image (its mount, its dm-verity device and with it
+/// the loop device over its file). Then nothing holds the images partition and the init can
+/// unmount it cleanly — else every cut or power-off leaves its journal to replay
+/// (docs/upgrade-protocol.md#crash-states). Emits `released` with what is still open.
+fn release(cfg: &AgentConfig) {
+    for (name, dir) in bundles(&cfg.root, Section::Services) {
+        let _ = Command::new(runc()).args(["kill", &name, "KILL"]).stderr(Stdio::null()).status();
+        let _ = Command::new(runc()).args(["delete", "--force", &name]).stderr(Stdio::null()).status();
+        umount_all(&dir.join("rootfs"));
+    }
+    let Ok((_, ext)) = super::status::read_release(&cfg.root) else { return };
+    for img in ext.images.iter().filter(|i| !i.bundle.is_empty()) {
+        let b = cfg.root.join(&img.bundle);
+        umount_all(&b.join("rootfs"));
+        umount_all(&b.join("lower"));
+    }
+    let mut open = Vec::new();
+    for img in ext.images.iter().filter(|i| i.sealed.is_some()) {
+        super::sealed::close(cfg, img);
+        if Path::new("/dev/mapper").join(super::sealed::dm_name(img)).exists() {
+            open.push(img.name.clone());
+        }
+    }
+    emit("released", json!({"sealed_still_open": open}));
 }
 
 #[cfg(test)]

@@ -53,6 +53,10 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// An ESP verdict that passed only through the boot-time repair, for more than the dirty flag.
+    pub fn needs_repair(&self) -> bool {
+        self.ok && self.detail.contains("after fsck.vfat -a") && (self.detail.contains("leaked") || self.detail.contains("damage") || self.detail.contains("FSInfo"))
+    }
     fn ok(detail: impl Into<String>) -> Self {
         Verdict { ok: true, detail: detail.into() }
     }

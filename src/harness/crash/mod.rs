@@ -320,10 +320,14 @@ fn inspect_partition_of(disk: &Path, slot: Option<&str>) -> anyhow::Result<Optio
     Ok(rep.slots.iter().find(|s| s.slot == slot).map(|s| s.partition.clone()))
 }
 
-/// States to boot within `budget`: the flush states where the decision changes first, then
-/// others spread evenly over the log (seeded by their position, so the same run boots the same).
+/// States to boot within `budget`: the flush states where the decision changes first, then the
+/// first state whose ESP needs the boot-time repair (beyond the dirty flag), then others spread
+/// evenly over the log (by position, so the same run boots the same).
 pub fn pick_boots(r: &OperationReport, budget: usize) -> Vec<usize> {
     let mut pick: Vec<usize> = r.decision_changes();
+    if let Some(i) = r.results.iter().position(|s| s.esp.needs_repair()) {
+        pick.push(i);
+    }
     pick.truncate(budget);
     let rest: Vec<usize> = (0..r.results.len()).filter(|i| !pick.contains(i)).collect();
     let want = budget.saturating_sub(pick.len()).min(rest.len());

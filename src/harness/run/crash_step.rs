@@ -35,11 +35,15 @@ pub struct OpSummary {
 pub struct BootedState {
     pub operation: String,
     pub state: String,
+    /// The offline verdict on the state's ESP (what the boot-time repair had to do).
+    pub esp_before: String,
     pub expected_slot: Option<String>,
     pub slot: Option<String>,
     pub status: Option<String>,
     /// An apply's state: the re-run of the apply reached the new slot.
     pub rerun: Option<bool>,
+    /// `fsck.vfat -n` of the disk after its boots (the guest repaired and unmounted it).
+    pub esp_after: String,
     pub ok: bool,
 }
 
@@ -127,10 +131,11 @@ impl Device<'_> {
                 let why: Vec<&str> = [&s.gpt, &s.esp, &s.images].iter().filter(|v| !v.ok).map(|v| v.detail.as_str()).chain((!s.decision.ok).then_some(s.decision.detail.as_str())).collect();
                 problems.push(format!("crash-states {} {}: {}", rec.operation, s.label, why.join("; ")));
             }
-            let esp_repaired = r.results.iter().filter(|s| s.esp.detail.contains("after fsck.vfat -a") && !s.esp.detail.starts_with("fsck.vfat -n: dirty bit (cut while mounted); clean")).count();
+            let esp_repaired = r.results.iter().filter(|s| s.esp.needs_repair()).count();
             // The apply gets the larger half of the boot budget: its states also re-run it.
             let mine = if k == 0 { budget.div_ceil(2) } else { budget / 2 };
             let log = crate::harness::logwrites::parse(std::fs::File::open(&rec.log)?)?;
+            let regions = crate::harness::crash::check::regions(&rec.before)?;
             for i in crash::pick_boots(&r, mine) {
                 let state = &r.results[i];
                 let disk = dir.join("state.img");
@@ -154,18 +159,36 @@ impl Device<'_> {
                     rerun = Some(good);
                     ok &= good;
                 }
+                // The guest repaired its ESP at boot and unmounted it at power-off: clean now.
+                let esp_after = match regions.iter().find(|g| g.role == "esp") {
+                    Some(g) => crate::harness::crash::check::esp(&disk, g, &dir)?,
+                    None => crate::harness::crash::check::Verdict { ok: true, detail: "no ESP".into() },
+                };
+                let esp_clean = esp_after.detail == "fsck.vfat -n: clean";
+                ok &= esp_clean;
                 if !ok {
                     problems.push(format!(
-                        "crash-states {} {}: booted in QEMU: expected slot {:?} ok, observed slot {:?} {:?}{}",
+                        "crash-states {} {}: booted in QEMU: expected slot {:?} ok, observed slot {:?} {:?}{}{}",
                         rec.operation,
                         state.label,
                         state.decision.slot,
                         slot,
                         status,
-                        if rerun == Some(false) { "; the re-run of the apply did not reach the new slot" } else { "" }
+                        if rerun == Some(false) { "; the re-run of the apply did not reach the new slot" } else { "" },
+                        if esp_clean { String::new() } else { format!("; the ESP after the boots: {}", esp_after.detail) }
                     ));
                 }
-                booted.push(BootedState { operation: rec.operation.clone(), state: state.label.clone(), expected_slot: state.decision.slot.clone(), slot, status, rerun, ok });
+                booted.push(BootedState {
+                    operation: rec.operation.clone(),
+                    state: state.label.clone(),
+                    esp_before: state.esp.detail.clone(),
+                    expected_slot: state.decision.slot.clone(),
+                    slot,
+                    status,
+                    rerun,
+                    esp_after: esp_after.detail,
+                    ok,
+                });
                 let _ = std::fs::remove_file(&disk);
             }
             operations.push(OpSummary {
