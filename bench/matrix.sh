@@ -7,8 +7,9 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 [ -f out/demo-work/images/base/index.json ] || bash examples/demo/build.sh >/dev/null
 j1=$(mktemp); j2=$(mktemp)
-bash examples/demo/test.sh --jobs 1 --json > "$j1" 2>/dev/null || true
-bash examples/demo/test.sh --jobs 2 --json > "$j2" 2>/dev/null || true
+only=(--only "upgrade*" --only "power-cut*" --only "rollback*")   # crash: bench/crash-states.sh
+bash examples/demo/test.sh "${only[@]}" --jobs 1 --json > "$j1" 2>/dev/null || true
+bash examples/demo/test.sh "${only[@]}" --jobs 2 --json > "$j2" 2>/dev/null || true
 python3 - "$j1" "$j2" <<'PY' | python3 "$repo/bench/section.py" matrix
 import json, sys, datetime, os
 r1, r2 = (json.load(open(p)) for p in sys.argv[1:3])

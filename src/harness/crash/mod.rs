@@ -367,3 +367,60 @@ pub fn summary(r: &OperationReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(kind: Kind, entry: &str, esp: &str) -> StateResult {
+        let v = |d: &str| Verdict { ok: true, detail: d.into() };
+        StateResult {
+            label: String::new(),
+            kind,
+            interval: 0,
+            writes: 0,
+            gpt: v("ok"),
+            esp: v(esp),
+            images: v("ok"),
+            decision: Decision { entry: Some(entry.into()), slot: None, build: Some("b1".into()), fallback: false, ok: true, detail: String::new() },
+            ok: true,
+        }
+    }
+
+    #[test]
+    fn boots_go_first_where_the_decision_changes_then_to_a_repaired_esp_then_spread() {
+        let clean = "fsck.vfat -n: clean";
+        let leaked = "fsck.vfat -n: dirty bit (cut while mounted), 3 leaked clusters; clean after fsck.vfat -a, entries kept";
+        let results = vec![
+            state(Kind::Flush, "slot-a.conf", clean),
+            state(Kind::Prefix, "slot-a.conf", leaked),
+            state(Kind::Flush, "slot-a.conf", clean),
+            state(Kind::Subset, "slot-a.conf", clean),
+            state(Kind::Flush, "slot-b+3.conf", clean),
+            state(Kind::Torn, "slot-b+3.conf", clean),
+            state(Kind::Flush, "slot-b+3.conf", clean),
+        ];
+        let r = OperationReport {
+            operation: "apply".into(),
+            entries: 0,
+            writes: 0,
+            write_bytes: 0,
+            flushes: 0,
+            by_region: BTreeMap::new(),
+            protected: Verdict { ok: true, detail: String::new() },
+            states: results.len(),
+            failed: 0,
+            decisions: BTreeMap::new(),
+            results,
+            plan: vec![],
+            seconds: 0.0,
+        };
+        assert_eq!(r.decision_changes(), vec![4], "not the disk before: the first change");
+        assert_eq!(pick_boots(&r, 1), vec![4]);
+        assert_eq!(pick_boots(&r, 2), vec![1, 4], "then the ESP the boot-time repair must fix");
+        let three = pick_boots(&r, 3);
+        assert_eq!(three.len(), 3);
+        assert!(three.contains(&1) && three.contains(&4));
+        assert_eq!(pick_boots(&r, 99).len(), 7, "never more than there are");
+    }
+}
