@@ -38,6 +38,15 @@ layouts:
   gen2: {gen2}
 registry: 127.0.0.1:{port}
 paths:
+  # First: the longest path, so the other job runs the rest meanwhile.
+  - name: crash
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: small2
+        expect: {{slot: b, variant: small2, state: ok}}
+      - upgrade: unsealed
+        fault: crash-states:3
+        expect: {{slot: a, variant: unsealed, state: ok}}
   - name: rollback
     install: {{variant: small, layout: gen2}}
     steps:
@@ -88,14 +97,6 @@ paths:
       - upgrade: small
         expect: {{slot: b, variant: small, state: ok}}
       - upgrade: unsealed
-        expect: {{slot: a, variant: unsealed, state: ok}}
-  - name: crash
-    install: {{variant: small, layout: gen2}}
-    steps:
-      - upgrade: small2
-        expect: {{slot: b, variant: small2, state: ok}}
-      - upgrade: unsealed
-        fault: crash-states:3
         expect: {{slot: a, variant: unsealed, state: ok}}
 "#,
         small = w.manifest("small").display(),

@@ -270,7 +270,9 @@ fn power_cuts_at_every_apply_step_always_leave_a_good_slot_and_a_rerun_completes
     let (_g, w, _t) = world();
     let disk = w.build("small", 2, "dev");
     let next = w.bundle("small2", 2, &[], &[]).unwrap();
-    let steps = ["blob-written", "images-listed", "entry-removed", "slot-half-written", "slot-written", "kernel-written"];
+    // Three of the named steps (before the entry is removed, mid-slot, after the kernel): every
+    // other instant is covered by the crash-state replay (tests/qemu_matrix.rs, path `crash`).
+    let steps = ["images-listed", "slot-half-written", "kernel-written"];
     let mut expect_running: Option<String> = None;
     for step in steps {
         // The cut: the apply stops at `step` and QEMU is killed.
