@@ -1,10 +1,11 @@
 //! `slotforge test` on a matrix of the project's own variants (qemu-tests/variants/): a
 //! rollback after a broken rootfs (the scenario tests/qemu_upgrade.rs used to drive by hand),
-//! a power cut mid-apply then a completed upgrade, a thin bundle whose images come from the
+//! a power cut mid-apply then a completed upgrade (then the crash states of the next one), a thin bundle whose images come from the
 //! registry (then a corrupted blob repaired from it; and the same without network: degraded),
 //! a bundle signed by an untrusted key then a trusted one, an install through the USB
-//! installer, an upgrade from a build with unsealed images to sealed ones and back, an upgrade
-//! recorded write by write whose crash states are all checked offline and two booted, and one path
+//! installer, an upgrade from a build with unsealed images to sealed ones and back, a third
+//! build's upgrade recorded write by write whose crash states are checked offline and three
+//! booted, and one path
 //! whose expectation is deliberately wrong — which must fail with a diagnosis while the others
 //! pass. The JUnit and JSON reports are read back.
 
@@ -38,21 +39,8 @@ layouts:
   gen2: {gen2}
 registry: 127.0.0.1:{port}
 paths:
-  # First: the longest path, so the other job runs the rest meanwhile.
-  - name: crash
-    install: {{variant: small, layout: gen2}}
-    steps:
-      - upgrade: small2
-        expect: {{slot: b, variant: small2, state: ok}}
-      - upgrade: unsealed
-        fault: crash-states:3
-        expect: {{slot: a, variant: unsealed, state: ok}}
-  - name: rollback
-    install: {{variant: small, layout: gen2}}
-    steps:
-      - upgrade: large
-        fault: bad-rootfs
-        expect: {{slot: a, variant: small, rolled_back: true, state: ok}}
+  # First: the longest path (its last step records and replays crash states), so the other job
+  # runs the rest meanwhile.
   - name: power-cut
     install: {{variant: small, layout: gen2}}
     steps:
@@ -61,6 +49,15 @@ paths:
         expect: {{slot: a, variant: small}}
       - upgrade: large
         expect: {{slot: b, variant: large, state: ok, rolled_back: false}}
+      - upgrade: small2
+        fault: crash-states:3
+        expect: {{slot: a, variant: small2, state: ok}}
+  - name: rollback
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: large
+        fault: bad-rootfs
+        expect: {{slot: a, variant: small, rolled_back: true, state: ok}}
   - name: wrong-expectation
     install: {{variant: small, layout: gen2, expect: {{slot: b}}}}
     steps:
@@ -122,7 +119,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 3), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3), ("crash", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -146,22 +143,22 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(20), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(18), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"22\" failures=\"1\" skipped=\"1\""), "{x}");
-    assert_eq!(x.matches("<testsuite ").count(), 9);
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"20\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 8);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());
     assert!(std::fs::read_dir(keep.join("paths/power-cut/vm")).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".serial.log")));
-    // Crash states of the third build's upgrade (small → small2 → unsealed onto slot a): the apply
+    // Crash states of the third build's upgrade (small → large → small2 onto slot a): the apply
     // and the first boot — whose GC drops small's set — recorded, every sampled state checked
     // offline and sound, three booted in QEMU (where the decision first changes: the new slot on
     // probation, the new slot's first rename; then an ESP needing repair, or an apply state on
     // the old slot, where the apply re-ran to the new slot), each leaving a clean ESP.
-    let c = &result("crash", 2)["observed"]["crash_states"];
+    let c = &result("power-cut", 3)["observed"]["crash_states"];
     let ops = c["operations"].as_array().unwrap();
     assert_eq!(ops.iter().map(|o| o["operation"].as_str().unwrap()).collect::<Vec<_>>(), ["apply", "first-boot"], "{c}");
     for o in ops {
@@ -171,22 +168,17 @@ paths:
     let apply_to: Vec<&String> = ops[0]["decisions"].as_object().unwrap().keys().collect();
     assert!(apply_to.iter().any(|k| k.starts_with("slot-b")) && apply_to.iter().any(|k| k.starts_with("slot-a+3")), "the apply's states boot the old slot, then the new one on probation: {apply_to:?}");
     assert!(ops[0]["by_region"]["rootfs_a"]["writes"].as_u64().unwrap() > 0 && ops[0]["by_region"]["rootfs_b"].is_null(), "{}", ops[0]);
-    let gc_removed = std::fs::read_dir(keep.join("paths/crash/vm"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("dev.boot"))
-        .flat_map(|e| slotforge::harness::events::parse(&std::fs::read_to_string(e.path()).unwrap_or_default()))
-        .filter(|e| e["event"] == "gc")
-        .map(|e| e["removed_blobs"].as_u64().unwrap_or(0))
-        .max();
-    assert!(gc_removed.unwrap_or(0) > 0, "the recorded first boot's GC removed the first build's blobs: {gc_removed:?}");
+    // The recorded first boot is the path's last boot of its disk.
+    let last_dev = (0..).map(|n| keep.join(format!("paths/power-cut/vm/dev.boot{n}.serial.log"))).take_while(|p| p.exists()).last().unwrap();
+    let gc: Vec<serde_json::Value> = slotforge::harness::events::parse(&std::fs::read_to_string(&last_dev).unwrap()).into_iter().filter(|e| e["event"] == "gc").collect();
+    assert!(gc.len() == 1 && gc[0]["removed_builds"].as_array().is_some_and(|b| b.len() == 1) && gc[0]["removed_blobs"].as_u64() > Some(0), "the recorded first boot's GC dropped small's set: {gc:?}");
     let booted = c["booted"].as_array().unwrap();
     assert_eq!(booted.len(), 3, "{c}");
     assert!(booted.iter().all(|b| b["ok"] == true && b["esp_after"] == "fsck.vfat -n: clean"), "{c}");
     assert!(booted.iter().any(|b| b["operation"] == "apply" && b["slot"] == "a"), "{c}");
     // Independently: replaying the whole apply log onto the disk before gives, byte for byte, the
     // disk QEMU left; and `slotforge crash-states` on the kept recording agrees with the step.
-    let cd = keep.join("paths/crash/crash");
+    let cd = keep.join("paths/power-cut/crash");
     let log = slotforge::harness::logwrites::parse(std::fs::File::open(cd.join("apply.log")).unwrap()).unwrap();
     let replayed = d.join("replayed.img");
     std::fs::copy(cd.join("before-apply.img"), &replayed).unwrap();
