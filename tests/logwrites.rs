@@ -60,3 +60,18 @@ fn a_log_qemu_writes_replays_to_the_disk_qemu_left_and_to_each_flush() {
     assert_eq!(sha256_file(&s1), sha256_file(&first));
     assert_ne!(sha256_file(&s1), sha256_file(&disk));
 }
+
+#[test]
+fn crash_states_refuses_what_is_not_a_log_with_one_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let not_a_log = d.path().join("notes.txt");
+    std::fs::write(&not_a_log, vec![b'x'; 4096]).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_slotforge")).args(["crash-states", disk.to_str().unwrap(), not_a_log.to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("notes.txt") && err.contains("not a dm-log-writes log"), "{err}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_slotforge")).args(["crash-states", disk.to_str().unwrap(), not_a_log.to_str().unwrap(), "--atomic-write", "1000"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--atomic-write 1000: a power of two from 512"));
+}
