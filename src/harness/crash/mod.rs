@@ -320,13 +320,25 @@ fn inspect_partition_of(disk: &Path, slot: Option<&str>) -> anyhow::Result<Optio
     Ok(rep.slots.iter().find(|s| s.slot == slot).map(|s| s.partition.clone()))
 }
 
-/// States to boot within `budget`: the flush states where the decision changes first, then the
-/// first state whose ESP needs the boot-time repair (beyond the dirty flag), then others spread
-/// evenly over the log (by position, so the same run boots the same).
+/// States to boot within `budget`: around each flush boundary where the decision changes, the
+/// last state before it and the first after it (never the disk before the operation: its boot
+/// is the recording itself); then the first state whose ESP needs the boot-time repair beyond
+/// the dirty flag; then others spread evenly over the log (by position, so a run is repeatable).
 pub fn pick_boots(r: &OperationReport, budget: usize) -> Vec<usize> {
-    let mut pick: Vec<usize> = r.decision_changes();
+    let flushes: Vec<usize> = (0..r.results.len()).filter(|&i| r.results[i].kind == Kind::Flush).collect();
+    let mut pick: Vec<usize> = Vec::new();
+    for c in r.decision_changes() {
+        let before = flushes.iter().rev().find(|&&f| f < c).copied().filter(|&f| f > 0);
+        for i in before.into_iter().chain([c]) {
+            if !pick.contains(&i) {
+                pick.push(i);
+            }
+        }
+    }
     if let Some(i) = r.results.iter().position(|s| s.esp.needs_repair()) {
-        pick.push(i);
+        if !pick.contains(&i) {
+            pick.push(i);
+        }
     }
     pick.truncate(budget);
     let rest: Vec<usize> = (0..r.results.len()).filter(|i| !pick.contains(i)).collect();
@@ -400,6 +412,7 @@ mod tests {
             state(Kind::Torn, "slot-b+3.conf", clean),
             state(Kind::Flush, "slot-b+3.conf", clean),
         ];
+        // 0 the disk before, 2 the last flush on slot a, 4 the first on slot b+3.
         let r = OperationReport {
             operation: "apply".into(),
             entries: 0,
@@ -415,12 +428,11 @@ mod tests {
             plan: vec![],
             seconds: 0.0,
         };
-        assert_eq!(r.decision_changes(), vec![4], "not the disk before: the first change");
-        assert_eq!(pick_boots(&r, 1), vec![4]);
-        assert_eq!(pick_boots(&r, 2), vec![1, 4], "then the ESP the boot-time repair must fix");
-        let three = pick_boots(&r, 3);
-        assert_eq!(three.len(), 3);
-        assert!(three.contains(&1) && three.contains(&4));
+        assert_eq!(r.decision_changes(), vec![4]);
+        assert_eq!(pick_boots(&r, 1), vec![2], "the last state before the change first");
+        assert_eq!(pick_boots(&r, 2), vec![2, 4], "then the first after it");
+        assert_eq!(pick_boots(&r, 3), vec![1, 2, 4], "then the ESP the boot-time repair must fix");
+        assert_eq!(pick_boots(&r, 4).len(), 4);
         assert_eq!(pick_boots(&r, 99).len(), 7, "never more than there are");
     }
 }
