@@ -82,6 +82,15 @@ pub fn gpt(disk: &Path) -> anyhow::Result<Verdict> {
     Ok(if code == 0 && out.contains("No problems found") { Verdict::ok("sgdisk -v: no problems") } else { Verdict::bad(format!("sgdisk -v: {}", last_lines(&out, 3))) })
 }
 
+/// Copy a whole disk image, visiting only its data (holes stay holes).
+pub fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let mut src = File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let mut dst = File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    dst.set_len(src.metadata()?.len())?;
+    crate::window::copy_file_sparse(&mut src, &mut dst, 0)?;
+    Ok(())
+}
+
 /// Copy a region into its own file (holes stay holes).
 fn extract(disk: &Path, r: &Region, to: &Path) -> anyhow::Result<()> {
     let mut out = File::create(to)?;
@@ -291,10 +300,7 @@ pub struct Decision {
 /// `scratch` and `e2fsck -E journal_only` replays each journal in the copy.
 pub fn decide(state: &Path, regions: &[Region], known: &Known, scratch: &Path) -> anyhow::Result<Decision> {
     let copy = scratch.join("decide.img");
-    let st = Command::new("cp").arg("--sparse=always").arg(state).arg(&copy).status()?;
-    if !st.success() {
-        anyhow::bail!("copying {}", state.display());
-    }
+    copy_disk(state, &copy)?;
     for r in regions.iter().filter(|r| r.role == "external-images") {
         // Replayed in a file of its own (e2fsck's `?offset=` loses the offset when it re-opens
         // the device after a replay), then put back. A journal it cannot replay shows in the

@@ -11,7 +11,7 @@ pub mod check;
 pub mod plan;
 
 use super::logwrites::{self, Log};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use check::{Decision, Known, Region, Verdict};
 use plan::{Kind, Sampling, State};
 use serde::Serialize;
@@ -99,13 +99,6 @@ fn touched(regions: &[Region], from: u64, to: u64) -> Vec<usize> {
     v
 }
 
-fn copy_sparse(from: &Path, to: &Path) -> anyhow::Result<()> {
-    let st = std::process::Command::new("cp").arg("--sparse=always").arg(from).arg(to).status().context("cp")?;
-    if !st.success() {
-        bail!("copying {} to {}", from.display(), to.display());
-    }
-    Ok(())
-}
 
 /// A scratch disk moved through the log: forward in full, sampled writes applied and undone.
 struct Replayer<'a> {
@@ -175,7 +168,7 @@ impl Replayer<'_> {
 
 /// Rebuild one state of `rec` into `out` (to boot it).
 pub fn rebuild(rec: &Recording, log: &Log, s: &State, out: &Path) -> anyhow::Result<()> {
-    copy_sparse(&rec.before, out)?;
+    check::copy_disk(&rec.before, out)?;
     let mut lf = File::open(&rec.log)?;
     let mut disk = OpenOptions::new().read(true).write(true).open(out)?;
     logwrites::apply(log, &mut lf, &mut disk, 0..s.base)?;
@@ -197,7 +190,7 @@ pub fn replay(rec: &Recording, sampling: &Sampling, scratch: &Path, progress: &d
     let plan = plan::plan(&log, sampling);
     let disk_path = scratch.join(format!("{}.state.img", rec.operation));
     // The disk after the whole operation: its boot files are "complete" too.
-    copy_sparse(&rec.before, &disk_path)?;
+    check::copy_disk(&rec.before, &disk_path)?;
     {
         let mut d = OpenOptions::new().read(true).write(true).open(&disk_path)?;
         logwrites::apply(&log, File::open(&rec.log)?, &mut d, 0..log.entries.len())?;
@@ -224,7 +217,7 @@ pub fn replay(rec: &Recording, sampling: &Sampling, scratch: &Path, progress: &d
     } else {
         Verdict { ok: false, detail: format!("written: {}", hits.iter().map(|(k, v)| format!("{k} ({v} writes)")).collect::<Vec<_>>().join(", ")) }
     };
-    copy_sparse(&rec.before, &disk_path)?;
+    check::copy_disk(&rec.before, &disk_path)?;
     let mut rp = Replayer {
         log: &log,
         log_file: File::open(&rec.log)?,

@@ -55,13 +55,6 @@ pub struct CrashStep {
     pub problems: Vec<String>,
 }
 
-fn cp(from: &Path, to: &Path) -> anyhow::Result<()> {
-    let st = std::process::Command::new("cp").arg("--sparse=always").arg(from).arg(to).status()?;
-    if !st.success() {
-        bail!("copying {} to {}", from.display(), to.display());
-    }
-    Ok(())
-}
 
 fn last_status(boots: &[Boot]) -> Option<Value> {
     boots.iter().rev().find_map(|b| b.named("status").last().map(|v| (*v).clone()))
@@ -90,7 +83,7 @@ impl Device<'_> {
         let mut problems = Vec::new();
         // Record the apply.
         let before_apply = dir.join("before-apply.img");
-        cp(&self.disk, &before_apply)?;
+        crash::check::copy_disk(&self.disk, &before_apply)?;
         let mut o = self.vm_options(&self.disk, "dev", &[bundle.to_path_buf()]);
         o.log_writes = Some(dir.join("apply.log"));
         let b = vm::boot(&o, &|_| false)?;
@@ -105,7 +98,7 @@ impl Device<'_> {
         }
         // Record the new slot's first boot: boot counting, mark-good, GC.
         let before_first = dir.join("before-first-boot.img");
-        cp(&self.disk, &before_first)?;
+        crash::check::copy_disk(&self.disk, &before_first)?;
         let mut o = self.vm_options(&self.disk, "dev", &[]);
         o.log_writes = Some(dir.join("first-boot.log"));
         let b = vm::boot(&o, &|_| false)?;
