@@ -1,45 +1,25 @@
-//! slotforge: build complete A/B disk images for immutable Linux appliances.
+//! slotforge: build complete A/B disk images for immutable Linux appliances, run them on the
+//! device, and prove in QEMU that they upgrade safely.
 //!
-//! The data path reads top to bottom through these modules (see `docs/architecture.md`):
-//! manifest + layout -> oci (resolve, verified blobs) -> flatten (layers -> tree) -> rootfs
-//! (tree -> squashfs, size cap; external images -> sealed, dm-verity) -> images (external-images partition) -> esp (FAT + boot
-//! entries) -> disk (GPT + sparse image) -> inspect/verify (read it all back).
+//! The crate is a house of four wings over two libraries (docs/architecture.md):
+//! - `base`: digests, durable writes, disk windows, YAML with positions, the blob cache.
+//! - `format`: every on-disk and on-wire format, reader and writer, no policy.
+//! - `oci`, `linuxkit`: image resolution and LinuxKit's container semantics.
+//! - `compose`: layers → trees, images → sealed images; shared by the build and the device.
+//! - `build`: manifest + layout → resolve → rootfs → images partition → ESP → disk (and bundles,
+//!   installers). `device`: the agent, applying bundles, GC, installing. `harness`: QEMU,
+//!   upgrade matrices, crash states. `cli`: arguments in, one library call, output.
+//! The device never imports the build; formats import no wing; nothing imports upward.
 
-pub mod agent;
-pub mod bmap;
-pub mod build;
-pub mod bundle;
-pub mod cache;
+pub mod base;
+pub mod builder;
 pub mod cli;
-pub mod cmdline;
-pub mod disk;
-pub mod durable;
-pub mod entries;
-pub mod esp;
-pub mod fat;
-pub mod flatten;
+pub mod compose;
+pub mod device;
+pub mod format;
 pub mod harness;
-pub mod hash;
-pub mod images;
-pub mod inspect;
-pub mod installer;
-pub mod layout;
 pub mod linuxkit;
-pub mod lock;
-pub mod manifest;
 pub mod oci;
-pub mod progress;
-pub mod pull;
-pub mod rootfs;
-pub mod sealed;
-pub mod signature;
-pub mod squashfs;
-pub mod tree;
-pub mod uki;
-pub mod upgrade;
-pub mod verity;
-pub mod window;
-pub mod yaml;
 
 /// Default `SOURCE_DATE_EPOCH` when the environment gives none: 2024-01-01T00:00:00Z.
 /// Any fixed value keeps builds reproducible; this one is after 1980 so FAT can store it.

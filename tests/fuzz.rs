@@ -122,15 +122,15 @@ fn gpt_headers() {
         let mut h = [0u8; 512];
         let n = b.len().min(512);
         h[..n].copy_from_slice(&b[..n]);
-        let _ = slotforge::disk::check_gpt_header(&h, 1, 8 << 30);
+        let _ = slotforge::format::disk::check_gpt_header(&h, 1, 8 << 30);
     });
 }
 
 #[test]
 fn pe_headers_of_ukis() {
     fuzz("pe", vec![corpus("pe-headers.bin")], |b| {
-        let _ = slotforge::uki::parse_headers(b);
-        let _ = slotforge::uki::read_section(&mut Cursor::new(b.to_vec()), ".cmdline", 1 << 16);
+        let _ = slotforge::format::uki::parse_headers(b);
+        let _ = slotforge::format::uki::read_section(&mut Cursor::new(b.to_vec()), ".cmdline", 1 << 16);
     });
 }
 
@@ -140,17 +140,17 @@ fn verity_and_squashfs_superblocks() {
         let mut h = [0u8; 512];
         let n = b.len().min(512);
         h[..n].copy_from_slice(&b[..n]);
-        if let Ok(p) = slotforge::verity::parse_superblock(&h, 0) {
+        if let Ok(p) = slotforge::format::verity::parse_superblock(&h, 0) {
             // A parsed superblock may claim any size: checking must fail cleanly, not allocate it.
             let mut dev = Cursor::new(vec![0u8; 64 << 10]);
-            let _ = slotforge::verity::check(&mut dev, 8192.min(p.data_blocks.saturating_mul(4096)), None);
+            let _ = slotforge::format::verity::check(&mut dev, 8192.min(p.data_blocks.saturating_mul(4096)), None);
         }
     });
     fuzz("squashfs-superblock", vec![corpus("squashfs-superblock.bin")], |b| {
-        let mut h = [0u8; slotforge::squashfs::SUPERBLOCK_LEN];
+        let mut h = [0u8; slotforge::format::squashfs::SUPERBLOCK_LEN];
         let n = b.len().min(h.len());
         h[..n].copy_from_slice(&b[..n]);
-        let _ = slotforge::squashfs::parse_superblock(&h);
+        let _ = slotforge::format::squashfs::parse_superblock(&h);
     });
 }
 
@@ -158,20 +158,20 @@ fn verity_and_squashfs_superblocks() {
 fn boot_entries_and_command_lines() {
     fuzz("entry", vec![corpus("entry.conf")], |b| {
         let t = String::from_utf8_lossy(b);
-        let e = slotforge::entries::parse_conf("slot-a+2-1.conf", &t);
-        let _ = e.options.as_deref().map(slotforge::cmdline::verity_of);
-        let _ = slotforge::entries::parse_uki(&t.chars().take(64).collect::<String>(), Some(&t), Some(&t));
-        let _ = slotforge::entries::parse_name(&t);
+        let e = slotforge::format::entries::parse_conf("slot-a+2-1.conf", &t);
+        let _ = e.options.as_deref().map(slotforge::format::cmdline::verity_of);
+        let _ = slotforge::format::entries::parse_uki(&t.chars().take(64).collect::<String>(), Some(&t), Some(&t));
+        let _ = slotforge::format::entries::parse_name(&t);
     });
 }
 
 #[test]
 fn manifests_and_layouts() {
     fuzz("manifest", vec![corpus("manifest.yml")], |b| {
-        let _ = slotforge::manifest::parse(Path::new("system.yml"), &String::from_utf8_lossy(b));
+        let _ = slotforge::builder::manifest::parse(Path::new("system.yml"), &String::from_utf8_lossy(b));
     });
     fuzz("layout", vec![corpus("layout.yaml")], |b| {
-        let _ = slotforge::layout::parse(Path::new("layout.yaml"), &String::from_utf8_lossy(b));
+        let _ = slotforge::format::layout::parse(Path::new("layout.yaml"), &String::from_utf8_lossy(b));
     });
 }
 
@@ -179,7 +179,7 @@ fn manifests_and_layouts() {
 fn bundle_configs() {
     let cfg = br#"{"format":1,"build_id":"1.0-abc","version":"1.0","rootfs":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"kernel":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"initrd":null,"cmdline":"console=ttyS0","requires":{"rootfs_bytes":1,"layouts":[{"name":"edge","generation":2,"cap":10}]},"images":[],"images_included":true}"#;
     fuzz("bundle-config", vec![cfg.to_vec()], |b| {
-        let _ = serde_json::from_slice::<slotforge::bundle::BundleConfig>(b);
+        let _ = serde_json::from_slice::<slotforge::format::bundle::BundleConfig>(b);
     });
 }
 
@@ -197,10 +197,10 @@ fn tar_layers() {
         E::CharDev("dev/null", 1, 3),
     ]);
     fuzz("tar-layer", vec![seed], |b| {
-        let mut t = slotforge::tree::Tree::new(0);
-        let mut spill = slotforge::tree::Spill::with_limit(16 << 20).unwrap();
-        let ctx = slotforge::flatten::LayerCtx { image: "fuzz", layer: "layer", layer_no: 1, origin: 0 };
-        let _ = slotforge::flatten::apply_layer(&mut t, b, &ctx, &mut spill);
+        let mut t = slotforge::format::tree::Tree::new(0);
+        let mut spill = slotforge::format::tree::Spill::with_limit(16 << 20).unwrap();
+        let ctx = slotforge::compose::flatten::LayerCtx { image: "fuzz", layer: "layer", layer_no: 1, origin: 0 };
+        let _ = slotforge::compose::flatten::apply_layer(&mut t, b, &ctx, &mut spill);
     });
 }
 
@@ -210,11 +210,11 @@ fn fat_volumes() {
     // FATs, root directory), where a reader's decisions are made.
     let mut dev = Cursor::new(vec![0u8; 40 << 20]);
     let files = vec![
-        slotforge::esp::EspFile { path: "EFI/BOOT/BOOTX64.EFI".into(), data: Box::new(&b"MZ loader"[..]) },
-        slotforge::esp::EspFile { path: "loader/entries/slot-a.conf".into(), data: Box::new(&b"title t\nversion 1\noptions x\n"[..]) },
-        slotforge::esp::EspFile { path: "a/vmlinuz".into(), data: Box::new(std::io::Read::take(std::io::repeat(7), 100_000)) },
+        slotforge::format::esp::EspFile { path: "EFI/BOOT/BOOTX64.EFI".into(), data: Box::new(&b"MZ loader"[..]) },
+        slotforge::format::esp::EspFile { path: "loader/entries/slot-a.conf".into(), data: Box::new(&b"title t\nversion 1\noptions x\n"[..]) },
+        slotforge::format::esp::EspFile { path: "a/vmlinuz".into(), data: Box::new(std::io::Read::take(std::io::repeat(7), 100_000)) },
     ];
-    slotforge::esp::write(&mut dev, 1, slotforge::DEFAULT_SOURCE_DATE_EPOCH, files).unwrap();
+    slotforge::format::esp::write(&mut dev, 1, slotforge::DEFAULT_SOURCE_DATE_EPOCH, files).unwrap();
     let head = dev.get_ref()[..64 << 10].to_vec();
     let dev = std::cell::RefCell::new(dev);
     fuzz("fat", vec![head.clone()], |b| {
@@ -222,9 +222,9 @@ fn fat_volumes() {
         let n = b.len().min(64 << 10);
         c.get_mut()[..n].copy_from_slice(&b[..n]);
         c.get_mut()[n..64 << 10].copy_from_slice(&head[n..]);
-        if slotforge::fat::check_volume(&mut *c, 40 << 20).is_ok() {
+        if slotforge::format::fat::check_volume(&mut *c, 40 << 20).is_ok() {
             // Only a volume that passed the check reaches fatfs, as in inspect and upgrade.
-            let _ = slotforge::esp::read(&mut *c);
+            let _ = slotforge::format::esp::read(&mut *c);
         }
     });
 }

@@ -177,7 +177,7 @@ fn an_esp_layout_record_that_disagrees_with_the_gpt_is_refused_by_upgrade() {
     // Move slot b to byte 0 in the record (the GPT is unchanged).
     let start = {
         let mut f = std::fs::File::open(&disk).unwrap();
-        slotforge::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "esp").unwrap().start
+        slotforge::format::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "esp").unwrap().start
     };
     let img = format!("{}@@{start}", disk.display());
     let rec = fx.path().join("layout.json");
@@ -215,7 +215,7 @@ fn an_index_json_too_large_to_be_an_oci_document_is_refused_unread() {
 fn esp_self_loop(disk: &Path) {
     let start = {
         let mut f = std::fs::File::open(disk).unwrap();
-        slotforge::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "esp").unwrap().start as usize
+        slotforge::format::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "esp").unwrap().start as usize
     };
     let mut b = std::fs::read(disk).unwrap();
     let bs = &b[start..start + 512];

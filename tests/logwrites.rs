@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use slotforge::harness::logwrites::{apply, parse};
+use slotforge::format::logwrites::{apply, parse};
 use std::path::Path;
 
 fn qemu_io(disk: &Path, log: &Path, cmds: &[&str]) {

@@ -170,7 +170,7 @@ paths:
     assert!(ops[0]["by_region"]["rootfs_a"]["writes"].as_u64().unwrap() > 0 && ops[0]["by_region"]["rootfs_b"].is_null(), "{}", ops[0]);
     // The recorded first boot is the path's last boot of its disk.
     let last_dev = (0..).map(|n| keep.join(format!("paths/power-cut/vm/dev.boot{n}.serial.log"))).take_while(|p| p.exists()).last().unwrap();
-    let gc: Vec<serde_json::Value> = slotforge::harness::events::parse(&std::fs::read_to_string(&last_dev).unwrap()).into_iter().filter(|e| e["event"] == "gc").collect();
+    let gc: Vec<serde_json::Value> = slotforge::format::events::parse(&std::fs::read_to_string(&last_dev).unwrap()).into_iter().filter(|e| e["event"] == "gc").collect();
     assert!(gc.len() == 1 && gc[0]["removed_builds"].as_array().is_some_and(|b| b.len() == 1) && gc[0]["removed_blobs"].as_u64() > Some(0), "the recorded first boot's GC dropped small's set: {gc:?}");
     let booted = c["booted"].as_array().unwrap();
     assert_eq!(booted.len(), 2, "{c}");
@@ -181,11 +181,11 @@ paths:
     // disk QEMU left; and `slotforge crash-states` on the kept first-boot recording agrees with
     // the step.
     let cd = keep.join("paths/power-cut/crash");
-    let log = slotforge::harness::logwrites::parse(std::fs::File::open(cd.join("apply.log")).unwrap()).unwrap();
+    let log = slotforge::format::logwrites::parse(std::fs::File::open(cd.join("apply.log")).unwrap()).unwrap();
     let replayed = d.join("replayed.img");
     std::fs::copy(cd.join("before-apply.img"), &replayed).unwrap();
     let mut f = std::fs::OpenOptions::new().write(true).open(&replayed).unwrap();
-    slotforge::harness::logwrites::apply(&log, std::fs::File::open(cd.join("apply.log")).unwrap(), &mut f, 0..log.entries.len()).unwrap();
+    slotforge::format::logwrites::apply(&log, std::fs::File::open(cd.join("apply.log")).unwrap(), &mut f, 0..log.entries.len()).unwrap();
     drop(f);
     let sha = |p: &Path| String::from_utf8(Command::new("sha256sum").arg(p).output().unwrap().stdout).unwrap()[..64].to_string();
     assert_eq!(sha(&replayed), sha(&cd.join("before-first-boot.img")), "the whole log replayed = the disk after the apply");
@@ -202,7 +202,7 @@ paths:
     std::fs::copy(cd.join("before-apply.img"), &torn).unwrap();
     let mut f = std::fs::OpenOptions::new().write(true).open(&torn).unwrap();
     let keep_out = (0..log.entries.len()).filter(|&i| !(slot_a.start..slot_a.end).contains(&(log.entries[i].sector * 512)));
-    slotforge::harness::logwrites::apply(&log, std::fs::File::open(cd.join("apply.log")).unwrap(), &mut f, keep_out).unwrap();
+    slotforge::format::logwrites::apply(&log, std::fs::File::open(cd.join("apply.log")).unwrap(), &mut f, keep_out).unwrap();
     drop(f);
     let known = slotforge::harness::crash::check::Known::from_disks(&[&cd.join("before-apply.img"), &cd.join("before-first-boot.img")]).unwrap();
     let dec = slotforge::harness::crash::check::decide(&torn, &regions, &known, d).unwrap();

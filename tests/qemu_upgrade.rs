@@ -156,7 +156,7 @@ fn oversize_is_refused_by_bundle_and_by_apply_and_changes_nothing() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let disk = w.build("small", 2, "dev");
     // Offline: refused, the image file bit-identical.
-    let sha = |p: &Path| slotforge::hash::digest_reader(std::fs::File::open(p).unwrap()).unwrap().0;
+    let sha = |p: &Path| slotforge::base::hash::digest_reader(std::fs::File::open(p).unwrap()).unwrap().0;
     let before = sha(&disk);
     let o = std::process::Command::new(bin()).args(["upgrade", disk.to_str().unwrap(), tar.to_str().unwrap()]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nothing was changed"));

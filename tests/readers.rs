@@ -50,7 +50,7 @@ fn damaged_squashfs_superblock_fails_verify() {
     let fx = fixture();
     let d = demo_disk(&fx);
     let mut disk = std::fs::File::open(&d).unwrap();
-    let g = slotforge::disk::read_gpt(&mut disk).unwrap();
+    let g = slotforge::format::disk::read_gpt(&mut disk).unwrap();
     let a = g.partitions.iter().find(|p| p.name == "rootfs_a").unwrap();
     flip(&d, a.start + 40, 8, 3); // bytes_used
     let f = failed_checks(&d);
@@ -63,7 +63,7 @@ fn random_damage_never_panics_the_readers() {
     let clean = demo_disk(&fx);
     let len = std::fs::metadata(&clean).unwrap().len();
     let mut disk = std::fs::File::open(&clean).unwrap();
-    let g = slotforge::disk::read_gpt(&mut disk).unwrap();
+    let g = slotforge::format::disk::read_gpt(&mut disk).unwrap();
     // Hit the metadata regions where parsers look: GPT, the start of each partition.
     let mut targets = vec![0u64, 512, 1024, len - 512 * 33];
     for p in &g.partitions {
@@ -76,8 +76,8 @@ fn random_damage_never_panics_the_readers() {
         std::fs::copy(&clean, &work).unwrap();
         flip(&work, *t, 256, i as u64 + 100);
         let r = std::panic::catch_unwind(|| {
-            let _ = slotforge::inspect::inspect(&work);
-            let _ = slotforge::inspect::verify(&work);
+            let _ = slotforge::format::inspect::inspect(&work);
+            let _ = slotforge::format::inspect::verify(&work);
         });
         assert!(r.is_ok(), "reader panicked on damage at offset {t}");
     }

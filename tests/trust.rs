@@ -80,7 +80,7 @@ fn slot_tree_is_what_veritysetup_format_makes_and_verify_catches_a_flipped_byte(
     // verity check does not.
     let start = {
         let mut f = std::fs::File::open(&disk).unwrap();
-        slotforge::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "rootfs_a").unwrap().start
+        slotforge::format::disk::read_gpt(&mut f).unwrap().partitions.iter().find(|p| p.name == "rootfs_a").unwrap().start
     };
     let mut bytes = std::fs::read(&disk).unwrap();
     bytes[(start + off / 2) as usize] ^= 0x01;
@@ -310,7 +310,7 @@ fn signed_ukis_carry_the_root_hash_and_upgrades_write_the_other_slots_signed_uki
     let insp: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["inspect", disk.to_str().unwrap(), "--json"]))).unwrap();
     let eb = insp["esp"]["entries"].as_array().unwrap().iter().find(|e| e["slot"] == "b").unwrap().clone();
     assert_eq!((eb["kind"].as_str(), eb["tries_left"].as_u64()), (Some("uki"), Some(3)));
-    assert_eq!(slotforge::cmdline::value(eb["options"].as_str().unwrap(), "roothash").as_deref(), insp["slots"][1]["verity"]["root_hash"].as_str());
+    assert_eq!(slotforge::format::cmdline::value(eb["options"].as_str().unwrap(), "roothash").as_deref(), insp["slots"][1]["verity"]["root_hash"].as_str());
     ok(&slotforge(&["verify", disk.to_str().unwrap()]));
     // A bundle whose UKIs were built for other partition names cannot be applied: the image
     // embeds the wrong command line. And a BLS bundle cannot switch a UKI device's boot mode.

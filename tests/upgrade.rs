@@ -79,8 +79,8 @@ fn offline_upgrade_writes_slot_b_only_new_blobs_and_a_counted_entry() {
     let entry = tool("mtype", &["-i", esp.to_str().unwrap(), "::/loader/entries/slot-b+3.conf"]);
     assert!(entry.contains("version 2\n") && entry.contains("systemd.verity_root_data=PARTLABEL=rootfs_b") && entry.contains("slotforge.slot=b"), "{entry}");
     // The new slot's tree, read with the parameters on its entry, verifies with veritysetup.
-    let root_hash = slotforge::cmdline::value(&entry, "roothash").unwrap();
-    let offset = slotforge::cmdline::verity_of(entry.lines().find(|l| l.starts_with("options ")).unwrap()).unwrap().1;
+    let root_hash = slotforge::format::cmdline::value(&entry, "roothash").unwrap();
+    let offset = slotforge::format::cmdline::verity_of(entry.lines().find(|l| l.starts_with("options ")).unwrap()).unwrap().1;
     assert_eq!(after["slots"][1]["verity"]["root_hash"], root_hash.as_str());
     let slot_b = fx.path().join("rootfs_b.img");
     extract_partition(&disk, "rootfs_b", &slot_b);

@@ -9,7 +9,7 @@ use std::process::Command;
 /// Byte offset and size of the GPT partition `name`.
 pub fn partition(disk: &Path, name: &str) -> anyhow::Result<(u64, u64)> {
     let mut f = std::fs::File::open(disk)?;
-    let g = crate::disk::read_gpt(&mut f)?;
+    let g = crate::format::disk::read_gpt(&mut f)?;
     let p = g.partitions.iter().find(|p| p.name == name).with_context(|| format!("no partition {name}"))?;
     Ok((p.start, p.size))
 }

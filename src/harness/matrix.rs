@@ -3,7 +3,7 @@
 //! an optional fault) and what must be true after each. Pure: parsed and checked here, driven by
 //! `run.rs`. Reference: docs/testing.md.
 
-use crate::yaml::{self, InputError};
+use crate::base::yaml::{self, InputError};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;

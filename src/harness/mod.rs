@@ -5,9 +5,7 @@
 //! logs (QEMU's `blklogwrites`); `crash` rebuilds and checks every state a power cut can leave.
 
 pub mod crash;
-pub mod events;
 pub mod faults;
-pub mod logwrites;
 pub mod matrix;
 pub mod run;
 pub mod vm;

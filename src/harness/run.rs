@@ -469,7 +469,7 @@ pub fn run(m: &Loaded, opts: &Options) -> anyhow::Result<Report> {
         m,
         work: work.clone(),
         bin: std::env::current_exe()?,
-        cache: opts.cache.clone().unwrap_or_else(crate::cache::Cache::default_dir),
+        cache: opts.cache.clone().unwrap_or_else(crate::base::cache::Cache::default_dir),
         built: Mutex::new(BTreeMap::new()),
         locks: Mutex::new(BTreeMap::new()),
     };

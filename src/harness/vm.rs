@@ -3,7 +3,7 @@
 //! default — KVM hangs on these machines — and KVM only when it answers a probe. The only
 //! network a guest gets is one forward, 10.0.2.100:5000 → a port on host 127.0.0.1.
 
-use super::events;
+use crate::format::events;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};

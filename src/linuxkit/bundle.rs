@@ -7,7 +7,7 @@
 use super::oci::{runtime_json, to_json, Spec};
 use super::spec::Runtime;
 use super::spec::Section;
-use crate::tree::{components, Content, Kind, Meta, Node, Tree};
+use crate::format::tree::{components, Content, Kind, Meta, Node, Tree};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

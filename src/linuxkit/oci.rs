@@ -4,12 +4,10 @@
 //! the image; `capabilities.add`/`binds.add` extend the label's list. Defaults, mounts,
 //! namespaces and capability sets as LinuxKit's `ConfigToOCI` makes them (docs/manifest.md).
 
+pub use super::spec::LABEL;
 use super::spec::{Container, Device, DeviceCgroup, Id, IdMapping, Interface, Mount, Namespaces, Resources, Runtime};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-
-/// The label an image carries its LinuxKit config in.
-pub const LABEL: &str = "org.mobyproject.config";
 
 /// The OCI runtime spec version written (LinuxKit writes its vendored runtime-spec's version).
 pub const OCI_VERSION: &str = "1.1.0";

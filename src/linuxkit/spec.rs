@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 
+/// The label an image carries its LinuxKit config in.
+pub const LABEL: &str = "org.mobyproject.config";
+
 /// Which LinuxKit section a container comes from; it names its directory under `/containers`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -373,8 +376,8 @@ pub struct InterfacePriority {
 /// An image's `org.mobyproject.config` label (YAML or JSON): the container keys without
 /// `name` and `image`, unknown keys refused, as LinuxKit does.
 pub fn parse_label(image: &str, text: &str) -> Result<Container, String> {
-    let label = format!("{image} label {}", super::oci::LABEL);
-    let c: Container = crate::yaml::parse(std::path::Path::new(&label), text).map_err(|e| e.to_string())?;
+    let label = format!("{image} label {}", LABEL);
+    let c: Container = crate::base::yaml::parse(std::path::Path::new(&label), text).map_err(|e| e.to_string())?;
     for (key, set) in [("name", c.name.is_some()), ("image", c.image.is_some()), ("ondisk", c.ondisk.is_some()), ("sealed", c.sealed.is_some()), ("keep-layers", c.keep_layers.is_some())] {
         if set {
             return Err(format!("{label}: {key} cannot be set in the label"));

@@ -6,7 +6,7 @@ use super::spec::*;
 use serde_json::{json, Value};
 
 fn entry(yml: &str) -> Container {
-    crate::yaml::parse(std::path::Path::new("t.yml"), yml).unwrap()
+    crate::base::yaml::parse(std::path::Path::new("t.yml"), yml).unwrap()
 }
 
 fn image() -> ImageDefaults {
@@ -158,11 +158,11 @@ fn errors_name_the_offending_value() {
 
 #[test]
 fn unknown_keys_and_label_identity_are_refused() {
-    let e = crate::yaml::parse::<Container>(std::path::Path::new("t.yml"), "name: a\nimage: x\ncapabilites: [all]\n").unwrap_err();
+    let e = crate::base::yaml::parse::<Container>(std::path::Path::new("t.yml"), "name: a\nimage: x\ncapabilites: [all]\n").unwrap_err();
     assert_eq!((e.line, e.column), (3, 1), "{e}");
     assert!(e.message.contains("capabilites"), "{e}");
-    assert!(crate::yaml::parse::<Container>(std::path::Path::new("t.yml"), "name: a\nimage: x\nruntime: {mkdirs: [/x]}\n").is_err());
-    assert!(crate::yaml::parse::<Container>(std::path::Path::new("t.yml"), "name: a\nimage: x\nresources: {memory: {limt: 1}}\n").is_err());
+    assert!(crate::base::yaml::parse::<Container>(std::path::Path::new("t.yml"), "name: a\nimage: x\nruntime: {mkdirs: [/x]}\n").is_err());
+    assert!(crate::base::yaml::parse::<Container>(std::path::Path::new("t.yml"), "name: a\nimage: x\nresources: {memory: {limt: 1}}\n").is_err());
     assert!(parse_label("x", "{\"name\": \"n\"}").unwrap_err().contains("name cannot be set"));
     assert!(parse_label("x", "{\"capabilities\": \"all\"}").is_err());
 }

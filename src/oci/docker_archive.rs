@@ -5,7 +5,7 @@
 
 use super::image::{LayerCompression, ResolvedImage, Layer};
 use super::{BlobSource, Platform};
-use crate::hash::{digest_reader, Digest};
+use crate::base::hash::{digest_reader, Digest};
 use anyhow::{bail, Context};
 use oci_spec::image::{ImageConfiguration, ImageManifest};
 use serde::Deserialize;

@@ -3,16 +3,12 @@
 //! beside OCI's.
 
 use super::local::OciDir;
-use super::registry::{Registry, RegistrySource};
-use super::{read_small_blob, BlobSource, ImageRef, Platform};
-use crate::cache::Cache;
-use crate::hash::Digest;
+use super::{read_small_blob, BlobSource, Platform};
+use crate::base::hash::Digest;
 use anyhow::{bail, Context};
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -78,147 +74,17 @@ fn compression_of(media_type: &str) -> anyhow::Result<LayerCompression> {
     })
 }
 
-/// Resolves references: local layouts and archives directly, registries through the cache.
-pub struct Resolver {
-    pub platform: Platform,
-    pub cache_dir: PathBuf,
-    /// Use only the cache for registry images.
-    pub offline: bool,
-    /// Registry hosts reached over plain http besides loopback ones.
-    pub insecure: Vec<String>,
-    /// containers-registries.conf: mirrors tried before (or instead of) a reference's host.
-    pub mirrors: super::mirrors::Mirrors,
-    cache: OnceLock<Arc<Cache>>,
-    registries: Mutex<HashMap<String, Arc<Registry>>>,
-}
-
-impl Resolver {
-    pub fn new(platform: Platform, cache_dir: PathBuf, offline: bool, insecure: Vec<String>) -> Self {
-        Self { platform, cache_dir, offline, insecure, mirrors: Default::default(), cache: OnceLock::new(), registries: Mutex::new(HashMap::new()) }
-    }
-
-    pub fn cache(&self) -> anyhow::Result<Arc<Cache>> {
-        if let Some(c) = self.cache.get() {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(Cache::open(&self.cache_dir)?);
-        Ok(self.cache.get_or_init(|| c).clone())
-    }
-
-    fn registry(&self, host: &str, insecure: bool) -> anyhow::Result<Arc<Registry>> {
-        let mut m = self.registries.lock().unwrap();
-        if let Some(r) = m.get(host) {
-            return Ok(r.clone());
-        }
-        let mut list = self.insecure.clone();
-        if insecure {
-            list.push(host.to_string());
-        }
-        let r = Arc::new(Registry::new(host, &list)?);
-        m.insert(host.to_string(), r.clone());
-        Ok(r)
-    }
-
-    /// The manifest `reference` (a tag or digest) of `host/repo`, from the first endpoint
-    /// registries.conf gives that answers; returns it with the registry and repository that
-    /// served it (blobs come from the same place).
-    fn fetch_manifest(&self, host: &str, repo: &str, reference: &str) -> anyhow::Result<(Vec<u8>, String, Arc<Registry>, String)> {
-        let by_digest = reference.contains(':');
-        let endpoints = self.mirrors.endpoints(host, repo, by_digest).map_err(|e| anyhow::anyhow!(e))?;
-        let mut errors = Vec::new();
-        for ep in &endpoints {
-            let registry = self.registry(&ep.host, ep.insecure)?;
-            match registry.manifest(&ep.repo, reference) {
-                Ok((b, mt)) => return Ok((b, mt, registry, ep.repo.clone())),
-                Err(e) => errors.push(format!("{}/{}: {e:#}", ep.host, ep.repo)),
-            }
-        }
-        if endpoints.len() == 1 {
-            anyhow::bail!("{}", errors.remove(0));
-        }
-        anyhow::bail!("no registries.conf endpoint served {host}/{repo}:{reference}:\n  {}", errors.join("\n  "))
-    }
-
-    /// Resolve `reference` (as written; relative paths against `base`). With `pin` (from a lock
-    /// file) a registry image is fetched by that digest whatever its tag says now, and a local
-    /// one must still resolve to it.
-    pub fn resolve(&self, reference: &str, base: &Path, pin: Option<&Digest>) -> anyhow::Result<ResolvedImage> {
-        let r = ImageRef::parse(reference, base).map_err(|e| anyhow::anyhow!(e))?;
-        let platform = &self.platform;
-        let img = match &r {
-            ImageRef::OciDir { path, tag } => resolve_layout(reference, OciDir::open(path, reference.to_string())?, tag.clone(), platform)?,
-            ImageRef::OciArchive { path, tag } => resolve_layout(reference, OciDir::open_archive(path, reference.to_string())?, tag.clone(), platform)?,
-            ImageRef::DockerArchive { path, tag } => super::docker_archive::resolve(reference, path, tag.as_deref(), platform)?,
-            ImageRef::Registry { host, repo, tag, digest } => {
-                let cache = self.cache()?;
-                // Where blobs come from: the endpoint that served the manifest (or, for a
-                // manifest already cached, the first endpoint).
-                let first = self.mirrors.endpoints(host, repo, true).map_err(|e| anyhow::anyhow!(e))?.remove(0);
-                let mut served = (self.registry(&first.host, first.insecure)?, first.repo);
-                let want = match (pin, digest) {
-                    (Some(p), _) => Some(p.clone()),
-                    (None, Some(d)) => Some(Digest::parse(d).map_err(|e| anyhow::anyhow!("{reference}: {e}"))?),
-                    (None, None) => None,
-                };
-                let (top, bytes, mt) = match want {
-                    Some(d) if cache.has(&d) => {
-                        let b = std::fs::read(cache.blob_path(&d))?;
-                        let mt = super::registry::media_type_of(&b).unwrap_or_default();
-                        (d, b, mt)
-                    }
-                    Some(d) if self.offline => bail!("{reference}: manifest {d} is not in the cache {} (offline; run `slotforge pull` first)", cache.root().display()),
-                    Some(d) => {
-                        let (b, mt, reg, r) = self.fetch_manifest(host, repo, d.as_str())?;
-                        served = (reg, r);
-                        let got = Digest::of_bytes(&b);
-                        if got != d {
-                            bail!("{reference}: the registry's manifest for {d} hashes to {got}; refusing it");
-                        }
-                        cache.put_bytes(&b)?;
-                        (d, b, mt)
-                    }
-                    None => {
-                        let t = tag.clone().unwrap_or_else(|| "latest".into());
-                        if self.offline {
-                            let (d, mt) = cache.get_ref(host, repo, &t).ok_or_else(|| {
-                                anyhow::anyhow!("{reference}: tag {t} was never resolved into the cache {} (offline; run `slotforge pull` first)", cache.root().display())
-                            })?;
-                            let b = std::fs::read(cache.blob_path(&d)).with_context(|| format!("{reference}: manifest {d} missing from the cache"))?;
-                            (d, b, mt)
-                        } else {
-                            let (b, mt, reg, r) = self.fetch_manifest(host, repo, &t)?;
-                            served = (reg, r);
-                            let d = cache.put_bytes(&b)?;
-                            cache.set_ref(host, repo, &t, &d, &mt)?;
-                            (d, b, mt)
-                        }
-                    }
-                };
-                let src: Arc<dyn BlobSource> = Arc::new(RegistrySource { registry: served.0, repo: served.1, cache, offline: self.offline, name: reference.to_string() });
-                let desc = Descriptor::new(MediaType::from(mt.as_str()), bytes.len() as u64, oci_digest(&top)?);
-                resolve_descriptor(reference, src, desc, platform, 0, top)?
-            }
-        };
-        if let Some(p) = pin {
-            if &img.top_digest != p {
-                bail!("{reference} now resolves to {} but the lock file pins {p}; run `slotforge lock` to accept the change", img.top_digest);
-            }
-        }
-        Ok(img)
-    }
-}
-
 /// Resolve a manifest known by digest inside `src` (the agent: an image in the images partition).
 pub fn resolve_digest(reference: &str, src: Arc<dyn BlobSource>, digest: &Digest, size: u64, media_type: &str, platform: &Platform) -> anyhow::Result<ResolvedImage> {
     let desc = Descriptor::new(MediaType::from(media_type), size, oci_digest(digest)?);
     resolve_descriptor(reference, src, desc, platform, 0, digest.clone())
 }
 
-fn oci_digest(d: &Digest) -> anyhow::Result<oci_spec::image::Digest> {
+pub(crate) fn oci_digest(d: &Digest) -> anyhow::Result<oci_spec::image::Digest> {
     oci_spec::image::Digest::from_str(d.as_str()).map_err(|e| anyhow::anyhow!("{d}: {e}"))
 }
 
-fn resolve_layout(reference: &str, src: OciDir, tag: Option<String>, platform: &Platform) -> anyhow::Result<ResolvedImage> {
+pub(crate) fn resolve_layout(reference: &str, src: OciDir, tag: Option<String>, platform: &Platform) -> anyhow::Result<ResolvedImage> {
     let index_bytes = src.index_bytes()?;
     let src: Arc<dyn BlobSource> = Arc::new(src);
     let index = ImageIndex::from_reader(&index_bytes[..]).with_context(|| format!("{reference}: index.json is not an OCI image index"))?;
@@ -242,7 +108,7 @@ fn resolve_layout(reference: &str, src: OciDir, tag: Option<String>, platform: &
     resolve_descriptor(reference, src, desc, platform, 0, top)
 }
 
-fn resolve_descriptor(reference: &str, src: Arc<dyn BlobSource>, desc: Descriptor, platform: &Platform, depth: u32, top: Digest) -> anyhow::Result<ResolvedImage> {
+pub(crate) fn resolve_descriptor(reference: &str, src: Arc<dyn BlobSource>, desc: Descriptor, platform: &Platform, depth: u32, top: Digest) -> anyhow::Result<ResolvedImage> {
     let mt = desc.media_type().to_string();
     let digest = digest_of(&desc)?;
     let bytes = read_small_blob(&*src, &digest, desc.size(), "manifest")?;

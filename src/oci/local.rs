@@ -4,7 +4,7 @@
 //! anywhere else.
 
 use super::BlobSource;
-use crate::hash::Digest;
+use crate::base::hash::Digest;
 use anyhow::{bail, Context};
 use std::fs::File;
 use std::io::Read;

@@ -10,8 +10,10 @@ pub mod local;
 pub mod mirrors;
 pub mod reference;
 pub mod registry;
+pub mod resolver;
 
-pub use image::{LayerCompression, ResolvedImage, Resolver};
+pub use image::{LayerCompression, ResolvedImage};
+pub use resolver::Resolver;
 
 /// The largest JSON document (an `index.json`, a manifest) read from outside: OCI documents
 /// are kilobytes; a 1.5 GB `index.json` used to be read whole by the resolver and the agent.
@@ -30,7 +32,7 @@ pub fn read_json_file(p: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 }
 pub use reference::{ImageRef, Platform};
 
-use crate::hash::{Digest, VerifyingReader};
+use crate::base::hash::{Digest, VerifyingReader};
 use std::io::Read;
 
 /// Where an image's blobs come from.

@@ -7,8 +7,8 @@
 use super::auth::{self, Challenge, Credentials};
 use super::image::{MT_OCI_INDEX, MT_OCI_MANIFEST};
 use super::BlobSource;
-use crate::cache::Cache;
-use crate::hash::Digest;
+use crate::base::cache::Cache;
+use crate::base::hash::Digest;
 use anyhow::{anyhow, bail};
 use std::io::Read;
 use std::sync::{Arc, Mutex};

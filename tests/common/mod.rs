@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    slotforge::hash::hex(&Sha256::digest(data))
+    slotforge::base::hash::hex(&Sha256::digest(data))
 }
 
 pub enum E {
@@ -334,7 +334,7 @@ pub fn tool(cmd: &str, args: &[&str]) -> String {
 /// Copy partition `name` of `disk` out to its own file.
 pub fn extract_partition(disk: &Path, name: &str, out: &Path) {
     let mut f = std::fs::File::open(disk).unwrap();
-    let g = slotforge::disk::read_gpt(&mut f).unwrap();
+    let g = slotforge::format::disk::read_gpt(&mut f).unwrap();
     let p = g.partitions.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no partition {name}"));
     use std::io::{Read, Seek, SeekFrom};
     f.seek(SeekFrom::Start(p.start)).unwrap();
@@ -343,6 +343,6 @@ pub fn extract_partition(disk: &Path, name: &str, out: &Path) {
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    let (d, _) = slotforge::hash::digest_reader(std::fs::File::open(p).unwrap()).unwrap();
+    let (d, _) = slotforge::base::hash::digest_reader(std::fs::File::open(p).unwrap()).unwrap();
     d.to_string()
 }

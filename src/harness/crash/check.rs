@@ -6,8 +6,8 @@
 //! rootfs under the entry's root hash and its build's image set (`inspect::verify_slot`); an entry
 //! on probation that would not boot is followed by what its boot counter falls back to.
 
-use crate::inspect::{self, ReadOnly};
-use crate::window::Window;
+use crate::format::inspect::{self, ReadOnly};
+use crate::base::window::Window;
 use anyhow::Context;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -87,7 +87,7 @@ pub fn copy_disk(from: &Path, to: &Path) -> anyhow::Result<()> {
     let mut src = File::open(from).with_context(|| format!("opening {}", from.display()))?;
     let mut dst = File::create(to).with_context(|| format!("creating {}", to.display()))?;
     dst.set_len(src.metadata()?.len())?;
-    crate::window::copy_file_sparse(&mut src, &mut dst, 0)?;
+    crate::base::window::copy_file_sparse(&mut src, &mut dst, 0)?;
     Ok(())
 }
 
@@ -96,7 +96,7 @@ fn extract(disk: &Path, r: &Region, to: &Path) -> anyhow::Result<()> {
     let mut out = File::create(to)?;
     out.set_len(r.end - r.start)?;
     let mut w = Window::new(File::open(disk)?, r.start, r.end - r.start);
-    crate::window::copy_sparse(&mut w, &mut out, 0)?;
+    crate::base::window::copy_sparse(&mut w, &mut out, 0)?;
     Ok(())
 }
 
@@ -196,7 +196,7 @@ pub fn esp(disk: &Path, r: &Region, scratch: &Path) -> anyhow::Result<Verdict> {
         let entries_of = |path: &Path| -> anyhow::Result<Vec<String>> {
             let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, 0, r.end - r.start)), fatfs::FsOptions::new().update_accessed_date(false))?;
             let root = fs.root_dir();
-            let mut v: Vec<String> = crate::entries::list(&crate::entries::FatView(&root)).into_iter().map(|e| e.path).collect();
+            let mut v: Vec<String> = crate::format::entries::list(&crate::format::entries::FatView(&root)).into_iter().map(|e| e.path).collect();
             v.sort();
             Ok(v)
         };
@@ -244,17 +244,17 @@ pub struct Known {
 }
 
 fn esp_region(rep: &inspect::InspectReport) -> Option<(u64, u64)> {
-    rep.gpt.partitions.iter().find(|p| p.type_guid == crate::layout::types::ESP).map(|p| (p.start, p.size))
+    rep.gpt.partitions.iter().find(|p| p.type_guid == crate::format::layout::types::ESP).map(|p| (p.start, p.size))
 }
 
 /// sha256 of a file on a FAT volume (`None` if it cannot be read whole).
 fn fat_digest<T: fatfs::ReadWriteSeek>(root: &fatfs::Dir<T>, path: &str) -> Option<String> {
     let f = root.open_file(path.trim_start_matches('/')).ok()?;
-    crate::hash::digest_reader(f).ok().map(|(d, _)| d.hex().to_string())
+    crate::base::hash::digest_reader(f).ok().map(|(d, _)| d.hex().to_string())
 }
 
 /// The boot files of `entry`: its kernel and initrd (Type #1) or the UKI itself.
-fn boot_files(e: &crate::entries::EntryReport) -> Vec<String> {
+fn boot_files(e: &crate::format::entries::EntryReport) -> Vec<String> {
     if e.kind == "uki" {
         vec![e.path.clone()]
     } else {
@@ -272,7 +272,7 @@ impl Known {
             };
             let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(d)?, start, size)), fatfs::FsOptions::new().update_accessed_date(false))?;
             let root = fs.root_dir();
-            let mut paths = vec![crate::esp::LOADER_PATH.to_string(), crate::esp::LOADER_CONF.to_string()];
+            let mut paths = vec![crate::format::esp::LOADER_PATH.to_string(), crate::format::esp::LOADER_CONF.to_string()];
             for e in rep.esp.iter().flat_map(|e| &e.entries) {
                 paths.extend(boot_files(e));
             }
@@ -329,12 +329,12 @@ fn decide_replayed(disk: &Path, known: &Known) -> anyhow::Result<Decision> {
     };
     let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(disk)?, start, size)), fatfs::FsOptions::new().update_accessed_date(false))?;
     let root = fs.root_dir();
-    for p in [crate::esp::LOADER_PATH, crate::esp::LOADER_CONF] {
+    for p in [crate::format::esp::LOADER_PATH, crate::format::esp::LOADER_CONF] {
         if !fat_digest(&root, p).is_some_and(|d| known.digests.contains(&d)) {
             return Ok(bad(format!("{p} is missing or not as any complete step wrote it")));
         }
     }
-    let order = crate::entries::boot_order(&esp.entries);
+    let order = crate::format::entries::boot_order(&esp.entries);
     let mut why = Vec::new();
     for (i, e) in order.iter().enumerate() {
         let problem = (|| -> anyhow::Result<Option<String>> {

@@ -10,7 +10,7 @@
 pub mod check;
 pub mod plan;
 
-use super::logwrites::{self, Log};
+use crate::format::logwrites::{self, Log};
 use anyhow::Context;
 use check::{Decision, Known, Region, Verdict};
 use plan::{Kind, Sampling, State};
@@ -309,7 +309,7 @@ pub fn replay(rec: &Recording, sampling: &Sampling, scratch: &Path, progress: &d
 /// The partition of `slot` on `disk`.
 fn inspect_partition_of(disk: &Path, slot: Option<&str>) -> anyhow::Result<Option<String>> {
     let Some(slot) = slot else { return Ok(None) };
-    let rep = crate::inspect::inspect(disk)?;
+    let rep = crate::format::inspect::inspect(disk)?;
     Ok(rep.slots.iter().find(|s| s.slot == slot).map(|s| s.partition.clone()))
 }
 

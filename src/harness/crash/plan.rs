@@ -5,7 +5,7 @@
 //! boundary (all of them), and between two flushes a prefix of the writes (the last one possibly
 //! torn) and random subsets of them — all, or a seeded sample.
 
-use crate::harness::logwrites::Log;
+use crate::format::logwrites::Log;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -161,7 +161,7 @@ pub fn plan(log: &Log, s: &Sampling) -> Vec<State> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harness::logwrites::{Entry, FLUSH};
+    use crate::format::logwrites::{Entry, FLUSH};
 
     fn log(spec: &str) -> Log {
         // `w` a one-sector write, `W` an eight-sector one, `f` a flush.

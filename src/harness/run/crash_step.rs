@@ -127,7 +127,7 @@ impl Device<'_> {
             let esp_repaired = r.results.iter().filter(|s| s.esp.needs_repair()).count();
             // The apply gets the larger half of the boot budget: its states also re-run it.
             let mine = if k == 0 { budget.div_ceil(2) } else { budget / 2 };
-            let log = crate::harness::logwrites::parse(std::fs::File::open(&rec.log)?)?;
+            let log = crate::format::logwrites::parse(std::fs::File::open(&rec.log)?)?;
             let regions = crate::harness::crash::check::regions(&rec.before)?;
             for i in crash::pick_boots(&r, mine) {
                 let state = &r.results[i];

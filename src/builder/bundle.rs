@@ -1,0 +1,214 @@
+//! Writing an update bundle: the build's rootfs, kernel, initrd (or UKIs) and external images
+//! staged as one OCI image layout, signed, and written as a directory or a reproducible tar.
+//! The format and its reader are `format::bundle`.
+
+use super::{compose, ComposeOptions};
+use super::images::Stage;
+use crate::format::bundle::*;
+use crate::base::hash::{digest_reader, Digest};
+use crate::oci::image::{MT_OCI_INDEX, MT_OCI_MANIFEST, REF_NAME};
+use crate::format::layout::Slot;
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+pub struct BundleOptions {
+    pub compose: ComposeOptions,
+    pub output: PathBuf,
+    /// Leave the external images out (the device pulls them from the registry).
+    pub without_images: bool,
+    /// minisign secret key files to sign the bundle's config with.
+    pub sign: Vec<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BundleSummary {
+    pub output: PathBuf,
+    pub build_id: String,
+    pub version: String,
+    pub rootfs_bytes: u64,
+    pub bundle_bytes: u64,
+    pub requires: Requires,
+    /// Key ids of the signatures it carries.
+    pub signed_by: Vec<String>,
+}
+
+fn put_file(stage: &Stage, p: &Path) -> anyhow::Result<Blob> {
+    let (digest, size) = digest_reader(std::fs::File::open(p)?)?;
+    let dest = stage.path().join("blobs/sha256").join(digest.hex());
+    if !dest.exists() {
+        std::fs::copy(p, &dest)?;
+    }
+    Ok(Blob { digest, size })
+}
+
+fn put_content(stage: &Stage, c: &crate::format::tree::Content) -> anyhow::Result<Blob> {
+    let tmp = stage.path().join(".content");
+    std::io::copy(&mut c.open()?, &mut std::fs::File::create(&tmp)?)?;
+    let b = put_file(stage, &tmp)?;
+    std::fs::remove_file(tmp)?;
+    Ok(b)
+}
+
+fn put_bytes(stage: &Stage, bytes: &[u8]) -> anyhow::Result<Blob> {
+    let digest = Digest::of_bytes(bytes);
+    std::fs::write(stage.path().join("blobs/sha256").join(digest.hex()), bytes)?;
+    Ok(Blob { digest, size: bytes.len() as u64 })
+}
+
+fn put_json(stage: &Stage, v: &serde_json::Value) -> anyhow::Result<Blob> {
+    put_bytes(stage, &serde_json::to_vec(v)?)
+}
+
+/// `slotforge bundle`: compose the build (refused if over any cap) and write its bundle.
+pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
+    // Keys first: a wrong password should fail before minutes of composing.
+    let password = std::env::var(crate::format::signature::PASSWORD_ENV).ok();
+    let keys: Vec<_> = opts
+        .sign
+        .iter()
+        .map(|p| {
+            let t = std::fs::read_to_string(p).with_context(|| format!("reading secret key {}", p.display()))?;
+            crate::format::signature::parse_secret(&t, password.clone()).with_context(|| format!("secret key {}", p.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let c = compose(&opts.compose)?;
+    let stage = Stage::new()?;
+    let rootfs = put_file(&stage, &c.rootfs_image)?;
+    let kernel = put_content(&stage, c.kernel())?;
+    let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
+    let mut index = Vec::new();
+    let mut images = Vec::new();
+    for (e, img) in c.external() {
+        if !opts.without_images {
+            stage.add_external(e, img, c.sealed_file(&e.name), &mut |_| {})?;
+            index.push(json!({"mediaType": img.manifest_media_type, "digest": img.manifest_digest.to_string(), "size": img.manifest_bytes.len(),
+                "annotations": {REF_NAME: format!("{}.{}", c.build_id, e.name), ANN_IMAGE: e.name}}));
+        }
+        images.push(e.clone());
+    }
+    images.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut layouts = vec![&c.layout];
+    layouts.extend(c.compat.iter());
+    // UKI mode: one signed image per slot, each embedding that slot's command line. The slot
+    // partition names must agree across the layouts it is for (they are inside the signature).
+    let mut ukis = std::collections::BTreeMap::new();
+    let mut uki_layers = Vec::new();
+    if c.uki() {
+        for l in &c.compat {
+            for slot in [Slot::A, Slot::B] {
+                if l.rootfs(slot).name != c.layout.rootfs(slot).name {
+                    bail!("layout {} names slot {} {}, layout {} names it {}: a UKI embeds the partition name, so one bundle cannot serve both", l.name, slot.name(), l.rootfs(slot).name, c.layout.name, c.layout.rootfs(slot).name);
+                }
+            }
+        }
+        for slot in [Slot::A, Slot::B] {
+            let f = c.work.path().join(format!("uki-{}.efi", slot.name()));
+            c.slot_uki(&c.layout, slot, "", &f)?;
+            let blob = put_file(&stage, &f)?;
+            uki_layers.push(json!({"mediaType": MT_UKI, "digest": blob.digest, "size": blob.size, "annotations": {"org.opencontainers.image.title": format!("slot-{}.efi", slot.name())}}));
+            ukis.insert(slot.name().to_string(), blob);
+        }
+    }
+    let requires = Requires {
+        rootfs_bytes: c.rootfs_bytes,
+        layouts: c.caps.iter().zip(&layouts).map(|(cap, l)| LayoutReq { name: l.name.clone(), generation: l.generation, cap: cap.cap }).collect(),
+    };
+    let config = BundleConfig {
+        format: FORMAT,
+        build_id: c.build_id.clone(),
+        version: c.version().into(),
+        rootfs: rootfs.clone(),
+        kernel: kernel.clone(),
+        initrd: initrd.clone(),
+        cmdline: c.cmdline().into(),
+        requires: requires.clone(),
+        verity: c.verity.clone(),
+        ukis,
+        images,
+        images_included: !opts.without_images,
+    };
+    let cfg_bytes = serde_json::to_vec(&config)?;
+    let cfg = put_bytes(&stage, &cfg_bytes)?;
+    let mut layers = vec![json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.img"}}),
+        json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}})];
+    layers.extend(uki_layers);
+    if let Some(i) = &initrd {
+        layers.push(json!({"mediaType": MT_INITRD, "digest": i.digest, "size": i.size, "annotations": {"org.opencontainers.image.title": "initrd.img"}}));
+    }
+    let manifest = put_json(&stage, &json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": MT_CONFIG,
+        "config": {"mediaType": MT_CONFIG, "digest": cfg.digest, "size": cfg.size}, "layers": layers}))?;
+    index.insert(0, json!({"mediaType": MT_OCI_MANIFEST, "digest": manifest.digest, "size": manifest.size, "annotations": {REF_NAME: c.build_id}}));
+    // Signatures: one OCI 1.1 artifact per key whose subject is the bundle manifest and whose
+    // layer is the .minisig over the config blob (which pins every other blob by digest).
+    let mut signed_by = Vec::new();
+    for (sk, id) in &keys {
+        let comment = format!("slotforge bundle {} version {} config {}", c.build_id, c.version(), cfg.digest);
+        let sig = put_bytes(&stage, crate::format::signature::sign(sk, &cfg_bytes, &comment)?.as_bytes())?;
+        let empty = put_bytes(&stage, b"{}")?;
+        let sm = put_json(&stage, &json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": MT_SIGNATURE_ARTIFACT,
+            "config": {"mediaType": MT_EMPTY, "digest": empty.digest, "size": empty.size},
+            "layers": [{"mediaType": MT_MINISIG, "digest": sig.digest, "size": sig.size, "annotations": {"org.opencontainers.image.title": "config.minisig", ANN_KEY_ID: id}}],
+            "subject": {"mediaType": MT_OCI_MANIFEST, "digest": manifest.digest, "size": manifest.size}}))?;
+        index.push(json!({"mediaType": MT_OCI_MANIFEST, "digest": sm.digest, "size": sm.size, "artifactType": MT_SIGNATURE_ARTIFACT, "annotations": {ANN_KEY_ID: id}}));
+        signed_by.push(id.clone());
+    }
+    std::fs::write(stage.path().join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": index}))?)?;
+    std::fs::write(stage.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let bytes = write_out(stage.path(), &opts.output, c.epoch)?;
+    Ok(BundleSummary { output: opts.output.clone(), build_id: c.build_id.clone(), version: c.version().into(), rootfs_bytes: c.rootfs_bytes, bundle_bytes: bytes, requires, signed_by })
+}
+
+/// A tar (sorted members, fixed times and owners) if `out` ends in `.tar`, else a directory.
+fn write_out(dir: &Path, out: &Path, epoch: u64) -> anyhow::Result<u64> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = vec![dir.join("oci-layout"), dir.join("index.json")];
+    let mut blobs: Vec<PathBuf> = std::fs::read_dir(dir.join("blobs/sha256"))?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    blobs.sort();
+    files.extend(blobs);
+    if out.extension().is_some_and(|e| e == "tar") {
+        let tmp = tempfile::Builder::new().prefix(".bundle.").suffix(".partial").tempfile_in(parent)?;
+        let mut b = tar::Builder::new(tmp.as_file());
+        let mut total = 0;
+        for d in ["blobs/", "blobs/sha256/"] {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_path(d)?;
+            h.set_mode(0o755);
+            h.set_mtime(epoch);
+            h.set_size(0);
+            h.set_cksum();
+            b.append(&h, std::io::empty())?;
+        }
+        for f in &files {
+            let rel = f.strip_prefix(dir).unwrap();
+            let len = std::fs::metadata(f)?.len();
+            let mut h = tar::Header::new_ustar();
+            h.set_path(rel)?;
+            h.set_mode(0o644);
+            h.set_mtime(epoch);
+            h.set_size(len);
+            h.set_cksum();
+            b.append(&h, std::fs::File::open(f)?)?;
+            total += len;
+        }
+        b.finish()?;
+        drop(b);
+        tmp.as_file().sync_all()?;
+        tmp.persist(out).map_err(|e| anyhow::anyhow!("writing {}: {}", out.display(), e.error))?;
+        Ok(total)
+    } else {
+        if out.exists() {
+            bail!("{} exists; remove it or name a .tar", out.display());
+        }
+        let tmp = tempfile::Builder::new().prefix(".bundle.").tempdir_in(parent)?;
+        std::fs::create_dir_all(tmp.path().join("blobs/sha256"))?;
+        let mut total = 0;
+        for f in &files {
+            total += std::fs::copy(f, tmp.path().join(f.strip_prefix(dir).unwrap()))?;
+        }
+        std::fs::rename(tmp.keep(), out).with_context(|| format!("writing {}", out.display()))?;
+        Ok(total)
+    }
+}

@@ -1,0 +1,13 @@
+//! The on-device agent: the same library, run on the appliance. At boot it checks the booted
+//! build's external images against the digests in the immutable rootfs
+//! (`/etc/slotforge/external-images.json`), pulls what is missing or corrupt from the registry
+//! (or a mirror), makes verified images ready for the runtime (a sealed image opened with
+//! dm-verity and mounted in place, an unsealed one unpacked), marks the boot good, and reports
+//! every state change as one JSON line (`@slotforge {...}`) on the console. Schema: docs/agent.md.
+
+pub mod boot;
+pub mod fetch;
+pub mod mount;
+pub mod runner;
+pub mod sealed;
+pub mod status;

@@ -1,0 +1,187 @@
+//! Update bundles: one OCI image layout (a directory, or a tar of one) so any registry or file
+//! transport can carry it. Its `index.json` names the bundle manifest (ref = build id), whose
+//! config is the bundle description and whose layers are the rootfs squashfs, the kernel and
+//! the initrd; each external image of the build is in the same layout under its own ref.
+//! Format: docs/upgrade-protocol.md#bundle.
+
+use crate::base::hash::Digest;
+use crate::oci::image::MT_OCI_MANIFEST;
+use crate::format::release::ExternalImage;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: u32 = 1;
+pub const MT_CONFIG: &str = "application/vnd.slotforge.bundle.config.v1+json";
+pub const MT_ROOTFS: &str = "application/vnd.slotforge.rootfs.squashfs";
+pub const MT_KERNEL: &str = "application/vnd.slotforge.kernel";
+pub const MT_INITRD: &str = "application/vnd.slotforge.initrd";
+/// A (signed) Unified Kernel Image for one slot.
+pub const MT_UKI: &str = "application/vnd.slotforge.uki";
+/// The artifact type of a signature manifest (its `subject` is the bundle manifest).
+pub const MT_SIGNATURE_ARTIFACT: &str = "application/vnd.slotforge.bundle.signature.v1";
+/// A minisign signature file (`.minisig`) over the bundle's config blob.
+pub const MT_MINISIG: &str = "application/vnd.minisign.signature.v1";
+/// OCI 1.1's empty config for artifacts.
+pub const MT_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const ANN_IMAGE: &str = "io.slotforge.bundle.image";
+pub const ANN_KEY_ID: &str = "io.slotforge.signature.key-id";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Blob {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A layout generation the bundle's rootfs was checked against.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayoutReq {
+    pub name: String,
+    pub generation: u32,
+    pub cap: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Requires {
+    /// The squashfs size: the inactive slot's cap must hold it.
+    pub rootfs_bytes: u64,
+    /// The device's layout (name, generation) must be one of these.
+    pub layouts: Vec<LayoutReq>,
+}
+
+/// The bundle description (the manifest's config blob).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BundleConfig {
+    pub format: u32,
+    pub build_id: String,
+    pub version: String,
+    pub rootfs: Blob,
+    pub kernel: Blob,
+    pub initrd: Option<Blob>,
+    /// Kernel command line of the build (the entry adds root=, slot and build id).
+    pub cmdline: String,
+    pub requires: Requires,
+    /// The rootfs blob's dm-verity parameters (the blob is the squashfs followed by its hash
+    /// area); absent for a build with `verity: false`. Older agents ignore it and still boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<crate::format::verity::VerityInfo>,
+    /// Boot through signed Unified Kernel Images: one per slot (`a`, `b`), each embedding that
+    /// slot's command line. Empty for BLS (Type #1) entries.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ukis: std::collections::BTreeMap<String, Blob>,
+    /// The build's external images (what its rootfs pins).
+    pub images: Vec<ExternalImage>,
+    /// Whether their blobs are in the bundle; if not, the device pulls them.
+    pub images_included: bool,
+}
+
+/// A bundle opened for applying: its layout directory (unpacked if it came as a tar).
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub config: BundleConfig,
+    /// The config blob's exact bytes: what the signatures cover.
+    pub config_bytes: Vec<u8>,
+    /// The `.minisig` texts of every signature artifact whose subject is the bundle manifest.
+    pub signatures: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Bundle {
+    /// Open a bundle directory, a tar file, or a block device holding the tar. A tar is unpacked
+    /// into a temporary directory under `scratch` (on the device: the images partition, so its
+    /// blobs can later be renamed into place).
+    pub fn open(src: &Path, scratch: Option<&Path>) -> anyhow::Result<Self> {
+        let (dir, tmp) = if src.is_dir() {
+            (src.to_path_buf(), None)
+        } else {
+            let tmp = match scratch {
+                Some(s) => {
+                    std::fs::create_dir_all(s)?;
+                    tempfile::Builder::new().prefix("bundle-").tempdir_in(s)?
+                }
+                None => tempfile::Builder::new().prefix("slotforge-bundle-").tempdir()?,
+            };
+            let f = std::fs::File::open(src).with_context(|| format!("opening bundle {}", src.display()))?;
+            // What a hostile stick may make us write: the free space of the scratch file system
+            // less a reserve, counted while copying (members are verified by digest later).
+            let mut budget = crate::format::tree::disk_budget(tmp.path());
+            let mut ar = tar::Archive::new(std::io::BufReader::new(f));
+            for e in ar.entries()? {
+                let mut e = e?;
+                let p = e.path()?.into_owned();
+                let names: Vec<String> = p.components().filter_map(|c| match c {
+                    std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                    _ => None,
+                }).collect();
+                if p.components().any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::RootDir)) {
+                    bail!("bundle member {} escapes the bundle; refusing it", p.display());
+                }
+                let ok = matches!(names.as_slice(), [n] if n == "oci-layout" || n == "index.json") || matches!(names.as_slice(), [b, a, h] if b == "blobs" && a == "sha256" && h.len() == 64);
+                if !ok || !e.header().entry_type().is_file() {
+                    continue;
+                }
+                let dest = tmp.path().join(names.join("/"));
+                std::fs::create_dir_all(dest.parent().unwrap())?;
+                let n = std::io::copy(&mut (&mut e).take(budget.saturating_add(1)), &mut std::fs::File::create(&dest)?)?;
+                if n > budget {
+                    bail!("bundle member {} would not fit the free space of {} (a bundle larger than the device can hold?)", p.display(), tmp.path().display());
+                }
+                budget -= n;
+            }
+            (tmp.path().to_path_buf(), Some(tmp))
+        };
+        let idx: serde_json::Value = serde_json::from_slice(&crate::oci::read_json_file(&dir.join("index.json")).context("bundle index.json")?)?;
+        let m = idx["manifests"].as_array().and_then(|a| a.iter().find(|d| d["mediaType"] == MT_OCI_MANIFEST && d["annotations"].get(ANN_IMAGE).is_none())).context("bundle index names no bundle manifest")?;
+        let md = Digest::parse(m["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
+        let mbytes = read_verified(&dir, &md, m["size"].as_u64().unwrap_or(0))?;
+        let man: serde_json::Value = serde_json::from_slice(&mbytes)?;
+        if man["config"]["mediaType"] != MT_CONFIG {
+            bail!("not a slotforge bundle (config media type {})", man["config"]["mediaType"]);
+        }
+        let cd = Digest::parse(man["config"]["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
+        let config_bytes = read_verified(&dir, &cd, man["config"]["size"].as_u64().unwrap_or(0))?;
+        let config: BundleConfig = serde_json::from_slice(&config_bytes).context("bundle config")?;
+        if config.format != FORMAT {
+            bail!("bundle format {} is not supported (this slotforge reads {FORMAT})", config.format);
+        }
+        let mut signatures = Vec::new();
+        for d in idx["manifests"].as_array().into_iter().flatten().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT) {
+            // A damaged signature artifact is skipped: the decision then rests on the others.
+            let Ok(sd) = Digest::parse(d["digest"].as_str().unwrap_or("")) else { continue };
+            let Ok(sb) = read_verified(&dir, &sd, d["size"].as_u64().unwrap_or(0)) else { continue };
+            let Ok(sm) = serde_json::from_slice::<serde_json::Value>(&sb) else { continue };
+            if sm["subject"]["digest"].as_str() != Some(md.as_str()) {
+                continue;
+            }
+            for l in sm["layers"].as_array().into_iter().flatten().filter(|l| l["mediaType"] == MT_MINISIG) {
+                let Ok(ld) = Digest::parse(l["digest"].as_str().unwrap_or("")) else { continue };
+                if let Ok(text) = read_verified(&dir, &ld, l["size"].as_u64().unwrap_or(0)) {
+                    signatures.push(String::from_utf8_lossy(&text).into_owned());
+                }
+            }
+        }
+        Ok(Self { dir, config, config_bytes, signatures, _tmp: tmp })
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(d.hex())
+    }
+}
+
+/// JSON documents and signatures of a bundle are small; a larger claim is refused before
+/// anything is read, so a hostile bundle cannot make the reader balloon.
+pub const MAX_METADATA_BLOB: u64 = 4 << 20;
+
+fn read_verified(dir: &Path, d: &Digest, size: u64) -> anyhow::Result<Vec<u8>> {
+    let p = dir.join("blobs/sha256").join(d.hex());
+    let on_disk = std::fs::metadata(&p).with_context(|| format!("bundle blob {d} missing"))?.len();
+    if size > MAX_METADATA_BLOB || on_disk != size {
+        bail!("bundle blob {d}: {on_disk} bytes on disk, {size} claimed (metadata blobs are at most {MAX_METADATA_BLOB}); refusing it");
+    }
+    let b = std::fs::read(dir.join("blobs/sha256").join(d.hex())).with_context(|| format!("bundle blob {d} missing"))?;
+    if Digest::of_bytes(&b) != *d || b.len() as u64 != size {
+        bail!("bundle blob {d} is corrupt");
+    }
+    Ok(b)
+}

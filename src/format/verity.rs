@@ -1,0 +1,311 @@
+//! dm-verity hash trees, in the on-disk format `veritysetup format` writes (cryptsetup's
+//! "verity" superblock, version 1, hash type 1: every hash is SHA-256 over salt ‖ block), so
+//! the kernel's dm-verity target, `veritysetup verify` and systemd-veritysetup read what we
+//! write. One writer serves every user (the rootfs slots today, sealed images later): it takes a
+//! reader of the data and returns the superblock + tree bytes and the root hash; where they are
+//! stored is the caller's business. Format: docs/formats.md#dm-verity.
+
+use crate::base::hash::hex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// Data and hash block size. 4 KiB is veritysetup's default and the page size dm-verity wants.
+pub const BLOCK: u64 = 4096;
+/// SHA-256.
+pub const DIGEST_LEN: usize = 32;
+/// Hashes per hash block: 4096 / 32 = 128 = 2^7.
+const PER_BLOCK_BITS: u32 = 7;
+/// The verity superblock occupies the first 512 bytes of the hash area; the tree starts at the
+/// next hash block (cryptsetup: `hash_offset + round_up(sizeof(verity_sb), hash_block_size)`).
+pub const SUPERBLOCK_LEN: usize = 512;
+/// `verity\0\0`.
+pub const SIGNATURE: &[u8; 8] = b"verity\0\0";
+/// Hash type 1: the salt is prepended to each block (type 0 is Chrome OS's, salt appended).
+const HASH_TYPE_NORMAL: u32 = 1;
+const ALGORITHM: &str = "sha256";
+
+/// What a verity device needs besides the data: recorded in boot entries, bundles and inspect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerityInfo {
+    /// Hex SHA-256 root hash (what `roothash=` carries).
+    pub root_hash: String,
+    /// Hex salt.
+    pub salt: String,
+    /// Byte offset of the verity superblock from the start of the device (= the data size,
+    /// rounded up to [`BLOCK`]).
+    pub hash_offset: u64,
+    pub data_blocks: u64,
+    pub data_block_size: u64,
+    pub hash_block_size: u64,
+    /// Superblock block + tree, in bytes.
+    pub tree_bytes: u64,
+    pub uuid: String,
+    pub algorithm: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerityError {
+    #[error("dm-verity needs at least 2 data blocks of {BLOCK} bytes, got {0}")]
+    TooSmall(u64),
+    #[error("reading the data: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no verity superblock at byte {0}")]
+    NoSuperblock(u64),
+    #[error("verity superblock at byte {offset}: {what}")]
+    BadSuperblock { offset: u64, what: String },
+}
+
+/// The parameters a tree is made with.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub data_blocks: u64,
+    pub salt: [u8; 32],
+    pub uuid: [u8; 16],
+}
+
+impl Params {
+    /// Parameters for `data_bytes` of data, with a salt and UUID derived from `seed` (a build
+    /// id): the same build gives the same tree, bit for bit.
+    pub fn derived(data_bytes: u64, seed: &str) -> Self {
+        let salt: [u8; 32] = Sha256::digest(format!("slotforge dm-verity salt\0{seed}").as_bytes()).into();
+        let u = Sha256::digest(format!("slotforge dm-verity uuid\0{seed}").as_bytes());
+        let uuid = *uuid::Builder::from_custom_bytes(u[..16].try_into().unwrap()).as_uuid().as_bytes();
+        Self { data_blocks: data_bytes.div_ceil(BLOCK), salt, uuid }
+    }
+    pub fn hash_offset(&self) -> u64 {
+        self.data_blocks * BLOCK
+    }
+}
+
+/// Number of tree levels above the data (cryptsetup's rule: until one block holds them all).
+fn levels(data_blocks: u64) -> u32 {
+    let mut l = 0;
+    while PER_BLOCK_BITS * l < 64 && (data_blocks - 1) >> (PER_BLOCK_BITS * l) != 0 {
+        l += 1;
+    }
+    l
+}
+
+/// Blocks at level `i` (0 = hashes of the data blocks).
+fn level_blocks(data_blocks: u64, i: u32) -> u64 {
+    let shift = PER_BLOCK_BITS * (i + 1);
+    if shift >= 64 {
+        1
+    } else {
+        data_blocks.div_ceil(1 << shift)
+    }
+}
+
+fn salted(salt: &[u8], block: &[u8]) -> [u8; DIGEST_LEN] {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(block);
+    h.finalize().into()
+}
+
+/// The 512-byte verity superblock.
+pub fn superblock(p: &Params) -> [u8; SUPERBLOCK_LEN] {
+    let mut b = [0u8; SUPERBLOCK_LEN];
+    b[0..8].copy_from_slice(SIGNATURE);
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    b[12..16].copy_from_slice(&HASH_TYPE_NORMAL.to_le_bytes());
+    b[16..32].copy_from_slice(&p.uuid);
+    b[32..32 + ALGORITHM.len()].copy_from_slice(ALGORITHM.as_bytes());
+    b[64..68].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+    b[68..72].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+    b[72..80].copy_from_slice(&p.data_blocks.to_le_bytes());
+    b[80..82].copy_from_slice(&(p.salt.len() as u16).to_le_bytes());
+    b[88..88 + p.salt.len()].copy_from_slice(&p.salt);
+    b
+}
+
+/// Parse a superblock: (data blocks, salt, uuid). Only what we write is accepted (SHA-256,
+/// 4 KiB blocks, hash type 1).
+pub fn parse_superblock(b: &[u8; SUPERBLOCK_LEN], offset: u64) -> Result<Params, VerityError> {
+    if &b[0..8] != SIGNATURE {
+        return Err(VerityError::NoSuperblock(offset));
+    }
+    let bad = |what: String| VerityError::BadSuperblock { offset, what };
+    let u32at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    if u32at(8) != 1 || u32at(12) != HASH_TYPE_NORMAL {
+        return Err(bad(format!("version {} hash type {} (expected 1, 1)", u32at(8), u32at(12))));
+    }
+    let alg = String::from_utf8_lossy(&b[32..64]).trim_end_matches('\0').to_string();
+    if alg != ALGORITHM || u32at(64) as u64 != BLOCK || u32at(68) as u64 != BLOCK {
+        return Err(bad(format!("{alg} with {}/{}-byte blocks (expected sha256, {BLOCK})", u32at(64), u32at(68))));
+    }
+    let salt_len = u16::from_le_bytes([b[80], b[81]]) as usize;
+    if salt_len != 32 {
+        return Err(bad(format!("salt of {salt_len} bytes (expected 32)")));
+    }
+    Ok(Params {
+        data_blocks: u64::from_le_bytes(b[72..80].try_into().unwrap()),
+        salt: b[88..120].try_into().unwrap(),
+        uuid: b[16..32].try_into().unwrap(),
+    })
+}
+
+/// A computed hash area: the superblock block followed by the levels, top level first.
+pub struct HashTree {
+    pub root: [u8; DIGEST_LEN],
+    pub bytes: Vec<u8>,
+}
+
+impl HashTree {
+    pub fn info(&self, p: &Params) -> VerityInfo {
+        VerityInfo {
+            root_hash: hex(&self.root),
+            salt: hex(&p.salt),
+            hash_offset: p.hash_offset(),
+            data_blocks: p.data_blocks,
+            data_block_size: BLOCK,
+            hash_block_size: BLOCK,
+            tree_bytes: self.bytes.len() as u64,
+            uuid: uuid::Uuid::from_bytes(p.uuid).to_string(),
+            algorithm: ALGORITHM.into(),
+        }
+    }
+}
+
+/// Bytes of the hash area (superblock block + tree) for `data_blocks` blocks of data.
+pub fn hash_area_bytes(data_blocks: u64) -> u64 {
+    BLOCK + (0..levels(data_blocks)).map(|i| level_blocks(data_blocks, i)).sum::<u64>() * BLOCK
+}
+
+/// Compute the hash area of `p.data_blocks` blocks read from `data` (the last one zero-padded).
+/// Memory: the tree only (1/128 of the data), never the data.
+pub fn build(mut data: impl Read, p: &Params) -> Result<HashTree, VerityError> {
+    if p.data_blocks < 2 {
+        return Err(VerityError::TooSmall(p.data_blocks));
+    }
+    let n = levels(p.data_blocks);
+    // Level 0: one digest per data block, packed 128 to a zero-padded hash block.
+    let mut level: Vec<u8> = Vec::with_capacity((level_blocks(p.data_blocks, 0) * BLOCK) as usize);
+    let mut buf = vec![0u8; BLOCK as usize];
+    for _ in 0..p.data_blocks {
+        let mut got = 0;
+        while got < buf.len() {
+            let k = data.read(&mut buf[got..])?;
+            if k == 0 {
+                break;
+            }
+            got += k;
+        }
+        buf[got..].fill(0);
+        level.extend_from_slice(&salted(&p.salt, &buf));
+    }
+    let pad = |v: &mut Vec<u8>| v.resize(v.len().div_ceil(BLOCK as usize) * BLOCK as usize, 0);
+    pad(&mut level);
+    let mut levels_bytes = vec![level];
+    for _ in 1..n {
+        let below = levels_bytes.last().unwrap();
+        let mut next = Vec::with_capacity(below.len() / 128 + BLOCK as usize);
+        for blk in below.chunks(BLOCK as usize) {
+            next.extend_from_slice(&salted(&p.salt, blk));
+        }
+        pad(&mut next);
+        levels_bytes.push(next);
+    }
+    let top = levels_bytes.last().unwrap();
+    debug_assert_eq!(top.len() as u64, BLOCK);
+    let root = salted(&p.salt, top);
+    let mut bytes = Vec::with_capacity(hash_area_bytes(p.data_blocks) as usize);
+    bytes.extend_from_slice(&superblock(p));
+    bytes.resize(BLOCK as usize, 0);
+    for l in levels_bytes.iter().rev() {
+        bytes.extend_from_slice(l);
+    }
+    Ok(HashTree { root, bytes })
+}
+
+/// Append a hash area to the data file `path` (padded to a whole block first) and return its
+/// parameters. The file then holds exactly what goes into the partition.
+pub fn append(path: &Path, seed: &str) -> anyhow::Result<VerityInfo> {
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let len = f.metadata()?.len();
+    let p = Params::derived(len, seed);
+    let tree = build(std::io::BufReader::new((&mut f).take(len)), &p)?;
+    f.set_len(p.hash_offset())?;
+    f.seek(SeekFrom::Start(p.hash_offset()))?;
+    f.write_all(&tree.bytes)?;
+    f.sync_all()?;
+    Ok(tree.info(&p))
+}
+
+/// Check the hash area stored at `hash_offset` of `dev` (a partition or a slot image) against
+/// the data before it and, when given, the expected root hash. Returns the recomputed info.
+pub fn check<R: Read + Seek>(dev: &mut R, hash_offset: u64, expected_root: Option<&str>) -> anyhow::Result<VerityInfo> {
+    dev.seek(SeekFrom::Start(hash_offset))?;
+    let mut sb = [0u8; SUPERBLOCK_LEN];
+    dev.read_exact(&mut sb)?;
+    let p = parse_superblock(&sb, hash_offset)?;
+    if p.hash_offset() != hash_offset {
+        anyhow::bail!("verity superblock at byte {hash_offset} covers {} data blocks, which end at byte {}", p.data_blocks, p.hash_offset());
+    }
+    dev.seek(SeekFrom::Start(0))?;
+    let tree = build(std::io::BufReader::new(&mut *dev).take(hash_offset), &p)?;
+    dev.seek(SeekFrom::Start(hash_offset))?;
+    let mut stored = vec![0u8; tree.bytes.len()];
+    dev.read_exact(&mut stored)?;
+    let info = tree.info(&p);
+    if stored != tree.bytes {
+        let first = stored.chunks(BLOCK as usize).zip(tree.bytes.chunks(BLOCK as usize)).position(|(a, b)| a != b).unwrap_or(0);
+        anyhow::bail!("the stored verity tree differs from the data (first at hash block {first}): the data or the tree is corrupt");
+    }
+    if let Some(want) = expected_root {
+        if want != info.root_hash {
+            anyhow::bail!("root hash {} does not match the expected {want}", info.root_hash);
+        }
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn level_counts_follow_cryptsetup() {
+        assert_eq!(levels(2), 1);
+        assert_eq!(levels(128), 1);
+        assert_eq!(levels(129), 2);
+        assert_eq!(levels(128 * 128), 2);
+        assert_eq!(levels(128 * 128 + 1), 3);
+        assert_eq!(hash_area_bytes(129), BLOCK * (1 + 2 + 1));
+    }
+
+    #[test]
+    fn tree_is_deterministic_and_sensitive() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let p = Params::derived(data.len() as u64, "b1");
+        let a = build(&data[..], &p).unwrap();
+        let b = build(&data[..], &p).unwrap();
+        assert_eq!(a.root, b.root);
+        assert_eq!(a.bytes.len() as u64, hash_area_bytes(p.data_blocks));
+        let mut d2 = data.clone();
+        d2[123_456] ^= 1;
+        assert_ne!(build(&d2[..], &p).unwrap().root, a.root);
+        assert_ne!(build(&data[..], &Params::derived(data.len() as u64, "b2")).unwrap().root, a.root);
+        let sb: [u8; SUPERBLOCK_LEN] = a.bytes[..SUPERBLOCK_LEN].try_into().unwrap();
+        let q = parse_superblock(&sb, 0).unwrap();
+        assert_eq!((q.data_blocks, q.salt, q.uuid), (p.data_blocks, p.salt, p.uuid));
+    }
+
+    #[test]
+    fn check_finds_corruption() {
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 13) as u8).collect();
+        let p = Params::derived(data.len() as u64, "x");
+        let t = build(&data[..], &p).unwrap();
+        let mut dev = data.clone();
+        dev.resize(p.hash_offset() as usize, 0);
+        dev.extend_from_slice(&t.bytes);
+        let root = hex(&t.root);
+        assert!(check(&mut std::io::Cursor::new(dev.clone()), p.hash_offset(), Some(&root)).is_ok());
+        let mut bad = dev.clone();
+        bad[5] ^= 0x80;
+        assert!(check(&mut std::io::Cursor::new(bad), p.hash_offset(), Some(&root)).is_err());
+        assert!(check(&mut std::io::Cursor::new(dev), p.hash_offset(), Some(&"0".repeat(64))).is_err());
+    }
+}
