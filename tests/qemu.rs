@@ -8,6 +8,7 @@ use slotforge_qemu_tests::vm::{self, Boot, Outcome, VmOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use slotforge::format::agent::Kind;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_slotforge")
@@ -116,7 +117,7 @@ boot:
         let b = vm::boot_to_end(&o).unwrap();
         report(&b, disk);
         assert_eq!(b.outcome, Outcome::Exited, "guest did not power off; serial log {}:\n{}", b.serial_path.display(), tail(&b.log()));
-        assert!(!b.named("poweroff").is_empty(), "no clean power-off; serial:\n{}", tail(&b.log()));
+        assert!(!b.named(Kind::Poweroff).is_empty(), "no clean power-off; serial:\n{}", tail(&b.log()));
         b
     }
 }
@@ -135,11 +136,11 @@ fn report(b: &Boot, disk: &Path) {
         .take_while(|l| !l.contains("\"agent-start\""))
         .filter_map(|l| l.trim_start_matches('\r').strip_prefix('[').and_then(|r| r.split(']').next()).and_then(|t| t.trim().parse::<f64>().ok()))
         .last();
-    let check: f64 = b.named("image-check").iter().filter_map(|e| e["seconds"].as_f64()).sum();
-    let bytes: u64 = b.named("image-check").iter().filter_map(|e| e["bytes"].as_u64()).sum();
-    let ready: f64 = b.named("image-ready").iter().filter_map(|e| e["seconds"].as_f64()).sum();
-    let images_ready = b.named("images-ready").first().and_then(|e| e["seconds"].as_f64());
-    let mem = b.named("memory").first().map(|e| (*e).clone());
+    let check: f64 = b.named(Kind::ImageCheck).iter().filter_map(|e| e["seconds"].as_f64()).sum();
+    let bytes: u64 = b.named(Kind::ImageCheck).iter().filter_map(|e| e["bytes"].as_u64()).sum();
+    let ready: f64 = b.named(Kind::ImageReady).iter().filter_map(|e| e["seconds"].as_f64()).sum();
+    let images_ready = b.named(Kind::ImagesReady).first().and_then(|e| e["seconds"].as_f64());
+    let mem = b.named(Kind::Memory).first().map(|e| e.json.clone());
     let insp: serde_json::Value = serde_json::from_slice(&Command::new(bin()).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap().stdout).unwrap_or_default();
     let line = serde_json::json!({"test": std::thread::current().name(), "accel": b.accel, "total_s": b.seconds, "kernel_to_agent_s": kernel_at_agent, "check_s": check, "checked_bytes": bytes,
         "ready_s": ready, "images_ready_s": images_ready, "memory": mem, "sealed": env_or("SLOTFORGE_QEMU_SEALED", true), "payload": payload_size(),
@@ -149,7 +150,7 @@ fn report(b: &Boot, disk: &Path) {
     writeln!(f, "{line}").unwrap();
 }
 
-fn image<'a>(b: &'a Boot, event: &str, name: &str) -> Option<&'a serde_json::Value> {
+fn image<'a>(b: &'a Boot, event: Kind, name: &str) -> Option<&'a slotforge::format::agent::Received> {
     b.named(event).into_iter().find(|e| e["name"] == name)
 }
 
@@ -165,21 +166,21 @@ fn a_fresh_disk_boots_verifies_runs_the_external_service_and_marks_good() {
     let disk = s.build(&["--boot-tries", "3"]);
     assert_eq!(entries(&disk), ["slot-a+3.conf"]);
     let b = s.boot(&disk, false);
-    assert_eq!(b.named("initramfs")[0]["root"], "rootfs_a");
+    assert_eq!(b.named(Kind::Initramfs)[0]["root"], "rootfs_a");
     // The slot was opened with dm-verity under the root hash on its entry, and / is that device.
     let insp: serde_json::Value = serde_json::from_slice(&Command::new(bin()).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap().stdout).unwrap();
     if verity() {
         let root_hash = insp["slots"][0]["verity"]["root_hash"].as_str().unwrap();
-        assert_eq!((b.named("verity")[0]["root_hash"].as_str(), b.named("verity")[0]["status"].as_str()), (Some(root_hash), Some("verified")));
-        let rd = &b.named("status")[0]["root_device"];
+        assert_eq!((b.named(Kind::Verity)[0]["root_hash"].as_str(), b.named(Kind::Verity)[0]["status"].as_str()), (Some(root_hash), Some("verified")));
+        let rd = &b.named(Kind::Status)[0]["root_device"];
         assert_eq!((rd["dm_name"].as_str(), rd["root_hash"].as_str()), (Some("root"), Some(root_hash)), "{rd}");
     }
-    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "verified");
+    assert_eq!(image(&b, Kind::ImageCheck, "hello").unwrap()["state"], "verified");
     // The sealed image: opened with dm-verity under the root hash the rootfs pins, mounted
     // read-only, not unpacked — tmpfs under /run holds far less than the 3 MB payload.
     let pinned = insp["slots"][0]["external_images"]["images"].as_array().and_then(|a| a.iter().find(|i| i["name"] == "hello").cloned()).expect("inspect lists hello");
-    let ready = image(&b, "image-ready", "hello").expect("hello ready");
-    let mem = b.named("memory")[0];
+    let ready = image(&b, Kind::ImageReady, "hello").expect("hello ready");
+    let mem = b.named(Kind::Memory)[0];
     if env_or("SLOTFORGE_QEMU_SEALED", true) {
         assert_eq!(ready["sealed"]["verity"], "verified", "{ready}");
         assert_eq!(ready["sealed"]["device"], "/dev/mapper/slotforge-hello", "{ready}");
@@ -187,7 +188,7 @@ fn a_fresh_disk_boots_verifies_runs_the_external_service_and_marks_good() {
         assert!(pinned["sealed"]["root_hash"].is_string(), "{pinned}");
         assert_eq!(mem["sealed_mounts"], 1, "{mem}");
         assert!(mem["run_kb"].as_u64().unwrap() * 1024 < payload_size() as u64 / 4, "image contents copied to tmpfs: {mem}");
-        let scrub = image(&b, "image-scrubbed", "hello").expect("scrubbed");
+        let scrub = image(&b, Kind::ImageScrubbed, "hello").expect("scrubbed");
         assert_eq!(scrub["ok"], true, "{scrub}");
     } else {
         // bench/sealed-boot.sh's baseline: unpacked into tmpfs.
@@ -195,13 +196,13 @@ fn a_fresh_disk_boots_verifies_runs_the_external_service_and_marks_good() {
         assert!(mem["run_kb"].as_u64().unwrap() * 1024 >= payload_size() as u64, "{mem}");
     }
     // systemd-boot counted the try (slot-a+2-1.conf); the agent dropped the counter.
-    assert_eq!(b.named("marked-good")[0]["entry"], "slot-a.conf");
-    let st = b.named("status")[0];
+    assert_eq!(b.named(Kind::MarkedGood)[0]["entry"], "slot-a.conf");
+    let st = b.named(Kind::Status)[0];
     assert_eq!((st["state"].as_str(), st["slot"].as_str()), (Some("ok"), Some("a")));
-    let hello = image(&b, "service-exited", "hello").expect("the external service ran");
+    let hello = image(&b, Kind::ServiceExited, "hello").expect("the external service ran");
     assert_eq!((hello["external"].as_bool(), hello["status"].as_i64()), (Some(true), Some(0)));
     assert_eq!(hello["stdout"], "hello from the external image\n");
-    assert_eq!(image(&b, "service-exited", "ondisk").unwrap()["stdout"], "hello from the rootfs\n");
+    assert_eq!(image(&b, Kind::ServiceExited, "ondisk").unwrap()["stdout"], "hello from the rootfs\n");
     // The rename persisted on the ESP.
     assert_eq!(entries(&disk), ["slot-a.conf"]);
     let v = Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
@@ -213,21 +214,21 @@ fn a_missing_image_is_pulled_from_the_host_registry_and_present_on_the_next_offl
     let s = Scenario::new();
     let disk = s.build(&["--no-prefill", "hello"]);
     let b = s.boot(&disk, true);
-    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "missing");
-    let pulled = image(&b, "image-pulled", "hello").unwrap_or_else(|| panic!("not pulled:\n{}", tail(&b.log())));
+    assert_eq!(image(&b, Kind::ImageCheck, "hello").unwrap()["state"], "missing");
+    let pulled = image(&b, Kind::ImagePulled, "hello").unwrap_or_else(|| panic!("not pulled:\n{}", tail(&b.log())));
     assert_eq!(pulled["state"], "verified");
     assert!(pulled["bytes"].as_u64().unwrap() >= payload_size() as u64);
     // Sealed in the guest from the pulled layers by the build's code: the pinned root hash.
     let insp: serde_json::Value = serde_json::from_slice(&Command::new(bin()).args(["inspect", disk.to_str().unwrap(), "--json"]).output().unwrap().stdout).unwrap();
     let pinned = insp["slots"][0]["external_images"]["images"][0]["sealed"]["root_hash"].clone();
     assert!(pinned.is_string() && pulled["sealed"] == pinned, "{pulled} vs {pinned}");
-    assert_eq!(image(&b, "image-ready", "hello").unwrap()["sealed"]["verity"], "verified");
-    assert_eq!(image(&b, "service-exited", "hello").unwrap()["status"], 0);
+    assert_eq!(image(&b, Kind::ImageReady, "hello").unwrap()["sealed"]["verity"], "verified");
+    assert_eq!(image(&b, Kind::ServiceExited, "hello").unwrap()["status"], 0);
     // Next boot, no network: present, verified, used.
     let b = s.boot(&disk, false);
-    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "verified");
-    assert!(image(&b, "image-pulled", "hello").is_none());
-    assert_eq!(image(&b, "service-exited", "hello").unwrap()["stdout"], "hello from the external image\n");
+    assert_eq!(image(&b, Kind::ImageCheck, "hello").unwrap()["state"], "verified");
+    assert!(image(&b, Kind::ImagePulled, "hello").is_none());
+    assert_eq!(image(&b, Kind::ServiceExited, "hello").unwrap()["stdout"], "hello from the external image\n");
     // The host reads the same: the build's set in the images partition now lists hello.
     let v = Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
@@ -243,32 +244,32 @@ fn a_corrupted_sealed_image_is_caught_on_read_degraded_offline_and_repaired_onli
     let s = Scenario::new();
     let disk = s.build(&[]);
     corrupt_largest_blob(&disk, s.dir.path());
-    let last = |b: &Boot, event: &str| b.named(event).last().map(|e| (*e).clone());
+    let last = |b: &Boot, event: Kind| b.named(event).last().map(|e| e.json.clone());
     let b = s.boot(&disk, false);
     // The check at boot is constant-time (the sealed blob is there, whole); dm-verity refuses
     // the flipped block when it is read: by the service, and by the scrub after it.
-    assert_eq!(image(&b, "image-check", "hello").unwrap()["state"], "verified");
-    assert_ne!(image(&b, "service-exited", "hello").unwrap()["status"], 0, "the service read a corrupted block and went on:\n{}", tail(&b.log()));
-    assert_eq!(image(&b, "image-scrubbed", "hello").unwrap()["ok"], false);
-    assert!(image(&b, "image-corrupt", "hello").is_some(), "{}", tail(&b.log()));
-    assert_eq!(last(&b, "degraded").unwrap()["unavailable"], serde_json::json!(["hello"]));
-    let st = last(&b, "status").unwrap();
+    assert_eq!(image(&b, Kind::ImageCheck, "hello").unwrap()["state"], "verified");
+    assert_ne!(image(&b, Kind::ServiceExited, "hello").unwrap()["status"], 0, "the service read a corrupted block and went on:\n{}", tail(&b.log()));
+    assert_eq!(image(&b, Kind::ImageScrubbed, "hello").unwrap()["ok"], false);
+    assert!(image(&b, Kind::ImageCorrupt, "hello").is_some(), "{}", tail(&b.log()));
+    assert_eq!(last(&b, Kind::Degraded).unwrap()["unavailable"], serde_json::json!(["hello"]));
+    let st = last(&b, Kind::Status).unwrap();
     assert_eq!(st["state"], "degraded", "{st}");
     assert_eq!(st["images"][0]["state"], "corrupt", "{st}");
     // Online: rebuilt from the image pulled by digest, bit-identical (same root hash), reopened,
     // the service restarted and reading every byte.
     let b = s.boot(&disk, true);
-    assert!(image(&b, "image-corrupt", "hello").is_some(), "{}", tail(&b.log()));
-    assert_eq!(image(&b, "image-pulled", "hello").unwrap()["state"], "verified", "{}", tail(&b.log()));
-    assert!(image(&b, "image-repaired", "hello").is_some());
-    let runs: Vec<_> = b.named("service-exited").into_iter().filter(|e| e["name"] == "hello").collect();
+    assert!(image(&b, Kind::ImageCorrupt, "hello").is_some(), "{}", tail(&b.log()));
+    assert_eq!(image(&b, Kind::ImagePulled, "hello").unwrap()["state"], "verified", "{}", tail(&b.log()));
+    assert!(image(&b, Kind::ImageRepaired, "hello").is_some());
+    let runs: Vec<_> = b.named(Kind::ServiceExited).into_iter().filter(|e| e["name"] == "hello").collect();
     assert_eq!(runs.last().unwrap()["status"], 0, "{runs:?}");
     assert_eq!(runs.last().unwrap()["stdout"], "hello from the external image\n");
-    assert_eq!(last(&b, "status").unwrap()["state"], "ok");
+    assert_eq!(last(&b, Kind::Status).unwrap()["state"], "ok");
     // Next boot, offline: the repaired image is used as is.
     let b = s.boot(&disk, false);
-    assert!(image(&b, "image-corrupt", "hello").is_none());
-    assert_eq!(image(&b, "image-scrubbed", "hello").unwrap()["ok"], true);
+    assert!(image(&b, Kind::ImageCorrupt, "hello").is_none());
+    assert_eq!(image(&b, Kind::ImageScrubbed, "hello").unwrap()["ok"], true);
     let v = Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }

@@ -7,6 +7,7 @@ use slotforge_qemu_tests::vm::{self, Outcome, VmOptions};
 use slotforge_qemu_tests::world::World;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
+use slotforge::format::agent::Kind;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_slotforge"))
@@ -26,8 +27,8 @@ fn boot(w: &World, disk: &Path, extra: &[&Path], name: &str) -> vm::Boot {
     b
 }
 
-fn one<'a>(b: &'a vm::Boot, e: &str) -> &'a serde_json::Value {
-    b.named(e).into_iter().next().unwrap_or_else(|| panic!("no {e}; serial:\n{}", b.log()))
+fn one<'a>(b: &'a vm::Boot, e: Kind) -> &'a slotforge::format::agent::Received {
+    b.named(e).into_iter().next().unwrap_or_else(|| panic!("no {}; serial:\n{}", e.name(), b.log()))
 }
 
 #[test]
@@ -48,8 +49,8 @@ fn the_usb_installer_writes_a_bootable_target_and_refuses_a_small_one() {
     let small = w.dir.path().join("small-target.img");
     std::fs::File::create(&small).unwrap().set_len(400 << 20).unwrap();
     let b = boot(&w, &usb, &[&small], "usb1");
-    assert!(one(&b, "install-refused")["error"].as_str().unwrap().contains("too small"));
-    assert!(b.named("installed").is_empty());
+    assert!(one(&b, Kind::InstallRefused)["error"].as_str().unwrap().contains("too small"));
+    assert!(b.named(Kind::Installed).is_empty());
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&small).unwrap().blocks(), 0, "the refused target was written to");
 
@@ -57,11 +58,11 @@ fn the_usb_installer_writes_a_bootable_target_and_refuses_a_small_one() {
     let target = w.dir.path().join("target.img");
     std::fs::File::create(&target).unwrap().set_len(1 << 30).unwrap();
     let b = boot(&w, &usb, &[&target], "usb2");
-    let start = one(&b, "install-start");
+    let start = one(&b, Kind::InstallStart);
     assert_eq!(start["size"], 1u64 << 30);
-    let done = one(&b, "installed");
+    let done = one(&b, Kind::Installed);
     eprintln!("install under {}: {} bytes in {:.1} s (boot total {:.1} s)", b.accel, done["bytes"], done["seconds"].as_f64().unwrap(), b.seconds);
-    assert!(!b.named("install-progress").is_empty());
+    assert!(!b.named(Kind::InstallProgress).is_empty());
     let v = std::process::Command::new(bin()).args(["verify", target.to_str().unwrap(), "--json"]).output().unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
     let i = w.inspect(&target);
@@ -71,7 +72,7 @@ fn the_usb_installer_writes_a_bootable_target_and_refuses_a_small_one() {
 
     // The target boots alone: its external image present and verified, no network.
     let b = boot(&w, &target, &[], "target");
-    let st = one(&b, "status");
+    let st = one(&b, Kind::Status);
     assert_eq!((st["state"].as_str(), st["slot"].as_str(), st["version"].as_str()), (Some("ok"), Some("a"), Some("1.0.0")));
-    assert!(b.named("image-pulled").is_empty());
+    assert!(b.named(Kind::ImagePulled).is_empty());
 }

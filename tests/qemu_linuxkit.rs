@@ -10,6 +10,7 @@ use slotforge_qemu_tests::registry::TestRegistry;
 use slotforge_qemu_tests::vm::{self, Outcome, VmOptions};
 use std::path::Path;
 use std::process::Command;
+use slotforge::format::agent::Kind;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_slotforge")
@@ -70,7 +71,7 @@ files:
     )
 }
 
-fn report(e: &Value) -> Value {
+fn report(e: &slotforge::format::agent::Received) -> Value {
     let out = e["stdout"].as_str().unwrap_or_default();
     serde_json::from_str(out.trim()).unwrap_or_else(|err| panic!("probe output is not JSON ({err}): {e}"))
 }
@@ -99,12 +100,12 @@ fn a_linuxkit_yml_runs_under_runc_as_linuxkit_would_run_it() {
     let b = vm::boot_to_end(&VmOptions::new(&disk, &d.join("vm"), "linuxkit")).unwrap();
     let tail: String = b.log().lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
     assert_eq!(b.outcome, Outcome::Exited, "guest did not power off:\n{tail}");
-    let host = b.named("host-ns").first().cloned().cloned().unwrap_or_else(|| panic!("no host-ns event:\n{tail}"));
+    let host = b.named(Kind::HostNs).first().cloned().cloned().unwrap_or_else(|| panic!("no host-ns event:\n{tail}"));
 
     // onboot: both entries named `first` ran, in manifest order, each to completion.
-    let onboot: Vec<&Value> = b.named("onboot-exited");
+    let onboot = b.named(Kind::OnbootExited);
     let names: Vec<&str> = onboot.iter().map(|e| e["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["000-first", "001-first"], "onboot order; failures: {:?}\n{tail}", b.named("onboot-failed"));
+    assert_eq!(names, ["000-first", "001-first"], "onboot order; failures: {:?}\n{tail}", b.named(Kind::OnbootFailed));
     let first = report(onboot[0]);
     assert_eq!(first["caps"], "0000000002001000", "label CAP_NET_ADMIN + entry capabilities.add CAP_SYS_TIME: {first}");
     assert_eq!(first["oom"], -300);
@@ -127,11 +128,11 @@ fn a_linuxkit_yml_runs_under_runc_as_linuxkit_would_run_it() {
     assert_eq!(again["root_writable"], false, "uid 103 cannot write the root-owned /, overlay or not");
 
     // services: the long-running one does not block the next.
-    let started: Vec<&str> = b.named("service-started").iter().map(|e| e["name"].as_str().unwrap()).collect();
-    assert_eq!(started, ["sleeper", "svc"], "failures: {:?}\n{tail}", b.named("service-failed"));
-    let running: Vec<&str> = b.named("service-running").iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let started: Vec<&str> = b.named(Kind::ServiceStarted).iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(started, ["sleeper", "svc"], "failures: {:?}\n{tail}", b.named(Kind::ServiceFailed));
+    let running: Vec<&str> = b.named(Kind::ServiceRunning).iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(running, ["sleeper"]);
-    let svc_e = b.named("service-exited").into_iter().find(|e| e["name"] == "svc").unwrap_or_else(|| panic!("svc did not finish:\n{tail}"));
+    let svc_e = b.named(Kind::ServiceExited).into_iter().find(|e| e["name"] == "svc").unwrap_or_else(|| panic!("svc did not finish:\n{tail}"));
     assert_eq!(svc_e["external"], true);
     let svc = report(svc_e);
     assert_eq!(svc["caps"], "000001ffffffffff", "capabilities: [all] is every capability the kernel knows: {svc}");
@@ -144,7 +145,7 @@ fn a_linuxkit_yml_runs_under_runc_as_linuxkit_would_run_it() {
     assert_eq!(svc["host"], "from-label");
 
     // onshutdown runs at shutdown.
-    let bye = b.named("onshutdown-exited");
+    let bye = b.named(Kind::OnshutdownExited);
     assert_eq!(bye.len(), 1, "{tail}");
     assert_eq!(bye[0]["name"], "000-bye");
     let bye = report(bye[0]);

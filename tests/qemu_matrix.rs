@@ -170,8 +170,9 @@ paths:
     assert!(ops[0]["by_region"]["rootfs_a"]["writes"].as_u64().unwrap() > 0 && ops[0]["by_region"]["rootfs_b"].is_null(), "{}", ops[0]);
     // The recorded first boot is the path's last boot of its disk.
     let last_dev = (0..).map(|n| keep.join(format!("paths/power-cut/vm/dev.boot{n}.serial.log"))).take_while(|p| p.exists()).last().unwrap();
-    let gc: Vec<serde_json::Value> = slotforge::format::events::parse(&std::fs::read_to_string(&last_dev).unwrap()).into_iter().filter(|e| e["event"] == "gc").collect();
-    assert!(gc.len() == 1 && gc[0]["removed_builds"].as_array().is_some_and(|b| b.len() == 1) && gc[0]["removed_blobs"].as_u64() > Some(0), "the recorded first boot's GC dropped small's set: {gc:?}");
+    let events = slotforge::format::agent::events::parse(&std::fs::read_to_string(&last_dev).unwrap());
+    let gc: Vec<&slotforge::format::agent::GcReport> = slotforge::format::agent::events::known(&events).filter_map(|e| if let slotforge::format::agent::Event::Gc(r) = e { Some(r) } else { None }).collect();
+    assert!(gc.len() == 1 && gc[0].removed_builds.len() == 1 && gc[0].removed_blobs > 0, "the recorded first boot's GC dropped small's set: {gc:?}");
     let booted = c["booted"].as_array().unwrap();
     assert_eq!(booted.len(), 2, "{c}");
     assert!(booted.iter().all(|b| b["ok"] == true && b["esp_after"] == "fsck.vfat -n: clean"), "{c}");

@@ -8,6 +8,7 @@ use slotforge_qemu_tests::vm::{Boot, Outcome};
 use slotforge_qemu_tests::world::World;
 use std::path::Path;
 use std::sync::OnceLock;
+use slotforge::format::agent::Kind;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_slotforge"))
@@ -46,11 +47,11 @@ fn tail(b: &Boot) -> String {
     let log = b.log();
     log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
 }
-fn one<'a>(b: &'a Boot, event: &str) -> &'a serde_json::Value {
-    b.named(event).into_iter().next().unwrap_or_else(|| panic!("no {event} event; serial:\n{}", tail(b)))
+fn one<'a>(b: &'a Boot, event: Kind) -> &'a slotforge::format::agent::Received {
+    b.named(event).into_iter().next().unwrap_or_else(|| panic!("no {} event; serial:\n{}", event.name(), tail(b)))
 }
-fn status(b: &Boot) -> &serde_json::Value {
-    one(b, "status")
+fn status(b: &Boot) -> &slotforge::format::agent::Received {
+    one(b, Kind::Status)
 }
 fn image_states(b: &Boot) -> Vec<(String, String)> {
     status(b)["images"].as_array().unwrap().iter().map(|i| (i["name"].as_str().unwrap().to_string(), i["state"].as_str().unwrap().to_string())).collect()
@@ -58,9 +59,9 @@ fn image_states(b: &Boot) -> Vec<(String, String)> {
 fn all_verified(b: &Boot) -> bool {
     image_states(b).iter().all(|(_, s)| s == "verified")
 }
-fn ended(b: &Boot, how: &str) {
+fn ended(b: &Boot, how: Kind) {
     assert_eq!(b.outcome, Outcome::Exited, "serial:\n{}", tail(b));
-    assert!(!b.named(how).is_empty(), "expected {how}; serial:\n{}", tail(b));
+    assert!(b.has(how), "expected {}; serial:\n{}", how.name(), tail(b));
 }
 
 #[test]
@@ -70,18 +71,18 @@ fn small_to_large_and_back_down_to_small() {
     let large = w.bundle("large", 2, &[], &[]).unwrap();
     // Boot 1: running small on slot a, the large bundle attached: applied to slot b.
     let b = w.boot(&disk, Some(&large), None, false);
-    ended(&b, "reboot");
-    let a = one(&b, "applied");
+    ended(&b, Kind::Reboot);
+    let a = one(&b, Kind::Applied);
     assert_eq!((a["slot"].as_str(), a["entry"].as_str(), a["install_number"].as_u64()), (Some("b"), Some("slot-b+3.conf"), Some(2)));
     // Boot 2: systemd-boot tries slot b; its three external images (50 MB one included) verify.
     let b = w.boot(&disk, None, None, false);
-    ended(&b, "poweroff");
-    assert_eq!(one(&b, "initramfs")["root"], "rootfs_b");
+    ended(&b, Kind::Poweroff);
+    assert_eq!(one(&b, Kind::Initramfs)["root"], "rootfs_b");
     assert_eq!(status(&b)["version"], "2.0.0");
     assert_eq!(image_states(&b).len(), 3);
     assert!(all_verified(&b), "{:?}", image_states(&b));
-    assert_eq!(one(&b, "marked-good")["entry"], "slot-b.conf");
-    let gc = one(&b, "gc");
+    assert_eq!(one(&b, Kind::MarkedGood)["entry"], "slot-b.conf");
+    let gc = one(&b, Kind::Gc);
     assert_eq!(gc["kept_builds"].as_array().unwrap().len(), 2, "both slots' sets are kept: {gc}");
     // Two builds' sets on the partition: unique blobs vs what they occupy in 4 KiB blocks.
     let img = &w.inspect(&disk)["images"];
@@ -97,21 +98,21 @@ fn small_to_large_and_back_down_to_small() {
     let blocks: u64 = seen.values().map(|s| s.div_ceil(4096) * 4096).sum();
     let per_build: u64 = img["builds"].as_array().unwrap().iter().map(|b| b["bytes"].as_u64().unwrap()).sum();
     report(serde_json::json!({"builds": img["builds"].as_array().unwrap().len(), "unique_blob_bytes": unique, "allocated_blob_bytes": blocks, "sum_of_sets_bytes": per_build}));
-    let fat = b.named("service-exited").into_iter().find(|e| e["name"] == "fat").unwrap();
+    let fat = b.named(Kind::ServiceExited).into_iter().find(|e| e["name"] == "fat").unwrap();
     assert_eq!(fat["stdout"], "hello from the on-disk fat service\n");
     // Boot 3: back down to small, written to slot a with a higher install number.
     let small = w.bundle("small", 2, &[], &[]).unwrap();
     let b = w.boot(&disk, Some(&small), None, false);
-    ended(&b, "reboot");
-    let a = one(&b, "applied");
+    ended(&b, Kind::Reboot);
+    let a = one(&b, Kind::Applied);
     assert_eq!((a["slot"].as_str(), a["install_number"].as_u64()), (Some("a"), Some(3)));
     assert_eq!(a["blobs_written"], 0, "small's images are still on the device: {a}");
     // Boot 4: the downgrade is tried first and becomes good.
     let b = w.boot(&disk, None, None, false);
-    ended(&b, "poweroff");
-    assert_eq!(one(&b, "initramfs")["root"], "rootfs_a");
+    ended(&b, Kind::Poweroff);
+    assert_eq!(one(&b, Kind::Initramfs)["root"], "rootfs_a");
     assert_eq!(status(&b)["version"], "1.0.0");
-    assert_eq!(one(&b, "marked-good")["entry"], "slot-a.conf");
+    assert_eq!(one(&b, Kind::MarkedGood)["entry"], "slot-a.conf");
     let mut e = w.entries(&disk);
     e.sort();
     assert_eq!(e, ["slot-a.conf", "slot-b.conf"]);
@@ -123,8 +124,8 @@ fn large_to_large_prime_writes_only_the_changed_image() {
     let disk = w.build("large", 2, "dev");
     let next = w.bundle("large2", 2, &[], &[]).unwrap();
     let b = w.boot(&disk, Some(&next), None, false);
-    ended(&b, "reboot");
-    let a = one(&b, "applied");
+    ended(&b, Kind::Reboot);
+    let a = one(&b, Kind::Applied);
     // Only tools:2 is new: its manifest, config, sealed artifact manifest and sealed image (its
     // layers are not stored: sealed without keep-layers). The sealed image is the layers'
     // content recompressed plus a dm-verity tree (1/128): within 5 % of the new image's bytes.
@@ -135,10 +136,10 @@ fn large_to_large_prime_writes_only_the_changed_image() {
     assert!(written <= new_content * 105 / 100, "bytes written {written} vs {new_content} of new content");
     report(serde_json::json!({"image_bytes_written": written, "new_image_content": new_content, "rootfs_bytes_written": a["rootfs_bytes"]}));
     let b = w.boot(&disk, None, None, false);
-    ended(&b, "poweroff");
+    ended(&b, Kind::Poweroff);
     assert_eq!(status(&b)["version"], "2.0.1");
     assert!(all_verified(&b), "{:?}", image_states(&b));
-    let tools = b.named("service-exited").into_iter().find(|e| e["name"] == "tools").unwrap();
+    let tools = b.named(Kind::ServiceExited).into_iter().find(|e| e["name"] == "tools").unwrap();
     assert_eq!(tools["stdout"], "tools 2\n");
 }
 
@@ -163,10 +164,10 @@ fn oversize_is_refused_by_bundle_and_by_apply_and_changes_nothing() {
     assert_eq!(sha(&disk), before);
     // Online: the agent refuses it; slot b stays empty and the next boot is slot a again.
     let b = w.boot(&disk, Some(&tar), None, false);
-    ended(&b, "poweroff");
-    let f = one(&b, "apply-failed");
+    ended(&b, Kind::Poweroff);
+    let f = one(&b, Kind::ApplyFailed);
     assert!(f["error"].as_str().unwrap().contains("holds at most"), "{f}");
-    assert!(b.named("apply-step").is_empty(), "nothing was written");
+    assert!(b.named(Kind::ApplyStep).is_empty(), "nothing was written");
     assert_eq!(w.entries(&disk), ["slot-a.conf"]);
     assert_eq!(w.inspect(&disk)["slots"][1]["state"], "empty");
 }
@@ -182,24 +183,24 @@ fn a_device_that_trusts_a_key_applies_only_bundles_it_signed_and_boots_them_unde
     // before anything is written.
     for (bundle, why) in [(&unsigned, "the bundle is unsigned"), (&rogue, "which this device does not trust")] {
         let b = w.boot(&disk, Some(bundle), None, false);
-        ended(&b, "poweroff");
-        let f = one(&b, "apply-failed");
+        ended(&b, Kind::Poweroff);
+        let f = one(&b, Kind::ApplyFailed);
         assert!(f["error"].as_str().unwrap().contains(why) && f["error"].as_str().unwrap().contains("nothing was changed"), "{f}");
-        assert!(b.named("apply-step").is_empty(), "nothing was written: {:?}", b.named("apply-step"));
+        assert!(b.named(Kind::ApplyStep).is_empty(), "nothing was written: {:?}", b.named(Kind::ApplyStep));
         assert_eq!(w.entries(&disk), ["slot-a.conf"]);
         let rd = &status(&b)["root_device"];
         assert_eq!(rd["dm_name"], "root", "/ is the dm-verity device: {rd}");
     }
     let b = w.boot(&disk, Some(&good), None, false);
-    ended(&b, "reboot");
-    let a = one(&b, "applied");
+    ended(&b, Kind::Reboot);
+    let a = one(&b, Kind::Applied);
     assert_eq!(a["signature"]["state"], "signed", "{a}");
     let root_hash = a["root_hash"].as_str().unwrap().to_string();
     // The new slot boots from dm-verity under the root hash its entry carries.
     let b = w.boot(&disk, None, None, false);
-    ended(&b, "poweroff");
+    ended(&b, Kind::Poweroff);
     assert_eq!(status(&b)["version"], "1.1.0");
-    let v = one(&b, "verity");
+    let v = one(&b, Kind::Verity);
     assert_eq!((v["root_hash"].as_str(), v["status"].as_str()), (Some(root_hash.as_str()), Some("verified")), "{v}");
     let uuid = w.inspect(&disk)["slots"][1]["verity"]["uuid"].as_str().unwrap().replace('-', "");
     let rd = &status(&b)["root_device"];
@@ -222,11 +223,11 @@ fn secure_boot_runs_the_signed_chain_and_an_edited_uki_is_refused_then_the_old_s
     // Boot 1, Secure Boot enforced: signed systemd-boot → signed UKI → dm-verity root. The
     // update (a signed UKI per slot) is applied to slot b.
     let b = w.boot_with(&disk, Some(&next), None, false, sb);
-    ended(&b, "reboot");
+    ended(&b, Kind::Reboot);
     assert_eq!(status(&b)["secure_boot"], true, "the firmware enforces Secure Boot");
     let insp = w.inspect(&disk);
-    assert_eq!(one(&b, "verity")["root_hash"], insp["slots"][0]["verity"]["root_hash"]);
-    assert_eq!(one(&b, "applied")["entry"], "slotforge-2-b+3.efi");
+    assert_eq!(one(&b, Kind::Verity)["root_hash"], insp["slots"][0]["verity"]["root_hash"]);
+    assert_eq!(one(&b, Kind::Applied)["entry"], "slotforge-2-b+3.efi");
     // Edit the command line inside slot b's UKI on the ESP (same length, so the PE stays whole):
     // its signature no longer matches, the firmware refuses it at every try, and after three
     // tries systemd-boot boots slot a.
@@ -249,7 +250,7 @@ fn secure_boot_runs_the_signed_chain_and_an_edited_uki_is_refused_then_the_old_s
         let b = w.boot_with(&disk, None, None, false, sb);
         if b.outcome == Outcome::Killed {
             assert!(REFUSED.iter().any(|r| b.log().contains(r)));
-            assert!(b.named("initramfs").is_empty(), "no kernel of slot b ran");
+            assert!(b.named(Kind::Initramfs).is_empty(), "no kernel of slot b ran");
             refused += 1;
             continue;
         }
@@ -258,10 +259,10 @@ fn secure_boot_runs_the_signed_chain_and_an_edited_uki_is_refused_then_the_old_s
     }
     assert_eq!(refused, 3, "slot b's edited UKI must be refused exactly three times");
     let b = last.unwrap();
-    ended(&b, "poweroff");
-    assert_eq!(one(&b, "initramfs")["root"], "rootfs_a");
+    ended(&b, Kind::Poweroff);
+    assert_eq!(one(&b, Kind::Initramfs)["root"], "rootfs_a");
     assert_eq!(status(&b)["secure_boot"], true);
-    let rb = one(&b, "rolled-back");
+    let rb = one(&b, Kind::RolledBack);
     assert_eq!((rb["from_slot"].as_str(), rb["to_slot"].as_str()), (Some("b"), Some("a")));
 }
 
@@ -286,20 +287,20 @@ fn power_cuts_at_every_apply_step_always_leave_a_good_slot_and_a_rerun_completes
         }
         // Next boot: a good slot comes up, and the re-run of the apply completes.
         let b = w.boot(&disk, Some(&next), None, false);
-        ended(&b, "reboot");
+        ended(&b, Kind::Reboot);
         assert_eq!(status(&b)["state"], "ok", "after a cut at {step}: {}", tail(&b));
         let booted = status(&b)["slot"].as_str().unwrap().to_string();
-        let entry = b.named("status")[0]["slots"].as_array().unwrap().iter().find(|s| s["slot"] == booted.as_str()).unwrap()["boot"].clone();
+        let entry = b.named(Kind::Status)[0]["slots"].as_array().unwrap().iter().find(|s| s["slot"] == booted.as_str()).unwrap()["boot"].clone();
         assert_eq!(entry, "good", "after a cut at {step} the booted slot is good");
-        let a = one(&b, "applied");
+        let a = one(&b, Kind::Applied);
         assert_eq!(a["entry"].as_str().unwrap(), format!("slot-{}+3.conf", if booted == "a" { "b" } else { "a" }));
         expect_running = Some("1.1.0".into());
     }
     // The last apply boots and becomes good.
     let b = w.boot(&disk, None, None, false);
-    ended(&b, "poweroff");
+    ended(&b, Kind::Poweroff);
     assert_eq!(status(&b)["version"], "1.1.0");
-    assert!(!b.named("marked-good").is_empty());
+    assert!(!b.named(Kind::MarkedGood).is_empty());
     let v = std::process::Command::new(bin()).args(["verify", disk.to_str().unwrap()]).output().unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
@@ -311,16 +312,16 @@ fn an_older_generation_takes_a_bundle_built_compatible_with_it() {
     assert!(w.bundle("small2", 1, &[], &[]).is_ok());
     let plain = w.bundle("small2", 2, &[], &[]).unwrap();
     let b = w.boot(&disk, Some(&plain), None, false);
-    ended(&b, "poweroff");
-    assert!(one(&b, "apply-failed")["error"].as_str().unwrap().contains("not this device's layout field generation 1"));
+    ended(&b, Kind::Poweroff);
+    assert!(one(&b, Kind::ApplyFailed)["error"].as_str().unwrap().contains("not this device's layout field generation 1"));
     let compat = w.bundle("small2", 2, &[1], &[]).unwrap();
     let b = w.boot(&disk, Some(&compat), None, false);
-    ended(&b, "reboot");
-    assert_eq!(one(&b, "applied")["slot"], "b");
+    ended(&b, Kind::Reboot);
+    assert_eq!(one(&b, Kind::Applied)["slot"], "b");
     let b = w.boot(&disk, None, None, false);
-    ended(&b, "poweroff");
+    ended(&b, Kind::Poweroff);
     assert_eq!(status(&b)["version"], "1.1.0");
-    assert_eq!(one(&b, "marked-good")["entry"], "slot-b.conf");
+    assert_eq!(one(&b, Kind::MarkedGood)["entry"], "slot-b.conf");
     assert_eq!(w.inspect(&disk)["layout"]["generation"], 1);
 }
 
@@ -331,23 +332,23 @@ fn new_images_from_the_registry_only_or_from_the_bundle_only_both_end_verified()
     let disk = w.build("small", 2, "reg");
     let thin = w.bundle("large", 2, &[], &["--without-images"]).unwrap();
     let b = w.boot(&disk, Some(&thin), None, true);
-    ended(&b, "reboot");
-    let mut pull: Vec<String> = one(&b, "applied")["images_to_pull"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    ended(&b, Kind::Reboot);
+    let mut pull: Vec<String> = one(&b, Kind::Applied)["images_to_pull"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     pull.sort();
     assert_eq!(pull, ["model", "tools"], "svc-a is shared with small and needs no pull");
     let b = w.boot(&disk, None, None, true);
-    ended(&b, "poweroff");
+    ended(&b, Kind::Poweroff);
     assert_eq!(status(&b)["version"], "2.0.0");
-    assert_eq!(b.named("image-pulled").len(), 2);
+    assert_eq!(b.named(Kind::ImagePulled).len(), 2);
     assert!(all_verified(&b), "{:?}", image_states(&b));
-    assert!(!b.named("marked-good").is_empty());
+    assert!(!b.named(Kind::MarkedGood).is_empty());
     // Bundle only: everything in the bundle, no network at all.
     let disk = w.build("small", 2, "bun");
     let full = w.bundle("large", 2, &[], &[]).unwrap();
     let b = w.boot(&disk, Some(&full), None, false);
-    ended(&b, "reboot");
+    ended(&b, Kind::Reboot);
     let b = w.boot(&disk, None, None, false);
-    ended(&b, "poweroff");
-    assert!(b.named("image-pulled").is_empty());
+    ended(&b, Kind::Poweroff);
+    assert!(b.named(Kind::ImagePulled).is_empty());
     assert!(all_verified(&b), "{:?}", image_states(&b));
 }

@@ -7,5 +7,5 @@ pub mod registry;
 pub mod world;
 
 /// The VM runner and the event parser live in slotforge itself (`slotforge test` drives them).
-pub use slotforge::format::events;
+pub use slotforge::format::agent::events;
 pub use slotforge::harness::vm;

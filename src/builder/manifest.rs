@@ -4,7 +4,7 @@
 //! the external-images partition, pinned by digest in the rootfs). Reference: docs/manifest.md.
 
 use crate::base::yaml::{self, InputError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -447,4 +447,45 @@ trust:
         assert_eq!(parse_mode("4755").unwrap(), 0o4755);
         assert!(parse_mode("0999").is_err());
     }
+}
+
+/// One container of a checked manifest and where it goes in the rootfs.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedContainer {
+    pub section: &'static str,
+    pub name: String,
+    pub image: Option<String>,
+    pub external: bool,
+    pub dir: String,
+    pub id: Option<u32>,
+}
+
+/// `slotforge check`: the manifest loaded (every key known, values well-formed, names as
+/// LinuxKit allows them) without fetching anything.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub manifest: PathBuf,
+    pub ok: bool,
+    pub boot_loader: String,
+    pub containers: Vec<CheckedContainer>,
+}
+
+pub fn check_file(path: &Path) -> anyhow::Result<CheckReport> {
+    let m = load(path)?;
+    let ids = m.ids();
+    let mut containers = Vec::new();
+    for section in [Section::Onboot, Section::Onshutdown, Section::Services] {
+        for (i, s) in m.section(section).iter().enumerate() {
+            let s = &s.value;
+            containers.push(CheckedContainer {
+                section: section.dir(),
+                name: s.name().to_string(),
+                image: s.image.as_ref().map(|i| i.value.clone()),
+                external: s.is_external(),
+                dir: crate::linuxkit::bundle::bundle_dir(section, i, s.name()),
+                id: ids.get(s.name()).copied(),
+            });
+        }
+    }
+    Ok(CheckReport { manifest: path.to_path_buf(), ok: true, boot_loader: m.boot().loader.value.clone(), containers })
 }

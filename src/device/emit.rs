@@ -1,16 +1,12 @@
-//! The device's side of the event protocol: each event one line on the console.
+//! The device's side of the event protocol: each event one line on the console
+//! (`format::agent::events` defines them; docs/agent.md#events).
 
+use crate::format::agent::events::{line, Event};
 use std::io::Write;
 
 /// Print one event line on stdout (the console): `@slotforge {"event": NAME, ...}`.
-pub fn emit(event: &str, fields: serde_json::Value) {
-    let mut m = serde_json::Map::new();
-    m.insert("event".into(), event.into());
-    if let serde_json::Value::Object(f) = fields {
-        m.extend(f);
-    }
-    let line = format!("@slotforge {}\n", serde_json::Value::Object(m));
+pub fn emit(e: Event) {
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(line.as_bytes());
+    let _ = out.write_all(line(&e).as_bytes());
     let _ = out.flush();
 }

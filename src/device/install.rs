@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use crate::device::{emit, AgentConfig};
-use serde_json::json;
+use crate::format::agent::Event;
 
 /// Fit the payload's layout to a target of `size` bytes; the partitions written must not move.
 pub fn fit(header: &PayloadHeader, size: u64) -> anyhow::Result<Layout> {
@@ -78,7 +78,7 @@ pub fn install_to_other_disk(cfg: &AgentConfig) -> anyhow::Result<()> {
         .collect();
     disks.sort();
     let Some(target) = disks.first().cloned() else {
-        emit("install-refused", json!({"error": "no target disk besides the installer"}));
+        emit(Event::InstallRefused { target: None, size: None, error: "no target disk besides the installer".into() });
         bail!("no target disk besides the installer ({own})");
     };
     let size = std::fs::read_to_string(format!("/sys/block/{target}/size"))?.trim().parse::<u64>()? * 512;
@@ -88,20 +88,20 @@ pub fn install_to_other_disk(cfg: &AgentConfig) -> anyhow::Result<()> {
     let layout = match fit(&header, size) {
         Ok(l) => l,
         Err(e) => {
-            emit("install-refused", json!({"target": dev, "size": size, "error": format!("{e:#}")}));
+            emit(Event::InstallRefused { target: Some(dev.clone()), size: Some(size), error: format!("{e:#}") });
             return Err(e);
         }
     };
-    emit("install-start", json!({"target": dev, "size": size, "build_id": header.build_id, "bytes": header.extents.iter().map(|e| e.len).sum::<u64>()}));
+    emit(Event::InstallStart { target: dev.clone(), size, build_id: header.build_id.clone(), bytes: header.extents.iter().map(|e| e.len).sum::<u64>() });
     let last = std::cell::Cell::new(0u64);
     let t = std::time::Instant::now();
     let bytes = write_payload(&mut pf, data_start, &header, &dev, &layout, &|done, total| {
         let pct = done * 100 / total.max(1);
         if pct >= last.get() + 25 || done == total {
             last.set(pct);
-            emit("install-progress", json!({"percent": pct, "bytes": done}));
+            emit(Event::InstallProgress { percent: pct, bytes: done });
         }
     })?;
-    emit("installed", json!({"target": dev, "bytes": bytes, "disk_size": layout.disk_size, "seconds": t.elapsed().as_secs_f64()}));
+    emit(Event::Installed { target: dev.clone(), bytes, disk_size: layout.disk_size, seconds: t.elapsed().as_secs_f64() });
     Ok(())
 }

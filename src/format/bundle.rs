@@ -185,3 +185,30 @@ fn read_verified(dir: &Path, d: &Digest, size: u64) -> anyhow::Result<Vec<u8>> {
     }
     Ok(b)
 }
+
+/// What a device trusting `keys` would decide about a bundle's signatures.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyCheck {
+    pub ok: bool,
+    pub build_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<crate::format::signature::Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `slotforge key verify`: check a bundle's signatures against minisign public key files, as a
+/// device whose rootfs lists them under `update-keys:` would. Nothing is changed.
+pub fn check_keys(bundle: &Path, keys: &[PathBuf]) -> anyhow::Result<KeyCheck> {
+    let b = Bundle::open(bundle, None)?;
+    let files: Vec<(String, Vec<u8>)> = keys
+        .iter()
+        .map(|k| Ok((format!("{}.pub", k.display()), std::fs::read(k).map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))?)))
+        .collect::<anyhow::Result<_>>()?;
+    let trusted = crate::format::signature::trusted_keys(&files)?;
+    let build_id = b.config.build_id.clone();
+    Ok(match crate::format::signature::decide(&b.config_bytes, &b.signatures, &trusted) {
+        Ok(d) => KeyCheck { ok: true, build_id, decision: Some(d), error: None },
+        Err(e) => KeyCheck { ok: false, build_id, decision: None, error: Some(format!("{e:#}")) },
+    })
+}

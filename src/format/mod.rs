@@ -11,7 +11,7 @@ pub mod cmdline;
 pub mod disk;
 pub mod entries;
 pub mod esp;
-pub mod events;
+pub mod agent;
 pub mod fat;
 pub mod images;
 pub mod inspect;

@@ -109,7 +109,7 @@ pub fn signature_key_id(sig: &str) -> anyhow::Result<String> {
 }
 
 /// What the device decided about a bundle's signatures.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum Decision {
     /// Signed by this trusted key.

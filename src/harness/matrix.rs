@@ -8,6 +8,8 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use crate::format::agent::ApplyStep;
+use strum::VariantArray;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,7 +99,7 @@ pub struct Expect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// Cut the power when the apply reaches this step (`slotforge agent apply --pause-at`).
-    PowerCut(String),
+    PowerCut(ApplyStep),
     /// The new slot's rootfs is corrupted after the apply: it must fail to boot and roll back.
     BadRootfs,
     /// The bundle is signed with a key the device does not trust.
@@ -112,9 +114,6 @@ pub enum Fault {
     CrashStates(Option<usize>),
 }
 
-/// The apply steps a power cut can hit (docs/upgrade-protocol.md).
-pub const APPLY_STEPS: &[&str] = &["blob-written", "images-listed", "entry-removed", "slot-half-written", "slot-written", "kernel-written", "entry-written"];
-
 impl Fault {
     pub fn parse(s: &str) -> Result<Fault, String> {
         Ok(match s {
@@ -128,8 +127,10 @@ impl Fault {
                 Err(_) => return Err(format!("{s:?}: crash-states:N, N the number of states to boot")),
             },
             _ => match s.strip_prefix("power-cut:") {
-                Some(step) if APPLY_STEPS.contains(&step) => Fault::PowerCut(step.to_string()),
-                Some(step) => return Err(format!("power-cut at unknown apply step {step:?} (one of {})", APPLY_STEPS.join(", "))),
+                Some(step) => match step.parse::<ApplyStep>() {
+                    Ok(st) => Fault::PowerCut(st),
+                    Err(_) => return Err(format!("power-cut at unknown apply step {step:?} (one of {})", ApplyStep::VARIANTS.iter().map(|v| v.name()).collect::<Vec<_>>().join(", "))),
+                },
                 None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image, network-down, crash-states[:N])")),
             },
         })
@@ -262,7 +263,7 @@ paths:
     fn a_matrix_parses_and_faults_are_checked() {
         let l = parse(Path::new("m.yaml"), M).unwrap();
         assert_eq!(l.matrix.paths[0].steps.len(), 3);
-        assert_eq!(Fault::parse("power-cut:slot-written").unwrap(), Fault::PowerCut("slot-written".into()));
+        assert_eq!(Fault::parse("power-cut:slot-written").unwrap(), Fault::PowerCut(ApplyStep::SlotWritten));
         assert_eq!(Fault::parse("crash-states:3").unwrap(), Fault::CrashStates(Some(3)));
         assert_eq!(Fault::parse("crash-states").unwrap().name(), "crash-states");
         assert!(Fault::parse("crash-states:many").unwrap_err().contains("crash-states:N"));

@@ -6,13 +6,14 @@
 use super::matrix::{Expect, Fault, Loaded, Step};
 use super::vm::{self, Boot, Outcome, VmOptions};
 use anyhow::{bail, Context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use crate::format::agent::{ApplyStep, Event, Kind};
 
 mod crash_step;
 
@@ -32,6 +33,32 @@ pub struct Options {
     pub on_step: Box<dyn Fn(&StepResult) + Sync>,
 }
 
+/// What became of one step of a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepOutcome {
+    Pass,
+    Fail,
+    /// Not run: an earlier step of its path failed.
+    Skipped,
+}
+
+impl StepOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepOutcome::Pass => "pass",
+            StepOutcome::Fail => "fail",
+            StepOutcome::Skipped => "skipped",
+        }
+    }
+}
+
+impl std::fmt::Display for StepOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StepResult {
     pub path: String,
@@ -39,7 +66,7 @@ pub struct StepResult {
     /// `install`, `upgrade v2`, `upgrade v2 (power-cut:slot-written)`, `boot (corrupt-image)`.
     pub label: String,
     /// `pass`, `fail` or `skipped` (an earlier step of the path failed).
-    pub result: &'static str,
+    pub result: StepOutcome,
     pub seconds: f64,
     pub boots: usize,
     pub expect: Expect,
@@ -59,6 +86,13 @@ pub struct Report {
     pub failed: usize,
     pub skipped: usize,
     pub steps: Vec<StepResult>,
+}
+
+impl Report {
+    /// The run passed: nothing failed and at least one step ran and passed.
+    pub fn ok(&self) -> bool {
+        self.failed == 0 && self.steps.iter().any(|s| s.result == StepOutcome::Pass)
+    }
 }
 
 /// `*` glob.
@@ -208,7 +242,7 @@ struct Device<'a> {
 }
 
 impl Device<'_> {
-    fn boot(&self, extra: &[PathBuf], pause: Option<&str>) -> anyhow::Result<Boot> {
+    fn boot(&self, extra: &[PathBuf], pause: Option<ApplyStep>) -> anyhow::Result<Boot> {
         self.boot_disk(&self.disk, "dev", extra, pause)
     }
 
@@ -222,17 +256,16 @@ impl Device<'_> {
         o
     }
 
-    fn boot_disk(&self, disk: &Path, name: &str, extra: &[PathBuf], pause: Option<&str>) -> anyhow::Result<Boot> {
+    fn boot_disk(&self, disk: &Path, name: &str, extra: &[PathBuf], pause: Option<ApplyStep>) -> anyhow::Result<Boot> {
         let mut o = self.vm_options(disk, name, extra);
         if let Some(p) = pause {
             let f = self.dir.join("pause.disk");
-            let mut data = p.as_bytes().to_vec();
+            let mut data = p.name().as_bytes().to_vec();
             data.resize(4096, 0);
             std::fs::write(&f, data)?;
             o.extra_disks.push(f);
         }
-        let step = pause.map(str::to_string);
-        vm::boot(&o, &move |ev| step.as_ref().is_some_and(|s| ev.iter().any(|e| e["event"] == "paused" && e["step"] == s.as_str())))
+        vm::boot(&o, &move |ev| pause.is_some_and(|s| ev.iter().any(|e| e.event == Some(Event::Paused { step: s }))))
     }
 
     /// Boot until a boot reaches the agent's `status` (a broken slot's boots fail in the
@@ -240,7 +273,7 @@ impl Device<'_> {
     fn boot_until_status(&self, boots: &mut Vec<Boot>) -> anyhow::Result<()> {
         for _ in 0..6 {
             let b = self.boot(&[], None)?;
-            let done = !b.named("status").is_empty() || b.outcome != Outcome::Exited;
+            let done = b.status().is_some() || b.outcome != Outcome::Exited;
             boots.push(b);
             if done {
                 return Ok(());
@@ -253,19 +286,19 @@ impl Device<'_> {
     fn observe(&self, boots: &[Boot], refused: Option<String>) -> Value {
         // The last status of the last boot that reported one (the runner reports again after
         // repairing a sealed image dm-verity found corrupt).
-        let status = boots.iter().rev().find_map(|b| b.named("status").last().cloned().cloned());
-        let rolled_back = boots.iter().any(|b| !b.named("rolled-back").is_empty());
-        let apply_failed = boots.iter().flat_map(|b| b.named("apply-failed")).next().map(|e| e["error"].as_str().unwrap_or("").to_string());
+        let status = boots.iter().rev().find_map(|b| b.status());
+        let rolled_back = boots.iter().any(|b| b.has(Kind::RolledBack));
+        let apply_failed = boots.iter().find_map(|b| b.apply_failed()).map(str::to_string);
         let refusal = refused.or(apply_failed);
-        let build = status.as_ref().and_then(|s| s["build_id"].as_str()).unwrap_or("");
+        let build = status.map(|s| s.build_id.as_str()).unwrap_or("");
         let variant = self.builds.iter().find(|(_, b)| b.as_str() == build).map(|(v, _)| v.clone());
         json!({
-            "slot": status.as_ref().map(|s| s["slot"].clone()),
+            "slot": status.and_then(|s| s.slot.clone()),
             "build_id": build,
             "variant": variant,
-            "version": status.as_ref().map(|s| s["version"].clone()),
-            "state": status.as_ref().map(|s| s["state"].clone()),
-            "images": status.as_ref().map(|s| s["images"].clone()),
+            "version": status.map(|s| s.version.clone()),
+            "state": status.map(|s| s.state),
+            "images": status.map(|s| s.images.clone()),
             "rolled_back": rolled_back,
             "refused": refusal.is_some(),
             "refusal": refusal,
@@ -337,7 +370,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
             None => p.install.expect.clone().unwrap_or(Expect { slot: Some("a".into()), variant: Some(p.install.variant.value.clone()), state: Some("ok".into()), ..Default::default() }),
             Some(s) => s.expect.clone().unwrap_or_default(),
         };
-        let base = StepResult { path: name.clone(), index: i, label: label.clone(), result: "skipped", seconds: 0.0, boots: 0, expect: expect.clone(), observed: Value::Null, message: String::new(), serial: None };
+        let base = StepResult { path: name.clone(), index: i, label: label.clone(), result: StepOutcome::Skipped, seconds: 0.0, boots: 0, expect: expect.clone(), observed: Value::Null, message: String::new(), serial: None };
         if failed {
             emit(StepResult { message: "an earlier step of this path failed".into(), ..base });
             continue;
@@ -355,7 +388,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
                     let size = p.install.target_size.unwrap_or(size.parse().unwrap_or(0));
                     std::fs::File::create(&dev.disk)?.set_len(size)?;
                     let b = dev.boot_disk(&usb, "usb", std::slice::from_ref(&dev.disk), None)?;
-                    let installed = !b.named("installed").is_empty();
+                    let installed = b.has(Kind::Installed);
                     boots.push(b);
                     if !installed {
                         return Ok(Some("the installer did not install (no `installed` event)".into()));
@@ -404,12 +437,12 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
                     crash = Some(c);
                 }
                 Some(Fault::PowerCut(at)) => {
-                    boots.push(dev.boot(&[bundle], Some(at))?);
+                    boots.push(dev.boot(&[bundle], Some(*at))?);
                     dev.boot_until_status(&mut boots)?;
                 }
                 Some(Fault::BadRootfs) => {
                     let b = dev.boot(&[bundle], None)?;
-                    let applied = b.named("applied").first().map(|a| a["slot"].as_str().unwrap_or("").to_string());
+                    let applied = b.applied().map(|a| a.slot.clone());
                     boots.push(b);
                     let Some(slot) = applied else { return Ok(None) };
                     let (start, _) = super::faults::partition(&dev.disk, &format!("rootfs_{slot}"))?;
@@ -418,7 +451,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
                 }
                 _ => {
                     let b = dev.boot(&[bundle], None)?;
-                    let applied = !b.named("applied").is_empty();
+                    let applied = b.applied().is_some();
                     boots.push(b);
                     if applied {
                         dev.boot_until_status(&mut boots)?;
@@ -429,7 +462,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
         })();
         let serial = boots.last().map(|b| b.serial_path.clone());
         let (result, observed, message) = match r {
-            Err(e) => ("fail", Value::Null, format!("{e:#}")),
+            Err(e) => (StepOutcome::Fail, Value::Null, format!("{e:#}")),
             Ok(refused) => {
                 let mut obs = dev.observe(&boots, refused);
                 let mut bad = compare(&expect, &obs);
@@ -438,15 +471,15 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
                     obs["crash_states"] = serde_json::to_value(c).unwrap_or_default();
                 }
                 if bad.is_empty() {
-                    ("pass", obs, String::new())
+                    (StepOutcome::Pass, obs, String::new())
                 } else {
-                    let said: Vec<String> = boots.last().map(|b| b.events.iter().filter(|e| ["apply-failed", "degraded", "rolled-back", "initramfs-failed", "image-check", "status"].contains(&e["event"].as_str().unwrap_or(""))).map(|e| e.to_string()).collect()).unwrap_or_default();
+                    let said: Vec<String> = boots.last().map(|b| b.events.iter().filter(|e| [Kind::ApplyFailed, Kind::Degraded, Kind::RolledBack, Kind::InitramfsFailed, Kind::ImageCheck, Kind::Status].iter().any(|k| e.is(*k))).map(|e| e.to_string()).collect()).unwrap_or_default();
                     let msg = format!("{}\nguest said:\n  {}\nlast serial lines ({}):\n{}", bad.join("\n"), said.join("\n  "), serial.as_ref().map(|s| s.display().to_string()).unwrap_or_default(), tail(boots.last()));
-                    ("fail", obs, msg)
+                    (StepOutcome::Fail, obs, msg)
                 }
             }
         };
-        failed |= result == "fail";
+        failed |= result == StepOutcome::Fail;
         emit(StepResult { result, seconds: t.elapsed().as_secs_f64(), boots: boots.len(), observed, message, serial, ..base });
     }
 }
@@ -496,8 +529,8 @@ pub fn run(m: &Loaded, opts: &Options) -> anyhow::Result<Report> {
     let mut steps = out.into_inner().unwrap();
     let order: BTreeMap<String, usize> = m.matrix.paths.iter().enumerate().map(|(i, p)| (p.name.value.clone(), i)).collect();
     steps.sort_by_key(|r| (order[&r.path], r.index));
-    let count = |k: &str| steps.iter().filter(|r| r.result == k).count();
-    Ok(Report { matrix: m.path.clone(), accel: vm::accel(), jobs: opts.jobs, seconds: t.elapsed().as_secs_f64(), passed: count("pass"), failed: count("fail"), skipped: count("skipped"), steps })
+    let count = |k: StepOutcome| steps.iter().filter(|r| r.result == k).count();
+    Ok(Report { matrix: m.path.clone(), accel: vm::accel(), jobs: opts.jobs, seconds: t.elapsed().as_secs_f64(), passed: count(StepOutcome::Pass), failed: count(StepOutcome::Fail), skipped: count(StepOutcome::Skipped), steps })
 }
 
 /// The table printed at the end: path × step, result, seconds.
@@ -506,13 +539,13 @@ pub fn table(r: &Report) -> String {
     let l = r.steps.iter().map(|s| s.label.len()).max().unwrap_or(4).max(4);
     let mut out = format!("{:<w$}  {:<l$}  {:<7}  {:>8}  {}\n", "path", "step", "result", "seconds", "boots");
     for s in &r.steps {
-        out += &format!("{:<w$}  {:<l$}  {:<7}  {:>8.1}  {}\n", s.path, s.label, s.result, s.seconds, s.boots);
+        out += &format!("{:<w$}  {:<l$}  {:<7}  {:>8.1}  {}\n", s.path, s.label, s.result.name(), s.seconds, s.boots);
     }
     for s in r.steps.iter().filter(|s| !s.observed["crash_states"].is_null()) {
         out += &crash_step::table_lines(&s.path, &s.label, &s.observed["crash_states"]);
     }
     out += &format!("{} passed, {} failed, {} skipped in {:.0} s ({}, {} job{})\n", r.passed, r.failed, r.skipped, r.seconds, r.accel, r.jobs, if r.jobs == 1 { "" } else { "s" });
-    for s in r.steps.iter().filter(|s| s.result == "fail") {
+    for s in r.steps.iter().filter(|s| s.result == StepOutcome::Fail) {
         out += &format!("\nFAILED {}/{}:\n{}\n", s.path, s.label, s.message);
     }
     out
@@ -538,15 +571,15 @@ pub fn junit(r: &Report) -> String {
     paths.dedup();
     for p in paths {
         let steps: Vec<&StepResult> = r.steps.iter().filter(|s| s.path == p).collect();
-        let f = steps.iter().filter(|s| s.result == "fail").count();
-        let sk = steps.iter().filter(|s| s.result == "skipped").count();
+        let f = steps.iter().filter(|s| s.result == StepOutcome::Fail).count();
+        let sk = steps.iter().filter(|s| s.result == StepOutcome::Skipped).count();
         let time: f64 = steps.iter().map(|s| s.seconds).sum();
         out += &format!("  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\" skipped=\"{sk}\" time=\"{time:.3}\">\n", xml(p), steps.len());
         for s in steps {
             out += &format!("    <testcase classname=\"{}\" name=\"{}\" time=\"{:.3}\">", xml(p), xml(&format!("{:02} {}", s.index, s.label)), s.seconds);
             match s.result {
-                "fail" => out += &format!("\n      <failure message=\"{}\">{}</failure>\n    ", xml(s.message.lines().next().unwrap_or("")), xml(&s.message)),
-                "skipped" => out += &format!("\n      <skipped message=\"{}\"/>\n    ", xml(&s.message)),
+                StepOutcome::Fail => out += &format!("\n      <failure message=\"{}\">{}</failure>\n    ", xml(s.message.lines().next().unwrap_or("")), xml(&s.message)),
+                StepOutcome::Skipped => out += &format!("\n      <skipped message=\"{}\"/>\n    ", xml(&s.message)),
                 _ => {}
             }
             out += "</testcase>\n";
@@ -581,8 +614,8 @@ mod tests {
 
     #[test]
     fn junit_escapes_and_counts() {
-        let s = |result: &'static str, msg: &str| StepResult { path: "p<1>".into(), index: 0, label: "install".into(), result, seconds: 1.0, boots: 1, expect: Expect::default(), observed: Value::Null, message: msg.into(), serial: None };
-        let r = Report { matrix: "m".into(), accel: "tcg", jobs: 1, seconds: 2.0, passed: 1, failed: 1, skipped: 0, steps: vec![s("pass", ""), s("fail", "expected slot = \"b\"\nmore")] };
+        let s = |result: StepOutcome, msg: &str| StepResult { path: "p<1>".into(), index: 0, label: "install".into(), result, seconds: 1.0, boots: 1, expect: Expect::default(), observed: Value::Null, message: msg.into(), serial: None };
+        let r = Report { matrix: "m".into(), accel: "tcg", jobs: 1, seconds: 2.0, passed: 1, failed: 1, skipped: 0, steps: vec![s(StepOutcome::Pass, ""), s(StepOutcome::Fail, "expected slot = \"b\"\nmore")] };
         let x = junit(&r);
         assert!(x.contains("name=\"p&lt;1&gt;\" tests=\"2\" failures=\"1\""), "{x}");
         assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;\">"), "{x}");

@@ -3,9 +3,10 @@
 //! default — KVM hangs on these machines — and KVM only when it answers a probe. The only
 //! network a guest gets is one forward, 10.0.2.100:5000 → a port on host 127.0.0.1.
 
-use crate::format::events;
+use crate::format::agent::events::{self, Event, Kind, Received};
+use crate::format::agent::{ApplyReport, Status};
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -58,15 +59,32 @@ pub enum Outcome {
 
 pub struct Boot {
     pub outcome: Outcome,
-    pub events: Vec<Value>,
+    pub events: Vec<Received>,
     pub serial_path: PathBuf,
     pub seconds: f64,
     pub accel: &'static str,
 }
 
 impl Boot {
-    pub fn named(&self, name: &str) -> Vec<&Value> {
-        events::named(&self.events, name)
+    /// The events of kind `k`, in order.
+    pub fn named(&self, k: Kind) -> Vec<&Received> {
+        events::named(&self.events, k)
+    }
+    /// Whether the guest emitted an event of kind `k`.
+    pub fn has(&self, k: Kind) -> bool {
+        self.events.iter().any(|e| e.is(k))
+    }
+    /// The last `status` the agent reported in this boot.
+    pub fn status(&self) -> Option<&Status> {
+        events::known(&self.events).filter_map(|e| if let Event::Status(s) = e { Some(s) } else { None }).last()
+    }
+    /// What the first apply of this boot reported, if one completed.
+    pub fn applied(&self) -> Option<&ApplyReport> {
+        events::known(&self.events).find_map(|e| if let Event::Applied(r) = e { Some(r) } else { None })
+    }
+    /// The error of the first failed apply of this boot.
+    pub fn apply_failed(&self) -> Option<&str> {
+        events::known(&self.events).find_map(|e| if let Event::ApplyFailed { error } = e { Some(error.as_str()) } else { None })
     }
     /// The serial log, for assertion messages.
     pub fn log(&self) -> String {
@@ -165,7 +183,7 @@ fn spawn(o: &VmOptions, vars: &Path, serial: &Path) -> anyhow::Result<Child> {
 /// Boot until the guest exits, `stop` returns true on the events so far (then QEMU is killed:
 /// a power cut), or the timeout passes. The firmware vars live in `work_dir` and persist across
 /// boots of the same `name`, like a device's NVRAM.
-pub fn boot(o: &VmOptions, stop: &dyn Fn(&[Value]) -> bool) -> anyhow::Result<Boot> {
+pub fn boot(o: &VmOptions, stop: &dyn Fn(&[Received]) -> bool) -> anyhow::Result<Boot> {
     std::fs::create_dir_all(&o.work_dir)?;
     let vars = o.work_dir.join(format!("{}{}.vars.fd", o.name, if o.secure_boot { ".sb" } else { "" }));
     if !vars.exists() {

@@ -14,6 +14,7 @@ use slotforge_qemu_tests::{fixtures, vm};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use slotforge::format::agent::{Event, Received};
 
 fn usage() -> ! {
     eprintln!("usage: slotforge-vm images OUT_DIR [--agent BIN]\n       slotforge-vm boot DISK [--bundle FILE] [--registry-port N] [--timeout SECONDS] [--work DIR] [--log-writes LOG]");
@@ -76,7 +77,7 @@ fn main() -> anyhow::Result<()> {
             o.log_writes = log.map(PathBuf::from);
             eprintln!("booting {} under QEMU ({}), serial log in {}", disk.display(), vm::accel(), work.display());
             let shown = Cell::new(0usize);
-            let print = |events: &[serde_json::Value]| {
+            let print = |events: &[Received]| {
                 for e in &events[shown.get()..] {
                     println!("{e}");
                 }
@@ -97,21 +98,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// A few lines a person reads: the booted slot and build, each external image, each container.
-fn summary(events: &[serde_json::Value]) {
-    let s = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    for e in events {
-        match e["event"].as_str().unwrap_or("") {
-            "status" => {
-                eprintln!("agent status: {} — slot {}, version {}, build {}", s(&e["state"]), s(&e["slot"]), s(&e["version"]), s(&e["build_id"]));
-                for i in e["images"].as_array().into_iter().flatten() {
-                    eprintln!("  external image {}: {} ({} bytes)", s(&i["name"]), s(&i["state"]), s(&i["bytes"]));
+fn summary(events: &[Received]) {
+    for r in events {
+        let Some(e) = &r.event else { continue };
+        match e {
+            Event::Status(st) => {
+                eprintln!("agent status: {:?} — slot {}, version {}, build {}", st.state, st.slot.as_deref().unwrap_or("?"), st.version, st.build_id);
+                for i in &st.images {
+                    eprintln!("  external image {}: {:?} ({} bytes)", i.name, i.state, i.bytes);
                 }
             }
-            "onboot-exited" | "service-exited" | "onshutdown-exited" => {
-                eprintln!("  {} {} exited {}: {}", e["event"].as_str().unwrap().trim_end_matches("-exited"), s(&e["name"]), s(&e["status"]), e["stdout"].as_str().unwrap_or("").trim());
+            Event::OnbootExited { name, status, stdout, .. } | Event::ServiceExited { name, status, stdout, .. } | Event::OnshutdownExited { name, status, stdout, .. } => {
+                eprintln!("  {} {name} exited {status:?}: {}", r.name().trim_end_matches("-exited"), stdout.trim());
             }
-            "service-running" => eprintln!("  service {} still running (pid {})", s(&e["name"]), s(&e["pid"])),
-            "marked-good" | "rolled-back" | "degraded" | "applied" | "apply-failed" => eprintln!("  {e}"),
+            Event::ServiceRunning { name, pid, .. } => eprintln!("  service {name} still running (pid {pid})"),
+            Event::MarkedGood { .. } | Event::RolledBack { .. } | Event::Degraded { .. } | Event::Applied(_) | Event::ApplyFailed { .. } => eprintln!("  {r}"),
             _ => {}
         }
     }

@@ -6,9 +6,10 @@ use super::status::{check_image, read_release, writable, ImageState};
 use crate::device::{emit, AgentConfig};
 use crate::format::release::ExternalImage;
 use anyhow::Context;
-use serde_json::json;
 use std::path::PathBuf;
 use super::fetch::{fix, prepare};
+use crate::format::agent::Event;
+use crate::format::agent::{BootState, ImageStatus};
 
 /// Rename the booted slot's entry (a `.conf` or a UKI) to drop its boot counter (Boot Loader
 /// Specification boot counting). Returns the new name, or `None` if it had no counter.
@@ -48,13 +49,13 @@ fn ready(cfg: &AgentConfig, img: &ExternalImage) -> anyhow::Result<(PathBuf, Opt
 fn make_ready(cfg: &AgentConfig, img: &ExternalImage, st: &mut ImageState, t: std::time::Instant) -> bool {
     match ready(cfg, img) {
         Ok((path, sealed)) => {
-            emit("image-ready", json!({"name": img.name, "path": path, "sealed": sealed, "seconds": t.elapsed().as_secs_f64()}));
+            emit(Event::ImageReady { name: img.name.clone(), path, sealed: sealed.clone(), seconds: t.elapsed().as_secs_f64() });
             st.sealed = sealed;
             true
         }
         Err(e) => {
-            emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
-            st.state = "corrupt".into();
+            emit(Event::ImagePrepareFailed { name: img.name.clone(), error: format!("{e:#}") });
+            st.state = ImageStatus::Corrupt;
             st.detail = Some(format!("{e:#}"));
             false
         }
@@ -66,13 +67,13 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     let (rel, ext) = read_release(&cfg.root)?;
     let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
     let slot = crate::format::cmdline::value(&cmdline, "slotforge.slot");
-    emit("agent-start", json!({"slot": slot, "version": rel.version, "build_id": rel.build_id, "images": ext.images.len()}));
+    emit(Event::AgentStart { slot: slot.clone(), version: rel.version.clone(), build_id: rel.build_id.clone(), images: ext.images.len() });
     writable(&cfg.images)?;
     // The other slot's entry exhausted its tries: systemd-boot fell back to us.
     for s in super::status::slot_states(&cfg.esp) {
-        if Some(&s.slot) != slot.as_ref() && s.boot == "bad" {
+        if Some(&s.slot) != slot.as_ref() && s.boot == BootState::Bad {
             let build = entry_build(cfg, s.entry.as_deref().unwrap_or(""));
-            emit("rolled-back", json!({"from_slot": s.slot, "from_build": build, "entry": s.entry, "to_slot": slot}));
+            emit(Event::RolledBack { from_slot: s.slot.clone(), from_build: build.clone(), entry: s.entry.clone(), to_slot: slot.clone() });
         }
     }
     let mut states: Vec<ImageState> = Vec::new();
@@ -80,18 +81,18 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
     for img in &ext.images {
         let t = std::time::Instant::now();
         let mut st = check_image(&cfg.images, &ext.build_id, img);
-        emit("image-check", json!({"name": img.name, "digest": img.digest, "state": st.state, "detail": st.detail, "bytes": st.bytes, "seconds": t.elapsed().as_secs_f64()}));
-        if st.state != "verified" {
+        emit(Event::ImageCheck { name: img.name.clone(), digest: img.digest.clone(), state: st.state.clone(), detail: st.detail.clone(), bytes: st.bytes.clone(), seconds: t.elapsed().as_secs_f64() });
+        if st.state != ImageStatus::Verified {
             st = fix(cfg, &ext.build_id, &rel.version, img, st);
         }
-        if st.state == "verified" {
+        if st.state == ImageStatus::Verified {
             let t = std::time::Instant::now();
             if !make_ready(cfg, img, &mut st, t) {
                 // A sealed blob dm-verity or the kernel refuses is set aside and rebuilt.
                 if let Some(s) = &img.sealed {
                     st.bad_blobs = vec![s.digest.clone()];
                     st = fix(cfg, &ext.build_id, &rel.version, img, st);
-                    if st.state == "verified" {
+                    if st.state == ImageStatus::Verified {
                         make_ready(cfg, img, &mut st, t);
                     }
                 }
@@ -100,26 +101,33 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
         states.push(st);
     }
     // From the first check to the last image ready (or given up on): what the services wait for.
-    emit("images-ready", json!({"images": states.len(), "ready": states.iter().filter(|s| s.state == "verified").count(), "seconds": started.elapsed().as_secs_f64()}));
-    let bad: Vec<&str> = states.iter().filter(|s| s.state != "verified").map(|s| s.name.as_str()).collect();
+    emit(Event::ImagesReady { images: states.len(), ready: states.iter().filter(|s| s.state == ImageStatus::Verified).count(), seconds: started.elapsed().as_secs_f64() });
+    let bad: Vec<&str> = states.iter().filter(|s| s.state != ImageStatus::Verified).map(|s| s.name.as_str()).collect();
     if bad.is_empty() {
         match mark_good(cfg) {
             Ok(entry) => {
-                emit("marked-good", json!({"entry": entry}));
+                emit(Event::MarkedGood { entry: entry.clone() });
                 let keep = crate::device::upgrade::gc::builds_in_use(&cfg.esp, &ext.build_id);
                 match crate::device::upgrade::gc::gc(&cfg.images, &keep) {
-                    Ok(r) => emit("gc", serde_json::to_value(&r)?),
-                    Err(e) => emit("gc-failed", json!({"error": format!("{e:#}")})),
+                    Ok(r) => emit(Event::Gc(r.clone())),
+                    Err(e) => emit(Event::GcFailed { error: format!("{e:#}") }),
                 }
             }
-            Err(e) => emit("mark-good-failed", json!({"error": format!("{e:#}")})),
+            Err(e) => emit(Event::MarkGoodFailed { error: format!("{e:#}") }),
         }
     } else {
-        emit("degraded", json!({"unavailable": bad}));
+        emit(Event::Degraded { unavailable: bad.iter().map(|s| s.to_string()).collect() });
     }
     // The final state is what this sequence saw, prepare failures included (re-checking from
     // disk would call an image that failed to prepare "verified" and exit 0).
     let st = super::status::status_with(cfg, states)?;
-    emit("status", serde_json::to_value(&st)?);
+    emit(Event::Status(st.clone()));
     Ok(st)
+}
+
+/// `agent mark-good`: [`mark_good`], reported as a `marked-good` event.
+pub fn mark_good_reported(cfg: &AgentConfig) -> anyhow::Result<Option<String>> {
+    let entry = mark_good(cfg)?;
+    emit(Event::MarkedGood { entry: entry.clone() });
+    Ok(entry)
 }

@@ -6,7 +6,6 @@ use crate::device::{emit, AgentConfig};
 use crate::format::release::ExternalImage;
 use super::status::{check_image, ImageState};
 use anyhow::bail;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use crate::base::cache::Cache;
@@ -18,6 +17,7 @@ use crate::oci::local::OciDir;
 use crate::oci::registry::{media_type_of, Registry, RegistrySource};
 use crate::oci::{BlobSource, ImageRef, Platform};
 use crate::format::tree::{materialize, Spill, Tree};
+use crate::format::agent::Event;
 /// Fetch `img` by digest into the images partition and list it in `build_id`'s set.
 pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalImage) -> anyhow::Result<u64> {
     let r = ImageRef::parse(&img.reference, Path::new("/")).map_err(|e| anyhow::anyhow!(e))?;
@@ -93,10 +93,10 @@ pub fn repair(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalIm
             match super::sealed::reseal(cfg, img, s) {
                 Ok(n) => {
                     add_to_build(&cfg.images, build_id, version, IndexEntry::pinned(img, std::fs::metadata(cfg.images.join("blobs/sha256").join(img.digest.trim_start_matches("sha256:")))?.len())?)?;
-                    emit("image-resealed", json!({"name": img.name, "root_hash": s.root_hash, "bytes": n, "from": "local layers"}));
+                    emit(Event::ImageResealed { name: img.name.clone(), root_hash: s.root_hash.clone(), bytes: n, from: "local layers".into() });
                     return Ok(n);
                 }
-                Err(e) => emit("image-reseal-failed", json!({"name": img.name, "error": format!("{e:#}")})),
+                Err(e) => emit(Event::ImageResealFailed { name: img.name.clone(), error: format!("{e:#}") }),
             }
         }
     }
@@ -158,7 +158,7 @@ pub fn fix(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalImage
                 let _ = std::fs::remove_file(q);
             }
             let st = check_image(&cfg.images, build_id, img);
-            emit("image-pulled", json!({"name": img.name, "digest": img.digest, "bytes": bytes, "state": st.state, "sealed": img.sealed.as_ref().map(|s| &s.root_hash)}));
+            emit(Event::ImagePulled { name: img.name.clone(), digest: img.digest.clone(), bytes, state: st.state.clone(), sealed: img.sealed.as_ref().map(|s| s.root_hash.clone()) });
             st
         }
         Err(e) => {
@@ -166,9 +166,9 @@ pub fn fix(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalImage
                 let _ = std::fs::rename(q, orig);
             }
             if cfg.offline {
-                emit("image-pull-skipped", json!({"name": img.name, "reason": "offline", "error": format!("{e:#}")}));
+                emit(Event::ImagePullSkipped { name: img.name.clone(), reason: "offline".into(), error: format!("{e:#}") });
             } else {
-                emit("image-pull-failed", json!({"name": img.name, "digest": img.digest, "error": format!("{e:#}")}));
+                emit(Event::ImagePullFailed { name: img.name.clone(), digest: img.digest.clone(), error: format!("{e:#}") });
             }
             st
         }

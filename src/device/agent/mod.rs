@@ -11,3 +11,4 @@ pub mod mount;
 pub mod runner;
 pub mod sealed;
 pub mod status;
+pub mod update;

@@ -10,11 +10,12 @@ use crate::linuxkit::oci::RuntimeJson;
 use crate::linuxkit::spec::Section;
 use crate::format::release::ExternalImage;
 use anyhow::{bail, Context};
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use super::mount::{mount, mount_options, umount, umount_all};
+use crate::format::agent::Event;
+use crate::format::agent::ImageStatus;
 
 /// Debian's runc (`/usr/sbin/runc`), or `runc` on the PATH.
 fn runc() -> PathBuf {
@@ -187,14 +188,25 @@ fn output(section: Section, name: &str) -> (String, String) {
 /// An onboot or onshutdown container: started, waited for, reported (`<section>-exited` or
 /// `-failed`), its root unmounted and its runc state deleted.
 fn to_completion(section: Section, name: &str, dir: &Path, pid_dir: &Path, external: bool) {
-    let what = section.dir();
     match start(section, name, dir, pid_dir) {
         Ok(pid) => {
             let status = wait(pid, None);
             let (stdout, stderr) = output(section, name);
-            emit(&format!("{what}-exited"), json!({"name": name, "external": external, "status": status, "stdout": stdout, "stderr": stderr}));
+            let name = name.to_string();
+            emit(match section {
+                Section::Onboot => Event::OnbootExited { name, external, status, stdout, stderr },
+                Section::Onshutdown => Event::OnshutdownExited { name, external, status, stdout, stderr },
+                Section::Services => Event::ServiceExited { name, external, status, stdout, stderr },
+            });
         }
-        Err(e) => emit(&format!("{what}-failed"), json!({"name": name, "external": external, "error": format!("{e:#}")})),
+        Err(e) => {
+            let (name, error) = (name.to_string(), format!("{e:#}"));
+            emit(match section {
+                Section::Onboot => Event::OnbootFailed { name, external, error },
+                Section::Onshutdown => Event::OnshutdownFailed { name, external, error },
+                Section::Services => Event::ServiceFailed { name, external, error },
+            })
+        }
     }
     cleanup(dir);
     let _ = Command::new(runc()).args(["delete", "--force", name]).stderr(Stdio::null()).status();
@@ -213,7 +225,7 @@ fn mount_external(cfg: &AgentConfig) -> anyhow::Result<Vec<PathBuf>> {
         match bind_image(cfg, img) {
             Ok(true) => ready.push(dir),
             Ok(false) => {}
-            Err(e) => emit("image-mount-failed", json!({"name": img.name, "error": format!("{e:#}")})),
+            Err(e) => emit(Event::ImageMountFailed { name: img.name.clone(), error: format!("{e:#}") }),
         }
     }
     Ok(ready)
@@ -243,7 +255,7 @@ fn settle(running: Vec<(String, PathBuf, i32)>, deadline: Instant) -> Vec<(Strin
         running.retain(|(name, dir, pid)| match wait(*pid, Some(Instant::now())) {
             Some(status) => {
                 let (stdout, stderr) = output(Section::Services, name);
-                emit("service-exited", json!({"name": name, "external": external(dir), "status": status, "stdout": stdout, "stderr": stderr}));
+                emit(Event::ServiceExited { name: name.clone(), external: external(dir), status: Some(status), stdout, stderr });
                 false
             }
             None => true,
@@ -262,7 +274,7 @@ fn scrub_all(cfg: &AgentConfig) -> anyhow::Result<()> {
     for img in ext.images.iter().filter(|i| i.sealed.is_some()) {
         let t = Instant::now();
         let r = super::sealed::scrub(img);
-        emit("image-scrubbed", json!({"name": img.name, "ok": r.is_ok(), "bytes": r.as_ref().ok(), "error": r.as_ref().err().map(|e| format!("{e:#}")), "seconds": t.elapsed().as_secs_f64()}));
+        emit(Event::ImageScrubbed { name: img.name.clone(), ok: r.is_ok(), bytes: r.as_ref().ok().copied(), error: r.as_ref().err().map(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64() });
     }
     Ok(())
 }
@@ -292,7 +304,7 @@ fn repair_corrupt(cfg: &AgentConfig, running: &mut Vec<(String, PathBuf, i32)>, 
             continue;
         }
         found = true;
-        emit("image-corrupt", json!({"name": img.name, "root_hash": s.root_hash, "device": format!("/dev/mapper/{}", super::sealed::dm_name(img))}));
+        emit(Event::ImageCorrupt { name: img.name.clone(), root_hash: s.root_hash.clone(), device: format!("/dev/mapper/{}", super::sealed::dm_name(img)) });
         let dir = cfg.root.join(&img.bundle);
         let service = bundles(&cfg.root, Section::Services).into_iter().find(|(_, d)| *d == dir).map(|(n, _)| n);
         if let Some(pos) = running.iter().position(|(_, d, _)| *d == dir) {
@@ -306,28 +318,28 @@ fn repair_corrupt(cfg: &AgentConfig, running: &mut Vec<(String, PathBuf, i32)>, 
         cleanup(&dir);
         umount(&dir.join(if img.readonly { "rootfs" } else { "lower" }));
         super::sealed::close(cfg, img);
-        let st = super::status::ImageState { state: "corrupt".into(), bad_blobs: vec![s.digest.clone()], ..super::status::check_image(&cfg.images, &ext.build_id, img) };
+        let st = super::status::ImageState { state: ImageStatus::Corrupt, bad_blobs: vec![s.digest.clone()], ..super::status::check_image(&cfg.images, &ext.build_id, img) };
         let st = super::fetch::fix(cfg, &ext.build_id, &rel.version, img, st);
-        let reopened = st.state == "verified" && match super::sealed::open(cfg, img, s).and_then(|_| bind_image(cfg, img)) {
+        let reopened = st.state == ImageStatus::Verified && match super::sealed::open(cfg, img, s).and_then(|_| bind_image(cfg, img)) {
             Ok(b) => b,
             Err(e) => {
-                emit("image-prepare-failed", json!({"name": img.name, "error": format!("{e:#}")}));
+                emit(Event::ImagePrepareFailed { name: img.name.clone(), error: format!("{e:#}") });
                 false
             }
         };
         super::sealed::mark_corrupt(cfg, img, !reopened);
         if !reopened {
-            emit("degraded", json!({"unavailable": [img.name]}));
+            emit(Event::Degraded { unavailable: vec![img.name.clone()] });
             continue;
         }
-        emit("image-repaired", json!({"name": img.name, "root_hash": s.root_hash}));
+        emit(Event::ImageRepaired { name: img.name.clone(), root_hash: s.root_hash.clone() });
         if let Some(n) = service {
             match start(Section::Services, &n, &dir, pid_dir) {
                 Ok(pid) => {
-                    emit("service-started", json!({"name": n, "external": true, "pid": pid, "restart": "image repaired"}));
+                    emit(Event::ServiceStarted { name: n.clone(), external: true, pid, restart: Some("image repaired".into()) });
                     restarted.push((n, dir, pid));
                 }
-                Err(e) => emit("service-failed", json!({"name": n, "external": true, "error": format!("{e:#}")})),
+                Err(e) => emit(Event::ServiceFailed { name: n, external: true, error: format!("{e:#}") }),
             }
         }
     }
@@ -336,7 +348,7 @@ fn repair_corrupt(cfg: &AgentConfig, running: &mut Vec<(String, PathBuf, i32)>, 
     }
     if found {
         // The state changed since `agent boot` reported it.
-        emit("status", serde_json::to_value(super::status::status(cfg)?)?);
+        emit(Event::Status(super::status::status(cfg)?));
     }
     Ok(())
 }
@@ -354,7 +366,7 @@ pub fn run(cfg: &AgentConfig, settle: Duration, scrub_images: bool) -> anyhow::R
     let runnable = |dir: &Path| !external(dir) || ready.iter().any(|r| r == dir);
     for (name, dir) in bundles(&cfg.root, Section::Onboot) {
         if !runnable(&dir) {
-            emit("onboot-skipped", json!({"name": name, "external": true, "reason": "image not verified and prepared"}));
+            emit(Event::OnbootSkipped { name, external: true, reason: "image not verified and prepared".into() });
             continue;
         }
         to_completion(Section::Onboot, &name, &dir, &pid_dir, external(&dir));
@@ -362,15 +374,15 @@ pub fn run(cfg: &AgentConfig, settle: Duration, scrub_images: bool) -> anyhow::R
     let mut running = Vec::new();
     for (name, dir) in bundles(&cfg.root, Section::Services) {
         if !runnable(&dir) {
-            emit("service-skipped", json!({"name": name, "external": true, "reason": "image not verified and prepared"}));
+            emit(Event::ServiceSkipped { name, external: true, reason: "image not verified and prepared".into() });
             continue;
         }
         match start(Section::Services, &name, &dir, &pid_dir) {
             Ok(pid) => {
-                emit("service-started", json!({"name": name, "external": external(&dir), "pid": pid}));
+                emit(Event::ServiceStarted { name: name.clone(), external: external(&dir), pid, restart: None });
                 running.push((name, dir, pid));
             }
-            Err(e) => emit("service-failed", json!({"name": name, "external": external(&dir), "error": format!("{e:#}")})),
+            Err(e) => emit(Event::ServiceFailed { name, external: external(&dir), error: format!("{e:#}") }),
         }
     }
     let mut running = self::settle(running, Instant::now() + settle);
@@ -379,7 +391,7 @@ pub fn run(cfg: &AgentConfig, settle: Duration, scrub_images: bool) -> anyhow::R
     }
     repair_corrupt(cfg, &mut running, &pid_dir, settle)?;
     for (name, dir, pid) in &running {
-        emit("service-running", json!({"name": name, "external": external(dir), "pid": pid}));
+        emit(Event::ServiceRunning { name: name.clone(), external: external(dir), pid: *pid });
     }
     Ok(())
 }
@@ -421,5 +433,5 @@ fn release(cfg: &AgentConfig) {
             open.push(img.name.clone());
         }
     }
-    emit("released", json!({"sealed_still_open": open}));
+    emit(Event::Released { sealed_still_open: open });
 }

@@ -13,25 +13,10 @@ use crate::oci::{BlobSource, Platform};
 use crate::format::release::ExternalImage;
 use crate::format::sealed::Sealed;
 use anyhow::{bail, Context};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-
-/// What the status reports about a sealed image.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SealedState {
-    pub root_hash: String,
-    /// The device-mapper device (`/dev/mapper/slotforge-NAME`) when open.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    /// Where it is mounted (read-only) when mounted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mounted: Option<String>,
-    /// dm-verity's own verdict: `verified`, or `corrupted` once a read failed verification.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub verity: Option<String>,
-}
+pub use crate::format::agent::SealedState;
 
 /// Debian's veritysetup (cryptsetup-bin).
 fn veritysetup() -> PathBuf {

@@ -7,70 +7,14 @@ use crate::base::hash::{digest_reader, Digest};
 use crate::format::images::{Idx, METADATA_FILE};
 use crate::oci::image::REF_NAME;
 use crate::format::release::{ExternalImage, ExternalImages, Release, EXTERNAL_PATH, RELEASE_PATH};
-use serde::Serialize;
 use std::path::Path;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SlotState {
-    pub slot: String,
-    pub entry: Option<String>,
-    /// `good` (no counter), `trying` (counter with tries left), `bad` (counter exhausted), `none`.
-    pub boot: String,
-    pub tries_left: Option<u32>,
-    pub tries_done: Option<u32>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ImageState {
-    pub name: String,
-    pub digest: String,
-    /// `verified`, `missing` or `corrupt`.
-    pub state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-    /// Blobs that failed their digest check (removed before a re-pull).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub bad_blobs: Vec<String>,
-    pub bytes: u64,
-    /// A sealed image: root hash, device, mount point and dm-verity's verdict.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sealed: Option<super::sealed::SealedState>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub slot: Option<String>,
-    pub version: String,
-    pub build_id: String,
-    /// `ok` when every external image is verified, else `degraded`.
-    pub state: String,
-    pub slots: Vec<SlotState>,
-    pub images: Vec<ImageState>,
-    /// What `/` is mounted from (on the device itself, not with `--root`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub root_device: Option<RootDevice>,
-    /// UEFI Secure Boot state (the `SecureBoot` variable), when efivarfs is mounted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub secure_boot: Option<bool>,
-}
+pub use crate::format::agent::{BootState, ImageState, ImageStatus, RootDevice, SlotState, Status, StatusState};
 
 /// The global `SecureBoot` EFI variable: 4 attribute bytes, then 1 = enforcing.
 const SECURE_BOOT_VAR: &str = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
 
 fn secure_boot() -> Option<bool> {
     std::fs::read(SECURE_BOOT_VAR).ok().and_then(|b| b.get(4).map(|v| *v == 1))
-}
-
-/// The block device behind `/`: with dm-verity, the device-mapper target veritysetup made
-/// (`dm_uuid` `CRYPT-VERITY-<superblock uuid>-root`) and the root hash the boot entry gave it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RootDevice {
-    /// `major:minor`.
-    pub dev: String,
-    pub dm_name: Option<String>,
-    pub dm_uuid: Option<String>,
-    /// `roothash=` of the kernel command line.
-    pub root_hash: Option<String>,
 }
 
 /// `major:minor` of the last mount at `/` in a mountinfo text (proc(5): field 5 is the mount
@@ -105,11 +49,11 @@ pub fn slot_states(esp: &Path) -> Vec<SlotState> {
             // A slot's entry of either kind; the newest install if (after a cut) there are two.
             let e = entries.iter().filter(|e| e.slot.as_deref() == Some(slot)).max_by_key(|e| e.install_number());
             let (boot, left, done) = match e {
-                None => ("none".to_string(), None, None),
+                None => (BootState::None, None, None),
                 Some(e) => match (e.tries_left, e.tries_done) {
-                    (None, _) => ("good".into(), None, None),
-                    (Some(0), d) => ("bad".into(), Some(0), d),
-                    (Some(l), d) => ("trying".into(), Some(l), d),
+                    (None, _) => (BootState::Good, None, None),
+                    (Some(0), d) => (BootState::Bad, Some(0), d),
+                    (Some(l), d) => (BootState::Trying, Some(l), d),
                 },
             };
             SlotState { slot: slot.into(), entry: e.map(|e| e.file.clone()), boot, tries_left: left, tries_done: done }
@@ -124,7 +68,7 @@ fn blob(images: &Path, d: &str) -> std::path::PathBuf {
 
 /// Check one external image of `build_id` in the partition at `images`, every blob hashed.
 pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageState {
-    let mut st = ImageState { name: img.name.clone(), digest: img.digest.clone(), state: "missing".into(), detail: None, bad_blobs: vec![], bytes: 0, sealed: None };
+    let mut st = ImageState { name: img.name.clone(), digest: img.digest.clone(), state: ImageStatus::Missing, detail: None, bad_blobs: vec![], bytes: 0, sealed: None };
     let listed = (|| -> Option<()> {
         let top: Idx = serde_json::from_slice(&crate::oci::read_json_file(&images.join("index.json")).ok()?).ok()?;
         let b = top.manifests.iter().find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(build_id))?;
@@ -148,7 +92,7 @@ pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageS
         }
     };
     if Digest::of_bytes(&mbytes).as_str() != img.digest {
-        st.state = "corrupt".into();
+        st.state = ImageStatus::Corrupt;
         st.bad_blobs.push(img.digest.clone());
         st.detail = Some(format!("manifest {} does not match its digest", img.digest));
         return st;
@@ -156,7 +100,7 @@ pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageS
     let blobs = match crate::format::images::required_blobs(img, &mbytes) {
         Ok(b) => b,
         Err(e) => {
-            st.state = "corrupt".into();
+            st.state = ImageStatus::Corrupt;
             st.detail = Some(format!("manifest is not an image manifest: {e:#}"));
             return st;
         }
@@ -183,12 +127,12 @@ pub fn check_image(images: &Path, build_id: &str, img: &ExternalImage) -> ImageS
     }
     st.bytes += mbytes.len() as u64;
     if !st.bad_blobs.is_empty() {
-        st.state = "corrupt".into();
+        st.state = ImageStatus::Corrupt;
         st.detail = Some(format!("{} blob(s) do not match their digests", st.bad_blobs.len()));
     } else if !missing.is_empty() {
         st.detail = Some(format!("{} blob(s) missing", missing.len()));
     } else {
-        st.state = "verified".into();
+        st.state = ImageStatus::Verified;
     }
     st
 }
@@ -204,7 +148,7 @@ pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
             if let Some(s) = &i.sealed {
                 let live = super::sealed::state(cfg, i, s);
                 if live.verity.as_deref() == Some("corrupted") || super::sealed::marked_corrupt(cfg, i) {
-                    st.state = "corrupt".into();
+                    st.state = ImageStatus::Corrupt;
                     st.detail = Some("dm-verity found a block that does not match the pinned root hash".into());
                 }
                 st.sealed = Some(live);
@@ -220,7 +164,7 @@ pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
 pub fn status_with(cfg: &AgentConfig, images: Vec<ImageState>) -> anyhow::Result<Status> {
     let (rel, _) = read_release(&cfg.root)?;
     let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
-    let state = if images.iter().all(|i| i.state == "verified") { "ok" } else { "degraded" };
+    let state = if images.iter().all(|i| i.state == ImageStatus::Verified) { StatusState::Ok } else { StatusState::Degraded };
     Ok(Status {
         slot: crate::format::cmdline::value(&cmdline, "slotforge.slot"),
         version: rel.version,

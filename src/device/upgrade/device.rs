@@ -9,6 +9,7 @@ use crate::format::layout::{Layout, Partition, Slot};
 use anyhow::{bail, Context};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use crate::format::agent::ApplyStep;
 
 pub struct DeviceTarget {
     pub cfg: AgentConfig,
@@ -90,7 +91,7 @@ impl Target for DeviceTarget {
     fn images_write_index(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         write_durably(&self.cfg.images.join("index.json"), &mut &bytes[..])
     }
-    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(&str)) -> anyhow::Result<()> {
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(ApplyStep)) -> anyhow::Result<()> {
         let dev = partition_device(&self.cfg, &part.name)?;
         let len = std::fs::metadata(src)?.len();
         if len > part.size {
@@ -102,7 +103,7 @@ impl Target for DeviceTarget {
             let half = len / 2;
             std::io::copy(&mut (&mut input).take(half), &mut out)?;
             out.sync_all()?;
-            step("slot-half-written");
+            step(ApplyStep::SlotHalfWritten);
             std::io::copy(&mut input, &mut out)?;
             out.flush()?;
             out.sync_all()?;

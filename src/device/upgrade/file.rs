@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use crate::format::agent::ApplyStep;
 
 /// Files an upgrade writes carry the time of the upgrade.
 fn now() -> u64 {
@@ -137,7 +138,7 @@ impl Target for FileTarget {
         let rm = if self.images_index()?.is_some() { "rm /index.json\n" } else { "" };
         self.debugfs(&format!("{rm}write \"{}\" /index.json\n", tmp.path().display()))
     }
-    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, _step: &dyn Fn(&str)) -> anyhow::Result<()> {
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, _step: &dyn Fn(ApplyStep)) -> anyhow::Result<()> {
         let len = std::fs::metadata(src)?.len();
         let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
         let mut w = Window::new(f.try_clone()?, part.start, part.size);
@@ -171,4 +172,11 @@ impl Target for FileTarget {
         File::open(&self.path)?.sync_all()?;
         Ok(())
     }
+}
+
+/// `slotforge upgrade IMAGE BUNDLE`: apply a bundle to the inactive slot of a disk image file.
+pub fn upgrade_image(image: &Path, bundle: &Path) -> anyhow::Result<super::ApplyReport> {
+    let b = crate::format::bundle::Bundle::open(bundle, None)?;
+    let mut t = FileTarget::open(image)?;
+    super::apply(&mut t, &b)
 }

@@ -8,17 +8,9 @@
 use crate::base::hash::Digest;
 use crate::format::images::top_index_json;
 use anyhow::Context;
-use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::Path;
-
-#[derive(Debug, Serialize, Default)]
-pub struct GcReport {
-    pub kept_builds: Vec<String>,
-    pub removed_builds: Vec<String>,
-    pub removed_blobs: usize,
-    pub removed_bytes: u64,
-}
+pub use crate::format::agent::GcReport;
 
 /// Build ids the slots hold: the booted one, and each other slot's from its entry's options.
 pub fn builds_in_use(esp: &Path, booted_build: &str) -> BTreeSet<String> {

@@ -10,6 +10,8 @@
 //! Nothing of the running slot — entry, kernel, rootfs, image set — is touched. Protocol and
 //! power-cut analysis: docs/upgrade-protocol.md.
 
+pub use crate::format::agent::{ApplyReport, ApplyStep};
+
 pub mod device;
 pub mod file;
 pub mod gc;
@@ -20,7 +22,6 @@ use crate::base::hash::Digest;
 use crate::format::images::{build_index_json, required_blobs, top_index_json, BuildSet, Idx, IndexEntry};
 use crate::format::layout::{Layout, Partition, Slot};
 use anyhow::{bail, Context};
-use serde::Serialize;
 use std::io::Read;
 use std::path::Path;
 
@@ -48,33 +49,12 @@ pub trait Target {
     fn images_write_index(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
     /// Write a squashfs to `part`, sync, read it back and compare its digest. `step` is called
     /// with `slot-half-written` halfway.
-    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(&str)) -> anyhow::Result<()>;
+    fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(ApplyStep)) -> anyhow::Result<()>;
     /// Flush whatever the medium needs (an ESP image's FAT fix-up).
     fn finish(&mut self) -> anyhow::Result<()>;
     /// The files of `/etc/slotforge/update-keys/` in the rootfs of the running slot (online) or
     /// of the slot that would boot (offline): the only keys the decision may use.
     fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
-}
-
-#[derive(Debug, Serialize)]
-pub struct ApplyReport {
-    pub slot: String,
-    pub build_id: String,
-    pub version: String,
-    pub install_number: u64,
-    pub entry: String,
-    /// Blobs of the new build's external images already on the device.
-    pub blobs_present: usize,
-    /// Blobs written (and their bytes).
-    pub blobs_written: usize,
-    pub image_bytes_written: u64,
-    pub rootfs_bytes: u64,
-    /// Images the bundle did not carry and the device must pull at first boot.
-    pub images_to_pull: Vec<String>,
-    /// What the running slot's keys said about the bundle's signatures.
-    pub signature: crate::format::signature::Decision,
-    /// The new slot's dm-verity root hash, when it has one.
-    pub root_hash: Option<String>,
 }
 
 /// Check that the bundle fits; the error says why and that nothing changed. The size checked is
@@ -127,7 +107,7 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
 }
 
 /// [`apply`], calling `step` at each of [`STEPS`].
-pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow::Result<ApplyReport> {
+pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> anyhow::Result<ApplyReport> {
     let cfg = &b.config;
     let layout = t.layout()?;
     let running = t.running()?;
@@ -195,7 +175,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
             written += 1;
             bytes += size;
             if written == 1 {
-                step("blob-written");
+                step(ApplyStep::BlobWritten);
             }
         }
         entries.push(IndexEntry::pinned(e, mbytes.len() as u64)?);
@@ -215,7 +195,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
         builds.retain(|x| x.build_id != cfg.build_id);
         builds.push(BuildSet { build_id: cfg.build_id.clone(), version: cfg.version.clone(), index_digest: nd, index_size: nested.len() as u64 });
         t.images_write_index(&top_index_json(builds))?;
-        step("images-listed");
+        step(ApplyStep::ImagesListed);
     }
 
     // 3. The inactive slot: its entries go first, so a half-written slot is never booted.
@@ -224,16 +204,16 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
     for e in existing.iter().filter(|e| e.slot.as_deref() == Some(slot.name())) {
         t.esp_remove(&e.path)?;
     }
-    step("entry-removed");
+    step(ApplyStep::EntryRemoved);
     t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest, step)?;
-    step("slot-written");
+    step(ApplyStep::SlotWritten);
 
     // 4. Kernel, initrd, then the entry on probation (a UKI is both at once).
     let s = slot.name();
     let install = max_version + 1;
     let name = match uki {
         Some(blob) => {
-            step("kernel-written");
+            step(ApplyStep::KernelWritten);
             let path = crate::format::entries::uki_path(slot, install, Some(TRIES));
             t.esp_write(&path, &mut std::fs::File::open(b.blob_path(&blob.digest))?)?;
             path.rsplit('/').next().unwrap().to_string()
@@ -243,7 +223,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
             if let Some(i) = &cfg.initrd {
                 t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(b.blob_path(&i.digest))?)?;
             }
-            step("kernel-written");
+            step(ApplyStep::KernelWritten);
             let entry = BootEntry {
                 slot,
                 title: format!("{} (slot {s})", cfg.version),
@@ -258,7 +238,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(&str)) -> anyhow
         }
     };
     t.finish()?;
-    step("entry-written");
+    step(ApplyStep::EntryWritten);
     Ok(ApplyReport {
         slot: s.into(),
         build_id: cfg.build_id.clone(),

@@ -429,3 +429,28 @@ mod tests {
         assert_eq!(pick_boots(&r, 99).len(), 7, "never more than there are");
     }
 }
+
+/// `slotforge crash-states`: what a replay of a recorded log is asked to do.
+pub struct ReplayOptions {
+    /// Every prefix and torn write, 8 subsets per interval (else a sample).
+    pub full: bool,
+    pub seed: u64,
+    /// The medium's atomic write unit in bytes: a power of two from 512.
+    pub atomic_write: u64,
+    /// Scratch directory (default: a temporary one).
+    pub scratch: Option<std::path::PathBuf>,
+}
+
+/// Replay `log` onto the disk as it was `before` and check every planned state. `progress`
+/// gets (states done, states planned).
+pub fn replay_recording(before: &Path, log: &Path, o: &ReplayOptions, progress: &dyn Fn(usize, usize)) -> anyhow::Result<OperationReport> {
+    if o.atomic_write < 512 || !o.atomic_write.is_power_of_two() {
+        anyhow::bail!("--atomic-write {}: a power of two from 512", o.atomic_write);
+    }
+    let tmp = tempfile::Builder::new().prefix("slotforge-crash-").tempdir()?;
+    let scratch = o.scratch.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let rec = Recording { operation: "replay".into(), before: before.to_path_buf(), log: log.to_path_buf() };
+    let mut sampling = if o.full { plan::Sampling::full(o.seed) } else { plan::Sampling::sample(o.seed) };
+    sampling.atomic = o.atomic_write / 512;
+    replay(&rec, &sampling, &scratch, progress)
+}

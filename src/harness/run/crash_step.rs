@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use crate::format::agent::{Status, StatusState};
 
 /// What one operation's replay found.
 #[derive(Debug, Clone, Serialize)]
@@ -39,7 +40,7 @@ pub struct BootedState {
     pub esp_before: String,
     pub expected_slot: Option<String>,
     pub slot: Option<String>,
-    pub status: Option<String>,
+    pub status: Option<StatusState>,
     /// An apply's state: the re-run of the apply reached the new slot.
     pub rerun: Option<bool>,
     /// `fsck.vfat -n` of the disk after its boots (the guest repaired and unmounted it).
@@ -56,8 +57,8 @@ pub struct CrashStep {
 }
 
 
-fn last_status(boots: &[Boot]) -> Option<Value> {
-    boots.iter().rev().find_map(|b| b.named("status").last().map(|v| (*v).clone()))
+fn last_status(boots: &[Boot]) -> Option<Status> {
+    boots.iter().rev().find_map(|b| b.status().cloned())
 }
 
 impl Device<'_> {
@@ -67,7 +68,7 @@ impl Device<'_> {
         let mut out = Vec::new();
         for _ in 0..4 {
             let b = vm::boot(&self.vm_options(disk, "crash", extra), &|_| false)?;
-            let done = !b.named("status").is_empty() || b.outcome != Outcome::Exited;
+            let done = b.status().is_some() || b.outcome != Outcome::Exited;
             out.push(b);
             if done {
                 break;
@@ -87,7 +88,7 @@ impl Device<'_> {
         let mut o = self.vm_options(&self.disk, "dev", &[bundle.to_path_buf()]);
         o.log_writes = Some(dir.join("apply.log"));
         let b = vm::boot(&o, &|_| false)?;
-        let applied = b.named("applied").first().map(|a| (*a).clone());
+        let applied = b.applied().cloned();
         let exited = b.outcome == Outcome::Exited;
         boots.push(b);
         let Some(applied) = applied else {
@@ -102,7 +103,7 @@ impl Device<'_> {
         let mut o = self.vm_options(&self.disk, "dev", &[]);
         o.log_writes = Some(dir.join("first-boot.log"));
         let b = vm::boot(&o, &|_| false)?;
-        let first_ok = !b.named("status").is_empty() && b.outcome == Outcome::Exited;
+        let first_ok = b.status().is_some() && b.outcome == Outcome::Exited;
         boots.push(b);
         if !first_ok {
             self.boot_until_status(boots)?;
@@ -135,20 +136,20 @@ impl Device<'_> {
                 crash::rebuild(rec, &log, &r.plan[i], &disk)?;
                 let bs = self.boot_to_status(&disk, &[])?;
                 let st = last_status(&bs);
-                let slot = st.as_ref().and_then(|s| s["slot"].as_str().map(str::to_string));
-                let status = st.as_ref().and_then(|s| s["state"].as_str().map(str::to_string));
-                let mut ok = slot.is_some() && slot == state.decision.slot && status.as_deref() == Some("ok");
+                let slot = st.as_ref().and_then(|s| s.slot.clone());
+                let status = st.as_ref().map(|s| s.state);
+                let mut ok = slot.is_some() && slot == state.decision.slot && status == Some(StatusState::Ok);
                 let mut rerun = None;
-                if ok && rec.operation == "apply" && st.as_ref().is_some_and(|s| s["build_id"] != applied["build_id"]) {
+                if ok && rec.operation == "apply" && st.as_ref().is_some_and(|s| s.build_id != applied.build_id) {
                     // The power came back on the old slot: the update is offered again and must
                     // go through. (A state already booting the new build has nothing to re-run.)
                     let own = dir.join("bundle.disk");
                     std::fs::copy(bundle, &own)?;
                     let again = vm::boot(&self.vm_options(&disk, "crash", &[own]), &|_| false)?;
-                    let re_applied = !again.named("applied").is_empty();
+                    let re_applied = again.applied().is_some();
                     let next = if re_applied { self.boot_to_status(&disk, &[])? } else { vec![] };
                     let st2 = last_status(&next);
-                    let good = re_applied && st2.as_ref().is_some_and(|s| s["slot"] == applied["slot"] && s["build_id"] == applied["build_id"]);
+                    let good = re_applied && st2.as_ref().is_some_and(|s| s.slot.as_deref() == Some(applied.slot.as_str()) && s.build_id == applied.build_id);
                     rerun = Some(good);
                     ok &= good;
                 }

@@ -1,0 +1,210 @@
+//! Assembling the rootfs tree of a build: init images at `/`, the kernel's modules, each
+//! container's LinuxKit bundle (on-disk ones unpacked, external ones as metadata, sealed when
+//! asked), `files:`, and slotforge's own metadata; the kernel, initrd and boot loader set aside
+//! for the ESP.
+
+use super::*;
+use super::compose::{service, update_keys};
+use super::sources::Resolved;
+
+/// A regular file inside a flattened tree, by path.
+pub(super) fn tree_file(t: &Tree, path: &str) -> Option<(Content, u64)> {
+    match &t.get(&components(path.as_bytes(), true).ok()?)?.kind {
+        Kind::File { content, size, .. } => Some((content.clone(), *size)),
+        _ => None,
+    }
+}
+
+/// What the ESP needs from the kernel image.
+pub(super) struct KernelFiles {
+    pub(super) kernel: (Content, u64),
+    pub(super) initrd: Option<(Content, u64)>,
+}
+
+/// The assembled rootfs tree and everything the later steps need from it.
+pub(super) struct RootfsParts {
+    pub(super) tree: Tree,
+    pub(super) contributors: Vec<Contributor>,
+    pub(super) kernel: KernelFiles,
+    pub(super) loader: Content,
+    pub(super) external: Vec<(ExternalImage, usize)>,
+    /// Sealed external images by name: the sealed file (in the work directory) and its
+    /// artifact manifest.
+    pub(super) sealed: BTreeMap<String, (PathBuf, Vec<u8>)>,
+}
+
+pub(super) fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, work: &Path, progress: Progress) -> anyhow::Result<RootfsParts> {
+    let mf = &m.manifest;
+    let kspec = mf.kernel.as_ref().unwrap();
+    let mut contributors: Vec<Contributor> = Vec::new();
+    let mut contributor = |kind: &str, name: &str, reference: Option<&str>, movable: bool| {
+        contributors.push(Contributor { kind: kind.into(), name: name.into(), reference: reference.map(str::to_string), bytes: 0, movable });
+        contributors.len() as u32 - 1
+    };
+    let layer_bytes: u64 = r.init.iter().chain(std::iter::once(&r.kernel)).chain(r.loader.iter()).chain(
+        r.containers.iter().filter(|(s, i, _)| !service(m, *s, *i).is_external()).map(|(_, _, img)| img)
+    ).flat_map(|i| i.layers.iter().map(|l| l.size)).sum();
+    let pb = progress.bar("flatten", layer_bytes, true);
+    let mut tick = |n: u64| pb.inc(n);
+
+    let mut root = Tree::new(epoch);
+    let mut layer_no = 0;
+    for img in &r.init {
+        let o = contributor("init", &img.reference, Some(&img.reference), false);
+        flatten_image(&mut root, img, spill, o, &mut layer_no, &mut tick)?;
+        crate::linuxkit::bundle::fixups(&mut root, Some(crate::linuxkit::bundle::INIT_RESOLV_CONF), epoch, o).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
+    }
+
+    // Kernel image: the kernel and initrd go to the ESP; its modules tarball into the rootfs.
+    let ko = contributor("kernel", "modules", Some(&r.kernel.reference), false);
+    let mut ktree = Tree::new(epoch);
+    flatten_image(&mut ktree, &r.kernel, spill, ko, &mut 0, &mut tick)?;
+    let kernel = match &kspec.binary {
+        Some(p) => tree_file(&ktree, p).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {p}", r.kernel.reference))?,
+        None => tree_file(&ktree, "kernel")
+            .or_else(|| tree_file(&ktree, "boot/vmlinuz"))
+            .ok_or_else(|| anyhow::anyhow!("{}: kernel image has neither /kernel nor /boot/vmlinuz; set kernel.binary", r.kernel.reference))?,
+    };
+    let initrd = match &kspec.initrd {
+        Some(p) => Some(tree_file(&ktree, p).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {p}", r.kernel.reference))?),
+        None => tree_file(&ktree, "initrd.img").or_else(|| tree_file(&ktree, "boot/initrd.img")),
+    };
+    // LinuxKit refuses a kernel image without its tarball unless `tar: none`; slotforge accepts
+    // one without the default `kernel.tar` (a distribution kernel packed as an image has none),
+    // and refuses only a tarball named explicitly and missing (docs/manifest.md).
+    let ktar = kspec.tar_name().and_then(|t| match tree_file(&ktree, t) {
+        Some((c, _)) => Some(Ok((t, c))),
+        None if kspec.tar.is_none() => None,
+        None => Some(Err(anyhow::anyhow!("{}: kernel image has no {t} (kernel.tar)", r.kernel.reference))),
+    });
+    if let Some(k) = ktar {
+        let (ktar, content) = k?;
+        let ctx = LayerCtx { image: &r.kernel.reference, layer: ktar, layer_no: layer_no + 1, origin: ko };
+        apply_layer(&mut root, content.open()?, &ctx, spill)?;
+    }
+    // LinuxKit's `ucode`: a microcode cpio the kernel must see first, so it leads the initrd.
+    let initrd = match &kspec.ucode {
+        None => initrd,
+        Some(u) => {
+            let (ucode, _) = tree_file(&ktree, u).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {u} (kernel.ucode)", r.kernel.reference))?;
+            let mut joined: Box<dyn std::io::Read> = ucode.open()?;
+            if let Some((c, _)) = &initrd {
+                joined = Box::new(joined.chain(c.open()?));
+            }
+            Some(spill.store(&mut joined)?)
+        }
+    };
+
+    let loader_path = m.boot().loader_path.clone().unwrap_or_else(|| DEFAULT_LOADER_PATH.into());
+    let loader = match &r.loader {
+        Some(img) => {
+            let mut lt = Tree::new(epoch);
+            flatten_image(&mut lt, img, spill, 0, &mut 0, &mut tick)?;
+            tree_file(&lt, &loader_path).ok_or_else(|| anyhow::anyhow!("{}: boot loader image has no regular file {loader_path}", img.reference))?.0
+        }
+        None => {
+            let v = &m.boot().loader.value;
+            let p = m.dir().join(v.strip_prefix("file:").unwrap());
+            if !p.is_file() {
+                if mf.boot.is_none() {
+                    bail!("{}: no `boot:` section, so the build host's systemd-boot is used, and {} is missing: install Debian's systemd-boot-efi package (apt-get install systemd-boot-efi) or name a loader in `boot: {{loader: ...}}`", m.path.display(), p.display());
+                }
+                bail!("{}: boot.loader {v}: {} is not a file (Debian ships systemd-boot in systemd-boot-efi)", m.path.display(), p.display());
+            }
+            Content::Path(p)
+        }
+    };
+
+    let mut external = Vec::new();
+    let mut sealed_files = BTreeMap::new();
+    let ids = m.ids();
+    let mut unpacked = BTreeMap::new();
+    for (idx, (section, i, img)) in r.containers.iter().enumerate() {
+        let entry = &m.section(*section)[*i];
+        let s = &entry.value;
+        let name = s.name();
+        let o = contributor(section.dir(), name, Some(&img.reference), !s.is_external() && *section != Section::Onshutdown);
+        let defaults = rootfs::image_defaults(img);
+        let at = |e: String| anyhow::Error::new(InputError::spanned(&m.path, entry, format!("{} {name}: {e}", section.dir())));
+        let label = match &defaults.label {
+            Some(text) => crate::linuxkit::spec::parse_label(&img.reference, text).map_err(at)?,
+            None => Default::default(),
+        };
+        let (spec, runtime) = crate::linuxkit::oci::config_to_oci(s, &label, &defaults, &ids).map_err(at)?;
+        let dir = crate::linuxkit::bundle::bundle_dir(*section, *i, name);
+        let b = crate::linuxkit::bundle::plan(dir, &spec, &runtime, &img.reference, !s.is_external(), &mut unpacked);
+        rootfs::put_file(&mut root, &format!("{}/config.json", b.dir), b.config_json, 0o644, epoch, o)?;
+        rootfs::put_file(&mut root, &format!("{}/runtime.json", b.dir), b.runtime_json, 0o644, epoch, o)?;
+        for mp in &b.mount_points {
+            root.insert(&components(mp.as_bytes(), true).unwrap(), Node::dir(Meta::new(0o755, epoch), u32::MAX, o)).map_err(|e| anyhow::anyhow!("{mp}: {e}"))?;
+        }
+        if s.is_external() {
+            let mut e = rootfs::external_image_of(name, *section, img);
+            e.bundle = b.dir.clone();
+            e.readonly = b.readonly;
+            if s.is_sealed() {
+                // A read-only container's mount points must exist in its sealed image (runc
+                // cannot make them there); a writable one gets them in its overlay.
+                let mkdirs = if b.readonly { mount_points(&spec) } else { vec![] };
+                let file = work.join(format!("sealed-{name}.img"));
+                let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
+                let (sealed, artifact) = crate::compose::seal::seal(img, &mkdirs, &file, &mut sp, &mut |_| {}).with_context(|| format!("sealing external image {name}"))?;
+                e.sealed = Some(sealed);
+                e.keep_layers = s.keeps_layers();
+                sealed_files.insert(name.to_string(), (file, artifact));
+            }
+            rootfs::put_file(&mut root, &format!("{}/image.json", b.dir), crate::base::text::to_json(&e), 0o644, epoch, o)?;
+            external.push((e, idx));
+        } else if let Some(at_dir) = &b.unpack_at {
+            let mut sub = Tree::new(epoch);
+            flatten_image(&mut sub, img, spill, o, &mut 0, &mut tick)?;
+            crate::linuxkit::bundle::fixups(&mut sub, None, epoch, o).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
+            if b.readonly {
+                // runc makes missing mount points itself; in a read-only slot it cannot, so
+                // they are made here (LinuxKit's unpacked root is writable at that moment).
+                crate::format::sealed::add_mount_points(&mut sub, &mount_points(&spec), epoch, o).with_context(|| img.reference.clone())?;
+            }
+            root.graft(&components(at_dir.as_bytes(), true).unwrap(), sub, o).map_err(|e| anyhow::anyhow!("{at_dir}: {e}"))?;
+        }
+    }
+    pb.finish_and_clear();
+
+    let fo = contributor("files", "files:", None, false);
+    let mut added = std::collections::BTreeSet::new();
+    for (n, f) in mf.files.iter().enumerate() {
+        rootfs::apply_file_entry(&mut root, m, n, &ids, &mut added, epoch, fo).map_err(|e| anyhow::Error::new(InputError::spanned(&m.path, &f.path, format!("{e:#}"))))?;
+    }
+    let so = contributor("slotforge", "metadata", None, false);
+    for (id, text) in update_keys(m)? {
+        rootfs::put_file(&mut root, &format!("{}/{id}.pub", crate::format::signature::KEYS_DIR), text.into_bytes(), 0o644, epoch, so)?;
+    }
+    let release = Release { format: crate::format::release::METADATA_FORMAT, version: m.version().into(), build_id: build_id.into(), source_date_epoch: epoch, builder: format!("slotforge {}", env!("CARGO_PKG_VERSION")) };
+    rootfs::put_file(&mut root, crate::format::release::RELEASE_PATH, crate::base::text::to_json(&release), 0o644, epoch, so)?;
+    let mut ext_sorted: Vec<ExternalImage> = external.iter().map(|(e, _)| e.clone()).collect();
+    ext_sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let ext = ExternalImages { format: crate::format::release::METADATA_FORMAT, build_id: build_id.into(), images: ext_sorted };
+    rootfs::put_file(&mut root, crate::format::release::EXTERNAL_PATH, crate::base::text::to_json(&ext), 0o644, epoch, so)?;
+
+    for (o, b) in root.bytes_by_origin() {
+        if let Some(c) = contributors.get_mut(o as usize) {
+            c.bytes += b;
+        }
+    }
+    Ok(RootfsParts { tree: root, contributors, kernel: KernelFiles { kernel, initrd }, loader, external, sealed: sealed_files })
+}
+
+/// The mount destinations of a container that must exist in a read-only root (not under
+/// /dev, /proc or /sys, which the runtime mounts whole).
+pub(super) fn mount_points(spec: &crate::linuxkit::oci::Spec) -> Vec<String> {
+    let mut v: Vec<String> = spec
+        .mounts
+        .iter()
+        .map(|mt| mt.destination.trim_start_matches('/').to_string())
+        .filter(|d| !d.is_empty() && !["dev", "proc", "sys"].iter().any(|p| d == p || d.starts_with(&format!("{p}/"))))
+        .filter(|d| components(d.as_bytes(), true).is_ok())
+        .map(|d| format!("/{d}"))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
