@@ -4,7 +4,7 @@
 //! for the ESP.
 
 use super::*;
-use super::compose::{service, update_keys};
+use super::manifest::{service, update_keys};
 use super::sources::Resolved;
 
 /// A regular file inside a flattened tree, by path.
@@ -33,164 +33,226 @@ pub(super) struct RootfsParts {
     pub(super) sealed: BTreeMap<String, (PathBuf, Vec<u8>)>,
 }
 
+/// The rootfs tree being assembled, and who put how much into it (for the oversize report).
+struct Assembly<'a> {
+    m: &'a LoadedManifest,
+    epoch: u64,
+    root: Tree,
+    contributors: Vec<Contributor>,
+    spill: &'a mut Spill,
+    /// The flatten progress bar, advanced by layer bytes.
+    pb: indicatif::ProgressBar,
+    /// Layers flattened into the root so far (whiteouts only reach lower layers).
+    layer_no: u32,
+}
+
+/// Assemble the rootfs of a build, in the order of docs/architecture.md: init images, the
+/// kernel image, the boot loader, each container, `files:`, slotforge's metadata.
 pub(super) fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, work: &Path, progress: Progress) -> anyhow::Result<RootfsParts> {
-    let mf = &m.manifest;
-    let kspec = mf.kernel.as_ref().unwrap();
-    let mut contributors: Vec<Contributor> = Vec::new();
-    let mut contributor = |kind: &str, name: &str, reference: Option<&str>, movable: bool| {
-        contributors.push(Contributor { kind: kind.into(), name: name.into(), reference: reference.map(str::to_string), bytes: 0, movable });
-        contributors.len() as u32 - 1
-    };
     let layer_bytes: u64 = r.init.iter().chain(std::iter::once(&r.kernel)).chain(r.loader.iter()).chain(
         r.containers.iter().filter(|(s, i, _)| !service(m, *s, *i).is_external()).map(|(_, _, img)| img)
     ).flat_map(|i| i.layers.iter().map(|l| l.size)).sum();
     let pb = progress.bar("flatten", layer_bytes, true);
-    let mut tick = |n: u64| pb.inc(n);
-
-    let mut root = Tree::new(epoch);
-    let mut layer_no = 0;
-    for img in &r.init {
-        let o = contributor("init", &img.reference, Some(&img.reference), false);
-        flatten_image(&mut root, img, spill, o, &mut layer_no, &mut tick)?;
-        crate::linuxkit::bundle::fixups(&mut root, Some(crate::linuxkit::bundle::INIT_RESOLV_CONF), epoch, o).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
-    }
-
-    // Kernel image: the kernel and initrd go to the ESP; its modules tarball into the rootfs.
-    let ko = contributor("kernel", "modules", Some(&r.kernel.reference), false);
-    let mut ktree = Tree::new(epoch);
-    flatten_image(&mut ktree, &r.kernel, spill, ko, &mut 0, &mut tick)?;
-    let kernel = match &kspec.binary {
-        Some(p) => tree_file(&ktree, p).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {p}", r.kernel.reference))?,
-        None => tree_file(&ktree, "kernel")
-            .or_else(|| tree_file(&ktree, "boot/vmlinuz"))
-            .ok_or_else(|| anyhow::anyhow!("{}: kernel image has neither /kernel nor /boot/vmlinuz; set kernel.binary", r.kernel.reference))?,
-    };
-    let initrd = match &kspec.initrd {
-        Some(p) => Some(tree_file(&ktree, p).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {p}", r.kernel.reference))?),
-        None => tree_file(&ktree, "initrd.img").or_else(|| tree_file(&ktree, "boot/initrd.img")),
-    };
-    // LinuxKit refuses a kernel image without its tarball unless `tar: none`; slotforge accepts
-    // one without the default `kernel.tar` (a distribution kernel packed as an image has none),
-    // and refuses only a tarball named explicitly and missing (docs/manifest.md).
-    let ktar = kspec.tar_name().and_then(|t| match tree_file(&ktree, t) {
-        Some((c, _)) => Some(Ok((t, c))),
-        None if kspec.tar.is_none() => None,
-        None => Some(Err(anyhow::anyhow!("{}: kernel image has no {t} (kernel.tar)", r.kernel.reference))),
-    });
-    if let Some(k) = ktar {
-        let (ktar, content) = k?;
-        let ctx = LayerCtx { image: &r.kernel.reference, layer: ktar, layer_no: layer_no + 1, origin: ko };
-        apply_layer(&mut root, content.open()?, &ctx, spill)?;
-    }
-    // LinuxKit's `ucode`: a microcode cpio the kernel must see first, so it leads the initrd.
-    let initrd = match &kspec.ucode {
-        None => initrd,
-        Some(u) => {
-            let (ucode, _) = tree_file(&ktree, u).ok_or_else(|| anyhow::anyhow!("{}: kernel image has no regular file {u} (kernel.ucode)", r.kernel.reference))?;
-            let mut joined: Box<dyn std::io::Read> = ucode.open()?;
-            if let Some((c, _)) = &initrd {
-                joined = Box::new(joined.chain(c.open()?));
-            }
-            Some(spill.store(&mut joined)?)
-        }
-    };
-
-    let loader_path = m.boot().loader_path.clone().unwrap_or_else(|| DEFAULT_LOADER_PATH.into());
-    let loader = match &r.loader {
-        Some(img) => {
-            let mut lt = Tree::new(epoch);
-            flatten_image(&mut lt, img, spill, 0, &mut 0, &mut tick)?;
-            tree_file(&lt, &loader_path).ok_or_else(|| anyhow::anyhow!("{}: boot loader image has no regular file {loader_path}", img.reference))?.0
-        }
-        None => {
-            let v = &m.boot().loader.value;
-            let p = m.dir().join(v.strip_prefix("file:").unwrap());
-            if !p.is_file() {
-                if mf.boot.is_none() {
-                    bail!("{}: no `boot:` section, so the build host's systemd-boot is used, and {} is missing: install Debian's systemd-boot-efi package (apt-get install systemd-boot-efi) or name a loader in `boot: {{loader: ...}}`", m.path.display(), p.display());
-                }
-                bail!("{}: boot.loader {v}: {} is not a file (Debian ships systemd-boot in systemd-boot-efi)", m.path.display(), p.display());
-            }
-            Content::Path(p)
-        }
-    };
-
-    let mut external = Vec::new();
-    let mut sealed_files = BTreeMap::new();
-    let ids = m.ids();
-    let mut unpacked = BTreeMap::new();
-    for (idx, (section, i, img)) in r.containers.iter().enumerate() {
-        let entry = &m.section(*section)[*i];
-        let s = &entry.value;
-        let name = s.name();
-        let o = contributor(section.dir(), name, Some(&img.reference), !s.is_external() && *section != Section::Onshutdown);
-        let defaults = rootfs::image_defaults(img);
-        let at = |e: String| anyhow::Error::new(InputError::spanned(&m.path, entry, format!("{} {name}: {e}", section.dir())));
-        let label = match &defaults.label {
-            Some(text) => crate::linuxkit::spec::parse_label(&img.reference, text).map_err(at)?,
-            None => Default::default(),
-        };
-        let (spec, runtime) = crate::linuxkit::oci::config_to_oci(s, &label, &defaults, &ids).map_err(at)?;
-        let dir = crate::linuxkit::bundle::bundle_dir(*section, *i, name);
-        let b = crate::linuxkit::bundle::plan(dir, &spec, &runtime, &img.reference, !s.is_external(), &mut unpacked);
-        rootfs::put_file(&mut root, &format!("{}/config.json", b.dir), b.config_json, 0o644, epoch, o)?;
-        rootfs::put_file(&mut root, &format!("{}/runtime.json", b.dir), b.runtime_json, 0o644, epoch, o)?;
-        for mp in &b.mount_points {
-            root.insert(&components(mp.as_bytes(), true).unwrap(), Node::dir(Meta::new(0o755, epoch), u32::MAX, o)).map_err(|e| anyhow::anyhow!("{mp}: {e}"))?;
-        }
-        if s.is_external() {
-            let mut e = rootfs::external_image_of(name, *section, img);
-            e.bundle = b.dir.clone();
-            e.readonly = b.readonly;
-            if s.is_sealed() {
-                // A read-only container's mount points must exist in its sealed image (runc
-                // cannot make them there); a writable one gets them in its overlay.
-                let mkdirs = if b.readonly { mount_points(&spec) } else { vec![] };
-                let file = work.join(format!("sealed-{name}.img"));
-                let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
-                let (sealed, artifact) = crate::compose::seal::seal(img, &mkdirs, &file, &mut sp, &mut |_| {}).with_context(|| format!("sealing external image {name}"))?;
-                e.sealed = Some(sealed);
-                e.keep_layers = s.keeps_layers();
-                sealed_files.insert(name.to_string(), (file, artifact));
-            }
-            rootfs::put_file(&mut root, &format!("{}/image.json", b.dir), crate::base::text::to_json(&e), 0o644, epoch, o)?;
-            external.push((e, idx));
-        } else if let Some(at_dir) = &b.unpack_at {
-            let mut sub = Tree::new(epoch);
-            flatten_image(&mut sub, img, spill, o, &mut 0, &mut tick)?;
-            crate::linuxkit::bundle::fixups(&mut sub, None, epoch, o).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
-            if b.readonly {
-                // runc makes missing mount points itself; in a read-only slot it cannot, so
-                // they are made here (LinuxKit's unpacked root is writable at that moment).
-                crate::format::sealed::add_mount_points(&mut sub, &mount_points(&spec), epoch, o).with_context(|| img.reference.clone())?;
-            }
-            root.graft(&components(at_dir.as_bytes(), true).unwrap(), sub, o).map_err(|e| anyhow::anyhow!("{at_dir}: {e}"))?;
-        }
-    }
+    let mut a = Assembly { m, epoch, root: Tree::new(epoch), contributors: Vec::new(), spill, pb: pb.clone(), layer_no: 0 };
+    a.init_images(&r.init)?;
+    let kernel = a.kernel_image(&r.kernel)?;
+    let loader = a.boot_loader(r.loader.as_ref())?;
+    let (external, sealed) = a.containers(r, work)?;
     pb.finish_and_clear();
-
-    let fo = contributor("files", "files:", None, false);
-    let mut added = std::collections::BTreeSet::new();
-    for (n, f) in mf.files.iter().enumerate() {
-        rootfs::apply_file_entry(&mut root, m, n, &ids, &mut added, epoch, fo).map_err(|e| anyhow::Error::new(InputError::spanned(&m.path, &f.path, format!("{e:#}"))))?;
-    }
-    let so = contributor("slotforge", "metadata", None, false);
-    for (id, text) in update_keys(m)? {
-        rootfs::put_file(&mut root, &format!("{}/{id}.pub", crate::format::signature::KEYS_DIR), text.into_bytes(), 0o644, epoch, so)?;
-    }
-    let release = Release { format: crate::format::release::METADATA_FORMAT, version: m.version().into(), build_id: build_id.into(), source_date_epoch: epoch, builder: format!("slotforge {}", env!("CARGO_PKG_VERSION")) };
-    rootfs::put_file(&mut root, crate::format::release::RELEASE_PATH, crate::base::text::to_json(&release), 0o644, epoch, so)?;
-    let mut ext_sorted: Vec<ExternalImage> = external.iter().map(|(e, _)| e.clone()).collect();
-    ext_sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let ext = ExternalImages { format: crate::format::release::METADATA_FORMAT, build_id: build_id.into(), images: ext_sorted };
-    rootfs::put_file(&mut root, crate::format::release::EXTERNAL_PATH, crate::base::text::to_json(&ext), 0o644, epoch, so)?;
-
+    a.files()?;
+    a.metadata(build_id, &external)?;
+    let Assembly { root, mut contributors, .. } = a;
     for (o, b) in root.bytes_by_origin() {
         if let Some(c) = contributors.get_mut(o as usize) {
             c.bytes += b;
         }
     }
-    Ok(RootfsParts { tree: root, contributors, kernel: KernelFiles { kernel, initrd }, loader, external, sealed: sealed_files })
+    Ok(RootfsParts { tree: root, contributors, kernel, loader, external, sealed })
+}
+
+impl Assembly<'_> {
+    /// A new contributor; its index is the origin of the nodes it puts in the tree.
+    fn contributor(&mut self, kind: &str, name: &str, reference: Option<&str>, movable: bool) -> u32 {
+        self.contributors.push(Contributor { kind: kind.into(), name: name.into(), reference: reference.map(str::to_string), bytes: 0, movable });
+        self.contributors.len() as u32 - 1
+    }
+
+    /// Flatten `img` into the root, after the layers already there.
+    fn flatten_into_root(&mut self, img: &ResolvedImage, origin: u32) -> anyhow::Result<()> {
+        let pb = self.pb.clone();
+        flatten_image(&mut self.root, img, self.spill, origin, &mut self.layer_no, &mut |n| pb.inc(n))
+    }
+
+    /// Flatten `img` into a tree of its own.
+    fn flatten_into(&mut self, t: &mut Tree, img: &ResolvedImage, origin: u32) -> anyhow::Result<()> {
+        let pb = self.pb.clone();
+        flatten_image(t, img, self.spill, origin, &mut 0, &mut |n| pb.inc(n))
+    }
+
+    /// Init images, flattened at `/` in order, each with LinuxKit's init fix-ups.
+    fn init_images(&mut self, init: &[ResolvedImage]) -> anyhow::Result<()> {
+        for img in init {
+            let o = self.contributor("init", &img.reference, Some(&img.reference), false);
+            self.flatten_into_root(img, o)?;
+            crate::linuxkit::bundle::fixups(&mut self.root, Some(crate::linuxkit::bundle::INIT_RESOLV_CONF), self.epoch, o).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
+        }
+        Ok(())
+    }
+
+    /// The kernel image: the kernel and initrd go to the ESP (the microcode cpio of `ucode`
+    /// leading the initrd); its modules tarball into the rootfs.
+    fn kernel_image(&mut self, kimg: &ResolvedImage) -> anyhow::Result<KernelFiles> {
+        let kspec = self.m.manifest.kernel.as_ref().unwrap();
+        let reference = &kimg.reference;
+        let ko = self.contributor("kernel", "modules", Some(reference), false);
+        let mut ktree = Tree::new(self.epoch);
+        self.flatten_into(&mut ktree, kimg, ko)?;
+        let named = |p: &str, key: &str| tree_file(&ktree, p).ok_or_else(|| anyhow::anyhow!("{reference}: kernel image has no regular file {p}{key}"));
+        let kernel = match &kspec.binary {
+            Some(p) => named(p, "")?,
+            None => tree_file(&ktree, "kernel")
+                .or_else(|| tree_file(&ktree, "boot/vmlinuz"))
+                .ok_or_else(|| anyhow::anyhow!("{reference}: kernel image has neither /kernel nor /boot/vmlinuz; set kernel.binary"))?,
+        };
+        let initrd = match &kspec.initrd {
+            Some(p) => Some(named(p, "")?),
+            None => tree_file(&ktree, "initrd.img").or_else(|| tree_file(&ktree, "boot/initrd.img")),
+        };
+        // LinuxKit refuses a kernel image without its tarball unless `tar: none`; slotforge accepts
+        // one without the default `kernel.tar` (a distribution kernel packed as an image has none),
+        // and refuses only a tarball named explicitly and missing (docs/manifest.md).
+        let ktar = kspec.tar_name().and_then(|t| match tree_file(&ktree, t) {
+            Some((c, _)) => Some(Ok((t, c))),
+            None if kspec.tar.is_none() => None,
+            None => Some(Err(anyhow::anyhow!("{reference}: kernel image has no {t} (kernel.tar)"))),
+        });
+        if let Some(k) = ktar {
+            let (ktar, content) = k?;
+            let ctx = LayerCtx { image: reference, layer: ktar, layer_no: self.layer_no + 1, origin: ko };
+            apply_layer(&mut self.root, content.open()?, &ctx, self.spill)?;
+        }
+        // LinuxKit's `ucode`: a microcode cpio the kernel must see first, so it leads the initrd.
+        let initrd = match &kspec.ucode {
+            None => initrd,
+            Some(u) => {
+                let (ucode, _) = named(u, " (kernel.ucode)")?;
+                let mut joined: Box<dyn std::io::Read> = ucode.open()?;
+                if let Some((c, _)) = &initrd {
+                    joined = Box::new(joined.chain(c.open()?));
+                }
+                Some(self.spill.store(&mut joined)?)
+            }
+        };
+        Ok(KernelFiles { kernel, initrd })
+    }
+
+    /// The UEFI boot loader: from its image (at `loader_path`), or a file on the build host.
+    fn boot_loader(&mut self, img: Option<&ResolvedImage>) -> anyhow::Result<Content> {
+        let m = self.m;
+        let loader_path = m.boot().loader_path.clone().unwrap_or_else(|| DEFAULT_LOADER_PATH.into());
+        if let Some(img) = img {
+            let mut lt = Tree::new(self.epoch);
+            self.flatten_into(&mut lt, img, 0)?;
+            return Ok(tree_file(&lt, &loader_path).ok_or_else(|| anyhow::anyhow!("{}: boot loader image has no regular file {loader_path}", img.reference))?.0);
+        }
+        let v = &m.boot().loader.value;
+        let p = m.dir().join(v.strip_prefix("file:").unwrap());
+        if !p.is_file() {
+            if m.manifest.boot.is_none() {
+                bail!("{}: no `boot:` section, so the build host's systemd-boot is used, and {} is missing: install Debian's systemd-boot-efi package (apt-get install systemd-boot-efi) or name a loader in `boot: {{loader: ...}}`", m.path.display(), p.display());
+            }
+            bail!("{}: boot.loader {v}: {} is not a file (Debian ships systemd-boot in systemd-boot-efi)", m.path.display(), p.display());
+        }
+        Ok(Content::Path(p))
+    }
+
+    /// Every onboot/onshutdown/service container: its LinuxKit bundle (`config.json`,
+    /// `runtime.json`, mount points); an on-disk image unpacked into it, an external one
+    /// recorded (and sealed into `work`). Returns the external images and the sealed files.
+    #[allow(clippy::type_complexity)]
+    fn containers(&mut self, r: &Resolved, work: &Path) -> anyhow::Result<(Vec<(ExternalImage, usize)>, BTreeMap<String, (PathBuf, Vec<u8>)>)> {
+        let (m, epoch) = (self.m, self.epoch);
+        let ids = m.ids();
+        let mut external = Vec::new();
+        let mut sealed_files = BTreeMap::new();
+        let mut unpacked = BTreeMap::new();
+        for (idx, (section, i, img)) in r.containers.iter().enumerate() {
+            let entry = &m.section(*section)[*i];
+            let s = &entry.value;
+            let name = s.name();
+            let o = self.contributor(section.dir(), name, Some(&img.reference), !s.is_external() && *section != Section::Onshutdown);
+            let defaults = rootfs::image_defaults(img);
+            let at = |e: String| anyhow::Error::new(InputError::spanned(&m.path, entry, format!("{} {name}: {e}", section.dir())));
+            let label = match &defaults.label {
+                Some(text) => crate::linuxkit::spec::parse_label(&img.reference, text).map_err(at)?,
+                None => Default::default(),
+            };
+            let (spec, runtime) = crate::linuxkit::oci::config_to_oci(s, &label, &defaults, &ids).map_err(at)?;
+            let dir = crate::linuxkit::bundle::bundle_dir(*section, *i, name);
+            let b = crate::linuxkit::bundle::plan(dir, &spec, &runtime, &img.reference, !s.is_external(), &mut unpacked);
+            rootfs::put_file(&mut self.root, &format!("{}/config.json", b.dir), b.config_json, 0o644, epoch, o)?;
+            rootfs::put_file(&mut self.root, &format!("{}/runtime.json", b.dir), b.runtime_json, 0o644, epoch, o)?;
+            for mp in &b.mount_points {
+                self.root.insert(&components(mp.as_bytes(), true).unwrap(), Node::dir(Meta::new(0o755, epoch), u32::MAX, o)).map_err(|e| anyhow::anyhow!("{mp}: {e}"))?;
+            }
+            if s.is_external() {
+                let mut e = rootfs::external_image_of(name, *section, img);
+                e.bundle = b.dir.clone();
+                e.readonly = b.readonly;
+                if s.is_sealed() {
+                    // A read-only container's mount points must exist in its sealed image (runc
+                    // cannot make them there); a writable one gets them in its overlay.
+                    let mkdirs = if b.readonly { mount_points(&spec) } else { vec![] };
+                    let file = work.join(format!("sealed-{name}.img"));
+                    let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
+                    let (sealed, artifact) = crate::compose::seal::seal(img, &mkdirs, &file, &mut sp, &mut |_| {}).with_context(|| format!("sealing external image {name}"))?;
+                    e.sealed = Some(sealed);
+                    e.keep_layers = s.keeps_layers();
+                    sealed_files.insert(name.to_string(), (file, artifact));
+                }
+                rootfs::put_file(&mut self.root, &format!("{}/image.json", b.dir), crate::base::text::to_json(&e), 0o644, epoch, o)?;
+                external.push((e, idx));
+            } else if let Some(at_dir) = &b.unpack_at {
+                let mut sub = Tree::new(epoch);
+                self.flatten_into(&mut sub, img, o)?;
+                crate::linuxkit::bundle::fixups(&mut sub, None, epoch, o).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
+                if b.readonly {
+                    // runc makes missing mount points itself; in a read-only slot it cannot, so
+                    // they are made here (LinuxKit's unpacked root is writable at that moment).
+                    crate::format::sealed::add_mount_points(&mut sub, &mount_points(&spec), epoch, o).with_context(|| img.reference.clone())?;
+                }
+                self.root.graft(&components(at_dir.as_bytes(), true).unwrap(), sub, o).map_err(|e| anyhow::anyhow!("{at_dir}: {e}"))?;
+            }
+        }
+        Ok((external, sealed_files))
+    }
+
+    /// The manifest's `files:` entries, in order.
+    fn files(&mut self) -> anyhow::Result<()> {
+        let (m, epoch) = (self.m, self.epoch);
+        let fo = self.contributor("files", "files:", None, false);
+        let ids = m.ids();
+        let mut added = std::collections::BTreeSet::new();
+        for (n, f) in m.manifest.files.iter().enumerate() {
+            rootfs::apply_file_entry(&mut self.root, m, n, &ids, &mut added, epoch, fo).map_err(|e| anyhow::Error::new(InputError::spanned(&m.path, &f.path, format!("{e:#}"))))?;
+        }
+        Ok(())
+    }
+
+    /// slotforge's own files: the update keys, `release.json`, `external-images.json`.
+    fn metadata(&mut self, build_id: &str, external: &[(ExternalImage, usize)]) -> anyhow::Result<()> {
+        let (m, epoch) = (self.m, self.epoch);
+        let so = self.contributor("slotforge", "metadata", None, false);
+        for (id, text) in update_keys(m)? {
+            rootfs::put_file(&mut self.root, &format!("{}/{id}.pub", crate::format::signature::KEYS_DIR), text.into_bytes(), 0o644, epoch, so)?;
+        }
+        let release = Release { format: crate::format::release::METADATA_FORMAT, version: m.version().into(), build_id: build_id.into(), source_date_epoch: epoch, builder: format!("slotforge {}", env!("CARGO_PKG_VERSION")) };
+        rootfs::put_file(&mut self.root, crate::format::release::RELEASE_PATH, crate::base::text::to_json(&release), 0o644, epoch, so)?;
+        let mut ext_sorted: Vec<ExternalImage> = external.iter().map(|(e, _)| e.clone()).collect();
+        ext_sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let ext = ExternalImages { format: crate::format::release::METADATA_FORMAT, build_id: build_id.into(), images: ext_sorted };
+        rootfs::put_file(&mut self.root, crate::format::release::EXTERNAL_PATH, crate::base::text::to_json(&ext), 0o644, epoch, so)
+    }
 }
 
 /// The mount destinations of a container that must exist in a read-only root (not under

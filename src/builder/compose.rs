@@ -4,11 +4,9 @@
 
 use super::*;
 use super::assemble::{assemble, RootfsParts};
+use super::manifest::service;
 use super::sources::{load_lock, resolve_all, Resolved};
 
-pub(super) fn service(m: &LoadedManifest, section: Section, i: usize) -> &manifest::Service {
-    &m.section(section)[i].value
-}
 
 /// A build id: the version plus 12 hex digits of a hash over every input that shapes the
 /// rootfs. Same inputs → same id; any change → a new id, and a new set in the images partition.
@@ -50,19 +48,6 @@ pub(super) fn build_id(m: &LoadedManifest, r: &Resolved, epoch: u64) -> anyhow::
     Ok(format!("{}-{}", m.version(), &d.hex()[..12]))
 }
 
-/// The manifest's `update-keys:`, read and checked: (key id, public key file text), sorted by id.
-pub(super) fn update_keys(m: &LoadedManifest) -> anyhow::Result<Vec<(String, String)>> {
-    let mut keys = Vec::new();
-    for k in &m.manifest.update_keys {
-        let p = m.dir().join(&k.value);
-        let text = std::fs::read_to_string(&p).map_err(|e| InputError::spanned(&m.path, k, format!("update key {}: {e}", p.display())))?;
-        let key = crate::format::signature::parse_public(&text).map_err(|e| InputError::spanned(&m.path, k, format!("update key {}: {e:#}", p.display())))?;
-        keys.push((key.id.clone(), crate::format::signature::public_text(&key)?));
-    }
-    keys.sort();
-    keys.dedup_by(|a, b| a.0 == b.0);
-    Ok(keys)
-}
 
 /// What every output (a disk, a bundle) is made from: the manifest resolved, the rootfs
 /// written to a temporary squashfs and checked against every cap.
@@ -190,29 +175,24 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     if has_external && layout.by_role(Role::ExternalImages).is_none() {
         bail!("{} has `ondisk: false` images but layout {} has no external-images partition", m.path.display(), opts.layout.display());
     }
-    let mut phases = Vec::new();
-    let mut clock = std::time::Instant::now();
-    let mut lap = |name: &str| {
-        phases.push((name.to_string(), (clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0));
-        clock = std::time::Instant::now();
-    };
+    let mut phases = super::Phases::new();
     let lock = load_lock(&m, &opts.sources)?;
     let r = resolve_all(&m, &opts.sources.resolver(), lock.as_ref(), opts.progress)?;
     crate::builder::pull::prefetch(&r.all(), opts.progress)?;
     let build_id = build_id(&m, &r, epoch)?;
-    lap("resolve");
+    phases.lap("resolve");
     // Unpacked contents may take 16× the largest slot cap (a squashfs compresses them); more is
     // a bomb, not a rootfs.
     let largest_cap = std::iter::once(&layout).chain(compat.iter()).flat_map(|l| [l.rootfs(Slot::A).fs_cap, l.rootfs(Slot::B).fs_cap]).max().unwrap_or(0);
     let mut spill = Spill::with_limit(largest_cap.saturating_mul(16).max(1 << 30))?;
     let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;
     let parts = assemble(&m, &r, &build_id, epoch, &mut spill, work.path(), opts.progress)?;
-    lap("flatten");
+    phases.lap("flatten");
     let sqfs = work.path().join("rootfs.squashfs");
     let pb = opts.progress.bar("squashfs", parts.tree.count(), false);
     let squashfs_bytes = squashfs::write(&parts.tree, &sqfs, epoch as u32, &mut || pb.inc(1))?;
     pb.finish_and_clear();
-    lap("squashfs");
+    phases.lap("squashfs");
     // The slot holds the squashfs, padded to a block, then its dm-verity hash area; its size is
     // a function of the squashfs size, so the cap is checked before the tree is computed.
     let (rootfs_bytes, verity_bytes) = if m.verity() {
@@ -230,7 +210,7 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     }
     let verity = if m.verity() { Some(verity::append(&sqfs, &build_id).context("computing the rootfs dm-verity tree")?) } else { None };
     if verity.is_some() {
-        lap("verity");
+        phases.lap("verity");
     }
-    Ok(Composed { epoch, manifest: m, layout, compat, resolved: r, build_id, parts, rootfs_image: sqfs, squashfs_bytes, rootfs_bytes, verity, caps, phases, work, _spill: spill })
+    Ok(Composed { epoch, manifest: m, layout, compat, resolved: r, build_id, parts, rootfs_image: sqfs, squashfs_bytes, rootfs_bytes, verity, caps, phases: phases.0, work, _spill: spill })
 }

@@ -489,3 +489,21 @@ pub fn check_file(path: &Path) -> anyhow::Result<CheckReport> {
     }
     Ok(CheckReport { manifest: path.to_path_buf(), ok: true, boot_loader: m.boot().loader.value.clone(), containers })
 }
+
+pub fn service(m: &LoadedManifest, section: Section, i: usize) -> &Service {
+    &m.section(section)[i].value
+}
+
+/// The manifest's `update-keys:`, read and checked: (key id, public key file text), sorted by id.
+pub fn update_keys(m: &LoadedManifest) -> anyhow::Result<Vec<(String, String)>> {
+    let mut keys = Vec::new();
+    for k in &m.manifest.update_keys {
+        let p = m.dir().join(&k.value);
+        let text = std::fs::read_to_string(&p).map_err(|e| crate::base::yaml::InputError::spanned(&m.path, k, format!("update key {}: {e}", p.display())))?;
+        let key = crate::format::signature::parse_public(&text).map_err(|e| crate::base::yaml::InputError::spanned(&m.path, k, format!("update key {}: {e:#}", p.display())))?;
+        keys.push((key.id.clone(), crate::format::signature::public_text(&key)?));
+    }
+    keys.sort();
+    keys.dedup_by(|a, b| a.0 == b.0);
+    Ok(keys)
+}

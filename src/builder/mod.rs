@@ -14,9 +14,10 @@ pub mod rootfs;
 pub mod sources;
 mod assemble;
 mod compose;
+mod disk;
 
 pub use compose::{compose, ComposeOptions, Composed};
-use compose::update_keys;
+use manifest::update_keys;
 pub use sources::{lock, pull, SourceOptions};
 
 use crate::format::esp::{self, BootEntry, EspFile};
@@ -86,134 +87,54 @@ pub struct BuildSummary {
     pub qcow2: Option<PathBuf>,
 }
 
-/// Build the disk image described by `opts`.
+/// Build the disk image described by `opts`, in the order of docs/architecture.md: compose
+/// (resolve → flatten → rootfs squashfs → caps → verity), the images partition, the ESP, then —
+/// only now, next to the output — the disk; bmap and qcow2 copies last.
 pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     let c = compose(&opts.compose)?;
-    let mut phases = c.phases.clone();
-    let mut clock = std::time::Instant::now();
-    let mut lap = |name: &str| {
-        phases.push((name.to_string(), (clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0));
-        clock = std::time::Instant::now();
-    };
-    let (epoch, layout, build_id, work) = (c.epoch, &c.layout, &c.build_id, &c.work);
-    let m = &c.manifest;
-    let r = &c.resolved;
-    let parts = &c.parts;
-    let (sqfs, rootfs_bytes, caps) = (&c.rootfs_image, c.rootfs_bytes, c.caps.clone());
-    let images_part = layout.by_role(Role::ExternalImages);
-
-    // External-images partition.
-    let mut images_file = None;
-    if let Some(p) = images_part {
-        let mut stage = Stage::new()?;
-        let ext_bytes: u64 = parts.external.iter().map(|(e, _)| e.size).sum();
-        let pb = opts.compose.progress.bar("images", ext_bytes, true);
-        let mut pairs = Vec::new();
-        for name in &opts.no_prefill {
-            if !parts.external.iter().any(|(e, _)| &e.name == name) {
-                bail!("--no-prefill {name}: the manifest has no external image of that name");
-            }
-        }
-        for (e, idx) in parts.external.iter().filter(|(e, _)| !opts.no_prefill.contains(&e.name)) {
-            let img = &r.containers[*idx].2;
-            stage.add_external(e, img, parts.sealed.get(&e.name), &mut |n| pb.inc(n))?;
-            pairs.push((e.clone(), img));
-        }
-        pb.finish_and_clear();
-        stage.add_build(&build_id, m.version(), &pairs)?;
-        stage.finish(epoch)?;
-        let f = work.path().join("images.ext4");
-        images::make_ext4(&stage, &f, p.size, &layout::derived_guid(&[&layout.name, "images-fs"]), "slotforge-images", epoch)?;
-        images_file = Some(f);
-    }
-    lap("images");
-
-    // ESP.
-    let esp_part = layout.esp();
-    let esp_file = work.path().join("esp.fat");
-    let slot = Slot::A;
-    let extra = opts.extra_cmdline.as_deref().unwrap_or("");
-    let mut files = vec![
-        EspFile { path: esp::LOADER_PATH.into(), data: c.loader_for_esp()?.open()? },
-        EspFile { path: esp::LOADER_CONF.into(), data: Box::new(esp::LOADER_CONF_TEXT.as_bytes()) },
-        EspFile { path: layout::RECORD_PATH.into(), data: Box::new(std::io::Cursor::new(crate::base::text::to_json(&layout))) },
-    ];
-    if c.uki() {
-        // Type #2: one signed image holds kernel, initrd and the command line with its root hash.
-        let uki = work.path().join("slot-a.efi");
-        c.slot_uki(layout, slot, extra, &uki)?;
-        files.push(EspFile { path: crate::format::entries::uki_path(slot, 1, opts.boot_tries), data: Box::new(std::fs::File::open(&uki)?) });
-    } else {
-        let entry = BootEntry {
-            slot,
-            title: format!("{} (slot {})", m.version(), slot.name()),
-            version: 1,
-            linux: format!("/{}/vmlinuz", slot.name()),
-            initrd: parts.kernel.initrd.as_ref().map(|_| format!("/{}/initrd.img", slot.name())),
-            options: c.slot_options(layout, slot, extra)?,
-            tries: opts.boot_tries,
-        };
-        files.push(EspFile { path: entry.path(), data: Box::new(std::io::Cursor::new(entry.text().into_bytes())) });
-        files.push(EspFile { path: entry.linux.clone(), data: parts.kernel.kernel.0.open()? });
-        if let (Some(p), Some((c, _))) = (&entry.initrd, &parts.kernel.initrd) {
-            files.push(EspFile { path: p.clone(), data: c.open()? });
-        }
-    }
-    {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&esp_file)?;
-        f.set_len(esp_part.size)?;
-        esp::write(f, esp_volume_id(&layout), epoch, files)?;
-    }
-    lap("esp");
-
-    // The disk: only now is anything created next to the output.
-    let mut disk = crate::format::disk::DiskWriter::create(&opts.output, &layout)?;
-    let pb = opts.compose.progress.bar("disk", 3, false);
-    disk.put(&mut std::fs::File::open(&esp_file)?, esp_part.start)?;
-    pb.inc(1);
-    disk.put(&mut std::fs::File::open(&sqfs)?, layout.rootfs(slot).start)?;
-    pb.inc(1);
-    let mut images_partition_bytes = 0;
-    if let (Some(f), Some(p)) = (&images_file, images_part) {
-        images_partition_bytes = disk.put(&mut std::fs::File::open(f)?, p.start)?;
-    }
-    pb.inc(1);
-    let bytes_written = disk.bytes_written;
-    disk.finish(&layout)?;
-    pb.finish_and_clear();
-    lap("disk");
-    let mut bmap = None;
-    if opts.bmap {
-        let p = PathBuf::from(format!("{}.bmap", opts.output.display()));
-        bmap = Some((p.clone(), crate::format::bmap::write_bmap(&opts.output, &p)?));
-    }
-    let mut qcow2 = None;
-    if opts.qcow2 {
-        let p = opts.output.with_extension("qcow2");
-        crate::format::bmap::write_qcow2(&opts.output, &p)?;
-        qcow2 = Some(p);
-    }
-
+    let mut phases = Phases(c.phases.clone(), std::time::Instant::now());
+    let progress = opts.compose.progress;
+    let images = disk::images_partition(&c, &opts.no_prefill, progress)?;
+    phases.lap("images");
+    let esp = disk::esp(&c, opts.boot_tries, opts.extra_cmdline.as_deref().unwrap_or(""))?;
+    phases.lap("esp");
+    let written = disk::write(&c, &opts.output, &esp, images.as_deref(), progress)?;
+    phases.lap("disk");
+    let (bmap, qcow2) = disk::media(&opts.output, opts.bmap, opts.qcow2)?;
     Ok(BuildSummary {
         output: opts.output.clone(),
-        version: m.version().into(),
-        build_id: build_id.clone(),
-        layout: layout.name.clone(),
-        generation: layout.generation,
-        disk_size: layout.disk_size,
-        bytes_written,
-        rootfs_bytes,
+        version: c.version().into(),
+        build_id: c.build_id.clone(),
+        layout: c.layout.name.clone(),
+        generation: c.layout.generation,
+        disk_size: c.layout.disk_size,
+        bytes_written: written.bytes_written,
+        rootfs_bytes: c.rootfs_bytes,
         squashfs_bytes: c.squashfs_bytes,
         verity: c.verity.clone(),
-        caps,
-        external_images: parts.external.iter().map(|(e, _)| e.clone()).collect(),
-        update_keys: update_keys(m)?.into_iter().map(|k| k.0).collect(),
-        images_partition_bytes,
-        contributors: parts.contributors.clone(),
-        phases,
+        caps: c.caps.clone(),
+        external_images: c.parts.external.iter().map(|(e, _)| e.clone()).collect(),
+        update_keys: update_keys(&c.manifest)?.into_iter().map(|k| k.0).collect(),
+        images_partition_bytes: written.images_partition_bytes,
+        contributors: c.parts.contributors.clone(),
+        phases: phases.0,
         bmap,
         qcow2,
     })
+}
+
+/// Wall time per phase of a build (`phases` in the JSON summary), rounded to milliseconds.
+pub(crate) struct Phases(pub Vec<(String, f64)>, pub std::time::Instant);
+
+impl Phases {
+    pub fn new() -> Self {
+        Phases(Vec::new(), std::time::Instant::now())
+    }
+    /// Close the phase that began at the last lap.
+    pub fn lap(&mut self, name: &str) {
+        self.0.push((name.to_string(), (self.1.elapsed().as_secs_f64() * 1000.0).round() / 1000.0));
+        self.1 = std::time::Instant::now();
+    }
 }
 
 /// The FAT volume id, derived from the layout name like the GUIDs.

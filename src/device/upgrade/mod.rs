@@ -110,10 +110,46 @@ pub fn apply(t: &mut dyn Target, b: &Bundle) -> anyhow::Result<ApplyReport> {
 pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> anyhow::Result<ApplyReport> {
     let cfg = &b.config;
     let layout = t.layout()?;
-    let running = t.running()?;
-    let slot = running.other();
+    let slot = t.running()?.other();
     let part = layout.rootfs(slot).clone();
     // 1. Trust, then contents, then fit — all before the first write.
+    let (signature, options, uki) = preflight(t, b, &layout, slot, &part)?;
+    // 2. External images: blobs first, the build's listing last.
+    let images = stage_images(t, b, step)?;
+    // 3. The inactive slot: its entries go first, so a half-written slot is never booted.
+    let existing = t.entries()?;
+    let install = existing.iter().map(EntryReport::install_number).max().unwrap_or(0) + 1;
+    for e in existing.iter().filter(|e| e.slot.as_deref() == Some(slot.name())) {
+        t.esp_remove(&e.path)?;
+    }
+    step(ApplyStep::EntryRemoved);
+    t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest, step)?;
+    step(ApplyStep::SlotWritten);
+    // 4. Kernel, initrd, then the entry on probation (a UKI is both at once).
+    let entry = write_boot_files(t, b, slot, install, options, uki, step)?;
+    t.finish()?;
+    step(ApplyStep::EntryWritten);
+    Ok(ApplyReport {
+        slot: slot.name().into(),
+        build_id: cfg.build_id.clone(),
+        version: cfg.version.clone(),
+        install_number: install,
+        entry,
+        blobs_present: images.present,
+        blobs_written: images.written,
+        image_bytes_written: images.bytes,
+        rootfs_bytes: cfg.rootfs.size,
+        images_to_pull: images.to_pull,
+        signature,
+        root_hash: cfg.verity.as_ref().map(|v| v.root_hash.clone()),
+    })
+}
+
+/// Everything checked before the first write: the signature against the running slot's keys,
+/// the blobs against their digests, the fit, the rootfs, the command line and version, the UKI.
+/// Returns the signature decision, the new entry's options and the slot's UKI blob (UKI mode).
+fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot, part: &Partition) -> anyhow::Result<(crate::format::signature::Decision, String, Option<&'a crate::format::bundle::Blob>)> {
+    let cfg = &b.config;
     let keys = crate::format::signature::trusted_keys(&t.update_keys()?).context("reading the running slot's update keys")?;
     let signature = crate::format::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
     for blob in std::iter::once(&cfg.rootfs).chain(std::iter::once(&cfg.kernel)).chain(cfg.initrd.iter()) {
@@ -122,7 +158,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
             bail!("bundle blob {} is corrupt; nothing was changed", blob.digest);
         }
     }
-    check_fits(b, &layout, &part)?;
+    check_fits(b, layout, part)?;
     check_rootfs(b)?;
     let options = crate::format::cmdline::entry_options(&part.name, slot, &cfg.build_id, cfg.verity.as_ref(), &cfg.cmdline).map_err(|e| anyhow::anyhow!("bundle {}: {e:#}; nothing was changed", cfg.build_id))?;
     // The version goes into the entry's title line: one line of printable text, like the manifest's.
@@ -130,8 +166,21 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
         bail!("bundle {}: version {:?} may hold only letters, digits and . _ - +; nothing was changed", cfg.build_id, cfg.version);
     }
     let uki = check_uki(b, slot, &options, &t.entries()?)?;
+    Ok((signature, options, uki))
+}
 
-    // 2. External images: blobs first, the build's listing last.
+/// What staging a bundle's external images did.
+struct StagedImages {
+    present: usize,
+    written: usize,
+    bytes: u64,
+    to_pull: Vec<String>,
+}
+
+/// Write the new build's external-image blobs the device lacks (each checked), then list the
+/// build's set in the partition's index.
+fn stage_images(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> anyhow::Result<StagedImages> {
+    let cfg = &b.config;
     let (mut present, mut written, mut bytes) = (0, 0, 0u64);
     let mut entries = Vec::new();
     let mut to_pull = Vec::new();
@@ -198,20 +247,15 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
         step(ApplyStep::ImagesListed);
     }
 
-    // 3. The inactive slot: its entries go first, so a half-written slot is never booted.
-    let existing = t.entries()?;
-    let max_version = existing.iter().map(EntryReport::install_number).max().unwrap_or(0);
-    for e in existing.iter().filter(|e| e.slot.as_deref() == Some(slot.name())) {
-        t.esp_remove(&e.path)?;
-    }
-    step(ApplyStep::EntryRemoved);
-    t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest, step)?;
-    step(ApplyStep::SlotWritten);
+    Ok(StagedImages { present, written, bytes, to_pull })
+}
 
-    // 4. Kernel, initrd, then the entry on probation (a UKI is both at once).
+/// The new slot's kernel and initrd and its entry with a boot counter (or its UKI, which is
+/// both); returns the entry's file name.
+fn write_boot_files(t: &mut dyn Target, b: &Bundle, slot: Slot, install: u64, options: String, uki: Option<&crate::format::bundle::Blob>, step: &dyn Fn(ApplyStep)) -> anyhow::Result<String> {
+    let cfg = &b.config;
     let s = slot.name();
-    let install = max_version + 1;
-    let name = match uki {
+    Ok(match uki {
         Some(blob) => {
             step(ApplyStep::KernelWritten);
             let path = crate::format::entries::uki_path(slot, install, Some(TRIES));
@@ -236,22 +280,6 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
             t.esp_write(&entry.path(), &mut std::io::Cursor::new(entry.text().into_bytes()))?;
             entry.file_name()
         }
-    };
-    t.finish()?;
-    step(ApplyStep::EntryWritten);
-    Ok(ApplyReport {
-        slot: s.into(),
-        build_id: cfg.build_id.clone(),
-        version: cfg.version.clone(),
-        install_number: install,
-        entry: name,
-        blobs_present: present,
-        blobs_written: written,
-        image_bytes_written: bytes,
-        rootfs_bytes: cfg.rootfs.size,
-        images_to_pull: to_pull,
-        signature,
-        root_hash: cfg.verity.as_ref().map(|v| v.root_hash.clone()),
     })
 }
 

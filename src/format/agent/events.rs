@@ -235,6 +235,19 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_names_a_serde_variant() {
+        use strum::VariantArray;
+        for k in Kind::VARIANTS {
+            // serde knows the name (an error about a missing field, not an unknown variant)...
+            let err = serde_json::from_value::<Event>(serde_json::json!({"event": k.name()})).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(!err.contains("unknown variant"), "{}: {err}", k.name());
+            // ...and the name parses back to the same kind.
+            assert_eq!(k.name().parse::<Kind>().unwrap(), *k);
+        }
+        assert!(serde_json::from_value::<Event>(serde_json::json!({"event": "no-such-event"})).unwrap_err().to_string().contains("unknown variant"));
+    }
+
+    #[test]
     fn every_event_round_trips_under_its_wire_name() {
         let status = Status { slot: Some("a".into()), version: "1".into(), build_id: "b".into(), state: StatusState::Degraded, slots: vec![SlotState { slot: "b".into(), entry: Some("slot-b+0-3.conf".into()), boot: BootState::Bad, tries_left: Some(0), tries_done: Some(3) }], images: vec![ImageState { name: "x".into(), digest: "sha256:1".into(), state: ImageStatus::Missing, detail: None, bad_blobs: vec![], bytes: 0, sealed: None }], root_device: None, secure_boot: None };
         let samples = vec![
