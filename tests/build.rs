@@ -381,3 +381,37 @@ fn linuxkit_kernel_keys_and_metadata_files() {
     assert_eq!(rt["mounts"][2]["options"][0], "lowerdir=/containers/onboot/000-setup/lower");
     assert_eq!(rt["bindNS"]["net"], "");
 }
+
+/// LinuxKit reads `files: source: ~/REST` from the home directory (its sshd example's
+/// `~/.ssh/id_rsa.pub`), and skips an `optional` source it cannot read.
+#[test]
+fn files_source_tilde_is_the_home_directory_and_optional_may_be_absent() {
+    let fx = fixture();
+    let home = fx.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(home.join(".ssh/id.pub"), "ssh-ed25519 AAAA test@home\n").unwrap();
+    let m = std::fs::read_to_string(fx.manifest()).unwrap().replace(
+        "files:\n",
+        "files:\n  - path: root/.ssh/authorized_keys\n    source: ~/.ssh/id.pub\n    mode: \"0600\"\n  - path: etc/absent\n    source: ~/.ssh/none\n    optional: true\n",
+    );
+    std::fs::write(fx.manifest(), m).unwrap();
+    let out = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    let run = || std::process::Command::new(bin()).args(["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]).env("HOME", &home).output().unwrap();
+    ok(&run());
+    let sq = fx.path().join("a.sqfs");
+    extract_partition(&out, "rootfs_a", &sq);
+    let x = tempfile::tempdir().unwrap();
+    let dest = x.path().join("r");
+    tool("unsquashfs", &["-d", dest.to_str().unwrap(), sq.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(dest.join("root/.ssh/authorized_keys")).unwrap(), "ssh-ed25519 AAAA test@home\n");
+    assert!(!dest.join("etc/absent").exists(), "an optional source that cannot be read is skipped");
+    // Without the key under $HOME it is an error naming the expanded path, nothing written.
+    std::fs::remove_file(home.join(".ssh/id.pub")).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let o = run();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&home.join(".ssh/id.pub").display().to_string()), "{err}");
+    assert!(!out.exists());
+}

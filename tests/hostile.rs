@@ -302,3 +302,42 @@ fn a_compression_bomb_stops_at_the_unpack_budget_and_leaves_no_temp_files() {
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "temporary files left behind");
 }
+
+#[test]
+fn an_opaque_whiteout_under_a_regular_file_is_refused_like_a_plain_one() {
+    let file_then = |marker: &str| raw_layer(vec![("etc/conf".to_string(), tar::EntryType::Regular, b"x".to_vec(), 0, vec![], None), (format!("etc/conf/{marker}"), tar::EntryType::Regular, vec![], 0, vec![], None)]);
+    let e = build_refused(file_then(".wh..wh..opq"));
+    assert!(e.contains("opaque whiteout under a non-directory") && e.contains("etc/conf/.wh..wh..opq"), "{e}");
+    let e = build_refused(file_then(".wh.x"));
+    assert!(e.contains("whiteout under a non-directory"), "{e}");
+}
+
+#[test]
+fn a_partition_of_size_zero_is_refused_with_its_position() {
+    let e = layout_error(&LAYOUT.replace("{name: rootfs_b, role: rootfs, slot: b, size: 64MiB}", "{name: rootfs_b, role: rootfs, slot: b, size: 0}"));
+    assert!(e.contains("l.yaml:7:51:") && e.contains("partition rootfs_b: size 0"), "{e}");
+    let e = layout_error(&LAYOUT.replace("size: 256MiB}", "size: 0MiB}"));
+    assert!(e.contains("l.yaml:8:") && e.contains("partition images: size 0"), "{e}");
+}
+
+#[test]
+fn a_bad_file_mode_is_refused_at_its_position_and_leaves_no_temporary_file() {
+    let fx = fixture();
+    std::fs::write(fx.manifest(), MANIFEST.replace("mode: \"0600\"", "mode: \"99999\"")).unwrap();
+    let tmp = fx.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    let (o_s, l_s) = (out.to_str().unwrap(), l.to_str().unwrap());
+    for args in [vec!["build", "-o", o_s, "--layout", l_s], vec!["bundle", "-o", o_s, "--layout", l_s], vec!["check"], vec!["lock"]] {
+        let manifest = fx.manifest();
+        let mut a = args.clone();
+        a.push(manifest.to_str().unwrap());
+        let o = std::process::Command::new(bin()).args(&a).env("TMPDIR", &tmp).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("system.yml:") && err.contains("mode \"99999\" is not an octal permission"), "{}: {err}", args[0]);
+        assert!(!out.exists(), "{}", args[0]);
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "{} left {left:?} in TMPDIR", args[0]);
+    }
+}

@@ -137,6 +137,8 @@ fn a_linuxkit_yml_runs_under_runc_as_linuxkit_would_run_it() {
     let svc = report(svc_e);
     assert_eq!(svc["caps"], "000001ffffffffff", "capabilities: [all] is every capability the kernel knows: {svc}");
     assert_eq!(svc["pidns"], host["pid"], "pid: host");
+    assert_eq!(svc["cgroupns"], host["cgroup"], "no cgroup namespace, as LinuxKit: the container shares the host's");
+    assert_eq!(first["cgroupns"], host["cgroup"], "no cgroup namespace for onboot either");
     assert_ne!(svc["pid"], 1);
     assert_eq!(svc["nofile"], "123", "rlimits");
     assert_eq!(svc["dev"], true, "devices: the node exists and the device cgroup lets it be written");

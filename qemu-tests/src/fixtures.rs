@@ -229,7 +229,7 @@ if [ -d /hostrun/made-by-runtime ]; then mk=true; else mk=false; fi
 dev=false
 if [ -c /dev/probe-null ] && echo x > /dev/probe-null 2>/dev/null; then dev=true; fi
 sl=$(for c in /proc/[0-9]*/comm; do if [ "$(cat $c 2>/dev/null)" = sleep ]; then cat ${c%/comm}/cgroup; fi; done | tr '\n' ' ')
-echo "{\"name\":\"$n\",\"caps\":\"$caps\",\"oom\":$(cat /proc/self/oom_score_adj),\"net\":\"$(readlink /proc/self/ns/net)\",\"pidns\":\"$(readlink /proc/self/ns/pid)\",\"pid\":$$,\"host\":\"$(hostname)\",\"hostrun\":\"$hr\",\"root_writable\":$(w /probe-root),\"made\":$mk,\"dev\":$dev,\"ip_forward\":$(cat /proc/sys/net/ipv4/ip_forward),\"nofile\":\"$(ulimit -n)\",\"sleeper_cgroup\":\"$sl\",\"uid\":$(id -u),\"resolv\":\"$(cat /etc/resolv.conf | tr -d '\n#')\"}"
+echo "{\"name\":\"$n\",\"caps\":\"$caps\",\"oom\":$(cat /proc/self/oom_score_adj),\"net\":\"$(readlink /proc/self/ns/net)\",\"pidns\":\"$(readlink /proc/self/ns/pid)\",\"cgroupns\":\"$(readlink /proc/self/ns/cgroup)\",\"pid\":$$,\"host\":\"$(hostname)\",\"hostrun\":\"$hr\",\"root_writable\":$(w /probe-root),\"made\":$mk,\"dev\":$dev,\"ip_forward\":$(cat /proc/sys/net/ipv4/ip_forward),\"nofile\":\"$(ulimit -n)\",\"sleeper_cgroup\":\"$sl\",\"uid\":$(id -u),\"resolv\":\"$(cat /etc/resolv.conf | tr -d '\n#')\"}"
 "#;
 
 /// An image with busybox and [`PROBE`] at `/probe.sh`, carrying `label` as its

@@ -18,8 +18,13 @@ pub(super) fn build_id(m: &LoadedManifest, r: &Resolved, epoch: u64) -> anyhow::
         let content = if let Some(c) = &f.contents {
             Digest::of_bytes(c.as_bytes()).to_string()
         } else if let Some(s) = &f.source {
-            let p = m.dir().join(s);
-            crate::base::hash::digest_reader(std::fs::File::open(&p).with_context(|| format!("files: {}: source {}", f.path.value, p.display()))?)?.0.to_string()
+            let p = m.source_path(s);
+            match std::fs::File::open(&p) {
+                Ok(file) => crate::base::hash::digest_reader(file)?.0.to_string(),
+                // An optional source that cannot be read is left out of the rootfs (and so of the id).
+                Err(_) if f.optional => "absent".to_string(),
+                Err(e) => anyhow::bail!("files: {}: source {}: {e}", f.path.value, p.display()),
+            }
         } else {
             String::new()
         };

@@ -42,7 +42,7 @@ pub struct Manifest {
     pub update_keys: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kernel {
     pub image: Spanned<String>,
@@ -177,6 +177,15 @@ pub const HOST_LOADER: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 impl LoadedManifest {
     pub fn dir(&self) -> &Path {
         self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+    /// Where a `files:` entry's `source` is read from: `~/REST` is under the home directory
+    /// (`$HOME`), as LinuxKit expands it (only with something after the slash); any other path
+    /// is relative to the manifest's directory.
+    pub fn source_path(&self, src: &str) -> PathBuf {
+        match src.strip_prefix("~/") {
+            Some(rest) if !rest.is_empty() => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(rest),
+            _ => self.dir().join(src),
+        }
     }
     pub fn verity(&self) -> bool {
         self.manifest.verity != Some(false)

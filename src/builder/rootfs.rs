@@ -65,12 +65,31 @@ pub fn metadata(m: &crate::builder::manifest::LoadedManifest, kind: &str) -> any
         services: Vec<&'a crate::builder::manifest::Service>,
         files: &'a [crate::builder::manifest::FileEntry],
     }
+    // Image references as LinuxKit writes them (its `UpdateImages`): canonical, `docker.io/...`.
+    use crate::linuxkit::spec::reference_expand;
+    let kernel = mf.kernel.clone().map(|mut k| {
+        k.image.value = reference_expand(&k.image.value);
+        k
+    });
+    let init: Vec<String> = mf.init.iter().map(|i| reference_expand(&i.value)).collect();
+    let expand = |list: &[serde_saphyr::Spanned<crate::builder::manifest::Service>]| -> Vec<crate::builder::manifest::Service> {
+        list.iter()
+            .map(|s| {
+                let mut s = s.value.clone();
+                if let Some(i) = s.image.as_mut() {
+                    i.value = reference_expand(&i.value);
+                }
+                s
+            })
+            .collect()
+    };
+    let (onboot, onshutdown, services) = (expand(&mf.onboot), expand(&mf.onshutdown), expand(&mf.services));
     let v = Moby {
-        kernel: mf.kernel.as_ref(),
-        init: mf.init.iter().map(|i| i.value.as_str()).collect(),
-        onboot: mf.onboot.iter().map(|s| &s.value).collect(),
-        onshutdown: mf.onshutdown.iter().map(|s| &s.value).collect(),
-        services: mf.services.iter().map(|s| &s.value).collect(),
+        kernel: kernel.as_ref(),
+        init: init.iter().map(String::as_str).collect(),
+        onboot: onboot.iter().collect(),
+        onshutdown: onshutdown.iter().collect(),
+        services: services.iter().collect(),
         files: &mf.files,
     };
     Ok(match kind {
@@ -107,10 +126,7 @@ pub fn apply_file_entry(t: &mut Tree, m: &crate::builder::manifest::LoadedManife
     } else if let Some(c) = &f.contents {
         Kind::File { content: Content::Inline(Arc::new(c.clone().into_bytes())), size: c.len() as u64, link: None }
     } else if let Some(src) = &f.source {
-        let p = match src.strip_prefix("~/") {
-            Some(rest) => std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(rest),
-            None => m.dir().join(src),
-        };
+        let p = m.source_path(src);
         let md = match std::fs::metadata(&p) {
             Ok(md) => md,
             Err(_) if f.optional => return Ok(()),
@@ -221,6 +237,18 @@ pub fn oversize_message(check: &CapCheck, contributors: &[Contributor]) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_writes_image_references_as_linuxkit_does() {
+        let text = "kernel:\n  image: linuxkit/kernel:6.6.13\n  cmdline: console=ttyS0\ninit:\n  - linuxkit/init:v1.0.0\n  - alpine:3.19\nonboot:\n  - name: dhcpcd\n    image: registry.example/net/dhcpcd:1\nservices:\n  - name: local\n    image: localhost/svc:2\n  - name: mine\n    image: oci:images/mine:1\n  - name: host\n    image: reg:5000/svc:3\n";
+        let m = crate::builder::manifest::parse(std::path::Path::new("m.yml"), text).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&metadata(&m, "json").unwrap()).unwrap();
+        assert_eq!(v["kernel"]["image"], "docker.io/linuxkit/kernel:6.6.13");
+        assert_eq!(v["init"], serde_json::json!(["docker.io/linuxkit/init:v1.0.0", "docker.io/library/alpine:3.19"]));
+        assert_eq!(v["onboot"][0]["image"], "registry.example/net/dhcpcd:1", "three parts: kept");
+        let images: Vec<&str> = v["services"].as_array().unwrap().iter().map(|s| s["image"].as_str().unwrap()).collect();
+        assert_eq!(images, ["localhost/svc:2", "oci:images/mine:1", "reg:5000/svc:3"], "a registry host or a transport is kept");
+    }
 
     #[test]
     fn oversize_message_names_overshoot_and_candidates() {

@@ -60,6 +60,9 @@ pub fn apply_layer(t: &mut Tree, r: impl Read, ctx: &LayerCtx, spill: &mut Spill
         // Whiteouts.
         if let Some((name, parent)) = comps.split_last() {
             if name.as_slice() == OPAQUE {
+                if t.get(parent).is_some_and(|n| !n.is_dir()) {
+                    return Err(fail(&raw_path, "opaque whiteout under a non-directory"));
+                }
                 if let Some(dir) = t.get_mut(parent) {
                     if let Kind::Dir(ch) = &mut dir.kind {
                         ch.retain(|_, n| n.layer >= ctx.layer_no);

@@ -294,7 +294,15 @@ fn plan(file: &Path, lf: &LayoutFile, disk_override: Option<u64>) -> Result<Layo
     // Fixed sizes first, so `rest` knows what is left.
     let mut sizes = Vec::new();
     for p in &lf.partitions {
-        sizes.push(if p.size.value == "rest" { None } else { Some(round_up(within(&p.size, "size")?.max(1), ALIGN)) });
+        if p.size.value == "rest" {
+            sizes.push(None);
+            continue;
+        }
+        let size = within(&p.size, "size")?;
+        if size == 0 {
+            return Err(InputError::spanned(file, &p.size, format!("partition {}: size 0; give it a size (whole MiB, rounded up) or `rest`", p.name.value)));
+        }
+        sizes.push(Some(round_up(size, ALIGN)));
     }
     let fixed: u64 = sizes.iter().flatten().sum();
     let mut cursor = ALIGN;

@@ -336,8 +336,10 @@ pub fn config_to_oci(entry: &Container, label: &Container, image: &ImageDefaults
         mounts.insert(destination.clone(), Mount { destination, kind, source, options: mt.options.clone(), ..Default::default() });
     }
 
-    // Namespaces: net/ipc/uts/user default to the host's, pid to a new one; mount and cgroup
-    // are always new. `new` (and `none` for net) mean a new one; any other value is a path.
+    // Namespaces: net/ipc/uts/user default to the host's, pid to a new one; mount is always
+    // new. No cgroup namespace: LinuxKit's ConfigToOCI makes none (its "TODO cgroup namespaces"),
+    // so a container sees the host's cgroup tree. `new` (and `none` for net) mean a new one; any
+    // other value is a path.
     let mut namespaces = Vec::new();
     let mut ns = |kind: &'static str, v: String, default_host: bool, none_is_new: bool| {
         let v = if v.is_empty() && default_host { "root".to_string() } else { v };
@@ -353,7 +355,6 @@ pub fn config_to_oci(entry: &Container, label: &Container, image: &ImageDefaults
     ns("pid", pick_str(&label.pid, &entry.pid), false, false);
     ns("user", pick_str(&label.userns, &entry.userns), true, false);
     namespaces.push(Namespace { kind: "mount", path: String::new() });
-    namespaces.push(Namespace { kind: "cgroup", path: String::new() });
 
     let caps = expand_caps(entry.capabilities.clone().or_else(|| merged(&label.capabilities, &entry.capabilities_add)).unwrap_or_default());
     let ambient = expand_caps(pick(&label.ambient, &entry.ambient).cloned().unwrap_or_default());

@@ -9,6 +9,23 @@ use std::collections::BTreeMap;
 /// The label an image carries its LinuxKit config in.
 pub const LABEL: &str = "org.mobyproject.config";
 
+/// An image reference in the canonical form LinuxKit writes into `metadata:` files (its
+/// `ReferenceExpand`): `redis` → `docker.io/library/redis`, `foo/bar` → `docker.io/foo/bar`
+/// unless `foo` is a registry host (has a `.` or `:`, or is `localhost`); longer references and
+/// slotforge's own transports (`oci:`, `oci-archive:`, `docker-archive:`, `docker://`) are kept.
+/// No tag is added.
+pub fn reference_expand(r: &str) -> String {
+    if ["oci:", "oci-archive:", "docker-archive:", "docker://"].iter().any(|t| r.starts_with(t)) {
+        return r.to_string();
+    }
+    let parts: Vec<&str> = r.split('/').collect();
+    match parts.as_slice() {
+        [_] => format!("docker.io/library/{r}"),
+        [host, _] if !host.contains('.') && !host.contains(':') && *host != "localhost" => format!("docker.io/{r}"),
+        _ => r.to_string(),
+    }
+}
+
 /// Which LinuxKit section a container comes from; it names its directory under `/containers`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

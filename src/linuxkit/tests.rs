@@ -45,7 +45,7 @@ fn defaults_take_command_env_from_the_image_and_no_capabilities() {
             "process": {"user": {"uid": 0, "gid": 0}, "args": ["/bin/sh", "-c", "x"], "env": ["PATH=/bin"], "cwd": "/", "capabilities": {}},
             "root": {"path": "rootfs"},
             "mounts": default_mounts(false),
-            "linux": {"resources": {}, "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "cgroup"}]}
+            "linux": {"resources": {}, "namespaces": [{"type": "pid"}, {"type": "mount"}]}
         })
     );
 }
@@ -93,7 +93,7 @@ annotations: {k: v}
     mounts.extend(default_mounts(true).as_array().unwrap().iter().cloned());
     assert_eq!(v["mounts"], Value::Array(mounts));
     let l = &v["linux"];
-    assert_eq!(l["namespaces"], json!([{"type": "network"}, {"type": "mount"}, {"type": "cgroup"}]), "net new, pid host");
+    assert_eq!(l["namespaces"], json!([{"type": "network"}, {"type": "mount"}]), "net new, pid host");
     assert_eq!(l["sysctl"], json!({"net.ipv4.ip_forward": "1"}));
     assert_eq!(l["cgroupsPath"], json!("/svc/a"));
     assert_eq!(l["rootfsPropagation"], json!("shared"));
@@ -133,7 +133,7 @@ fn mounts_tmpfs_and_namespace_paths() {
     assert_eq!(find("/dev"), json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}));
     assert_eq!(
         v["linux"]["namespaces"],
-        json!([{"type": "network", "path": "/run/netns/x"}, {"type": "ipc"}, {"type": "uts"}, {"type": "pid"}, {"type": "user"}, {"type": "mount"}, {"type": "cgroup"}])
+        json!([{"type": "network", "path": "/run/netns/x"}, {"type": "ipc"}, {"type": "uts"}, {"type": "pid"}, {"type": "user"}, {"type": "mount"}])
     );
     assert_eq!(v["process"]["cwd"], json!("/"));
     assert!(v["process"].get("args").is_none() && v["process"].get("env").is_none(), "an image without cmd/env gives none: {v}");

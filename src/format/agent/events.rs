@@ -106,7 +106,13 @@ pub enum Event {
     /// tmpfs use after the agent ran (KiB), and how many sealed images are mounted.
     Memory { run_kb: u64, shmem_kb: u64, sealed_mounts: u64 },
     /// The init's own namespaces (a container must not share them unless asked).
-    HostNs { net: String, pid: String, uts: String },
+    HostNs {
+        net: String,
+        pid: String,
+        uts: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<String>,
+    },
     Poweroff,
     Reboot,
 }
