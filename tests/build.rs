@@ -169,8 +169,9 @@ fn oversize_rootfs_is_refused_before_anything_is_written() {
     std::fs::write(fx.manifest(), m).unwrap();
     let out = fx.path().join("disk.img");
     let o = build(&fx, "demo.yaml", &out, &[]);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(3), "a refusal, not a failure of the tool");
     let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("refused: "), "{err}");
     assert!(err.contains("over the 41943040 byte (40.0 MiB) cap of layout demo generation 1"), "{err}");
     assert!(err.contains("huge"), "{err}");
     assert!(err.contains("Marking huge `ondisk: false`"), "{err}");

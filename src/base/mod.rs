@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod durable;
+pub mod exit;
 pub mod hash;
 pub mod progress;
 pub mod text;

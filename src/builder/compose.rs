@@ -3,6 +3,7 @@
 //! from; nothing outside temporary directories is written.
 
 use super::*;
+use super::Refused;
 use super::assemble::{assemble, RootfsParts};
 use super::manifest::service;
 use super::sources::{load_lock, resolve_all, Resolved};
@@ -211,7 +212,7 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     all.extend(compat.iter());
     let caps = rootfs::cap_checks(rootfs_bytes, verity_bytes, &all);
     if let Some(bad) = caps.iter().find(|c| c.slack < 0) {
-        bail!("{}", rootfs::oversize_message(bad, &parts.contributors));
+        return Err(Refused(rootfs::oversize_message(bad, &parts.contributors)).into());
     }
     let verity = if m.verity() { Some(verity::append(&sqfs, &build_id).context("computing the rootfs dm-verity tree")?) } else { None };
     if verity.is_some() {

@@ -123,6 +123,13 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     })
 }
 
+/// The build refuses its inputs for a reason the user must act on (a rootfs over the cap of a
+/// layout generation it must fit): not a failure of the tool. The CLI exits 3 for it, so a
+/// harness can tell "refused, as the matrix may expect" from "the build broke".
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// Wall time per phase of a build (`phases` in the JSON summary), rounded to milliseconds.
 pub(crate) struct Phases(pub Vec<(String, f64)>, pub std::time::Instant);
 

@@ -93,6 +93,10 @@ enum Cmd {
 pub fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<crate::builder::Refused>().is_some() => {
+            eprintln!("refused: {e:#}");
+            ExitCode::from(crate::base::exit::REFUSED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
@@ -105,7 +109,7 @@ fn verdict(ok: bool) -> ExitCode {
     if ok {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(2)
+        ExitCode::from(crate::base::exit::NO)
     }
 }
 
@@ -229,7 +233,7 @@ fn agent(cmd: AgentCmd, cfg: crate::device::AgentConfig) -> anyhow::Result<ExitC
         AgentCmd::Status => show(true, &agent::status::status(&cfg)?, |_| ())?,
         AgentCmd::Boot => {
             if agent::boot::boot(&cfg)?.state != crate::format::agent::StatusState::Ok {
-                return Ok(ExitCode::from(3));
+                return Ok(ExitCode::from(crate::base::exit::DEGRADED));
             }
         }
         AgentCmd::MarkGood => drop(agent::boot::mark_good_reported(&cfg)?),

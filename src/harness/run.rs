@@ -127,28 +127,46 @@ fn step_label(s: &Step) -> String {
     }
 }
 
+/// Why a build of the matrix did not give an artefact.
+#[derive(Debug, Clone, thiserror::Error)]
+enum BuildError {
+    /// The builder refused the inputs for a stated reason (`slotforge` exit 3: over a cap).
+    #[error("{0}")]
+    Refused(String),
+    /// Anything else: an error of the run.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl BuildError {
+    fn io(e: std::io::Error) -> Self {
+        BuildError::Failed(e.to_string())
+    }
+}
+
 /// What the builds of the matrix share: the work directory, built disks and bundles by key.
 struct Shared<'a> {
     m: &'a Loaded,
     work: PathBuf,
     bin: PathBuf,
     cache: PathBuf,
-    built: Mutex<BTreeMap<String, Result<(PathBuf, String), String>>>,
+    built: Mutex<BTreeMap<String, Result<(PathBuf, String), BuildError>>>,
     locks: Mutex<BTreeMap<String, std::sync::Arc<Mutex<()>>>>,
 }
 
 impl Shared<'_> {
-    fn slotforge(&self, args: &[&str]) -> Result<String, String> {
-        let o = Command::new(&self.bin).args(args).output().map_err(|e| format!("running {}: {e}", self.bin.display()))?;
-        if o.status.success() {
-            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-        } else {
-            Err(format!("slotforge {}: {}", args.first().unwrap_or(&""), String::from_utf8_lossy(&o.stderr).trim()))
+    fn slotforge(&self, args: &[&str]) -> Result<String, BuildError> {
+        let o = Command::new(&self.bin).args(args).output().map_err(|e| BuildError::Failed(format!("running {}: {e}", self.bin.display())))?;
+        let said = || format!("slotforge {}: {}", args.first().unwrap_or(&""), String::from_utf8_lossy(&o.stderr).trim());
+        match o.status.code() {
+            Some(0) => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+            Some(c) if c == i32::from(crate::base::exit::REFUSED) => Err(BuildError::Refused(said())),
+            _ => Err(BuildError::Failed(said())),
         }
     }
 
     /// Build (once) what `key` names with `make`; concurrent paths wait for the first.
-    fn once(&self, key: &str, make: impl FnOnce() -> Result<(PathBuf, String), String>) -> Result<(PathBuf, String), String> {
+    fn once(&self, key: &str, make: impl FnOnce() -> Result<(PathBuf, String), BuildError>) -> Result<(PathBuf, String), BuildError> {
         let lock = self.locks.lock().unwrap().entry(key.to_string()).or_default().clone();
         let _g = lock.lock().unwrap();
         if let Some(r) = self.built.lock().unwrap().get(key) {
@@ -167,29 +185,29 @@ impl Shared<'_> {
     }
 
     /// The disk of `variant` built for `layout`: (path, build id).
-    fn disk(&self, variant: &str, layout: &str) -> Result<(PathBuf, String), String> {
+    fn disk(&self, variant: &str, layout: &str) -> Result<(PathBuf, String), BuildError> {
         self.once(&format!("disk {variant} {layout}"), || {
             let out = self.work.join("builds").join(format!("{variant}-{layout}.img"));
-            std::fs::create_dir_all(out.parent().unwrap()).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(out.parent().unwrap()).map_err(BuildError::io)?;
             let j = self.slotforge(&["build", &self.manifest(variant).to_string_lossy(), "--layout", &self.layout(layout).to_string_lossy(), "-o", &out.to_string_lossy(), "--json", "--cache", &self.cache.to_string_lossy()])?;
-            let v: Value = serde_json::from_str(&j).map_err(|e| format!("build summary: {e}"))?;
+            let v: Value = serde_json::from_str(&j).map_err(|e| BuildError::Failed(format!("build summary: {e}")))?;
             Ok((out, v["build_id"].as_str().unwrap_or_default().to_string()))
         })
     }
 
     /// The USB installer of `variant` for `layout`: (path, target disk size).
-    fn installer(&self, variant: &str, layout: &str) -> Result<(PathBuf, String), String> {
+    fn installer(&self, variant: &str, layout: &str) -> Result<(PathBuf, String), BuildError> {
         self.once(&format!("installer {variant} {layout}"), || {
             let out = self.work.join("builds").join(format!("{variant}-{layout}.usb.img"));
-            std::fs::create_dir_all(out.parent().unwrap()).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(out.parent().unwrap()).map_err(BuildError::io)?;
             let j = self.slotforge(&["installer", &self.manifest(variant).to_string_lossy(), "--layout", &self.layout(layout).to_string_lossy(), "-o", &out.to_string_lossy(), "--json", "--cache", &self.cache.to_string_lossy()])?;
-            let v: Value = serde_json::from_str(&j).map_err(|e| format!("installer summary: {e}"))?;
+            let v: Value = serde_json::from_str(&j).map_err(|e| BuildError::Failed(format!("installer summary: {e}")))?;
             Ok((out, format!("{} {}", v["build_id"].as_str().unwrap_or_default(), v["target_image_size"].as_u64().unwrap_or(0))))
         })
     }
 
     /// A rogue signing key no device trusts.
-    fn rogue_key(&self) -> Result<PathBuf, String> {
+    fn rogue_key(&self) -> Result<PathBuf, BuildError> {
         self.once("rogue key", || {
             let dir = self.work.join("keys");
             let key = dir.join("rogue.key");
@@ -202,7 +220,7 @@ impl Shared<'_> {
     }
 
     /// An update bundle of `variant` for `layout` (+ compat), signed as asked.
-    fn bundle(&self, variant: &str, layout: &str, compat: &[String], rogue: bool, thin: bool) -> Result<(PathBuf, String), String> {
+    fn bundle(&self, variant: &str, layout: &str, compat: &[String], rogue: bool, thin: bool) -> Result<(PathBuf, String), BuildError> {
         let key = if rogue { Some(self.rogue_key()?) } else { self.m.matrix.variants[variant].key.as_ref().map(|k| self.m.file(&k.value)) };
         let tag = format!("{variant}-{layout}{}{}{}", compat.iter().map(|c| format!("+{c}")).collect::<String>(), if rogue { "-rogue" } else { "" }, if thin { "-thin" } else { "" });
         self.once(&format!("bundle {tag}"), || {
@@ -224,7 +242,7 @@ impl Shared<'_> {
             }
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             let j = self.slotforge(&a)?;
-            let v: Value = serde_json::from_str(&j).map_err(|e| format!("bundle summary: {e}"))?;
+            let v: Value = serde_json::from_str(&j).map_err(|e| BuildError::Failed(format!("bundle summary: {e}")))?;
             Ok((out, v["build_id"].as_str().unwrap_or_default().to_string()))
         })
     }
@@ -347,126 +365,150 @@ fn tail(b: Option<&Boot>) -> String {
 fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResult>>) {
     let p = &sh.m.matrix.paths[index];
     let name = p.name.value.clone();
-    let selected = |label: &str| opts.only.is_empty() || opts.only.iter().any(|o| glob(o, &name) || glob(o, &format!("{name}/{label}")));
     let mut labels = vec!["install".to_string()];
     labels.extend(p.steps.iter().map(|s| step_label(&s.value)));
-    if !labels.iter().any(|l| selected(l)) {
-        return;
-    }
-    let emit = |r: StepResult| {
-        (opts.on_step)(&r);
-        out.lock().unwrap().push(r);
+    // `--only PATH-GLOB` selects every step of a path, `--only PATH/STEP-GLOB` single steps: the
+    // path runs up to its last selected step (the steps before it are how the device gets there)
+    // and only the selected steps are reported.
+    let selected = select(&name, &labels, &opts.only);
+    let Some(last) = selected.iter().rposition(|s| *s) else { return };
+    let report = |i: usize, r: StepResult| {
+        if selected[i] {
+            (opts.on_step)(&r);
+            out.lock().unwrap().push(r);
+        }
     };
     let dir = sh.work.join("paths").join(&name);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
-    let mut failed = false;
     let port = sh.m.matrix.registry.as_ref().and_then(|r| super::matrix::registry_port(&r.value).ok());
     let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new(), network: port };
-    let layout = p.install.layout.value.clone();
-    for (i, label) in labels.iter().enumerate() {
+    let mut failed: Option<String> = None;
+    for (i, label) in labels.iter().enumerate().take(last + 1) {
         let step = if i == 0 { None } else { Some(&p.steps[i - 1].value) };
         let expect = match step {
             None => p.install.expect.clone().unwrap_or(Expect { slot: Some("a".into()), variant: Some(p.install.variant.value.clone()), state: Some("ok".into()), ..Default::default() }),
             Some(s) => s.expect.clone().unwrap_or_default(),
         };
         let base = StepResult { path: name.clone(), index: i, label: label.clone(), result: StepOutcome::Skipped, seconds: 0.0, boots: 0, expect: expect.clone(), observed: Value::Null, message: String::new(), serial: None };
-        if failed {
-            emit(StepResult { message: "an earlier step of this path failed".into(), ..base });
+        if let Some(f) = &failed {
+            report(i, StepResult { message: format!("an earlier step of this path failed: {f}"), ..base });
             continue;
         }
         let t = Instant::now();
         let mut boots: Vec<Boot> = Vec::new();
         let mut crash: Option<crash_step::CrashStep> = None;
-        let r: anyhow::Result<Option<String>> = (|| {
-            let Some(step) = step else {
-                let v = &p.install.variant.value;
-                if p.install.via.as_ref().is_some_and(|v| v.value == "installer") {
-                    let (usb, info) = sh.installer(v, &layout).map_err(anyhow::Error::msg)?;
-                    let (id, size) = info.split_once(' ').unwrap_or((&info, "0"));
-                    dev.builds.insert(v.clone(), id.to_string());
-                    let size = p.install.target_size.unwrap_or(size.parse().unwrap_or(0));
-                    std::fs::File::create(&dev.disk)?.set_len(size)?;
-                    let b = dev.boot_disk(&usb, "usb", std::slice::from_ref(&dev.disk), None)?;
-                    let installed = b.has(Kind::Installed);
-                    boots.push(b);
-                    if !installed {
-                        return Ok(Some("the installer did not install (no `installed` event)".into()));
-                    }
-                } else {
-                    let (disk, id) = sh.disk(v, &layout).map_err(anyhow::Error::msg)?;
-                    dev.builds.insert(v.clone(), id);
-                    let st = Command::new("cp").arg("--sparse=always").arg(&disk).arg(&dev.disk).status()?;
-                    if !st.success() {
-                        bail!("copying {}", disk.display());
-                    }
+        let r = dev.run_step(p, step, opts, &mut boots, &mut crash);
+        let (result, observed, message, serial) = dev.judge(r, &expect, &boots, crash.as_ref());
+        if result == StepOutcome::Fail {
+            failed = Some(if selected[i] { label.clone() } else { format!("{label} (run to reach the selected steps): {}", message.lines().next().unwrap_or("")) });
+        }
+        report(i, StepResult { result, seconds: t.elapsed().as_secs_f64(), boots: boots.len(), observed, message, serial, ..base });
+    }
+}
+
+impl Device<'_> {
+    /// Run one step of `p` (`None`: the install) on this device. `Ok(Some(reason))`: the update
+    /// was refused (by the builder, for a stated reason).
+    fn run_step(&mut self, p: &super::matrix::PathSpec, step: Option<&Step>, opts: &Options, boots: &mut Vec<Boot>, crash: &mut Option<crash_step::CrashStep>) -> anyhow::Result<Option<String>> {
+        let layout = p.install.layout.value.clone();
+        let port = self.sh.m.matrix.registry.as_ref().and_then(|r| super::matrix::registry_port(&r.value).ok());
+        let Some(step) = step else {
+            let v = &p.install.variant.value;
+            if p.install.via.as_ref().is_some_and(|v| v.value == "installer") {
+                let (usb, info) = self.sh.installer(v, &layout)?;
+                let (id, size) = info.split_once(' ').unwrap_or((&info, "0"));
+                self.builds.insert(v.clone(), id.to_string());
+                let size = p.install.target_size.unwrap_or(size.parse().unwrap_or(0));
+                std::fs::File::create(&self.disk)?.set_len(size)?;
+                let b = self.boot_disk(&usb, "usb", std::slice::from_ref(&self.disk), None)?;
+                let installed = b.has(Kind::Installed);
+                boots.push(b);
+                if !installed {
+                    return Ok(Some("the installer did not install (no `installed` event)".into()));
                 }
-                boots.push(dev.boot(&[], None)?);
-                return Ok(None);
-            };
-            let fault = step.fault.as_ref().map(|f| Fault::parse(&f.value)).transpose().map_err(anyhow::Error::msg)?;
-            if fault == Some(Fault::CorruptImage) {
-                super::faults::corrupt_largest_blob(&dev.disk, &dev.dir)?;
-            }
-            dev.network = if fault == Some(Fault::NetworkDown) { None } else { port };
-            let Some(v) = &step.upgrade else {
-                boots.push(dev.boot(&[], None)?);
-                return Ok(None);
-            };
-            let compat: Vec<String> = step.compat.iter().map(|c| c.value.clone()).collect();
-            let thin = step.supply.as_ref().is_some_and(|s| s.value == "registry");
-            let bundle = match sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey), thin) {
-                Ok((b, id)) => {
-                    // The variant's build id: what the device reports once it runs it.
-                    dev.builds.insert(v.value.clone(), id);
-                    // Each VM gets its own copy: QEMU locks a disk image for writing, and paths
-                    // running in parallel may attach the same bundle.
-                    let own = dev.dir.join("bundle.disk");
-                    std::fs::copy(&b, &own).with_context(|| format!("copying {}", b.display()))?;
-                    own
-                }
-                Err(e) => {
-                    // Refused by the builder (e.g. over a slot's cap): the device keeps running.
-                    boots.push(dev.boot(&[], None)?);
-                    return Ok(Some(e));
-                }
-            };
-            match &fault {
-                Some(Fault::CrashStates(budget)) => {
-                    let c = dev.crash_states(&bundle, *budget, opts, &mut boots)?;
-                    crash = Some(c);
-                }
-                Some(Fault::PowerCut(at)) => {
-                    boots.push(dev.boot(&[bundle], Some(*at))?);
-                    dev.boot_until_status(&mut boots)?;
-                }
-                Some(Fault::BadRootfs) => {
-                    let b = dev.boot(&[bundle], None)?;
-                    let applied = b.applied().map(|a| a.slot.clone());
-                    boots.push(b);
-                    let Some(slot) = applied else { return Ok(None) };
-                    let (start, _) = super::faults::partition(&dev.disk, &format!("rootfs_{slot}"))?;
-                    super::faults::flip_byte(&dev.disk, start + 2000)?;
-                    dev.boot_until_status(&mut boots)?;
-                }
-                _ => {
-                    let b = dev.boot(&[bundle], None)?;
-                    let applied = b.applied().is_some();
-                    boots.push(b);
-                    if applied {
-                        dev.boot_until_status(&mut boots)?;
-                    }
+            } else {
+                let (disk, id) = self.sh.disk(v, &layout)?;
+                self.builds.insert(v.clone(), id);
+                let st = Command::new("cp").arg("--sparse=always").arg(&disk).arg(&self.disk).status()?;
+                if !st.success() {
+                    bail!("copying {}", disk.display());
                 }
             }
-            Ok(None)
-        })();
+            boots.push(self.boot(&[], None)?);
+            return Ok(None);
+        };
+        let fault = step.fault.as_ref().map(|f| Fault::parse(&f.value)).transpose().map_err(anyhow::Error::msg)?;
+        if fault == Some(Fault::CorruptImage) {
+            super::faults::corrupt_largest_blob(&self.disk, &self.dir)?;
+        }
+        self.network = if fault == Some(Fault::NetworkDown) { None } else { port };
+        let Some(v) = &step.upgrade else {
+            boots.push(self.boot(&[], None)?);
+            return Ok(None);
+        };
+        let compat: Vec<String> = step.compat.iter().map(|c| c.value.clone()).collect();
+        let thin = step.supply.as_ref().is_some_and(|s| s.value == "registry");
+        let bundle = match self.sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey), thin) {
+            Ok((b, id)) => {
+                // The variant's build id: what the device reports once it runs it.
+                self.builds.insert(v.value.clone(), id);
+                // Each VM gets its own copy: QEMU locks a disk image for writing, and paths
+                // running in parallel may attach the same bundle.
+                let own = self.dir.join("bundle.disk");
+                std::fs::copy(&b, &own).with_context(|| format!("copying {}", b.display()))?;
+                own
+            }
+            Err(BuildError::Refused(e)) => {
+                // Refused by the builder for a stated reason (over a slot's cap): the
+                // device keeps running.
+                boots.push(self.boot(&[], None)?);
+                return Ok(Some(e));
+            }
+            // Any other build error is an error of the run, not a refusal.
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("building the bundle of {}", v.value))),
+        };
+        match &fault {
+            Some(Fault::CrashStates(budget)) => {
+                *crash = Some(self.crash_states(&bundle, *budget, opts, boots)?);
+            }
+            Some(Fault::PowerCut(at)) => {
+                let b = self.boot(&[bundle], Some(*at))?;
+                let cut = power_cut_at(&b, *at);
+                boots.push(b);
+                cut.map_err(anyhow::Error::msg)?;
+                self.boot_until_status(boots)?;
+            }
+            Some(Fault::BadRootfs) => {
+                let b = self.boot(&[bundle], None)?;
+                let applied = b.applied().map(|a| a.slot.clone());
+                boots.push(b);
+                let Some(slot) = applied else { return Ok(None) };
+                let (start, _) = super::faults::partition(&self.disk, &format!("rootfs_{slot}"))?;
+                super::faults::flip_byte(&self.disk, start + 2000)?;
+                self.boot_until_status(boots)?;
+            }
+            _ => {
+                let b = self.boot(&[bundle], None)?;
+                let applied = b.applied().is_some();
+                boots.push(b);
+                if applied {
+                    self.boot_until_status(boots)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A step's verdict from what its boots showed: (result, observed, message, serial log).
+    fn judge(&self, r: anyhow::Result<Option<String>>, expect: &Expect, boots: &[Boot], crash: Option<&crash_step::CrashStep>) -> (StepOutcome, Value, String, Option<PathBuf>) {
         let serial = boots.last().map(|b| b.serial_path.clone());
         let (result, observed, message) = match r {
             Err(e) => (StepOutcome::Fail, Value::Null, format!("{e:#}")),
             Ok(refused) => {
-                let mut obs = dev.observe(&boots, refused);
-                let mut bad = compare(&expect, &obs);
-                if let Some(c) = &crash {
+                let mut obs = self.observe(boots, refused);
+                let mut bad = compare(expect, &obs);
+                if let Some(c) = crash {
                     bad.extend(c.problems.iter().cloned());
                     obs["crash_states"] = serde_json::to_value(c).unwrap_or_default();
                 }
@@ -479,9 +521,34 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
                 }
             }
         };
-        failed |= result == StepOutcome::Fail;
-        emit(StepResult { result, seconds: t.elapsed().as_secs_f64(), boots: boots.len(), observed, message, serial, ..base });
+        (result, observed, message, serial)
     }
+}
+
+/// Which of a path's steps (`labels`, the install first) `--only` selects: a glob on the path
+/// name selects all of them, `PATH/STEP` globs single steps; no `--only`, everything.
+pub fn select(path: &str, labels: &[String], only: &[String]) -> Vec<bool> {
+    labels.iter().map(|l| only.is_empty() || only.iter().any(|o| glob(o, path) || glob(o, &format!("{path}/{l}")))).collect()
+}
+
+/// A `power-cut:STEP` boot must show the cut really happened at STEP: the apply paused there
+/// (`paused` with that step) and QEMU was killed — not an apply that failed or finished before
+/// it, nor a guest that exited by itself.
+pub fn power_cut_at(b: &Boot, at: ApplyStep) -> Result<(), String> {
+    let paused = b.events.iter().any(|e| e.event == Some(Event::Paused { step: at }));
+    if paused && b.outcome == Outcome::Killed {
+        return Ok(());
+    }
+    let reached: Vec<String> = b.events.iter().filter_map(|e| match &e.event {
+        Some(Event::ApplyStep { step }) => Some(step.to_string()),
+        _ => None,
+    }).collect();
+    Err(format!(
+        "power-cut:{at}: no power was cut at {at}: the apply {} (steps reached: {}), and the VM {}",
+        if paused { "paused there" } else { "never paused there" },
+        if reached.is_empty() { "none".into() } else { reached.join(", ") },
+        match b.outcome { Outcome::Killed => "was killed", Outcome::Exited => "exited by itself", Outcome::TimedOut => "timed out" }
+    ))
 }
 
 /// Run every selected path; results in matrix order.
@@ -619,5 +686,55 @@ mod tests {
         let x = junit(&r);
         assert!(x.contains("name=\"p&lt;1&gt;\" tests=\"2\" failures=\"1\""), "{x}");
         assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;\">"), "{x}");
+    }
+
+    #[test]
+    fn only_selects_whole_paths_or_single_steps() {
+        let labels: Vec<String> = ["install", "upgrade v2", "upgrade v3 (power-cut:slot-written)", "boot"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(select("field", &labels, &[]), [true; 4]);
+        assert_eq!(select("field", &labels, &["fie*".into()]), [true; 4], "a path glob selects every step");
+        assert_eq!(select("field", &labels, &["lab*".into()]), [false; 4]);
+        let s = select("field", &labels, &["field/upgrade v3*".into()]);
+        assert_eq!(s, [false, false, true, false], "only the power-cut step is reported");
+        assert_eq!(s.iter().rposition(|x| *x), Some(2), "the path runs up to it (install and upgrade v2 first), not past it");
+    }
+
+    fn boot_with(serial: &str, outcome: Outcome) -> Boot {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("serial.log");
+        std::fs::write(&p, serial).unwrap();
+        Boot { outcome, events: crate::format::agent::events::parse(serial), serial_path: p, seconds: 1.0, accel: "tcg" }
+    }
+
+    #[test]
+    fn a_power_cut_step_needs_the_apply_paused_at_its_step_and_qemu_killed() {
+        let at = ApplyStep::SlotWritten;
+        let paused = "@slotforge {\"event\":\"apply-step\",\"step\":\"entry-removed\"}\n@slotforge {\"event\":\"apply-step\",\"step\":\"slot-written\"}\n@slotforge {\"event\":\"paused\",\"step\":\"slot-written\"}\n";
+        assert_eq!(power_cut_at(&boot_with(paused, Outcome::Killed), at), Ok(()));
+        let e = power_cut_at(&boot_with(paused, Outcome::TimedOut), at).unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        // The apply failed before the step (a refused bundle): no cut happened, the step fails.
+        let failed = "@slotforge {\"event\":\"apply-start\",\"build_id\":\"x\",\"version\":\"2\"}\n@slotforge {\"event\":\"apply-failed\",\"error\":\"refused\"}\n";
+        let e = power_cut_at(&boot_with(failed, Outcome::Exited), at).unwrap_err();
+        assert!(e.contains("never paused there") && e.contains("steps reached: none") && e.contains("exited by itself"), "{e}");
+        // Paused at another step: not this cut.
+        let other = paused.replace("\"paused\",\"step\":\"slot-written\"", "\"paused\",\"step\":\"entry-removed\"");
+        assert!(power_cut_at(&boot_with(&other, Outcome::Killed), at).is_err());
+    }
+
+    #[test]
+    fn only_a_builder_refusal_counts_as_refused_any_other_build_error_fails_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = crate::harness::matrix::parse(&dir.path().join("m.yaml"), "variants:\n  v1: {manifest: a.yml}\nlayouts:\n  l: l.yaml\npaths:\n  - name: p\n    install: {variant: v1, layout: l}\n").unwrap();
+        let fake = |code: i32| {
+            let bin = dir.path().join(format!("sf{code}"));
+            std::fs::write(&bin, format!("#!/bin/sh\necho 'why {code}' >&2\nexit {code}\n")).unwrap();
+            std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            Shared { m: &m, work: dir.path().into(), bin, cache: dir.path().into(), built: Default::default(), locks: Default::default() }
+        };
+        let refused = fake(i32::from(crate::base::exit::REFUSED)).slotforge(&["bundle"]).unwrap_err();
+        assert!(matches!(&refused, BuildError::Refused(m) if m.contains("why 3")), "{refused:?}");
+        let broken = fake(1).slotforge(&["bundle"]).unwrap_err();
+        assert!(matches!(&broken, BuildError::Failed(m) if m.contains("why 1")), "{broken:?}");
     }
 }
