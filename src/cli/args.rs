@@ -119,6 +119,23 @@ pub struct TestArgs {
     /// and 8 random subsets per interval (default: a sample of 2 and 2).
     #[arg(long)]
     pub crash_full: bool,
+    /// Run only the K-th of N shards of the paths (1-based; balanced by expected boots, the same
+    /// split on every machine). Merge the shards' `--json` reports with `slotforge merge-reports`.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<crate::harness::shard::Shard>,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The `slotforge test --json` reports of the shards.
+    #[arg(required = true)]
+    pub reports: Vec<PathBuf>,
+    /// Write a JUnit XML report of the whole run here.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
+    /// Print the merged report as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

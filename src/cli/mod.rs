@@ -32,6 +32,9 @@ enum Cmd {
     /// Upgrade-compatibility testing in QEMU: build the matrix's variants, install, boot,
     /// upgrade, inject faults, and check what each step must show (docs/testing.md).
     Test(TestArgs),
+    /// Merge the JSON reports of `slotforge test --shard K/N` runs into one report (table,
+    /// `--json`, `--junit`) as one machine would have written it; exit 0 only if it passed.
+    MergeReports(MergeArgs),
     /// Replay a recorded write log (dm-log-writes, e.g. from `slotforge test --keep` or
     /// `slotforge-vm boot --log-writes`) onto the disk as it was before, and check every crash
     /// state offline: GPT, fsck.vfat, e2fsck, which slot systemd-boot would start and whether it
@@ -135,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Test(a) => test(a),
+        Cmd::MergeReports(a) => merge_reports(a),
         Cmd::CrashStates(a) => crash_states(a),
         Cmd::Lock { manifest, src, json } => {
             let (path, l) = crate::builder::lock(&manifest, &src.options()?, Progress::new(json))?;
@@ -198,19 +202,31 @@ fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
 
 fn test(a: TestArgs) -> anyhow::Result<ExitCode> {
     let m = crate::harness::matrix::load(&a.matrix)?;
-    let total: usize = m.matrix.paths.iter().map(|p| p.steps.len() + 1).sum();
+    let paths = &m.matrix.paths;
+    let total: usize = (0..paths.len()).filter(|&i| crate::harness::shard::runs_here(paths, i, a.shard)).map(|i| paths[i].steps.len() + 1).sum();
     let pb = Progress::new(a.json).bar("test", total as u64, false);
     let on_step = print::step_line(pb.clone());
-    let opts = crate::harness::run::Options { only: a.only, keep: a.keep, jobs: a.jobs, cache: a.cache, crash_boots: a.crash_boots, crash_full: a.crash_full, on_step };
+    let opts = crate::harness::run::Options { only: a.only, keep: a.keep, jobs: a.jobs, cache: a.cache, crash_boots: a.crash_boots, crash_full: a.crash_full, shard: a.shard, on_step };
     let report = crate::harness::run::run(&m, &opts)?;
     pb.finish_and_clear();
-    if let Some(j) = &a.junit {
-        std::fs::write(j, crate::harness::run::junit(&report)).map_err(|e| anyhow::anyhow!("writing {}: {e}", j.display()))?;
+    test_report(&report, a.junit.as_deref(), a.json)
+}
+
+fn merge_reports(a: MergeArgs) -> anyhow::Result<ExitCode> {
+    let reports = a.reports.iter().map(|p| -> anyhow::Result<_> { Ok(serde_json::from_slice(&std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?).map_err(|e| anyhow::anyhow!("{}: not a slotforge test --json report: {e}", p.display()))?) }).collect::<anyhow::Result<Vec<_>>>()?;
+    let report = crate::harness::shard::merge(reports).map_err(anyhow::Error::msg)?;
+    test_report(&report, a.junit.as_deref(), a.json)
+}
+
+/// A test report out: JUnit file, the table (stderr with `--json`), JSON; exit 0 only if it passed.
+fn test_report(report: &crate::harness::run::Report, junit: Option<&std::path::Path>, json: bool) -> anyhow::Result<ExitCode> {
+    if let Some(j) = junit {
+        std::fs::write(j, crate::harness::run::junit(report)).map_err(|e| anyhow::anyhow!("writing {}: {e}", j.display()))?;
     }
-    if a.json {
-        eprint!("{}", crate::harness::run::table(&report));
+    if json {
+        eprint!("{}", crate::harness::run::table(report));
     }
-    show(a.json, &report, |r| print!("{}", crate::harness::run::table(r)))?;
+    show(json, report, |r| print!("{}", crate::harness::run::table(r)))?;
     Ok(verdict(report.ok()))
 }
 

@@ -29,6 +29,8 @@ pub struct Options {
     pub crash_boots: Option<usize>,
     /// `crash-states`: every prefix and torn write, 8 subsets per interval.
     pub crash_full: bool,
+    /// Run only this shard's paths (`--shard K/N`; `harness::shard`).
+    pub shard: Option<super::shard::Shard>,
     /// Called with one line per finished step (progress on the terminal).
     pub on_step: Box<dyn Fn(&StepResult) + Sync>,
 }
@@ -59,9 +61,12 @@ impl std::fmt::Display for StepOutcome {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepResult {
     pub path: String,
+    /// The path's place in the matrix (reports of shards merge back into matrix order).
+    #[serde(default)]
+    pub order: usize,
     pub index: usize,
     /// `install`, `upgrade v2`, `upgrade v2 (power-cut:slot-written)`, `boot (corrupt-image)`.
     pub label: String,
@@ -76,15 +81,18 @@ pub struct StepResult {
     pub serial: Option<PathBuf>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub matrix: PathBuf,
-    pub accel: &'static str,
+    pub accel: String,
     pub jobs: usize,
     pub seconds: f64,
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
+    /// `K/N` when this run was one shard of the matrix (`--shard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
     pub steps: Vec<StepResult>,
 }
 
@@ -390,7 +398,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
             None => p.install.expect.clone().unwrap_or(Expect { slot: Some("a".into()), variant: Some(p.install.variant.value.clone()), state: Some("ok".into()), ..Default::default() }),
             Some(s) => s.expect.clone().unwrap_or_default(),
         };
-        let base = StepResult { path: name.clone(), index: i, label: label.clone(), result: StepOutcome::Skipped, seconds: 0.0, boots: 0, expect: expect.clone(), observed: Value::Null, message: String::new(), serial: None };
+        let base = StepResult { path: name.clone(), order: index, index: i, label: label.clone(), result: StepOutcome::Skipped, seconds: 0.0, boots: 0, expect: expect.clone(), observed: Value::Null, message: String::new(), serial: None };
         if let Some(f) = &failed {
             report(i, StepResult { message: format!("an earlier step of this path failed: {f}"), ..base });
             continue;
@@ -589,7 +597,9 @@ pub fn run(m: &Loaded, opts: &Options) -> anyhow::Result<Report> {
                 if i >= n {
                     break;
                 }
-                run_path(&sh, i, opts, &out);
+                if super::shard::runs_here(&m.matrix.paths, i, opts.shard) {
+                    run_path(&sh, i, opts, &out);
+                }
             });
         }
     });
@@ -597,7 +607,7 @@ pub fn run(m: &Loaded, opts: &Options) -> anyhow::Result<Report> {
     let order: BTreeMap<String, usize> = m.matrix.paths.iter().enumerate().map(|(i, p)| (p.name.value.clone(), i)).collect();
     steps.sort_by_key(|r| (order[&r.path], r.index));
     let count = |k: StepOutcome| steps.iter().filter(|r| r.result == k).count();
-    Ok(Report { matrix: m.path.clone(), accel: vm::accel(), jobs: opts.jobs, seconds: t.elapsed().as_secs_f64(), passed: count(StepOutcome::Pass), failed: count(StepOutcome::Fail), skipped: count(StepOutcome::Skipped), steps })
+    Ok(Report { matrix: m.path.clone(), accel: vm::accel().to_string(), jobs: opts.jobs, seconds: t.elapsed().as_secs_f64(), passed: count(StepOutcome::Pass), failed: count(StepOutcome::Fail), skipped: count(StepOutcome::Skipped), shard: opts.shard.map(|s| s.to_string()), steps })
 }
 
 /// The table printed at the end: path × step, result, seconds.
@@ -681,8 +691,8 @@ mod tests {
 
     #[test]
     fn junit_escapes_and_counts() {
-        let s = |result: StepOutcome, msg: &str| StepResult { path: "p<1>".into(), index: 0, label: "install".into(), result, seconds: 1.0, boots: 1, expect: Expect::default(), observed: Value::Null, message: msg.into(), serial: None };
-        let r = Report { matrix: "m".into(), accel: "tcg", jobs: 1, seconds: 2.0, passed: 1, failed: 1, skipped: 0, steps: vec![s(StepOutcome::Pass, ""), s(StepOutcome::Fail, "expected slot = \"b\"\nmore")] };
+        let s = |result: StepOutcome, msg: &str| StepResult { path: "p<1>".into(), order: 0, index: 0, label: "install".into(), result, seconds: 1.0, boots: 1, expect: Expect::default(), observed: Value::Null, message: msg.into(), serial: None };
+        let r = Report { matrix: "m".into(), accel: "tcg".into(), jobs: 1, seconds: 2.0, passed: 1, failed: 1, skipped: 0, shard: None, steps: vec![s(StepOutcome::Pass, ""), s(StepOutcome::Fail, "expected slot = \"b\"\nmore")] };
         let x = junit(&r);
         assert!(x.contains("name=\"p&lt;1&gt;\" tests=\"2\" failures=\"1\""), "{x}");
         assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;\">"), "{x}");
