@@ -4,8 +4,9 @@
 //! registry (then a corrupted blob repaired from it; and the same without network: degraded),
 //! a bundle signed by an untrusted key then a trusted one, an install through the USB
 //! installer, an upgrade from a build with unsealed images to sealed ones and back, a third
-//! build's upgrade recorded write by write whose crash states are checked offline and three
-//! booted, and one path
+//! build's upgrade recorded write by write whose crash states are checked offline and four
+//! booted (three of the apply: the last on the old slot, the first on probation, one whose ESP
+//! needs the boot-time repair; one of the first boot), and one path
 //! whose expectation is deliberately wrong — which must fail with a diagnosis while the others
 //! pass. The JUnit and JSON reports are read back.
 
@@ -50,7 +51,7 @@ paths:
       - upgrade: large
         expect: {{slot: b, variant: large, state: ok, rolled_back: false}}
       - upgrade: small2
-        fault: crash-states:2
+        fault: crash-states:4
         expect: {{slot: a, variant: small2, state: ok}}
   - name: rollback
     install: {{variant: small, layout: gen2}}
@@ -155,15 +156,18 @@ paths:
     assert!(std::fs::read_dir(keep.join("paths/power-cut/vm")).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".serial.log")));
     // Crash states of the third build's upgrade (small → large → small2 onto slot a): the apply
     // and the first boot — whose GC drops small's set — recorded, every sampled state checked
-    // offline and sound, two booted in QEMU — the apply's last state before the new entry exists
-    // (still the old slot: the apply re-runs to the new slot) and the first boot's state after
-    // systemd-boot's counting rename — each leaving a clean ESP.
+    // offline and sound, none booting only through a fallback, four booted in QEMU — of the apply
+    // the last state before the new entry exists (still the old slot: the apply re-runs to the new
+    // slot), the first where it exists (the probation boot of the new slot) and one whose ESP needs
+    // the boot-time repair; of the first boot the state after systemd-boot's counting rename —
+    // each leaving a clean ESP.
     let c = &result("power-cut", 3)["observed"]["crash_states"];
     let ops = c["operations"].as_array().unwrap();
     assert_eq!(ops.iter().map(|o| o["operation"].as_str().unwrap()).collect::<Vec<_>>(), ["apply", "first-boot"], "{c}");
     for o in ops {
         assert!(o["states"].as_u64().unwrap() > o["flushes"].as_u64().unwrap(), "every flush boundary and samples between: {o}");
         assert_eq!(o["failed"], 0, "{o}");
+        assert_eq!(o["fallbacks"], 0, "no state boots only through a fallback: {o}");
     }
     let apply_to: Vec<&String> = ops[0]["decisions"].as_object().unwrap().keys().collect();
     assert!(apply_to.iter().any(|k| k.starts_with("slot-b")) && apply_to.iter().any(|k| k.starts_with("slot-a+3")), "the apply's states boot the old slot, then the new one on probation: {apply_to:?}");
@@ -174,10 +178,15 @@ paths:
     let gc: Vec<&slotforge::format::agent::GcReport> = slotforge::format::agent::events::known(&events).filter_map(|e| if let slotforge::format::agent::Event::Gc(r) = e { Some(r) } else { None }).collect();
     assert!(gc.len() == 1 && gc[0].removed_builds.len() == 1 && gc[0].removed_blobs > 0, "the recorded first boot's GC dropped small's set: {gc:?}");
     let booted = c["booted"].as_array().unwrap();
-    assert_eq!(booted.len(), 2, "{c}");
+    assert_eq!(booted.len(), 4, "{c}");
     assert!(booted.iter().all(|b| b["ok"] == true && b["esp_after"] == "fsck.vfat -n: clean"), "{c}");
-    assert!(booted[0]["operation"] == "apply" && booted[0]["slot"] == "b" && booted[0]["rerun"] == true, "{c}");
-    assert!(booted[1]["operation"] == "first-boot" && booted[1]["slot"] == "a", "{c}");
+    let apply: Vec<&serde_json::Value> = booted.iter().filter(|b| b["operation"] == "apply").collect();
+    assert_eq!(apply.len(), 3, "{c}");
+    assert!(apply.iter().any(|b| b["slot"] == "b" && b["rerun"] == true), "a state on the old slot, the apply re-run: {c}");
+    assert!(apply.iter().any(|b| b["slot"] == "a" && b["rerun"].is_null()), "a state where the new entry exists: the probation boot of slot a: {c}");
+    assert!(apply.iter().any(|b| b["esp_before"].as_str().is_some_and(|e| e.contains("after fsck.vfat -a") && (e.contains("leaked") || e.contains("damage") || e.contains("FSInfo")))), "a state whose ESP needs the boot-time repair: {c}");
+    let first: Vec<&serde_json::Value> = booted.iter().filter(|b| b["operation"] == "first-boot").collect();
+    assert!(first.len() == 1 && first[0]["slot"] == "a", "{c}");
     // Independently: replaying the whole apply log onto the disk before gives, byte for byte, the
     // disk QEMU left; and `slotforge crash-states` on the kept first-boot recording agrees with
     // the step.

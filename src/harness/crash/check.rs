@@ -240,7 +240,12 @@ pub fn ext4(disk: &Path, r: &Region, scratch: &Path) -> anyhow::Result<Verdict> 
 /// must be one of these, never a torn mix.
 #[derive(Debug, Default, Clone)]
 pub struct Known {
-    digests: BTreeSet<String>,
+    /// The loader and loader.conf as any complete step wrote them.
+    common: BTreeSet<String>,
+    /// Per build (`slotforge.build=` of the entry that names them) and role (`linux`, `initrd`,
+    /// `uki`): the digests a complete step wrote. An entry is judged against its own build's
+    /// files only, so an old kernel under a new entry fails.
+    boot: std::collections::BTreeMap<(String, &'static str), BTreeSet<String>>,
 }
 
 fn esp_region(rep: &inspect::InspectReport) -> Option<(u64, u64)> {
@@ -253,13 +258,24 @@ fn fat_digest<T: fatfs::ReadWriteSeek>(root: &fatfs::Dir<T>, path: &str) -> Opti
     crate::base::hash::digest_reader(f).ok().map(|(d, _)| d.hex().to_string())
 }
 
-/// The boot files of `entry`: its kernel and initrd (Type #1) or the UKI itself.
-fn boot_files(e: &crate::format::entries::EntryReport) -> Vec<String> {
+/// The boot files of `entry` with their roles: its kernel and initrd (Type #1) or the UKI itself.
+fn boot_files(e: &crate::format::entries::EntryReport) -> Vec<(&'static str, String)> {
     if e.kind == "uki" {
-        vec![e.path.clone()]
+        vec![("uki", e.path.clone())]
     } else {
-        [&e.linux, &e.initrd].into_iter().flatten().cloned().collect()
+        [("linux", &e.linux), ("initrd", &e.initrd)].into_iter().filter_map(|(r, p)| p.clone().map(|p| (r, p))).collect()
     }
+}
+
+/// The build an entry boots: `slotforge.build=` on its command line.
+fn entry_build(e: &crate::format::entries::EntryReport) -> Option<String> {
+    crate::format::cmdline::value(e.options.as_deref()?, "slotforge.build")
+}
+
+/// Whether systemd-boot would list the entry at all: a Type #1 entry needs a `linux` (or `efi`)
+/// line — without one systemd-boot drops it; a UKI is its own image.
+fn bootable_kind(e: &crate::format::entries::EntryReport) -> bool {
+    e.kind == "uki" || e.linux.is_some()
 }
 
 impl Known {
@@ -272,11 +288,17 @@ impl Known {
             };
             let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(d)?, start, size)), fatfs::FsOptions::new().update_accessed_date(false))?;
             let root = fs.root_dir();
-            let mut paths = vec![crate::format::esp::LOADER_PATH.to_string(), crate::format::esp::LOADER_CONF.to_string()];
-            for e in rep.esp.iter().flat_map(|e| &e.entries) {
-                paths.extend(boot_files(e));
+            for p in [crate::format::esp::LOADER_PATH, crate::format::esp::LOADER_CONF] {
+                k.common.extend(fat_digest(&root, p));
             }
-            k.digests.extend(paths.iter().filter_map(|p| fat_digest(&root, p)));
+            for e in rep.esp.iter().flat_map(|e| &e.entries) {
+                let Some(build) = entry_build(e) else { continue };
+                for (role, p) in boot_files(e) {
+                    if let Some(d) = fat_digest(&root, &p) {
+                        k.boot.entry((build.clone(), role)).or_default().insert(d);
+                    }
+                }
+            }
         }
         Ok(k)
     }
@@ -330,17 +352,36 @@ fn decide_replayed(disk: &Path, known: &Known) -> anyhow::Result<Decision> {
     let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(disk)?, start, size)), fatfs::FsOptions::new().update_accessed_date(false))?;
     let root = fs.root_dir();
     for p in [crate::format::esp::LOADER_PATH, crate::format::esp::LOADER_CONF] {
-        if !fat_digest(&root, p).is_some_and(|d| known.digests.contains(&d)) {
+        if !fat_digest(&root, p).is_some_and(|d| known.common.contains(&d)) {
             return Ok(bad(format!("{p} is missing or not as any complete step wrote it")));
         }
     }
-    let order = crate::format::entries::boot_order(&esp.entries);
     let mut why = Vec::new();
+    // systemd-boot drops an entry it cannot start at all (no `linux` line) before ordering.
+    let listed: Vec<crate::format::entries::EntryReport> = esp
+        .entries
+        .iter()
+        .filter(|e| {
+            let keep = bootable_kind(e);
+            if !keep {
+                why.push(format!("{} has no linux line (systemd-boot drops it)", e.file));
+            }
+            keep
+        })
+        .cloned()
+        .collect();
+    let order = crate::format::entries::boot_order(&listed);
     for (i, e) in order.iter().enumerate() {
         let problem = (|| -> anyhow::Result<Option<String>> {
-            for p in boot_files(e) {
-                if !fat_digest(&root, &p).is_some_and(|d| known.digests.contains(&d)) {
-                    return Ok(Some(format!("{p} is missing or torn")));
+            let Some(build) = entry_build(e) else {
+                return Ok(Some("names no build (slotforge.build=)".into()));
+            };
+            for (role, p) in boot_files(e) {
+                let Some(d) = fat_digest(&root, &p) else {
+                    return Ok(Some(format!("{p} is missing")));
+                };
+                if !known.boot.get(&(build.clone(), role)).is_some_and(|ds| ds.contains(&d)) {
+                    return Ok(Some(format!("{p} is not the {role} build {build} wrote (torn, or another build's)")));
                 }
             }
             let Some(slot) = &e.slot else {

@@ -63,6 +63,10 @@ pub struct OperationReport {
     pub protected: Verdict,
     pub states: usize,
     pub failed: usize,
+    /// Good states that boot only through a fallback: the entry systemd-boot prefers would fail
+    /// and its boot counter hands over to another. The apply and first-boot protocols promise
+    /// none (docs/upgrade-protocol.md#crash-states): every state's preferred entry is complete.
+    pub fallbacks: usize,
     /// How many states boot each entry (`slot-a.conf → 0.1.0-…`).
     pub decisions: BTreeMap<String, usize>,
     /// Every state's verdicts, in log order.
@@ -289,6 +293,7 @@ pub fn replay(rec: &Recording, sampling: &Sampling, scratch: &Path, progress: &d
     }
     let (writes, write_bytes) = log.write_stats();
     let failed = results.iter().filter(|r| !r.ok).count() + (!protected.ok) as usize;
+    let fallbacks = results.iter().filter(|r| r.ok && r.decision.fallback).count();
     Ok(OperationReport {
         operation: rec.operation.clone(),
         entries: log.entries.len(),
@@ -299,6 +304,7 @@ pub fn replay(rec: &Recording, sampling: &Sampling, scratch: &Path, progress: &d
         protected,
         states: results.len(),
         failed,
+        fallbacks,
         decisions,
         results,
         plan,
@@ -363,6 +369,7 @@ pub fn summary(r: &OperationReport) -> String {
         out += &format!("  writes to {k}: {} ({:.1} MiB)\n", w.writes, w.bytes as f64 / 1048576.0);
     }
     out += &format!("  {}: {}\n", if r.protected.ok { "ok" } else { "FAILED" }, r.protected.detail);
+    out += &format!("  {} good states, {} of them only through a fallback (the preferred entry would fail)\n", r.states - r.failed.min(r.states), r.fallbacks);
     for (k, n) in &r.decisions {
         out += &format!("  {n} states boot {k}\n");
     }
@@ -416,6 +423,7 @@ mod tests {
             protected: Verdict { ok: true, detail: String::new() },
             states: results.len(),
             failed: 0,
+            fallbacks: 0,
             decisions: BTreeMap::new(),
             results,
             plan: vec![],

@@ -57,16 +57,34 @@ pub struct Sampling {
     /// The medium's atomic write unit, in log sectors: a write tears only at a multiple of it
     /// (8 = 4 KiB, what flash and 4Kn/512e disks persist whole; 1 = a 512-byte-sector disk).
     pub atomic: u64,
+    /// Tear each prefix's last write at every atomic-unit boundary (up to [`MAX_TEARS`] per
+    /// write, evenly spaced, the first and last always), instead of at one random boundary.
+    pub every_tear: bool,
+}
+
+/// Tear points per write in a full run: every boundary of a write up to 64 atomic units
+/// (256 KiB at 4 KiB), 64 evenly spaced ones — the first and the last included — beyond.
+pub const MAX_TEARS: usize = 64;
+
+/// The tear points a full run takes of `at` (every atomic boundary of one write, ascending).
+pub fn spread(at: &[u64]) -> Vec<u64> {
+    if at.len() <= MAX_TEARS {
+        return at.to_vec();
+    }
+    let mut v: Vec<u64> = (0..MAX_TEARS).map(|k| at[k * (at.len() - 1) / (MAX_TEARS - 1)]).collect();
+    v.dedup();
+    v
 }
 
 impl Sampling {
-    /// Every prefix and every torn prefix, 8 subsets per interval: the full run.
+    /// Every prefix, each torn at every atomic boundary of its last write (see [`MAX_TEARS`]),
+    /// 8 subsets per interval: the full run.
     pub fn full(seed: u64) -> Self {
-        Sampling { prefixes: None, subsets: 8, seed, atomic: 8 }
+        Sampling { prefixes: None, subsets: 8, seed, atomic: 8, every_tear: true }
     }
     /// A bounded sample (CI): 2 prefixes and 2 subsets per interval.
     pub fn sample(seed: u64) -> Self {
-        Sampling { prefixes: Some(2), subsets: 2, seed, atomic: 8 }
+        Sampling { prefixes: Some(2), subsets: 2, seed, atomic: 8, every_tear: false }
     }
 }
 
@@ -136,8 +154,14 @@ pub fn plan(log: &Log, s: &Sampling) -> Vec<State> {
                 out.push(State { kind: Kind::Prefix, base: b, extra: w[..l].to_vec(), torn: None, interval: k });
             }
             let at = tears(w[l - 1]);
-            if !at.is_empty() {
-                let t = at[rng.below(at.len() as u64) as usize];
+            let points = if s.every_tear {
+                spread(&at)
+            } else if at.is_empty() {
+                vec![]
+            } else {
+                vec![at[rng.below(at.len() as u64) as usize]]
+            };
+            for t in points {
                 out.push(State { kind: Kind::Torn, base: b, extra: w[..l].to_vec(), torn: Some(t), interval: k });
             }
         }
@@ -179,7 +203,7 @@ mod tests {
     #[test]
     fn every_flush_boundary_once_and_every_prefix_in_a_full_run() {
         let l = log("wwfwwwffw");
-        let p = plan(&l, &Sampling { prefixes: None, subsets: 0, seed: 1, atomic: 1 });
+        let p = plan(&l, &Sampling { prefixes: None, subsets: 0, seed: 1, atomic: 1, every_tear: true });
         let flush: Vec<usize> = p.iter().filter(|s| s.kind == Kind::Flush).map(|s| s.base).collect();
         // Before anything, after each flush (the third adds nothing), after the log.
         assert_eq!(flush, vec![0, 3, 7, 9]);
@@ -196,8 +220,16 @@ mod tests {
         let a = plan(&l, &full);
         assert_eq!(a, plan(&l, &full), "same seed, same states");
         let torn: Vec<&State> = a.iter().filter(|s| s.kind == Kind::Torn).collect();
-        assert_eq!(torn.len(), 3, "each prefix ending in an eight-sector write, the whole interval included");
-        assert!(torn.iter().all(|s| (1..8).contains(&s.torn.unwrap())));
+        // Three prefixes end in an eight-sector write (the whole interval included), each torn
+        // at every one of its 7 inner sector boundaries.
+        assert_eq!(torn.len(), 3 * 7, "every tear point of every prefix");
+        for len in [1, 3, 6] {
+            let at: Vec<u64> = torn.iter().filter(|s| s.extra.len() == len).map(|s| s.torn.unwrap()).collect();
+            assert_eq!(at, (1..8).collect::<Vec<u64>>(), "prefix of {len}");
+        }
+        // The sample tears each prefix once, at a random boundary.
+        let one = plan(&l, &Sampling { atomic: 1, ..Sampling::sample(7) });
+        assert!(one.iter().filter(|s| s.kind == Kind::Torn).count() <= 2);
         // 4 KiB atomic: an aligned eight-sector write never tears, a misaligned one at the boundary.
         assert!(plan(&l, &Sampling::full(7)).iter().all(|s| s.kind != Kind::Torn));
         let mut m = log("Wf");
@@ -213,5 +245,15 @@ mod tests {
         let sample = plan(&l, &Sampling { atomic: 1, ..Sampling::sample(7) });
         assert_eq!(sample.iter().filter(|s| s.kind == Kind::Prefix).count(), 2);
         assert!(sample.len() < a.len());
+    }
+
+    #[test]
+    fn a_long_write_is_torn_at_64_spread_points_first_and_last_included() {
+        let at: Vec<u64> = (1..1000).collect();
+        let v = spread(&at);
+        assert_eq!(v.len(), MAX_TEARS);
+        assert_eq!((v[0], v[MAX_TEARS - 1]), (1, 999));
+        assert!(v.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(spread(&at[..64]), at[..64].to_vec(), "up to 64: every one");
     }
 }

@@ -24,6 +24,8 @@ pub struct OpSummary {
     pub by_region: BTreeMap<String, crash::RegionWrites>,
     pub states: usize,
     pub failed: usize,
+    /// Good states that boot only through a fallback (asserted zero: a problem otherwise).
+    pub fallbacks: usize,
     /// States by the entry (and build) they boot.
     pub decisions: BTreeMap<String, usize>,
     /// States whose ESP needed the boot-time repair (`fsck.vfat -a`) beyond the dirty bit.
@@ -106,7 +108,9 @@ impl Device<'_> {
         let first_ok = b.status().is_some() && b.outcome == Outcome::Exited;
         boots.push(b);
         if !first_ok {
-            self.boot_until_status(boots)?;
+            // Its log is not a first boot that completed: replaying it would check states of an
+            // operation that never happened. A failure of the step.
+            return Ok(CrashStep { operations: vec![], booted: vec![], problems: vec!["crash-states: the recorded first boot of the new slot never reached the agent's `status` (or did not power off by itself), so its log is not replayed".into()] });
         }
         let sampling = if opts.crash_full { Sampling::full(1) } else { Sampling::sample(1) };
         let recs = [
@@ -121,13 +125,19 @@ impl Device<'_> {
             if !r.protected.ok {
                 problems.push(format!("crash-states {}: {}", rec.operation, r.protected.detail));
             }
+            if r.fallbacks > 0 {
+                problems.push(format!("crash-states {}: {} states boot only through a fallback (their preferred entry would fail); the protocol promises none", rec.operation, r.fallbacks));
+            }
             for s in r.results.iter().filter(|s| !s.ok).take(10) {
                 let why: Vec<&str> = [&s.gpt, &s.esp, &s.images].iter().filter(|v| !v.ok).map(|v| v.detail.as_str()).chain((!s.decision.ok).then_some(s.decision.detail.as_str())).collect();
                 problems.push(format!("crash-states {} {}: {}", rec.operation, s.label, why.join("; ")));
             }
             let esp_repaired = r.results.iter().filter(|s| s.esp.needs_repair()).count();
-            // The apply gets the larger half of the boot budget: its states also re-run it.
-            let mine = if k == 0 { budget.div_ceil(2) } else { budget / 2 };
+            // The first boot gets a quarter of the budget (at least one state when there are two),
+            // the apply the rest: its states are where the new entry appears, where the ESP needs
+            // the boot-time repair, and they re-run the apply.
+            let first = if budget >= 2 { (budget / 4).max(1) } else { 0 };
+            let mine = if k == 0 { budget - first } else { first };
             let log = crate::format::logwrites::parse(std::fs::File::open(&rec.log)?)?;
             let regions = crate::harness::crash::check::regions(&rec.before)?;
             for i in crash::pick_boots(&r, mine) {
@@ -194,6 +204,7 @@ impl Device<'_> {
                 by_region: r.by_region.clone(),
                 states: r.states,
                 failed: r.failed,
+                fallbacks: r.fallbacks,
                 decisions: r.decisions.clone(),
                 esp_repaired,
                 seconds: r.seconds,
