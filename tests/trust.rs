@@ -181,8 +181,8 @@ fn only_bundles_signed_by_a_trusted_key_are_applied() {
     // skopeo reads the signed bundle as an OCI layout.
     tool("skopeo", &["inspect", "--raw", &format!("oci:{}:{}", good.display(), j["build_id"].as_str().unwrap())]);
 
-    // Tampered: the rootfs blob replaced by another squashfs with the digests re-computed all
-    // the way up to a new config; the signature no longer matches the config. Refused.
+    // Tampered: the config changed (another version) and the manifest and index re-linked to it
+    // with valid digests; the old signature no longer matches the config. Refused.
     let tampered = fx.path().join("tampered");
     tool("cp", &["-a", good.to_str().unwrap(), tampered.to_str().unwrap()]);
     retarget_config(&tampered, |c| c["version"] = "6.6.6".into());
