@@ -4,7 +4,7 @@
 //! written. Pure; `slotforge test --shard K/N` and `slotforge merge-reports` are its users.
 
 use super::matrix::{Fault, PathSpec};
-use super::run::{Report, StepOutcome};
+use super::report::{Report, StepOutcome};
 
 /// `K/N`: the K-th (1-based) of N shards — GitLab's `CI_NODE_INDEX/CI_NODE_TOTAL`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +105,7 @@ pub fn merge(reports: Vec<Report>) -> Result<Report, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harness::run::StepResult;
+    use crate::harness::report::StepResult;
 
     const M: &str = "variants:\n  v1: {manifest: a.yml}\n  v2: {manifest: b.yml}\nlayouts:\n  l: l.yaml\npaths:\n  - name: plain\n    install: {variant: v1, layout: l}\n  - name: upgrade\n    install: {variant: v1, layout: l}\n    steps:\n      - upgrade: v2\n  - name: crash\n    install: {variant: v1, layout: l}\n    steps:\n      - upgrade: v2\n        fault: crash-states:3\n  - name: rollback\n    install: {variant: v1, layout: l}\n    steps:\n      - upgrade: v2\n        fault: bad-rootfs\n  - name: cut\n    install: {variant: v1, layout: l}\n    steps:\n      - upgrade: v2\n        fault: power-cut:slot-written\n      - upgrade: v2\n  - name: usb\n    install: {variant: v1, layout: l, via: installer}\n    steps:\n      - boot: true\n";
 
