@@ -20,9 +20,12 @@ print("## Boot under QEMU\n")
 print(f"Run on {datetime.date.today()}, {os.cpu_count()} cores, accelerator **{r3[0]['accel']}**, OVMF + systemd-boot,")
 print("Debian's 6.1 kernel, the reference initramfs and init (docs/boot.md). `total` is QEMU start to")
 print("power-off; `kernel→agent` is the kernel's own clock when the agent starts (so firmware +")
-print("systemd-boot ≈ total − kernel→agent − agent and services); `check` is the agent hashing the external")
-print("images (manifest, config, layers) in the guest.\n")
-print("| scenario boot | total (s) | kernel→agent (s) | check (s) | bytes checked |")
+print("systemd-boot ≈ total − kernel→agent − agent and services); `check` is the agent's boot check of the")
+print("external images in the guest; `image bytes` is what the images weigh (`image-check`'s `bytes`). The images")
+print("are sealed (the default): the check hashes the small blobs (manifest, config, artifact manifest) and only")
+print("stats the sealed file — its bytes are verified by dm-verity on every read — so its time does not grow with")
+print("the image.\n")
+print("| scenario boot | total (s) | kernel→agent (s) | check (s) | image bytes |")
 print("|---|---|---|---|---|")
 for r in r3 + r64:
     name = (r["test"] or "").replace("_", " ")
@@ -30,8 +33,10 @@ for r in r3 + r64:
 big = [r for r in r64 if r["checked_bytes"] > 0]
 if big:
     b = big[0]
-    print(f"\nVerifying {b['checked_bytes']/1e6:.0f} MB of external images at boot took {b['check_s']:.2f} s under TCG "
-          f"({b['checked_bytes']/1e6/max(b['check_s'],1e-9):.0f} MB/s).")
+    small = [r for r in r3 if r["checked_bytes"] > 0]
+    print(f"\nThe boot check of a {b['checked_bytes']/1e6:.0f} MB sealed image took {b['check_s']:.2f} s under TCG"
+          + (f", against {small[0]['check_s']:.2f} s for {small[0]['checked_bytes']/1e6:.0f} MB" if small else "")
+          + " (sealed: constant time; an unsealed image's check hashes every layer byte).")
 print(f"\nAll QEMU scenarios (3 tests, {len(r3)} boots, building fixtures and disks included): {total:.0f} s.")
 PY
 rm -f "$r3" "$r64"
