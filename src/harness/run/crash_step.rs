@@ -63,6 +63,16 @@ fn last_status(boots: &[Boot]) -> Option<Status> {
     boots.iter().rev().find_map(|b| b.status().cloned())
 }
 
+/// A recorded first boot is replayable only if it completed: the agent reported its `status`
+/// and the guest powered off by itself (the log then holds the whole boot).
+pub(crate) fn first_boot_recorded(b: &Boot) -> Result<(), String> {
+    match (b.status().is_some(), b.outcome) {
+        (true, Outcome::Exited) => Ok(()),
+        (false, _) => Err("crash-states: the recorded first boot of the new slot never reached the agent's `status`, so its log is not replayed".into()),
+        (true, o) => Err(format!("crash-states: the recorded first boot of the new slot did not power off by itself ({o:?}), so its log is incomplete and not replayed")),
+    }
+}
+
 impl Device<'_> {
     /// Boot `disk` until a boot reports `status` (at most 4: a slot on probation that fails
     /// spends its tries first).
@@ -105,12 +115,12 @@ impl Device<'_> {
         let mut o = self.vm_options(&self.disk, "dev", &[]);
         o.log_writes = Some(dir.join("first-boot.log"));
         let b = vm::boot(&o, &|_| false)?;
-        let first_ok = b.status().is_some() && b.outcome == Outcome::Exited;
+        let recorded = first_boot_recorded(&b);
         boots.push(b);
-        if !first_ok {
+        if let Err(why) = recorded {
             // Its log is not a first boot that completed: replaying it would check states of an
             // operation that never happened. A failure of the step.
-            return Ok(CrashStep { operations: vec![], booted: vec![], problems: vec!["crash-states: the recorded first boot of the new slot never reached the agent's `status` (or did not power off by itself), so its log is not replayed".into()] });
+            return Ok(CrashStep { operations: vec![], booted: vec![], problems: vec![why] });
         }
         let sampling = if opts.crash_full { Sampling::full(1) } else { Sampling::sample(1) };
         let recs = [
@@ -236,4 +246,23 @@ pub fn table_lines(path: &str, label: &str, c: &Value) -> String {
     let good = c["booted"].as_array().into_iter().flatten().filter(|b| b["ok"] == true).count();
     out += &format!("{path}/{label}: {booted} crash states booted in QEMU, {good} reached a good slot\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot(serial: &str, outcome: Outcome) -> Boot {
+        Boot { outcome, events: crate::format::agent::events::parse(serial), serial_path: PathBuf::new(), seconds: 1.0, accel: "tcg" }
+    }
+
+    #[test]
+    fn a_first_boot_that_never_reached_status_is_a_failure_not_a_log_to_replay() {
+        let status = "@slotforge {\"event\":\"status\",\"slot\":\"b\",\"version\":\"2\",\"build_id\":\"x\",\"state\":\"ok\",\"slots\":[],\"images\":[]}\n";
+        assert_eq!(first_boot_recorded(&boot(status, Outcome::Exited)), Ok(()));
+        let e = first_boot_recorded(&boot("@slotforge {\"event\":\"initramfs-failed\",\"root\":\"x\",\"why\":\"mount\"}\n", Outcome::Exited)).unwrap_err();
+        assert!(e.contains("never reached the agent's `status`"), "{e}");
+        let e = first_boot_recorded(&boot(status, Outcome::TimedOut)).unwrap_err();
+        assert!(e.contains("did not power off by itself (TimedOut)"), "{e}");
+    }
 }
