@@ -5,7 +5,6 @@
 //! newer agent's event is not dropped). Parsed as JSON, never grepped as prose.
 
 use super::status::{ApplyReport, ApplyStep, GcReport, ImageStatus, SealedState, Status};
-use crate::format::signature::Decision;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -130,14 +129,6 @@ impl Kind {
     }
 }
 
-/// The signature decision an `applied` event carries.
-pub fn signature_of(e: &Event) -> Option<&Decision> {
-    match e {
-        Event::Applied(r) => Some(&r.signature),
-        _ => None,
-    }
-}
-
 /// One event line as read: typed when this version knows it, and its JSON kept either way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Received {
@@ -227,6 +218,7 @@ pub fn known(events: &[Received]) -> impl Iterator<Item = &Event> {
 mod tests {
     use super::*;
     use crate::format::agent::status::*;
+    use crate::format::signature::Decision;
 
     #[test]
     fn events_among_firmware_noise_typed_and_unknown_kept() {
