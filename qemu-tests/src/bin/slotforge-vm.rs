@@ -103,13 +103,13 @@ fn summary(events: &[Received]) {
         let Some(e) = &r.event else { continue };
         match e {
             Event::Status(st) => {
-                eprintln!("agent status: {:?} — slot {}, version {}, build {}", st.state, st.slot.as_deref().unwrap_or("?"), st.version, st.build_id);
+                eprintln!("agent status: {} — slot {}, version {}, build {}", r["state"].as_str().unwrap_or("?"), st.slot.as_deref().unwrap_or("?"), st.version, st.build_id);
                 for i in &st.images {
-                    eprintln!("  external image {}: {:?} ({} bytes)", i.name, i.state, i.bytes);
+                    eprintln!("  external image {}: {} ({} bytes)", i.name, serde_json::to_value(i.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(), i.bytes);
                 }
             }
             Event::OnbootExited { name, status, stdout, .. } | Event::ServiceExited { name, status, stdout, .. } | Event::OnshutdownExited { name, status, stdout, .. } => {
-                eprintln!("  {} {name} exited {status:?}: {}", r.name().trim_end_matches("-exited"), stdout.trim());
+                eprintln!("  {} {name} exited {}: {}", r.name().trim_end_matches("-exited"), status.map(|c| c.to_string()).unwrap_or_else(|| "(no status)".into()), stdout.trim());
             }
             Event::ServiceRunning { name, pid, .. } => eprintln!("  service {name} still running (pid {pid})"),
             Event::MarkedGood { .. } | Event::RolledBack { .. } | Event::Degraded { .. } | Event::Applied(_) | Event::ApplyFailed { .. } => eprintln!("  {r}"),
