@@ -416,3 +416,53 @@ fn files_source_tilde_is_the_home_directory_and_optional_may_be_absent() {
     assert!(err.contains(&home.join(".ssh/id.pub").display().to_string()), "{err}");
     assert!(!out.exists());
 }
+
+/// LinuxKit's `volumes:` as LinuxKit lays them out: `/containers/volumes/NAME/{lower,merged}`
+/// (+ `tmp` when writable), `lower` holding the image's files or (`format: oci`) the image as an
+/// OCI layout skopeo reads; binds and mounts naming a volume bound from its `merged` directory;
+/// a read-only volume bound read-write, or an unknown one, refused with file:line:column and
+/// nothing written.
+#[test]
+fn volumes_are_laid_out_and_bound_as_linuxkit_does() {
+    let fx = fixture();
+    let m = std::fs::read_to_string(fx.manifest()).unwrap();
+    let with = |binds: &str| {
+        m.replace("    image: oci:images/setup:1\n", &format!("    image: oci:images/setup:1\n{binds}"))
+            .replace("files:\n", "volumes:\n  - name: scratch\n  - name: tools\n    image: oci:images/setup:1\n    readonly: true\n  - name: layout\n    image: oci:images/newlogd:1\n    format: oci\n    readonly: true\nfiles:\n")
+    };
+    std::fs::write(fx.manifest(), with("    binds.add: [\"scratch:/scratch\", \"tools:/tools:ro\"]\n    mounts:\n      - {type: bind, source: layout, destination: /layout, options: [rbind, ro]}\n")).unwrap();
+    let out = fx.path().join("disk.img");
+    let l = layouts().join("demo.yaml");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]));
+    let sq = fx.path().join("a.sqfs");
+    extract_partition(&out, "rootfs_a", &sq);
+    let x = tempfile::tempdir().unwrap();
+    let dest = x.path().join("r");
+    tool("unsquashfs", &["-d", dest.to_str().unwrap(), sq.to_str().unwrap()]);
+    let v = dest.join("containers/volumes");
+    for d in ["scratch/lower", "scratch/merged", "scratch/tmp", "tools/lower", "tools/merged", "layout/lower", "layout/merged"] {
+        assert!(v.join(d).is_dir(), "{d}");
+    }
+    assert!(!v.join("tools/tmp").exists() && !v.join("layout/tmp").exists(), "a read-only volume has no tmp: that is how the init tells");
+    assert_eq!(std::fs::read_dir(v.join("scratch/lower")).unwrap().count(), 0, "an image-less volume is empty");
+    assert_eq!(std::fs::read(v.join("tools/lower/bin/setup")).unwrap(), b"#!/bin/sh\n", "format: filesystem holds the image's files");
+    let inspect = tool("skopeo", &["inspect", &format!("oci:{}:oci:images/newlogd:1", v.join("layout/lower").display())]);
+    let j: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(j["Layers"].as_array().unwrap().len(), 1, "format: oci holds the image as a layout skopeo reads: {j}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dest.join("containers/onboot/000-setup/config.json")).unwrap()).unwrap();
+    let mounts = cfg["mounts"].as_array().unwrap();
+    let src = |d: &str| mounts.iter().find(|m| m["destination"] == d).map(|m| m["source"].as_str().unwrap().to_string());
+    assert_eq!(src("/scratch").as_deref(), Some("/containers/volumes/scratch/merged"));
+    assert_eq!(src("/tools").as_deref(), Some("/containers/volumes/tools/merged"));
+    assert_eq!(src("/layout").as_deref(), Some("/containers/volumes/layout/merged"));
+
+    // A read-only volume bound read-write, or a volume that does not exist: refused, nothing written.
+    for (binds, want) in [("    binds: [\"tools:/tools\"]\n", "volume tools is read-only"), ("    binds: [\"nope:/n\"]\n", "volume nope not found")] {
+        std::fs::write(fx.manifest(), with(binds)).unwrap();
+        std::fs::remove_file(&out).ok();
+        let o = slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want) && err.contains("system.yml:8:5"), "{binds}: {err}");
+        assert!(!out.exists());
+    }
+}

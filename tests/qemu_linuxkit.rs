@@ -31,6 +31,7 @@ onboot:
     capabilities.add: [CAP_SYS_TIME]
     oomScoreAdj: -300
     readonly: true
+    binds.add: ["shared:/vol-rw", "tools:/vol-ro:ro", "layout:/vol-oci:ro"]
     command: [/bin/sh, /probe.sh, first]
   - name: first
     image: linuxkit/probe:1
@@ -58,9 +59,21 @@ services:
     capabilities: [all]
     pid: host
     rlimits: ["nofile,123,456"]
+    binds.add: ["shared:/vol-rw"]
+    mounts:
+      - {{type: bind, source: tools, destination: /vol-ro, options: [rbind, ro]}}
     devices:
       - {{path: /dev/probe-null, type: c, major: 1, minor: 3, mode: "0666"}}
     command: [/bin/sh, /probe.sh, svc]
+volumes:
+  - name: shared
+  - name: tools
+    image: linuxkit/probe:1
+    readonly: true
+  - name: layout
+    image: linuxkit/probe:1
+    format: oci
+    readonly: true
 files:
   - path: etc/issue
     contents: "probe appliance\n"
@@ -118,7 +131,17 @@ fn a_linuxkit_yml_runs_under_runc_as_linuxkit_would_run_it() {
     assert_eq!(first["uid"], 0);
     assert!(first["resolv"].as_str().unwrap().contains("no resolv.conf configured"), "LinuxKit's resolv.conf fix-up: {first}");
 
+    // volumes: a writable empty one shared between containers (an overlay on a tmpfs), an
+    // image-backed read-only one, and one holding the image as an OCI layout.
+    let vols: Vec<(&str, bool)> = b.named(Kind::VolumeMounted).iter().map(|e| (e["name"].as_str().unwrap(), e["readonly"].as_bool().unwrap())).collect();
+    assert_eq!(vols, [("layout", true), ("shared", false), ("tools", true)], "failures: {:?}", b.named(Kind::VolumeFailed));
+    assert_eq!(first["vol_rw"], "true", "a writable volume bound by name: {first}");
+    assert_eq!(first["vol_ro"], "false", "a read-only volume cannot be written");
+    assert_eq!(first["vol_ro_probe"], true, "format: filesystem holds the image's files");
+    assert_eq!(first["vol_oci"], true, "format: oci holds the image as an OCI layout");
+
     let again = report(onboot[1]);
+    assert_eq!(again["vol_rw"], "absent", "binds: replaces; no volume bound here");
     assert_eq!(again["hostrun"], "false", "binds: in the entry replaces the label's; :ro makes it read-only");
     assert_ne!(again["net"], host["net"], "net: new");
     assert_eq!(again["host"], "entry-wins");
@@ -145,6 +168,9 @@ fn a_linuxkit_yml_runs_under_runc_as_linuxkit_would_run_it() {
     assert_eq!(svc["root_writable"], true, "an external image gets a writable overlay root too");
     assert!(svc["sleeper_cgroup"].as_str().unwrap().contains("probes/sleeper"), "cgroupsPath: {svc}");
     assert_eq!(svc["host"], "from-label");
+    assert!(svc["vol_seen"].as_str().unwrap().contains("from-first"), "what an onboot container wrote into a volume, a service sees: {svc}");
+    assert_eq!(svc["vol_ro"], "false", "a volume named by a bind mount, read-only");
+    assert_eq!(svc["vol_ro_probe"], true);
 
     // onshutdown runs at shutdown.
     let bye = b.named(Kind::OnshutdownExited);

@@ -228,8 +228,12 @@ if [ -d /hostrun ]; then hr=$(w /hostrun/probe-$n); else hr=absent; fi
 if [ -d /hostrun/made-by-runtime ]; then mk=true; else mk=false; fi
 dev=false
 if [ -c /dev/probe-null ] && echo x > /dev/probe-null 2>/dev/null; then dev=true; fi
+if [ -d /vol-rw ]; then vw=$(w /vol-rw/from-$n); vs=$(ls /vol-rw | tr '\n' ' '); else vw=absent; vs=; fi
+if [ -d /vol-ro ]; then vr=$(w /vol-ro/probe-$n); else vr=absent; fi
+if [ -f /vol-ro/probe.sh ]; then vp=true; else vp=false; fi
+if [ -f /vol-oci/index.json ] && [ -f /vol-oci/oci-layout ]; then vo=true; else vo=false; fi
 sl=$(for c in /proc/[0-9]*/comm; do if [ "$(cat $c 2>/dev/null)" = sleep ]; then cat ${c%/comm}/cgroup; fi; done | tr '\n' ' ')
-echo "{\"name\":\"$n\",\"caps\":\"$caps\",\"oom\":$(cat /proc/self/oom_score_adj),\"net\":\"$(readlink /proc/self/ns/net)\",\"pidns\":\"$(readlink /proc/self/ns/pid)\",\"cgroupns\":\"$(readlink /proc/self/ns/cgroup)\",\"pid\":$$,\"host\":\"$(hostname)\",\"hostrun\":\"$hr\",\"root_writable\":$(w /probe-root),\"made\":$mk,\"dev\":$dev,\"ip_forward\":$(cat /proc/sys/net/ipv4/ip_forward),\"nofile\":\"$(ulimit -n)\",\"sleeper_cgroup\":\"$sl\",\"uid\":$(id -u),\"resolv\":\"$(cat /etc/resolv.conf | tr -d '\n#')\"}"
+echo "{\"name\":\"$n\",\"caps\":\"$caps\",\"oom\":$(cat /proc/self/oom_score_adj),\"net\":\"$(readlink /proc/self/ns/net)\",\"pidns\":\"$(readlink /proc/self/ns/pid)\",\"cgroupns\":\"$(readlink /proc/self/ns/cgroup)\",\"pid\":$$,\"host\":\"$(hostname)\",\"hostrun\":\"$hr\",\"root_writable\":$(w /probe-root),\"made\":$mk,\"dev\":$dev,\"ip_forward\":$(cat /proc/sys/net/ipv4/ip_forward),\"nofile\":\"$(ulimit -n)\",\"sleeper_cgroup\":\"$sl\",\"uid\":$(id -u),\"resolv\":\"$(cat /etc/resolv.conf | tr -d '\n#')\",\"vol_rw\":\"$vw\",\"vol_seen\":\"$vs\",\"vol_ro\":\"$vr\",\"vol_ro_probe\":$vp,\"vol_oci\":$vo}"
 "#;
 
 /// An image with busybox and [`PROBE`] at `/probe.sh`, carrying `label` as its
@@ -239,7 +243,7 @@ pub fn probe_image(layout: &Path, tag: &str, label: &str) -> anyhow::Result<()> 
     let bin = tmp.path().join("bin");
     std::fs::create_dir_all(&bin)?;
     std::fs::copy(BUSYBOX, bin.join("busybox"))?;
-    for a in ["sh", "sed", "cat", "touch", "readlink", "hostname", "tr", "id", "sleep", "echo"] {
+    for a in ["sh", "sed", "cat", "touch", "readlink", "hostname", "tr", "id", "sleep", "echo", "ls"] {
         std::os::unix::fs::symlink("busybox", bin.join(a))?;
     }
     std::fs::write(tmp.path().join("probe.sh"), PROBE)?;

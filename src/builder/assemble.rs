@@ -49,7 +49,7 @@ struct Assembly<'a> {
 /// Assemble the rootfs of a build, in the order of docs/architecture.md: init images, the
 /// kernel image, the boot loader, each container, `files:`, slotforge's metadata.
 pub(super) fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, work: &Path, progress: Progress) -> anyhow::Result<RootfsParts> {
-    let layer_bytes: u64 = r.init.iter().chain(std::iter::once(&r.kernel)).chain(r.loader.iter()).chain(
+    let layer_bytes: u64 = r.init.iter().chain(std::iter::once(&r.kernel)).chain(r.loader.iter()).chain(r.volumes.iter().map(|v| &v.1)).chain(
         r.containers.iter().filter(|(s, i, _)| !service(m, *s, *i).is_external()).map(|(_, _, img)| img)
     ).flat_map(|i| i.layers.iter().map(|l| l.size)).sum();
     let pb = progress.bar("flatten", layer_bytes, true);
@@ -57,6 +57,7 @@ pub(super) fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: 
     a.init_images(&r.init)?;
     let kernel = a.kernel_image(&r.kernel)?;
     let loader = a.boot_loader(r.loader.as_ref())?;
+    a.volumes(r)?;
     let (external, sealed) = a.containers(r, work)?;
     pb.finish_and_clear();
     a.files()?;
@@ -166,6 +167,73 @@ impl Assembly<'_> {
         Ok(Content::Path(p))
     }
 
+    /// LinuxKit's named volumes: `/containers/volumes/NAME/{lower,merged[,tmp]}`, `lower`
+    /// holding the image's files (`format: filesystem`, the default), the image as an OCI
+    /// layout (`format: oci`), or nothing.
+    fn volumes(&mut self, r: &Resolved) -> anyhow::Result<()> {
+        let (m, epoch) = (self.m, self.epoch);
+        for (i, v) in m.manifest.volumes.iter().enumerate() {
+            let name = &v.name.value;
+            let img = r.volumes.iter().find(|(j, _)| *j == i).map(|(_, img)| img);
+            let o = self.contributor("volume", name, img.map(|i| i.reference.as_str()), false);
+            let lower = format!("{}/lower", crate::linuxkit::volume::base_dir(name));
+            let at = |e: String| anyhow::Error::new(InputError::spanned(&m.path, &v.name, format!("volume {name}: {e}")));
+            if let (Some(img), Some(p)) = (img, v.platforms.as_ref()) {
+                let want = img.platform.to_string();
+                if let Some(other) = p.value.iter().find(|x| **x != want) {
+                    return Err(InputError::spanned(&m.path, p, format!("volume {name}: platform {other}: slotforge lays out the build's platform ({want}) only")).into());
+                }
+            }
+            if let Some(img) = img {
+                self.volume_contents(v, img, &lower, o).map_err(|e| at(format!("{e:#}")))?;
+            }
+            // After the contents: a directory put over an existing one keeps what it holds.
+            for d in crate::linuxkit::volume::dirs(name, v.readonly) {
+                self.root.insert(&components(d.as_bytes(), true).unwrap(), Node::dir(Meta::new(0o755, epoch), u32::MAX, o)).map_err(|e| anyhow::anyhow!("{d}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What fills a volume's `lower`: the image's files, or the image as an OCI layout.
+    fn volume_contents(&mut self, v: &super::manifest::Volume, img: &ResolvedImage, lower: &str, o: u32) -> anyhow::Result<()> {
+        if v.oci_layout() {
+            return self.oci_layout(img, lower, o);
+        }
+        let mut sub = Tree::new(self.epoch);
+        self.flatten_into(&mut sub, img, o)?;
+        self.root.graft(&components(lower.as_bytes(), true).unwrap(), sub, o).map_err(|e| anyhow::anyhow!("{lower}: {e}"))
+    }
+
+    /// `img` as an OCI image layout at `dir`: `oci-layout`, `index.json` naming its manifest by
+    /// its reference, and the manifest, config and layer blobs exactly as they were pulled.
+    fn oci_layout(&mut self, img: &ResolvedImage, dir: &str, o: u32) -> anyhow::Result<()> {
+        let epoch = self.epoch;
+        let blob = |d: &Digest| format!("{dir}/blobs/sha256/{}", d.hex());
+        rootfs::put_file(&mut self.root, &format!("{dir}/oci-layout"), crate::format::images::OCI_LAYOUT.to_vec(), 0o644, epoch, o)?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": crate::oci::image::MT_OCI_INDEX,
+            "manifests": [{
+                "mediaType": img.manifest_media_type,
+                "digest": img.manifest_digest.to_string(),
+                "size": img.manifest_bytes.len(),
+                "platform": img.platform,
+                "annotations": {"org.opencontainers.image.ref.name": img.reference},
+            }],
+        });
+        rootfs::put_file(&mut self.root, &format!("{dir}/index.json"), serde_json::to_vec(&index)?, 0o644, epoch, o)?;
+        rootfs::put_file(&mut self.root, &blob(&img.manifest_digest), img.manifest_bytes.clone(), 0o644, epoch, o)?;
+        rootfs::put_file(&mut self.root, &blob(&img.config_digest), img.config_bytes.clone(), 0o644, epoch, o)?;
+        for l in &img.layers {
+            let mut r = crate::oci::open_verified(img.source.as_ref(), &l.digest, l.size, "layer")?;
+            let (content, size) = self.spill.store(&mut r)?;
+            self.pb.inc(l.size);
+            rootfs::put_content(&mut self.root, &blob(&l.digest), content, size, 0o644, epoch, o)?;
+        }
+        Ok(())
+    }
+
     /// Every onboot/onshutdown/service container: its LinuxKit bundle (`config.json`,
     /// `runtime.json`, mount points); an on-disk image unpacked into it, an external one
     /// recorded (and sealed into `work`). Returns the external images and the sealed files.
@@ -173,6 +241,7 @@ impl Assembly<'_> {
     fn containers(&mut self, r: &Resolved, work: &Path) -> anyhow::Result<(Vec<(ExternalImage, usize)>, BTreeMap<String, (PathBuf, Vec<u8>)>)> {
         let (m, epoch) = (self.m, self.epoch);
         let ids = m.ids();
+        let volumes = m.volumes();
         let mut external = Vec::new();
         let mut sealed_files = BTreeMap::new();
         let mut unpacked = BTreeMap::new();
@@ -187,6 +256,7 @@ impl Assembly<'_> {
                 Some(text) => crate::linuxkit::spec::parse_label(&img.reference, text).map_err(at)?,
                 None => Default::default(),
             };
+            let s = &crate::linuxkit::volume::resolve(s, &volumes).map_err(at)?;
             let (spec, runtime) = crate::linuxkit::oci::config_to_oci(s, &label, &defaults, &ids).map_err(at)?;
             let dir = crate::linuxkit::bundle::bundle_dir(*section, *i, name);
             let b = crate::linuxkit::bundle::plan(dir, &spec, &runtime, &img.reference, !s.is_external(), &mut unpacked);

@@ -39,6 +39,12 @@ pub(super) fn build_id(m: &LoadedManifest, r: &Resolved, epoch: u64) -> anyhow::
             json!({"section": sec, "entry": s, "digest": img.manifest_digest})
         })
         .collect();
+    let volumes: Vec<_> = mf
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| json!({"entry": v, "digest": r.volumes.iter().find(|(j, _)| *j == i).map(|(_, img)| img.manifest_digest.to_string())}))
+        .collect();
     let inputs = json!({
         "slotforge-build-id": 2,
         "version": m.version(),
@@ -50,6 +56,11 @@ pub(super) fn build_id(m: &LoadedManifest, r: &Resolved, epoch: u64) -> anyhow::
         "verity": m.verity(),
         "update_keys": update_keys(m)?.into_iter().map(|k| k.0).collect::<Vec<_>>(),
     });
+    let mut inputs = inputs;
+    if !volumes.is_empty() {
+        // Only when there are any, so the ids of builds without volumes stay what they were.
+        inputs["volumes"] = json!(volumes);
+    }
     let d = Digest::of_bytes(&serde_json::to_vec(&inputs)?);
     Ok(format!("{}-{}", m.version(), &d.hex()[..12]))
 }

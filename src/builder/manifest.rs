@@ -26,7 +26,7 @@ pub struct Manifest {
     pub services: Vec<Spanned<Service>>,
     #[serde(default)]
     pub files: Vec<FileEntry>,
-    /// LinuxKit volumes: parsed (so a file using them gets a clear error, not an unknown key).
+    /// LinuxKit's named volumes, under `/containers/volumes/NAME/` (docs/manifest.md#volumes).
     #[serde(default)]
     pub volumes: Vec<Volume>,
     /// LinuxKit's old content-trust section: accepted and ignored, as current LinuxKit does.
@@ -79,14 +79,28 @@ impl Kernel {
 #[serde(deny_unknown_fields)]
 pub struct Volume {
     pub name: Spanned<String>,
+    /// The image whose contents fill the volume; none (or `""`): an empty volume.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    #[serde(default)]
+    pub image: Option<Spanned<String>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub readonly: bool,
+    /// `filesystem` (default: the image's files) or `oci` (the image as an OCI layout).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub format: Option<String>,
+    pub format: Option<Spanned<String>>,
+    /// `format: oci` only: the platforms to include (slotforge: the build's platform only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub platforms: Option<Vec<String>>,
+    pub platforms: Option<Spanned<Vec<String>>>,
+}
+
+impl Volume {
+    /// The image that fills it, if any.
+    pub fn image(&self) -> Option<&Spanned<String>> {
+        self.image.as_ref().filter(|i| !i.value.is_empty())
+    }
+    /// Whether it holds the image as an OCI layout (`format: oci`).
+    pub fn oci_layout(&self) -> bool {
+        self.format.as_ref().is_some_and(|f| f.value == "oci")
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +229,10 @@ impl LoadedManifest {
     pub fn boot(&self) -> &Boot {
         self.manifest.boot.as_ref().unwrap_or(&self.default_boot)
     }
+    /// Every volume by name, and whether it is read-only (what a bind naming one is checked against).
+    pub fn volumes(&self) -> std::collections::BTreeMap<String, bool> {
+        self.manifest.volumes.iter().map(|v| (v.name.value.clone(), v.readonly)).collect()
+    }
     /// The ids LinuxKit allocates to container names (for `uid`/`gid` by name).
     pub fn ids(&self) -> crate::linuxkit::oci::IdMap {
         crate::linuxkit::oci::allocate_ids(self.containers().map(|(_, s)| s.name()))
@@ -274,9 +292,7 @@ fn check(file: &Path, m: &Manifest) -> Result<(), InputError> {
             }
         }
     }
-    if let Some(v) = m.volumes.first() {
-        return Err(InputError::spanned(file, &v.name, "LinuxKit `volumes:` are not supported by slotforge yet (docs/manifest.md)"));
-    }
+    check_volumes(file, m)?;
     if let Some(b) = &m.boot {
         if let (Some(sb), false) = (&b.secure_boot, b.uki) {
             return Err(InputError::spanned(file, &sb.key, "boot.secure-boot needs boot.uki: true (the command line, with its root hash, must be inside a signed image)"));
@@ -287,6 +303,30 @@ fn check(file: &Path, m: &Manifest) -> Result<(), InputError> {
         check_file_kind(f).map_err(|e| InputError::spanned(file, &f.path, e))?;
         if let Some(mode) = &f.mode {
             parse_mode(mode).map_err(|e| InputError::spanned(file, &f.path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// LinuxKit's rules for `volumes:`: valid, unique names; a known format; platforms only for an
+/// OCI layout. Whether the containers' binds name existing volumes is checked with the build.
+fn check_volumes(file: &Path, m: &Manifest) -> Result<(), InputError> {
+    let mut names = BTreeSet::new();
+    for v in &m.volumes {
+        crate::linuxkit::volume::check_name(&v.name.value).map_err(|e| InputError::spanned(file, &v.name, e))?;
+        if !names.insert(v.name.value.clone()) {
+            return Err(InputError::spanned(file, &v.name, format!("duplicate volume name: {}", v.name.value)));
+        }
+        if let Some(f) = &v.format {
+            if !["", "filesystem", "oci"].contains(&f.value.as_str()) {
+                return Err(InputError::spanned(file, f, format!("volume {}: unknown format {:?} (filesystem or oci)", v.name.value, f.value)));
+            }
+        }
+        if let (Some(p), false) = (&v.platforms, v.oci_layout()) {
+            return Err(InputError::spanned(file, p, format!("volume {}: platforms apply to format: oci only", v.name.value)));
+        }
+        if let (None, Some(f)) = (v.image(), v.format.as_ref().filter(|_| v.oci_layout())) {
+            return Err(InputError::spanned(file, f, format!("volume {}: format: oci needs an image", v.name.value)));
         }
     }
     Ok(())
@@ -420,8 +460,19 @@ trust:
         assert_eq!(e.line, 3, "{e}");
         let e = parse(Path::new("s.yml"), "onboot:\n  - name: a\n").unwrap_err();
         assert!(e.message.contains("needs `image:`"), "{e}");
-        let e = parse(Path::new("s.yml"), "volumes:\n  - name: v\n").unwrap_err();
-        assert!(e.message.contains("not supported"), "{e}");
+        parse(Path::new("s.yml"), "volumes:\n  - name: v\n  - {name: w, image: x, readonly: true, format: oci}\n").unwrap();
+        for (text, at, want) in [
+            ("volumes:\n  - name: V\n", (2, 11), "invalid volume name"),
+            ("volumes:\n  - name: v\n  - name: v\n", (3, 11), "duplicate volume name"),
+            ("volumes:\n  - {name: v, image: x, format: tar}\n", (2, 33), "unknown format"),
+            ("volumes:\n  - {name: v, image: x, platforms: [linux/arm64]}\n", (2, 36), "format: oci only"),
+            ("volumes:\n  - {name: v, format: oci}\n", (2, 23), "needs an image"),
+            ("volumes:\n  - {name: v, size: 1}\n", (2, 15), "unknown field"),
+        ] {
+            let e = parse(Path::new("s.yml"), text).unwrap_err();
+            assert!(e.message.contains(want), "{text}: {e}");
+            assert_eq!((e.line, e.column), at, "{text}: {e}");
+        }
     }
 
     #[test]

@@ -32,6 +32,13 @@ fn file_node(data: Vec<u8>, mode: u16, epoch: u64, origin: u32) -> Node {
     Node { meta: Meta::new(mode, epoch), kind: Kind::File { content: Content::Inline(Arc::new(data)), size, link: None }, layer: u32::MAX, origin }
 }
 
+/// Put a file whose bytes are elsewhere (spilled, or on the host) at `path` (relative).
+pub fn put_content(t: &mut Tree, path: &str, content: Content, size: u64, mode: u16, epoch: u64, origin: u32) -> anyhow::Result<()> {
+    let comps = components(path.as_bytes(), true).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+    let node = Node { meta: Meta::new(mode, epoch), kind: Kind::File { content, size, link: None }, layer: u32::MAX, origin };
+    t.insert(&comps, node).map_err(|e| anyhow::anyhow!("{path}: {e}"))
+}
+
 /// Put a generated file at `path` (relative), creating parents.
 pub fn put_file(t: &mut Tree, path: &str, data: Vec<u8>, mode: u16, epoch: u64, origin: u32) -> anyhow::Result<()> {
     let comps = components(path.as_bytes(), true).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
@@ -64,6 +71,8 @@ pub fn metadata(m: &crate::builder::manifest::LoadedManifest, kind: &str) -> any
         onshutdown: Vec<&'a crate::builder::manifest::Service>,
         services: Vec<&'a crate::builder::manifest::Service>,
         files: &'a [crate::builder::manifest::FileEntry],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        volumes: &'a [crate::builder::manifest::Volume],
     }
     // Image references as LinuxKit writes them (its `UpdateImages`): canonical, `docker.io/...`.
     use crate::linuxkit::spec::reference_expand;
@@ -91,6 +100,7 @@ pub fn metadata(m: &crate::builder::manifest::LoadedManifest, kind: &str) -> any
         onshutdown: onshutdown.iter().collect(),
         services: services.iter().collect(),
         files: &mf.files,
+        volumes: &mf.volumes,
     };
     Ok(match kind {
         "json" => crate::linuxkit::oci::to_json(&v),

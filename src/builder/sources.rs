@@ -30,13 +30,15 @@ pub(super) struct Resolved {
     pub(super) kernel: ResolvedImage,
     pub(super) init: Vec<ResolvedImage>,
     pub(super) containers: Vec<(Section, usize, ResolvedImage)>,
+    /// Volumes filled from an image: the volume's index in `volumes:`, the image.
+    pub(super) volumes: Vec<(usize, ResolvedImage)>,
     pub(super) loader: Option<ResolvedImage>,
 }
 
 impl Resolved {
     /// Every resolved image (kernel, init, containers, loader).
     pub fn all(&self) -> Vec<&ResolvedImage> {
-        std::iter::once(&self.kernel).chain(&self.init).chain(self.containers.iter().map(|c| &c.2)).chain(&self.loader).collect()
+        std::iter::once(&self.kernel).chain(&self.init).chain(self.containers.iter().map(|c| &c.2)).chain(self.volumes.iter().map(|v| &v.1)).chain(&self.loader).collect()
     }
 }
 
@@ -46,6 +48,7 @@ pub fn manifest_references(m: &LoadedManifest) -> Vec<String> {
     let mut v: Vec<String> = mf.kernel.iter().map(|k| k.image.value.clone()).collect();
     v.extend(mf.init.iter().map(|i| i.value.clone()));
     v.extend(m.containers().map(|(_, s)| s.image.as_ref().expect("checked").value.clone()));
+    v.extend(mf.volumes.iter().filter_map(|v| v.image()).map(|i| i.value.clone()));
     v.extend(Some(m.boot()).filter(|b| !b.loader.value.starts_with("file:")).map(|b| b.loader.value.clone()));
     v
 }
@@ -56,7 +59,7 @@ pub(super) fn resolve_all(m: &LoadedManifest, resolver: &Resolver, lock: Option<
     let mf = &m.manifest;
     let kernel = mf.kernel.as_ref().ok_or_else(|| anyhow::anyhow!("{}: the manifest has no `kernel:` section; a bootable disk needs one", m.path.display()))?;
     let boot = m.boot();
-    let total = 1 + mf.init.len() + m.containers().count() + usize::from(!boot.loader.value.starts_with("file:"));
+    let total = 1 + mf.init.len() + m.containers().count() + mf.volumes.iter().filter(|v| v.image().is_some()).count() + usize::from(!boot.loader.value.starts_with("file:"));
     let pb = progress.bar("resolve", total as u64, false);
     let base = m.dir();
     let at = |s: &serde_saphyr::Spanned<String>| {
@@ -85,6 +88,7 @@ pub(super) fn resolve_all(m: &LoadedManifest, resolver: &Resolver, lock: Option<
             containers.push((section, i, res(s.value.image.as_ref().expect("checked"))));
         }
     }
+    let volumes: Vec<_> = mf.volumes.iter().enumerate().filter_map(|(i, v)| Some((i, res(v.image()?)))).collect();
     let loader = if boot.loader.value.starts_with("file:") { None } else { Some(res(&boot.loader)) };
     pb.finish_and_clear();
     let failures = failures.into_inner();
@@ -95,6 +99,7 @@ pub(super) fn resolve_all(m: &LoadedManifest, resolver: &Resolver, lock: Option<
         kernel: kernel?,
         init: init.into_iter().collect::<anyhow::Result<_>>()?,
         containers: containers.into_iter().map(|(a, b, c)| c.map(|c| (a, b, c))).collect::<anyhow::Result<_>>()?,
+        volumes: volumes.into_iter().map(|(i, r)| r.map(|r| (i, r))).collect::<anyhow::Result<_>>()?,
         loader: loader.transpose()?,
     };
     if resolver.offline {

@@ -12,3 +12,4 @@ pub mod runner;
 pub mod sealed;
 pub mod status;
 pub mod update;
+pub mod volumes;

@@ -1,7 +1,7 @@
 //! Running the containers on the device as LinuxKit's init does, with runc: each bundle's
 //! `runtime.json` applied around `runc create`/`runc start` (mkdir, a read-only root bound onto
 //! itself or a writable one as an overlay on a tmpfs, cgroups, interfaces, namespace binds);
-//! `onboot` entries in directory order, each to completion; `services` all started, none
+//! LinuxKit's volumes mounted first; `onboot` entries in directory order, each to completion; `services` all started, none
 //! waiting for another; `onshutdown` in order at shutdown. External images (`ondisk: false`)
 //! are bound into their bundle first, only when verified. Reference: docs/agent.md.
 
@@ -360,6 +360,7 @@ pub fn run(cfg: &AgentConfig, settle: Duration, scrub_images: bool) -> anyhow::R
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let ready = mount_external(cfg)?;
+    super::volumes::mount_all(&cfg.root);
     let pid_dir = cfg.run_dir.join("pids");
     std::fs::create_dir_all(&pid_dir)?;
     let external = |dir: &Path| dir.join("image.json").exists();

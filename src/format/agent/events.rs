@@ -49,6 +49,10 @@ pub enum Event {
     /// The final status of `agent boot` (or after a scrub that repaired something).
     Status(Status),
     // -- containers --
+    /// A LinuxKit volume made ready at `/containers/volumes/NAME/merged` before the onboot
+    /// containers: an overlay with a tmpfs upper layer, or (read-only) its contents bound read-only.
+    VolumeMounted { name: String, readonly: bool },
+    VolumeFailed { name: String, error: String },
     ImageMountFailed { name: String, error: String },
     OnbootExited { name: String, external: bool, status: Option<i32>, stdout: String, stderr: String },
     OnbootFailed { name: String, external: bool, error: String },
