@@ -466,3 +466,57 @@ fn volumes_are_laid_out_and_bound_as_linuxkit_does() {
         assert!(!out.exists());
     }
 }
+
+/// The build cache: a sealed external image is sealed once and reused bit-identically (hit and
+/// miss counted in `--json`'s `cache`); a corrupted entry is detected, dropped and rebuilt with
+/// the disk unchanged; two builds sharing one cache at once both succeed with the same disk;
+/// `cache prune` empties it and `cache stats` says so.
+#[test]
+fn the_build_cache_reuses_sealed_images_and_never_a_corrupt_one() {
+    let fx = fixture();
+    let l = layouts().join("demo.yaml");
+    let cache = fx.path().join("cache");
+    let build = |out: &str, cache: &Path| -> (serde_json::Value, String) {
+        let out = fx.path().join(out);
+        let o = slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json", "--cache", cache.to_str().unwrap()]);
+        let j: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        (j["cache"].clone(), sha256_file(&out))
+    };
+    let counts = |c: &serde_json::Value| (c["sealed_hits"].as_u64().unwrap(), c["sealed_misses"].as_u64().unwrap(), c["sealed_dropped"].as_u64().unwrap());
+    let (c, cold) = build("cold.img", &cache);
+    assert_eq!(counts(&c), (0, 1, 0), "one sealed image (edgeview), sealed and stored: {c}");
+    let (c, warm) = build("warm.img", &cache);
+    assert_eq!(counts(&c), (1, 0, 0), "{c}");
+    assert_eq!(warm, cold, "a rebuild from the cache is bit-identical");
+
+    // Corrupt the cached sealed file: detected on the way out, dropped, sealed again.
+    let stats = |cache: &Path| -> serde_json::Value { serde_json::from_str(&ok(&slotforge(&["cache", "stats", "--json", "--cache", cache.to_str().unwrap()]))).unwrap() };
+    let s = stats(&cache);
+    assert_eq!(s["sealed_entries"], 1, "{s}");
+    let rec = std::fs::read_dir(cache.join("build/sealed")).unwrap().next().unwrap().unwrap().path();
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    let blob = cache.join("blobs/sha256").join(r["sealed"]["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    let mut b = std::fs::read(&blob).unwrap();
+    b[5000] ^= 0x40;
+    std::fs::write(&blob, b).unwrap();
+    let (c, again) = build("again.img", &cache);
+    assert_eq!(counts(&c), (0, 0, 1), "the corrupt entry is dropped and rebuilt: {c}");
+    assert_eq!(again, cold, "never written into a disk");
+    assert_eq!(counts(&build("again2.img", &cache).0), (1, 0, 0), "the rebuilt entry serves the next build");
+
+    // Two builds sharing one empty cache at once.
+    let shared = fx.path().join("shared");
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| build("p1.img", &shared));
+        let b = s.spawn(|| build("p2.img", &shared));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!((a.1.as_str(), b.1.as_str()), (cold.as_str(), cold.as_str()), "concurrent builds on one cache: {:?} {:?}", a.0, b.0);
+    assert_eq!(stats(&shared)["sealed_entries"], 1);
+
+    // Prune to nothing: the next build misses.
+    let p: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["cache", "prune", "--max-bytes", "0", "--json", "--cache", cache.to_str().unwrap()]))).unwrap();
+    assert_eq!(p["dropped_entries"], 1, "{p}");
+    assert_eq!(stats(&cache)["sealed_entries"], 0);
+    assert_eq!(counts(&build("after-prune.img", &cache).0), (0, 1, 0));
+}

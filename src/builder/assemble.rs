@@ -31,6 +31,8 @@ pub(super) struct RootfsParts {
     /// Sealed external images by name: the sealed file (in the work directory) and its
     /// artifact manifest.
     pub(super) sealed: BTreeMap<String, (PathBuf, Vec<u8>)>,
+    /// How the build cache served this build.
+    pub(super) cache_use: super::buildcache::CacheUse,
 }
 
 /// The rootfs tree being assembled, and who put how much into it (for the oversize report).
@@ -44,16 +46,18 @@ struct Assembly<'a> {
     pb: indicatif::ProgressBar,
     /// Layers flattened into the root so far (whiteouts only reach lower layers).
     layer_no: u32,
+    cache: Option<&'a super::buildcache::BuildCache>,
+    cache_use: super::buildcache::CacheUse,
 }
 
 /// Assemble the rootfs of a build, in the order of docs/architecture.md: init images, the
 /// kernel image, the boot loader, each container, `files:`, slotforge's metadata.
-pub(super) fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, work: &Path, progress: Progress) -> anyhow::Result<RootfsParts> {
+pub(super) fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: u64, spill: &mut Spill, work: &Path, cache: Option<&super::buildcache::BuildCache>, progress: Progress) -> anyhow::Result<RootfsParts> {
     let layer_bytes: u64 = r.init.iter().chain(std::iter::once(&r.kernel)).chain(r.loader.iter()).chain(r.volumes.iter().map(|v| &v.1)).chain(
         r.containers.iter().filter(|(s, i, _)| !service(m, *s, *i).is_external()).map(|(_, _, img)| img)
     ).flat_map(|i| i.layers.iter().map(|l| l.size)).sum();
     let pb = progress.bar("flatten", layer_bytes, true);
-    let mut a = Assembly { m, epoch, root: Tree::new(epoch), contributors: Vec::new(), spill, pb: pb.clone(), layer_no: 0 };
+    let mut a = Assembly { m, epoch, root: Tree::new(epoch), contributors: Vec::new(), spill, pb: pb.clone(), layer_no: 0, cache, cache_use: Default::default() };
     a.init_images(&r.init)?;
     let kernel = a.kernel_image(&r.kernel)?;
     let loader = a.boot_loader(r.loader.as_ref())?;
@@ -62,13 +66,13 @@ pub(super) fn assemble(m: &LoadedManifest, r: &Resolved, build_id: &str, epoch: 
     pb.finish_and_clear();
     a.files()?;
     a.metadata(build_id, &external)?;
-    let Assembly { root, mut contributors, .. } = a;
+    let Assembly { root, mut contributors, cache_use, .. } = a;
     for (o, b) in root.bytes_by_origin() {
         if let Some(c) = contributors.get_mut(o as usize) {
             c.bytes += b;
         }
     }
-    Ok(RootfsParts { tree: root, contributors, kernel, loader, external, sealed })
+    Ok(RootfsParts { tree: root, contributors, kernel, loader, external, sealed, cache_use })
 }
 
 impl Assembly<'_> {
@@ -274,8 +278,7 @@ impl Assembly<'_> {
                     // cannot make them there); a writable one gets them in its overlay.
                     let mkdirs = if b.readonly { mount_points(&spec) } else { vec![] };
                     let file = work.join(format!("sealed-{name}.img"));
-                    let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
-                    let (sealed, artifact) = crate::compose::seal::seal(img, &mkdirs, &file, &mut sp, &mut |_| {}).with_context(|| format!("sealing external image {name}"))?;
+                    let (sealed, artifact) = self.seal(img, &mkdirs, &file).with_context(|| format!("sealing external image {name}"))?;
                     e.sealed = Some(sealed);
                     e.keep_layers = s.keeps_layers();
                     sealed_files.insert(name.to_string(), (file, artifact));
@@ -295,6 +298,25 @@ impl Assembly<'_> {
             }
         }
         Ok((external, sealed_files))
+    }
+
+    /// An external image sealed into `file`: from the build cache when it holds this seal
+    /// (checked on the way out), else sealed now and stored there.
+    fn seal(&mut self, img: &ResolvedImage, mkdirs: &[String], file: &Path) -> anyhow::Result<(crate::format::sealed::Sealed, Vec<u8>)> {
+        if let Some(c) = self.cache {
+            let (l, hit) = c.sealed(img, mkdirs, file);
+            self.cache_use.count(l);
+            if let Some(v) = hit {
+                return Ok(v);
+            }
+        }
+        let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
+        let (sealed, artifact) = crate::compose::seal::seal(img, mkdirs, file, &mut sp, &mut |_| {})?;
+        if let Some(c) = self.cache {
+            // A cache that cannot take the entry costs the next build time, not this one.
+            let _ = c.put_sealed(img, mkdirs, file, &sealed, &artifact);
+        }
+        Ok((sealed, artifact))
     }
 
     /// The manifest's `files:` entries, in order.

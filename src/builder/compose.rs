@@ -121,6 +121,10 @@ impl Composed {
     pub fn version(&self) -> &str {
         self.manifest.version()
     }
+    /// How the build cache served this build.
+    pub fn cache_use(&self) -> &super::buildcache::CacheUse {
+        &self.parts.cache_use
+    }
 
     fn boot(&self) -> &manifest::Boot {
         self.manifest.boot()
@@ -203,7 +207,9 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     let largest_cap = std::iter::once(&layout).chain(compat.iter()).flat_map(|l| [l.rootfs(Slot::A).fs_cap, l.rootfs(Slot::B).fs_cap]).max().unwrap_or(0);
     let mut spill = Spill::with_limit(largest_cap.saturating_mul(16).max(1 << 30))?;
     let work = tempfile::Builder::new().prefix("slotforge-build-").tempdir()?;
-    let parts = assemble(&m, &r, &build_id, epoch, &mut spill, work.path(), opts.progress)?;
+    // The build cache is an optimisation: a cache directory that cannot be opened costs time only.
+    let cache = super::buildcache::BuildCache::open(&opts.sources.cache_dir).ok();
+    let parts = assemble(&m, &r, &build_id, epoch, &mut spill, work.path(), cache.as_ref(), opts.progress)?;
     phases.lap("flatten");
     let sqfs = work.path().join("rootfs.squashfs");
     let pb = opts.progress.bar("squashfs", parts.tree.count(), false);

@@ -4,6 +4,7 @@
 //! disk in a temporary file that is renamed into place last. Nothing at the output path is
 //! created or touched until every check has passed.
 
+pub mod buildcache;
 pub mod bundle;
 pub mod images;
 pub mod installer;
@@ -81,6 +82,8 @@ pub struct BuildSummary {
     pub contributors: Vec<Contributor>,
     /// Wall-clock seconds per phase, in order.
     pub phases: Vec<(String, f64)>,
+    /// How the build cache served the build (docs/building.md#the-build-cache).
+    pub cache: buildcache::CacheUse,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bmap: Option<(PathBuf, crate::format::bmap::BmapSummary)>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,6 +121,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
         images_partition_bytes: written.images_partition_bytes,
         contributors: c.parts.contributors.clone(),
         phases: phases.0,
+        cache: c.cache_use().clone(),
         bmap,
         qcow2,
     })

@@ -163,6 +163,23 @@ pub struct CrashStatesArgs {
 }
 
 #[derive(Subcommand)]
+pub enum CacheCmd {
+    /// What the cache holds: pulled blobs and build-cache entries (sealed images).
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop least recently used build-cache entries until they take at most --max-bytes
+    /// (0: all of them). Pulled blobs are kept.
+    Prune {
+        #[arg(long, default_value_t = 0)]
+        max_bytes: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum AgentCmd {
     /// Booted slot, build, boot counters and every external image's state, as JSON.
     Status,

@@ -56,6 +56,14 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
+    /// The blob and build cache (--cache, default $XDG_CACHE_HOME/slotforge): stats, prune.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+        /// Cache directory (default: $XDG_CACHE_HOME/slotforge or ~/.cache/slotforge).
+        #[arg(long, global = true)]
+        cache: Option<PathBuf>,
+    },
     /// The on-device agent (runs on the appliance).
     Agent {
         #[command(subcommand)]
@@ -147,6 +155,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Pull { manifest, src, out } => {
             show(out.json, &crate::builder::pull(&manifest, &src.options()?, out.progress())?, print::pull)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cache { cmd, cache } => {
+            let c = crate::builder::buildcache::BuildCache::open(&cache.unwrap_or_else(crate::base::cache::Cache::default_dir))?;
+            match cmd {
+                CacheCmd::Stats { json } => show(json, &c.stats()?, print::cache_stats)?,
+                CacheCmd::Prune { max_bytes, json } => {
+                    let (entries, bytes) = c.prune(max_bytes)?;
+                    show(json, &serde_json::json!({"dropped_entries": entries, "dropped_bytes": bytes}), |v| println!("dropped {} build-cache entries, {} bytes", v["dropped_entries"], v["dropped_bytes"]))?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Agent { cmd, paths } => agent(cmd, paths.config()?),
