@@ -14,6 +14,7 @@ PKGS=(
   qemu-system-x86 ovmf netcat-openbsd cpio                   # QEMU boots (guestfwd uses nc)
   bmap-tools qemu-utils                                      # factory media: bmaptool, qemu-img
   runc                                                       # LinuxKit containers in the QEMU guests
+  casync                                                     # chunk indexes checked byte for byte against casync make
   cryptsetup-bin minisign sbsigntool binutils faketime openssl  # dm-verity, bundle signatures, Secure Boot (UKI via objcopy; faketime: reproducible sbsign)
 )
 missing_pkgs() {

@@ -29,11 +29,6 @@ boot: {loader: file:loader.efi}
 YML
 tree_bytes=$(du -sb "$w/src/base" "$w/src/svc" | awk '{s+=$1} END {print s}')
 
-measure() { # OUTFILE CMD... -> appends "seconds maxrss_kib"
-  local out="$1"; shift
-  /usr/bin/time -f "%e %M" -o "$w/t" "$@" >/dev/null 2>"$w/err" || { cat "$w/err"; exit 1; }
-  cat "$w/t" >> "$out"
-}
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 
 # --- slotforge ---
@@ -44,25 +39,8 @@ sf_phases=$(python3 -c "import json;print(', '.join(f'{n} {t:.2f}' for n,t in js
 sf_rootfs=$(python3 -c "import json;print(json.load(open('$w/sf.json'))['slots'][0]['superblock']['bytes_used'])")
 
 # --- the standard pipeline, same inputs, same layout ---
-: > "$w/std.times"
-p="$w/std"; mkdir -p "$p"
-measure "$w/std.times" umoci unpack --rootless --image "$w/img-base:1" "$p/base"
-measure "$w/std.times" umoci unpack --rootless --image "$w/img-svc:1" "$p/svc"
-mkdir -p "$p/base/rootfs/containers/services/svc"
-mv "$p/svc/rootfs" "$p/base/rootfs/containers/services/svc/rootfs"
-measure "$w/std.times" mksquashfs "$p/base/rootfs" "$p/rootfs.sqfs" -comp zstd -b 131072 -noappend -quiet
-measure "$w/std.times" mkfs.vfat -F 32 -C "$p/esp.img" $((256*1024))
-measure "$w/std.times" mmd -i "$p/esp.img" ::/EFI ::/EFI/BOOT ::/loader ::/loader/entries ::/a
-measure "$w/std.times" mcopy -i "$p/esp.img" "$w/loader.efi" ::/EFI/BOOT/BOOTX64.EFI
-measure "$w/std.times" mcopy -i "$p/esp.img" "$w/src/kernel/kernel" ::/a/vmlinuz
-measure "$w/std.times" skopeo copy -q oci:"$w/img-ext:1" oci:"$p/stage:1.0.0"
-measure "$w/std.times" truncate -s 4G "$p/images.img"
-measure "$w/std.times" mke2fs -q -t ext4 -d "$p/stage" "$p/images.img"
-measure "$w/std.times" truncate -s 8G "$p/disk.img"
-measure "$w/std.times" sgdisk -n1:1M:+256M -t1:ef00 -c1:esp -n2:0:+512M -t2:8304 -c2:rootfs_a -n3:0:+512M -t3:8304 -c3:rootfs_b -n4:0:+4G -t4:8300 -c4:images -n5:0:0 -t5:8300 -c5:persist "$p/disk.img"
-measure "$w/std.times" dd if="$p/esp.img" of="$p/disk.img" bs=1M seek=1 conv=notrunc,sparse status=none
-measure "$w/std.times" dd if="$p/rootfs.sqfs" of="$p/disk.img" bs=1M seek=257 conv=notrunc,sparse status=none
-measure "$w/std.times" dd if="$p/images.img" of="$p/disk.img" bs=1M seek=1281 conv=notrunc,sparse status=none
+p="$w/std"; : > "$w/std.times"
+std_pipeline "$p" "$w/std.times"
 std_rootfs=$(stat -c %s "$p/rootfs.sqfs")
 
 sum() { awk '{s+=$1} END {printf "%.2f", s}' "$1"; }

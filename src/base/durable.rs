@@ -21,7 +21,7 @@ pub fn sync_fs(p: &Path) -> std::io::Result<()> {
 
 /// Write `data` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
 pub fn write_durably(path: &Path, data: &mut dyn Read) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.partial", path.file_name().unwrap().to_string_lossy()));
     {

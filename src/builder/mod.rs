@@ -82,7 +82,7 @@ pub struct BuildSummary {
     pub contributors: Vec<Contributor>,
     /// Wall-clock seconds per phase, in order.
     pub phases: Vec<(String, f64)>,
-    /// How the build cache served the build (docs/building.md#the-build-cache).
+    /// How the build cache served the build (docs/guide.md#the-build-cache).
     pub cache: buildcache::CacheUse,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bmap: Option<(PathBuf, crate::format::bmap::BmapSummary)>,

@@ -56,6 +56,20 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
+    /// Chunk a file as casync does (buzhash, 16/64/256 KiB, SHA-512/256): write its blob index
+    /// (.caibx) and the chunks a casync store (.castr) lacks — `casync extract --store STORE
+    /// INDEX OUT` and desync read them.
+    Chunk {
+        file: PathBuf,
+        /// The chunk store directory (casync's layout: xxxx/<id>.cacnk, zstd).
+        #[arg(long)]
+        store: PathBuf,
+        /// The index to write (default: FILE.caibx).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The blob and build cache (--cache, default $XDG_CACHE_HOME/slotforge): stats, prune.
     Cache {
         #[command(subcommand)]
@@ -155,6 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Pull { manifest, src, out } => {
             show(out.json, &crate::builder::pull(&manifest, &src.options()?, out.progress())?, print::pull)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Chunk { file, store, output, json } => {
+            let index = output.unwrap_or_else(|| PathBuf::from(format!("{}.caibx", file.display())));
+            show(json, &crate::format::casync::chunk_file(&file, &index, &store)?, |c| println!("{}: {} bytes in {} chunks ({} new, {} bytes) → {}", file.display(), c.bytes, c.chunks, c.new_chunks, c.new_chunk_bytes, c.index.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cache { cmd, cache } => {

@@ -7,6 +7,7 @@
 
 pub mod bmap;
 pub mod bundle;
+pub mod casync;
 pub mod cmdline;
 pub mod disk;
 pub mod entries;

@@ -1,0 +1,318 @@
+//! casync's content-defined chunking and its blob index (`.caibx`) and chunk store (`.castr`),
+//! so a slotforge image can be served, inspected and extracted with casync or desync. The
+//! chunker is casync's (buzhash over a 48-byte window, cut where `h mod d == d - 1` between the
+//! minimum and maximum size, `d` derived from the average as casync derives it); chunk ids are
+//! SHA-512/256 of the uncompressed bytes; store files are `xxxx/<id>.cacnk`, zstd. The pure core
+//! ([`Chunker`], [`index_bytes`], [`parse_index`]) is checked byte for byte against `casync
+//! make` (tests/casync.rs); [`chunk_file`] is the I/O edge. Hand-written: no maintained crate
+//! implements casync's chunker and formats (docs/architecture.md).
+
+use anyhow::{bail, Context};
+use sha2::Digest as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const WINDOW: usize = 48;
+/// casync's defaults: 16/64/256 KiB.
+pub const MIN: u64 = 16 << 10;
+pub const AVG: u64 = 64 << 10;
+pub const MAX: u64 = 256 << 10;
+
+const FORMAT_INDEX: u64 = 0x9682_4d9c_7b12_9ff9;
+const FORMAT_TABLE: u64 = 0xe75b_9e11_2f17_417d;
+const TABLE_TAIL_MARKER: u64 = 0x4b4f_050e_5549_ecd1;
+/// The feature flags `casync make` writes into a blob index: SHA-512/256 ids plus its default
+/// archive flags (exclude-nodump, exclude-file).
+const FEATURE_FLAGS: u64 = 0xb000_0000_0000_0000;
+const HEADER_LEN: u64 = 48;
+const ENTRY_LEN: u64 = 40;
+
+/// casync's buzhash table (its `buzhash_table`): data the chunk boundaries depend on.
+#[rustfmt::skip]
+const TABLE: [u32; 256] = [
+    0x458be752, 0xc10748cc, 0xfbbcdbb8, 0x6ded5b68, 0xb10a82b5, 0x20d75648, 0xdfc5665f, 0xa8428801,
+    0x7ebf5191, 0x841135c7, 0x65cc53b3, 0x280a597c, 0x16f60255, 0xc78cbc3e, 0x294415f5, 0xb938d494,
+    0xec85c4e6, 0xb7d33edc, 0xe549b544, 0xfdeda5aa, 0x882bf287, 0x3116737c, 0x05569956, 0xe8cc1f68,
+    0x0806ac5e, 0x22a14443, 0x15297e10, 0x50d090e7, 0x4ba60f6f, 0xefd9f1a7, 0x5c5c885c, 0x82482f93,
+    0x9bfd7c64, 0x0b3e7276, 0xf2688e77, 0x8fad8abc, 0xb0509568, 0xf1ada29f, 0xa53efdfe, 0xcb2b1d00,
+    0xf2a9e986, 0x6463432b, 0x95094051, 0x5a223ad2, 0x9be8401b, 0x61e579cb, 0x1a556a14, 0x5840fdc2,
+    0x9261ddf6, 0xcde002bb, 0x52432bb0, 0xbf17373e, 0x7b7c222f, 0x2955ed16, 0x9f10ca59, 0xe840c4c9,
+    0xccabd806, 0x14543f34, 0x1462417a, 0x0d4a1f9c, 0x087ed925, 0xd7f8f24c, 0x7338c425, 0xcf86c8f5,
+    0xb19165cd, 0x9891c393, 0x325384ac, 0x0308459d, 0x86141d7e, 0xc922116a, 0xe2ffa6b6, 0x53f52aed,
+    0x2cd86197, 0xf5b9f498, 0xbf319c8f, 0xe0411fae, 0x977eb18c, 0xd8770976, 0x9833466a, 0xc674df7f,
+    0x8c297d45, 0x8ca48d26, 0xc49ed8e2, 0x7344f874, 0x556f79c7, 0x6b25eaed, 0xa03e2b42, 0xf68f66a4,
+    0x8e8b09a2, 0xf2e0e62a, 0x0d3a9806, 0x9729e493, 0x8c72b0fc, 0x160b94f6, 0x450e4d3d, 0x7a320e85,
+    0xbef8f0e1, 0x21d73653, 0x4e3d977a, 0x1e7b3929, 0x1cc6c719, 0xbe478d53, 0x8d752809, 0xe6d8c2c6,
+    0x275f0892, 0xc8acc273, 0x4cc21580, 0xecc4a617, 0xf5f7be70, 0xe795248a, 0x375a2fe9, 0x425570b6,
+    0x8898dcf8, 0xdc2d97c4, 0x0106114b, 0x364dc22f, 0x1e0cad1f, 0xbe63803c, 0x5f69fac2, 0x4d5afa6f,
+    0x1bc0dfb5, 0xfb273589, 0x0ea47f7b, 0x3c1c2b50, 0x21b2a932, 0x6b1223fd, 0x2fe706a8, 0xf9bd6ce2,
+    0xa268e64e, 0xe987f486, 0x3eacf563, 0x1ca2018c, 0x65e18228, 0x2207360a, 0x57cf1715, 0x34c37d2b,
+    0x1f8f3cde, 0x93b657cf, 0x31a019fd, 0xe69eb729, 0x8bca7b9b, 0x4c9d5bed, 0x277ebeaf, 0xe0d8f8ae,
+    0xd150821c, 0x31381871, 0xafc3f1b0, 0x927db328, 0xe95effac, 0x305a47bd, 0x426ba35b, 0x1233af3f,
+    0x686a5b83, 0x50e072e5, 0xd9d3bb2a, 0x8befc475, 0x487f0de6, 0xc88dff89, 0xbd664d5e, 0x971b5d18,
+    0x63b14847, 0xd7d3c1ce, 0x7f583cf3, 0x72cbcb09, 0xc0d0a81c, 0x7fa3429b, 0xe9158a1b, 0x225ea19a,
+    0xd8ca9ea3, 0xc763b282, 0xbb0c6341, 0x020b8293, 0xd4cd299d, 0x58cfa7f8, 0x91b4ee53, 0x37e4d140,
+    0x95ec764c, 0x30f76b06, 0x5ee68d24, 0x679c8661, 0xa41979c2, 0xf2b61284, 0x4fac1475, 0x0adb49f9,
+    0x19727a23, 0x15a7e374, 0xc43a18d5, 0x3fb1aa73, 0x342fc615, 0x924c0793, 0xbee2d7f0, 0x8a279de9,
+    0x4aa2d70c, 0xe24dd37f, 0xbe862c0b, 0x177c22c2, 0x5388e5ee, 0xcd8a7510, 0xf901b4fd, 0xdbc13dbc,
+    0x6c0bae5b, 0x64efe8c7, 0x48b02079, 0x80331a49, 0xca3d8ae6, 0xf3546190, 0xfed7108b, 0xc49b941b,
+    0x32baf4a9, 0xeb833a4a, 0x88a3f1a5, 0x3a91ce0a, 0x3cc27da1, 0x7112e684, 0x4a3096b1, 0x3794574c,
+    0xa3c8b6f3, 0x1d213941, 0x6e0a2e00, 0x233479f1, 0x0f4cd82f, 0x6093edd2, 0x5d7d209e, 0x464fe319,
+    0xd4dcac9e, 0x0db845cb, 0xfb5e4bc3, 0xe0256ce1, 0x09fb4ed1, 0x0914be1e, 0xa5bdb2c3, 0xc6eb57bb,
+    0x30320350, 0x3f397e91, 0xa67791bc, 0x86bc0e2c, 0xefa0a7e2, 0xe9ff7543, 0xe733612c, 0xd185897b,
+    0x329e5388, 0x91dd236b, 0x2ecb0d93, 0xf4d82a3d, 0x35b5c03f, 0xe4e606f0, 0x05b21843, 0x37b45964,
+    0x5eff22f4, 0x6027f4cc, 0x77178b3c, 0xae507131, 0x7bf7cabc, 0xf9c18d66, 0x593ade65, 0xd95ddf11,
+];
+
+/// casync's content-defined chunker, fed bytes in any slices; the cut points depend only on
+/// the bytes.
+#[derive(Debug, Clone)]
+pub struct Chunker {
+    min: u64,
+    max: u64,
+    discriminator: u32,
+    h: u32,
+    window: [u8; WINDOW],
+    filled: usize,
+    /// Bytes of the current chunk so far.
+    size: u64,
+}
+
+/// casync's discriminator for an average chunk size (its cut test makes chunks ~1.32× larger
+/// than a plain `h mod avg` would), kept within [min, max].
+pub fn discriminator(min: u64, avg: u64, max: u64) -> u32 {
+    let d = (avg as f64 / (-1.42888852e-7 * avg as f64 + 1.33237515)) as u64;
+    d.clamp(min, max) as u32
+}
+
+impl Chunker {
+    pub fn new(min: u64, avg: u64, max: u64) -> Self {
+        Self { min, max, discriminator: discriminator(min, avg, max), h: 0, window: [0; WINDOW], filled: 0, size: 0 }
+    }
+
+    fn shall_cut(&self) -> bool {
+        if self.size >= self.max {
+            return true;
+        }
+        self.size >= self.min && self.h % self.discriminator == self.discriminator - 1
+    }
+
+    /// Scan `data`: the length of its prefix that ends the current chunk, or `None` when the
+    /// chunk goes on past it. After a cut the chunker starts a new chunk.
+    pub fn scan(&mut self, data: &[u8]) -> Option<usize> {
+        for (i, &b) in data.iter().enumerate() {
+            if self.filled < WINDOW {
+                self.window[self.filled] = b;
+                self.filled += 1;
+                self.size += 1;
+                if self.filled < WINDOW {
+                    continue;
+                }
+                self.h = 0;
+                for (k, &w) in self.window.iter().enumerate() {
+                    self.h ^= TABLE[w as usize].rotate_left((WINDOW - 1 - k) as u32);
+                }
+            } else {
+                let idx = (self.size % WINDOW as u64) as usize;
+                self.h = self.h.rotate_left(1) ^ TABLE[self.window[idx] as usize].rotate_left(WINDOW as u32) ^ TABLE[b as usize];
+                self.size += 1;
+                if !self.shall_cut() {
+                    self.window[idx] = b;
+                    continue;
+                }
+            }
+            if self.shall_cut() {
+                self.h = 0;
+                self.filled = 0;
+                self.size = 0;
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+}
+
+/// A chunk of an index: where it ends in the blob, and its id (SHA-512/256 of its bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub end: u64,
+    pub id: [u8; 32],
+}
+
+impl Entry {
+    pub fn hex(&self) -> String {
+        self.id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+pub fn chunk_id(data: &[u8]) -> [u8; 32] {
+    sha2::Sha512_256::digest(data).into()
+}
+
+/// A `.caibx` as `casync make` writes it for these chunks (casync's default sizes).
+pub fn index_bytes(entries: &[Entry]) -> Vec<u8> {
+    let mut b = Vec::with_capacity((HEADER_LEN + 16 + ENTRY_LEN * (entries.len() as u64 + 1)) as usize);
+    for v in [HEADER_LEN, FORMAT_INDEX, FEATURE_FLAGS, MIN, AVG, MAX, u64::MAX, FORMAT_TABLE] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for e in entries {
+        b.extend_from_slice(&e.end.to_le_bytes());
+        b.extend_from_slice(&e.id);
+    }
+    let table_size = 16 + ENTRY_LEN * (entries.len() as u64 + 1);
+    for v in [0, 0, HEADER_LEN, table_size, TABLE_TAIL_MARKER] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+/// Read a `.caibx` back: its chunks, checked (header, marker, sizes, offsets strictly growing,
+/// no chunk over `max` bytes). Refuses anything else rather than guessing.
+pub fn parse_index(b: &[u8]) -> anyhow::Result<Vec<Entry>> {
+    let u = |o: usize| -> anyhow::Result<u64> { Ok(u64::from_le_bytes(b.get(o..o + 8).context("index truncated")?.try_into().unwrap())) };
+    if u(0)? != HEADER_LEN || u(8)? != FORMAT_INDEX {
+        bail!("not a casync index");
+    }
+    let (min, max) = (u(24)?, u(40)?);
+    if u(48)? != u64::MAX || u(56)? != FORMAT_TABLE {
+        bail!("casync index: no chunk table");
+    }
+    let body = b.len().checked_sub(64 + ENTRY_LEN as usize).context("index truncated")?;
+    if body % ENTRY_LEN as usize != 0 || u(b.len() - 8)? != TABLE_TAIL_MARKER {
+        bail!("casync index: table not closed");
+    }
+    let n = body / ENTRY_LEN as usize;
+    let mut out = Vec::with_capacity(n);
+    let mut last = 0u64;
+    for i in 0..n {
+        let o = 64 + i * ENTRY_LEN as usize;
+        let end = u(o)?;
+        let len = end.checked_sub(last).filter(|l| *l > 0).context("casync index: chunk offsets do not grow")?;
+        if len > max || (len < min && i + 1 < n) {
+            bail!("casync index: chunk {i} of {len} bytes is outside {min}..{max}");
+        }
+        out.push(Entry { end, id: b[o + 8..o + 40].try_into().unwrap() });
+        last = end;
+    }
+    Ok(out)
+}
+
+/// What chunking one file gave.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Chunked {
+    pub index: PathBuf,
+    pub bytes: u64,
+    pub chunks: usize,
+    /// Chunks this call added to the store (the rest were there already).
+    pub new_chunks: usize,
+    pub new_chunk_bytes: u64,
+}
+
+/// Where a chunk lives in a store.
+pub fn chunk_path(store: &Path, id_hex: &str) -> PathBuf {
+    store.join(&id_hex[..4]).join(format!("{id_hex}.cacnk"))
+}
+
+/// Chunk `file` with casync's defaults: write its index to `index` and every chunk the store
+/// lacks into `store` (zstd; each by rename, so a store shared by several runs never holds half a
+/// chunk). Streams the file; holds at most one chunk in memory.
+pub fn chunk_file(file: &Path, index: &Path, store: &Path) -> anyhow::Result<Chunked> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut c = Chunker::new(MIN, AVG, MAX);
+    let mut entries = Vec::new();
+    let mut chunk: Vec<u8> = Vec::with_capacity(MAX as usize);
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut total, mut new_chunks, mut new_bytes) = (0u64, 0usize, 0u64);
+    let mut emit = |chunk: &mut Vec<u8>, total: u64, entries: &mut Vec<Entry>| -> anyhow::Result<()> {
+        let e = Entry { end: total, id: chunk_id(chunk) };
+        let p = chunk_path(store, &e.hex());
+        if !p.exists() {
+            std::fs::create_dir_all(p.parent().unwrap())?;
+            let mut tmp = tempfile::NamedTempFile::new_in(p.parent().unwrap())?;
+            zstd::stream::copy_encode(&chunk[..], tmp.as_file_mut(), 3)?;
+            tmp.persist(&p).map_err(|e| e.error)?;
+            new_chunks += 1;
+            new_bytes += chunk.len() as u64;
+        }
+        entries.push(e);
+        chunk.clear();
+        Ok(())
+    };
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let mut rest = &buf[..n];
+        while let Some(cut) = c.scan(rest) {
+            chunk.extend_from_slice(&rest[..cut]);
+            total += cut as u64;
+            emit(&mut chunk, total, &mut entries)?;
+            rest = &rest[cut..];
+        }
+        chunk.extend_from_slice(rest);
+        total += rest.len() as u64;
+    }
+    if !chunk.is_empty() {
+        emit(&mut chunk, total, &mut entries)?;
+    }
+    crate::base::durable::write_durably(index, &mut &index_bytes(&entries)[..])?;
+    Ok(Chunked { index: index.to_path_buf(), bytes: total, chunks: entries.len(), new_chunks, new_chunk_bytes: new_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cuts(data: &[u8], step: usize) -> Vec<usize> {
+        let mut c = Chunker::new(MIN, AVG, MAX);
+        let (mut out, mut pos) = (Vec::new(), 0);
+        for piece in data.chunks(step) {
+            let mut rest = piece;
+            let mut at = pos;
+            while let Some(n) = c.scan(rest) {
+                at += n;
+                out.push(at);
+                rest = &rest[n..];
+            }
+            pos += piece.len();
+        }
+        out
+    }
+
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; (x >> 24) as u8 }).collect()
+    }
+
+    #[test]
+    fn cuts_depend_on_the_bytes_only_and_keep_within_min_and_max() {
+        let d = noise(3 << 20);
+        let a = cuts(&d, 1 << 20);
+        assert_eq!(a, cuts(&d, 4093), "how the bytes are handed in changes nothing");
+        let mut last = 0;
+        for c in &a {
+            assert!((MIN as usize..=MAX as usize).contains(&(c - last)), "{}", c - last);
+            last = *c;
+        }
+        // Content-defined: bytes inserted at the front shift the cuts after them, not their places in the content.
+        let mut e = noise(1000);
+        e.extend_from_slice(&d);
+        let b: Vec<usize> = cuts(&e, 1 << 20).into_iter().map(|c| c - 1000).collect();
+        assert!(a.iter().filter(|c| b.contains(c)).count() >= a.len() - 3, "resynchronised after an insertion");
+        assert_eq!(discriminator(MIN, AVG, MAX), 49535);
+    }
+
+    #[test]
+    fn an_index_reads_back_and_a_bad_one_is_refused() {
+        let e = vec![Entry { end: 20_000, id: [1; 32] }, Entry { end: 30_000, id: [2; 32] }];
+        let b = index_bytes(&e);
+        assert_eq!(parse_index(&b).unwrap(), e);
+        let mut bad = b.clone();
+        bad[64..72].copy_from_slice(&40_000u64.to_le_bytes());
+        assert!(parse_index(&bad).is_err(), "offsets must grow");
+        let big = index_bytes(&[Entry { end: MAX + 1, id: [0; 32] }, Entry { end: MAX + 20_000, id: [0; 32] }]);
+        assert!(parse_index(&big).is_err(), "oversized chunk");
+        assert!(parse_index(&b[..b.len() - 1]).is_err());
+    }
+}
