@@ -1,79 +1,23 @@
-//! Writing a [`Tree`] as a squashfs image with squashfs-ng (libsquashfs, zstd, multi-threaded),
-//! and reading a squashfs superblock back. Reproducibility: children are added sorted, times come
-//! from the tree, and the superblock's `mkfs_time` (which the library sets to "now") is
-//! overwritten with the build's epoch.
+//! squashfs: writing a [`Tree`] ([`writer`], ours, so a rebuild can reuse compressed blocks and
+//! the bytes are placed as we choose), reading a superblock back, and reading files out of an
+//! image (squashfs-ng, libsquashfs). Reproducibility: children are written sorted, times come
+//! from the tree, the superblock's `mkfs_time` is the build's epoch.
 
-use crate::format::tree::{Kind, Node, Tree};
+use crate::format::tree::Tree;
 use anyhow::{bail, Context};
-use squashfs_ng::write::{Source, SourceData, Writer};
-use std::collections::HashMap;
-use std::ffi::OsString;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStringExt;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// `hsqs`, little-endian.
 pub const MAGIC: u32 = 0x7371_7368;
-/// Superblock field offsets (squashfs 4.0).
-const OFF_MKFS_TIME: u64 = 8;
 pub const SUPERBLOCK_LEN: usize = 96;
 
-/// Write `tree` to `out`; `mkfs_time` is stamped into the superblock. Returns the file size.
-pub fn write(tree: &Tree, out: &Path, mkfs_time: u32, on_node: &mut dyn FnMut()) -> anyhow::Result<u64> {
-    let mut w = Writer::open(out).with_context(|| format!("creating squashfs {}", out.display()))?;
-    let mut links: HashMap<u64, u32> = HashMap::new();
-    add(&mut w, &tree.root, &mut links, on_node, &mut Vec::new())?;
-    w.finish().context("finishing squashfs")?;
-    drop(w);
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(out)?;
-    f.seek(SeekFrom::Start(OFF_MKFS_TIME))?;
-    f.write_all(&mkfs_time.to_le_bytes())?;
-    f.sync_all()?;
-    Ok(f.metadata()?.len())
-}
+pub mod writer;
 
-fn add(w: &mut Writer, n: &Node, links: &mut HashMap<u64, u32>, on_node: &mut dyn FnMut(), path: &mut Vec<u8>) -> anyhow::Result<u32> {
-    if let Kind::File { link: Some(l), .. } = &n.kind {
-        if let Some(ino) = links.get(l) {
-            return Ok(*ino);
-        }
-    }
-    let data = match &n.kind {
-        Kind::Dir(children) => {
-            let mut ids = Vec::with_capacity(children.len());
-            for (name, child) in children {
-                let len = path.len();
-                path.push(b'/');
-                path.extend_from_slice(name);
-                let id = add(w, child, links, on_node, path)?;
-                path.truncate(len);
-                ids.push((OsString::from_vec(name.clone()), id));
-            }
-            // BTreeMap order is bytewise, which is the order squashfs directories need.
-            SourceData::Dir(Box::new(ids.into_iter()))
-        }
-        Kind::File { content, .. } => SourceData::File(content.open()?),
-        Kind::Symlink(t) => SourceData::Symlink(std::path::PathBuf::from(OsString::from_vec(t.clone()))),
-        Kind::CharDev(ma, mi) => SourceData::CharDev(*ma, *mi),
-        Kind::BlockDev(ma, mi) => SourceData::BlockDev(*ma, *mi),
-        Kind::Fifo => SourceData::Fifo,
-    };
-    let mtime = u32::try_from(n.meta.mtime).unwrap_or(u32::MAX);
-    let src = Source {
-        data,
-        uid: n.meta.uid,
-        gid: n.meta.gid,
-        mode: n.meta.mode,
-        modified: mtime,
-        xattrs: n.meta.xattrs.iter().map(|(k, v)| (OsString::from(k), v.clone())).collect(),
-        flags: 0,
-    };
-    let id = w.add(src).with_context(|| format!("adding {} to the squashfs", String::from_utf8_lossy(if path.is_empty() { b"/" } else { path })))?;
-    if let Kind::File { link: Some(l), .. } = &n.kind {
-        links.insert(*l, id);
-    }
-    on_node();
-    Ok(id)
+/// Write `tree` to `out` (squashfs, zstd, 128 KiB blocks; [`writer`]); `mkfs_time` is stamped
+/// into the superblock. Returns the file size.
+pub fn write(tree: &Tree, out: &Path, mkfs_time: u32, on_node: &mut dyn FnMut()) -> anyhow::Result<u64> {
+    Ok(writer::write(tree, out, mkfs_time, None, on_node)?.bytes)
 }
 
 /// The fields of a squashfs superblock that inspect and verify report.

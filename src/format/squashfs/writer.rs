@@ -1,0 +1,621 @@
+//! Writing a [`Tree`] as squashfs 4.0 (zstd), by hand: so the bytes are ours to place. Data
+//! blocks are compressed on every core in bounded batches and written in tree order (the bytes
+//! do not depend on the thread count); a [`BlockStore`] can hand back a file's compressed blocks
+//! or a fragment block compressed by an earlier build, so a rebuild compresses only what changed
+//! and still writes the same bytes a cold build writes. Layout (as mksquashfs and the kernel
+//! expect): superblock, data and fragment blocks, inode table, directory table, fragment table,
+//! id table, xattr tables; padded to 4 KiB. Inodes are numbered in post-order, the root last.
+
+use crate::base::hash::Digest;
+use crate::format::tree::{Content, Kind, Node, Tree};
+use anyhow::{bail, Context};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+pub const BLOCK_SIZE: u32 = 128 << 10;
+/// zstd level for data and metadata (mksquashfs's and libsquashfs's default for zstd).
+pub const LEVEL: i32 = 15;
+const META: usize = 8192;
+const UNCOMPRESSED_BLOCK: u32 = 1 << 24;
+const NO_FRAGMENT: u32 = u32::MAX;
+const NO_XATTR: u32 = u32::MAX;
+const INVALID: u64 = u64::MAX;
+/// Bytes of raw data compressed per batch: what the writer holds in memory at most, twice.
+const BATCH: usize = 32 << 20;
+
+/// Compressed blocks a previous build made, keyed by the sha256 of the raw bytes they hold
+/// (plus block size and level, which the store's key must include). `get` may return `None`
+/// at any time; what it returns is checked by the writer against the sizes it claims.
+pub trait BlockStore: Sync {
+    /// A whole file's data blocks: each block's size word, then their bytes, concatenated.
+    fn get(&self, key: &Digest) -> Option<(Vec<u32>, Vec<u8>)>;
+    fn put(&self, key: &Digest, sizes: &[u32], bytes: &[u8]);
+}
+
+/// What the writer reused and made.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WriteStats {
+    pub bytes: u64,
+    pub files: usize,
+    pub blocks_compressed: usize,
+    pub blocks_reused: usize,
+    pub fragment_blocks: usize,
+}
+
+/// A metadata stream: 8 KiB blocks, each compressed if that is smaller, with a 2-byte header.
+struct MetaWriter {
+    out: Vec<u8>,
+    cur: Vec<u8>,
+}
+
+impl MetaWriter {
+    fn new() -> Self {
+        Self { out: Vec::new(), cur: Vec::with_capacity(META) }
+    }
+    /// Where the next byte goes: (block start in the table, offset in the block).
+    fn pos(&self) -> (u32, u16) {
+        (self.out.len() as u32, self.cur.len() as u16)
+    }
+    fn put(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            let n = (META - self.cur.len()).min(b.len());
+            self.cur.extend_from_slice(&b[..n]);
+            b = &b[n..];
+            if self.cur.len() == META {
+                self.flush();
+            }
+        }
+    }
+    fn flush(&mut self) {
+        if self.cur.is_empty() {
+            return;
+        }
+        let c = zstd::bulk::compress(&self.cur, LEVEL).expect("zstd of 8 KiB in memory");
+        if c.len() < self.cur.len() {
+            self.out.extend_from_slice(&(c.len() as u16).to_le_bytes());
+            self.out.extend_from_slice(&c);
+        } else {
+            self.out.extend_from_slice(&(self.cur.len() as u16 | 0x8000).to_le_bytes());
+            self.out.extend_from_slice(&self.cur);
+        }
+        self.cur.clear();
+    }
+    fn finish(mut self) -> Vec<u8> {
+        self.flush();
+        self.out
+    }
+}
+
+/// A lookup table (fragments, ids, xattr ids): its entries in metadata blocks at `at`, then
+/// the index of those blocks' absolute positions. Returns (blocks, index).
+fn table(entries: &[u8], at: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut blocks = Vec::new();
+    let mut index = Vec::new();
+    for chunk in entries.chunks(META) {
+        index.extend_from_slice(&(at + blocks.len() as u64).to_le_bytes());
+        let mut m = MetaWriter::new();
+        m.put(chunk);
+        blocks.extend_from_slice(&m.finish());
+    }
+    (blocks, index)
+}
+
+fn compress_block(raw: &[u8]) -> (u32, Vec<u8>) {
+    let c = zstd::bulk::compress(raw, LEVEL).expect("zstd of one block in memory");
+    if c.len() < raw.len() {
+        (c.len() as u32, c)
+    } else {
+        (raw.len() as u32 | UNCOMPRESSED_BLOCK, raw.to_vec())
+    }
+}
+
+fn read_range(c: &Content, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    match c {
+        Content::Path(p) => {
+            let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_exact(&mut buf).with_context(|| format!("reading {}", p.display()))?;
+        }
+        Content::Inline(d) => buf.copy_from_slice(d.get(offset as usize..offset as usize + len).context("inline content shorter than its size")?),
+    }
+    Ok(buf)
+}
+
+/// Where a regular file's data went.
+#[derive(Debug, Clone, Default)]
+struct FileData {
+    start: u64,
+    sizes: Vec<u32>,
+    fragment: u32,
+    frag_offset: u32,
+}
+
+/// One unit of compression work in a batch.
+enum Job<'a> {
+    /// All full (and the last partial) blocks of a file of at least one block.
+    File { idx: usize, content: &'a Content, size: u64, key: Option<Digest> },
+    /// A fragment block: tails of small files, packed.
+    Fragment { raw: Vec<u8> },
+}
+
+enum Done {
+    File { idx: usize, sizes: Vec<u32>, bytes: Vec<u8>, reused: bool },
+    Fragment { size: u32, bytes: Vec<u8> },
+}
+
+/// The regular files of `t` in tree order (one per hard-link group).
+fn files(t: &Tree) -> Vec<&Node> {
+    fn go<'a>(n: &'a Node, seen: &mut std::collections::HashSet<u64>, out: &mut Vec<&'a Node>) {
+        match &n.kind {
+            Kind::Dir(ch) => ch.values().for_each(|c| go(c, seen, out)),
+            Kind::File { link, .. } => {
+                if link.is_none_or(|l| seen.insert(l)) {
+                    out.push(n);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    go(&t.root, &mut Default::default(), &mut out);
+    out
+}
+
+fn run_batch<'a>(jobs: Vec<Job<'a>>, store: Option<&dyn BlockStore>) -> anyhow::Result<Vec<Done>> {
+    let n = jobs.len();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<anyhow::Result<Done>>>> = (0..n).map(|_| Default::default()).collect();
+    let workers = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1).min(n.max(1));
+    let work = |job: &Job| -> anyhow::Result<Done> {
+        Ok(match job {
+            Job::Fragment { raw } => {
+                let (size, bytes) = compress_block(raw);
+                Done::Fragment { size, bytes }
+            }
+            Job::File { idx, content, size, key } => {
+                if let (Some(s), Some(k)) = (store, key) {
+                    if let Some((sizes, bytes)) = s.get(k) {
+                        let blocks = size.div_ceil(BLOCK_SIZE as u64) as usize;
+                        let total: u64 = sizes.iter().map(|w| (w & !UNCOMPRESSED_BLOCK) as u64).sum();
+                        if sizes.len() == blocks && total == bytes.len() as u64 {
+                            return Ok(Done::File { idx: *idx, sizes, bytes, reused: true });
+                        }
+                    }
+                }
+                let mut sizes = Vec::new();
+                let mut bytes = Vec::new();
+                let mut off = 0u64;
+                while off < *size {
+                    let len = (*size - off).min(BLOCK_SIZE as u64) as usize;
+                    let (w, b) = compress_block(&read_range(content, off, len)?);
+                    sizes.push(w);
+                    bytes.extend_from_slice(&b);
+                    off += len as u64;
+                }
+                if let (Some(s), Some(k)) = (store, key) {
+                    s.put(k, &sizes, &bytes);
+                }
+                Done::File { idx: *idx, sizes, bytes, reused: false }
+            }
+        })
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                *slots[i].lock().unwrap() = Some(work(&jobs[i]));
+            });
+        }
+    });
+    slots.into_iter().map(|m| m.into_inner().unwrap().expect("every job ran")).collect()
+}
+
+/// The key a file's blocks are stored under: its content's sha256 with the block size and level.
+fn file_key(content: &Content) -> anyhow::Result<Digest> {
+    let (d, _) = crate::base::hash::digest_reader(content.open()?)?;
+    Ok(Digest::of_bytes(format!("squashfs-blocks/{BLOCK_SIZE}/zstd-{LEVEL}/{d}").as_bytes()))
+}
+
+/// Write the data and fragment blocks of every regular file, from byte 96 of `out`.
+fn write_data(t: &Tree, out: &mut impl Write, store: Option<&dyn BlockStore>, stats: &mut WriteStats) -> anyhow::Result<(HashMap<*const Node, FileData>, Vec<u8>, u64)> {
+    let list = files(t);
+    let mut data: HashMap<*const Node, FileData> = HashMap::new();
+    let mut frag_table = Vec::new();
+    let mut pos = super::SUPERBLOCK_LEN as u64;
+    let mut frag_raw: Vec<u8> = Vec::new();
+    let mut frag_members: Vec<*const Node> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut batch_bytes = 0usize;
+    // Which nodes' fragment a pending fragment job holds, in job order.
+    let mut pending_frags: Vec<Vec<*const Node>> = Vec::new();
+    let flush = |jobs: &mut Vec<Job>, pending: &mut Vec<Vec<*const Node>>, data: &mut HashMap<*const Node, FileData>, pos: &mut u64, frag_table: &mut Vec<u8>, out: &mut dyn Write, stats: &mut WriteStats| -> anyhow::Result<()> {
+        let done = run_batch(std::mem::take(jobs), store)?;
+        let mut pending = std::mem::take(pending).into_iter();
+        for d in done {
+            match d {
+                Done::File { idx, sizes, bytes, reused } => {
+                    let node = list[idx] as *const Node;
+                    if reused {
+                        stats.blocks_reused += sizes.len();
+                    } else {
+                        stats.blocks_compressed += sizes.len();
+                    }
+                    let e = data.entry(node).or_insert_with(|| FileData { fragment: NO_FRAGMENT, ..Default::default() });
+                    e.start = *pos;
+                    e.sizes = sizes;
+                    out.write_all(&bytes)?;
+                    *pos += bytes.len() as u64;
+                }
+                Done::Fragment { size, bytes } => {
+                    let index = (frag_table.len() / 16) as u32;
+                    frag_table.extend_from_slice(&pos.to_le_bytes());
+                    frag_table.extend_from_slice(&size.to_le_bytes());
+                    frag_table.extend_from_slice(&0u32.to_le_bytes());
+                    for n in pending.next().expect("a fragment job per member list") {
+                        data.get_mut(&n).expect("fragment member recorded").fragment = index;
+                    }
+                    out.write_all(&bytes)?;
+                    *pos += bytes.len() as u64;
+                    stats.fragment_blocks += 1;
+                }
+            }
+        }
+        Ok(())
+    };
+    for (idx, node) in list.iter().enumerate() {
+        let Kind::File { content, size, .. } = &node.kind else { unreachable!() };
+        let key = *node as *const Node;
+        stats.files += 1;
+        if *size >= BLOCK_SIZE as u64 {
+            let k = if store.is_some() { Some(file_key(content)?) } else { None };
+            jobs.push(Job::File { idx, content, size: *size, key: k });
+            batch_bytes += *size as usize;
+        } else if *size > 0 {
+            if frag_raw.len() + *size as usize > BLOCK_SIZE as usize {
+                jobs.push(Job::Fragment { raw: std::mem::take(&mut frag_raw) });
+                pending_frags.push(std::mem::take(&mut frag_members));
+            }
+            let offset = frag_raw.len() as u32;
+            frag_raw.extend_from_slice(&read_range(content, 0, *size as usize)?);
+            frag_members.push(key);
+            data.insert(key, FileData { start: 0, sizes: vec![], fragment: NO_FRAGMENT, frag_offset: offset });
+            batch_bytes += *size as usize;
+        } else {
+            data.insert(key, FileData { fragment: NO_FRAGMENT, ..Default::default() });
+        }
+        if batch_bytes >= BATCH {
+            flush(&mut jobs, &mut pending_frags, &mut data, &mut pos, &mut frag_table, out, stats)?;
+            batch_bytes = 0;
+        }
+    }
+    if !frag_raw.is_empty() {
+        jobs.push(Job::Fragment { raw: frag_raw });
+        pending_frags.push(frag_members);
+    }
+    flush(&mut jobs, &mut pending_frags, &mut data, &mut pos, &mut frag_table, out, stats)?;
+    Ok((data, frag_table, pos))
+}
+
+/// uids/gids → the id table's indices.
+#[derive(Default)]
+struct Ids(BTreeMap<u32, u16>, Vec<u32>);
+
+impl Ids {
+    fn idx(&mut self, id: u32) -> anyhow::Result<u16> {
+        if let Some(i) = self.0.get(&id) {
+            return Ok(*i);
+        }
+        let i = u16::try_from(self.1.len()).context("more than 65536 distinct uids/gids")?;
+        self.0.insert(id, i);
+        self.1.push(id);
+        Ok(i)
+    }
+}
+
+/// Xattr sets → the xattr id table's indices (identical sets share one id).
+#[derive(Default)]
+struct Xattrs {
+    kv: MetaWriter2,
+    ids: Vec<u8>,
+    by_set: HashMap<Vec<u8>, u32>,
+}
+
+/// A MetaWriter that can be defaulted (the xattr key/value stream).
+struct MetaWriter2(MetaWriter);
+impl Default for MetaWriter2 {
+    fn default() -> Self {
+        Self(MetaWriter::new())
+    }
+}
+
+impl Xattrs {
+    fn id(&mut self, x: &BTreeMap<String, Vec<u8>>) -> anyhow::Result<u32> {
+        if x.is_empty() {
+            return Ok(NO_XATTR);
+        }
+        let mut set = Vec::new();
+        for (k, v) in x {
+            let (kind, name) = if let Some(n) = k.strip_prefix("user.") {
+                (0u16, n)
+            } else if let Some(n) = k.strip_prefix("trusted.") {
+                (1, n)
+            } else if let Some(n) = k.strip_prefix("security.") {
+                (2, n)
+            } else {
+                bail!("xattr {k}: squashfs stores user., trusted. and security. names only");
+            };
+            set.extend_from_slice(&kind.to_le_bytes());
+            set.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            set.extend_from_slice(name.as_bytes());
+            set.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            set.extend_from_slice(v);
+        }
+        if let Some(id) = self.by_set.get(&set) {
+            return Ok(*id);
+        }
+        let (block, offset) = self.kv.0.pos();
+        self.kv.0.put(&set);
+        let id = (self.ids.len() / 16) as u32;
+        self.ids.extend_from_slice(&(((block as u64) << 16) | offset as u64).to_le_bytes());
+        self.ids.extend_from_slice(&(x.len() as u32).to_le_bytes());
+        self.ids.extend_from_slice(&(set.len() as u32).to_le_bytes());
+        self.by_set.insert(set, id);
+        Ok(id)
+    }
+}
+
+/// The inode and directory tables being written, post-order.
+struct Meta<'a> {
+    inodes: MetaWriter,
+    dirs: MetaWriter,
+    ids: Ids,
+    xattrs: Xattrs,
+    numbers: HashMap<*const Node, u32>,
+    links: HashMap<u64, (u64, u32)>,
+    nlinks: HashMap<u64, u32>,
+    data: &'a HashMap<*const Node, FileData>,
+    on_node: &'a mut dyn FnMut(),
+}
+
+/// Inode numbers in post-order (children before their directory, the root last); hard links
+/// share the number of the group's first member.
+fn number(n: &Node, next: &mut u32, numbers: &mut HashMap<*const Node, u32>, links: &mut HashMap<u64, u32>, nlinks: &mut HashMap<u64, u32>) {
+    if let Kind::Dir(ch) = &n.kind {
+        for c in ch.values() {
+            number(c, next, numbers, links, nlinks);
+        }
+    }
+    if let Kind::File { link: Some(l), .. } = &n.kind {
+        *nlinks.entry(*l).or_default() += 1;
+        if let Some(no) = links.get(l) {
+            numbers.insert(n as *const Node, *no);
+            return;
+        }
+        links.insert(*l, *next);
+    }
+    numbers.insert(n as *const Node, *next);
+    *next += 1;
+}
+
+fn basic_type(k: &Kind) -> u16 {
+    match k {
+        Kind::Dir(_) => 1,
+        Kind::File { .. } => 2,
+        Kind::Symlink(_) => 3,
+        Kind::BlockDev(..) => 4,
+        Kind::CharDev(..) => 5,
+        Kind::Fifo => 6,
+    }
+}
+
+impl Meta<'_> {
+    fn header(&mut self, n: &Node, kind: u16) -> anyhow::Result<Vec<u8>> {
+        let mut b = Vec::with_capacity(64);
+        b.extend_from_slice(&kind.to_le_bytes());
+        b.extend_from_slice(&(n.meta.mode & 0o7777).to_le_bytes());
+        b.extend_from_slice(&self.ids.idx(n.meta.uid)?.to_le_bytes());
+        b.extend_from_slice(&self.ids.idx(n.meta.gid)?.to_le_bytes());
+        b.extend_from_slice(&u32::try_from(n.meta.mtime).unwrap_or(u32::MAX).to_le_bytes());
+        b.extend_from_slice(&self.numbers[&(n as *const Node)].to_le_bytes());
+        Ok(b)
+    }
+
+    /// Write `n`'s inode (and for a directory, its children and listing first). Returns its
+    /// inode reference.
+    fn write(&mut self, n: &Node, parent: u32) -> anyhow::Result<u64> {
+        if let Kind::File { link: Some(l), .. } = &n.kind {
+            if let Some((r, _)) = self.links.get(l) {
+                return Ok(*r);
+            }
+        }
+        let me = self.numbers[&(n as *const Node)];
+        let xattr = self.xattrs.id(&n.meta.xattrs)?;
+        let mut b;
+        match &n.kind {
+            Kind::Dir(ch) => {
+                let mut entries = Vec::with_capacity(ch.len());
+                for (name, c) in ch {
+                    let r = self.write(c, me)?;
+                    entries.push((name, r, self.numbers[&(c as *const Node)], basic_type(&c.kind)));
+                }
+                let (start, offset) = self.dirs.pos();
+                let size = self.listing(&entries)?;
+                let subdirs = ch.values().filter(|c| matches!(c.kind, Kind::Dir(_))).count() as u32;
+                let file_size = size + 3;
+                if xattr == NO_XATTR && file_size <= u16::MAX as u32 {
+                    b = self.header(n, 1)?;
+                    for v in [start, 2 + subdirs] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
+                    b.extend_from_slice(&(file_size as u16).to_le_bytes());
+                    b.extend_from_slice(&offset.to_le_bytes());
+                    b.extend_from_slice(&parent.to_le_bytes());
+                } else {
+                    b = self.header(n, 8)?;
+                    for v in [2 + subdirs, file_size, start, parent] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
+                    b.extend_from_slice(&0u16.to_le_bytes());
+                    b.extend_from_slice(&offset.to_le_bytes());
+                    b.extend_from_slice(&xattr.to_le_bytes());
+                }
+            }
+            Kind::File { size, link, .. } => {
+                let d = &self.data[&(n as *const Node)];
+                let nlink = link.map(|l| self.nlinks[&l]).unwrap_or(1);
+                if xattr == NO_XATTR && nlink == 1 && d.start <= u32::MAX as u64 && *size <= u32::MAX as u64 {
+                    b = self.header(n, 2)?;
+                    for v in [d.start as u32, d.fragment, d.frag_offset, *size as u32] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
+                } else {
+                    b = self.header(n, 9)?;
+                    for v in [d.start, *size, 0] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
+                    for v in [nlink, d.fragment, d.frag_offset, xattr] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+                for s in &d.sizes {
+                    b.extend_from_slice(&s.to_le_bytes());
+                }
+            }
+            Kind::Symlink(target) => {
+                b = self.header(n, if xattr == NO_XATTR { 3 } else { 10 })?;
+                b.extend_from_slice(&1u32.to_le_bytes());
+                b.extend_from_slice(&(target.len() as u32).to_le_bytes());
+                b.extend_from_slice(target);
+                if xattr != NO_XATTR {
+                    b.extend_from_slice(&xattr.to_le_bytes());
+                }
+            }
+            Kind::BlockDev(ma, mi) | Kind::CharDev(ma, mi) => {
+                let t = if matches!(n.kind, Kind::BlockDev(..)) { 4 } else { 5 };
+                b = self.header(n, if xattr == NO_XATTR { t } else { t + 7 })?;
+                let rdev = (mi & 0xff) | (ma << 8) | ((mi & !0xff) << 12);
+                b.extend_from_slice(&1u32.to_le_bytes());
+                b.extend_from_slice(&rdev.to_le_bytes());
+                if xattr != NO_XATTR {
+                    b.extend_from_slice(&xattr.to_le_bytes());
+                }
+            }
+            Kind::Fifo => {
+                b = self.header(n, if xattr == NO_XATTR { 6 } else { 13 })?;
+                b.extend_from_slice(&1u32.to_le_bytes());
+                if xattr != NO_XATTR {
+                    b.extend_from_slice(&xattr.to_le_bytes());
+                }
+            }
+        }
+        let (block, offset) = self.inodes.pos();
+        self.inodes.put(&b);
+        let r = ((block as u64) << 16) | offset as u64;
+        if let Kind::File { link: Some(l), .. } = &n.kind {
+            self.links.insert(*l, (r, me));
+        }
+        (self.on_node)();
+        Ok(r)
+    }
+
+    /// A directory's listing: runs of entries under a header naming their inode block and a
+    /// base inode number (at most 256 per run, deltas within i16). Returns its size in bytes.
+    fn listing(&mut self, entries: &[(&Vec<u8>, u64, u32, u16)]) -> anyhow::Result<u32> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < entries.len() {
+            let (block, base) = ((entries[i].1 >> 16) as u32, entries[i].2);
+            let run = entries[i..]
+                .iter()
+                .take(256)
+                .take_while(|e| (e.1 >> 16) as u32 == block && (e.2 as i64 - base as i64).abs() <= i16::MAX as i64)
+                .count();
+            out.extend_from_slice(&(run as u32 - 1).to_le_bytes());
+            out.extend_from_slice(&block.to_le_bytes());
+            out.extend_from_slice(&base.to_le_bytes());
+            for (name, r, no, t) in &entries[i..i + run] {
+                if name.is_empty() || name.len() > 256 {
+                    bail!("a name of {} bytes cannot be in a squashfs directory", name.len());
+                }
+                out.extend_from_slice(&((*r & 0xffff) as u16).to_le_bytes());
+                out.extend_from_slice(&((*no as i64 - base as i64) as i16).to_le_bytes());
+                out.extend_from_slice(&t.to_le_bytes());
+                out.extend_from_slice(&(name.len() as u16 - 1).to_le_bytes());
+                out.extend_from_slice(name);
+            }
+            i += run;
+        }
+        self.dirs.put(&out);
+        Ok(out.len() as u32)
+    }
+}
+
+/// Write `tree` to `out` as squashfs; `mkfs_time` goes into the superblock. Returns what was
+/// written and reused.
+pub fn write(tree: &Tree, out: &Path, mkfs_time: u32, store: Option<&dyn BlockStore>, on_node: &mut dyn FnMut()) -> anyhow::Result<WriteStats> {
+    let f = std::fs::File::create(out).with_context(|| format!("creating squashfs {}", out.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    w.write_all(&[0u8; super::SUPERBLOCK_LEN])?;
+    let mut stats = WriteStats::default();
+    let (data, frag_entries, mut pos) = write_data(tree, &mut w, store, &mut stats)?;
+    let (mut numbers, mut links, mut nlinks) = (HashMap::new(), HashMap::new(), HashMap::new());
+    let mut next = 1;
+    number(&tree.root, &mut next, &mut numbers, &mut links, &mut nlinks);
+    let inode_count = next - 1;
+    let mut m = Meta { inodes: MetaWriter::new(), dirs: MetaWriter::new(), ids: Ids::default(), xattrs: Xattrs::default(), numbers, links: HashMap::new(), nlinks, data: &data, on_node };
+    let root = m.write(&tree.root, inode_count + 1)?;
+    let Meta { inodes, dirs, ids, xattrs, .. } = m;
+    let mut put = |bytes: &[u8], pos: &mut u64| -> std::io::Result<u64> {
+        let at = *pos;
+        w.write_all(bytes)?;
+        *pos += bytes.len() as u64;
+        Ok(at)
+    };
+    let inode_table = put(&inodes.finish(), &mut pos)?;
+    let dir_table = put(&dirs.finish(), &mut pos)?;
+    let (fb, fi) = table(&frag_entries, pos);
+    put(&fb, &mut pos)?;
+    let frag_table = put(&fi, &mut pos)?;
+    let id_bytes: Vec<u8> = ids.1.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let (ib, ii) = table(&id_bytes, pos);
+    put(&ib, &mut pos)?;
+    let id_table = put(&ii, &mut pos)?;
+    let xattr_table = if xattrs.ids.is_empty() {
+        INVALID
+    } else {
+        let kv_start = put(&xattrs.kv.0.finish(), &mut pos)?;
+        let (xb, xi) = table(&xattrs.ids, pos);
+        put(&xb, &mut pos)?;
+        let mut head = Vec::new();
+        head.extend_from_slice(&kv_start.to_le_bytes());
+        head.extend_from_slice(&((xattrs.ids.len() / 16) as u32).to_le_bytes());
+        head.extend_from_slice(&0u32.to_le_bytes());
+        head.extend_from_slice(&xi);
+        put(&head, &mut pos)?
+    };
+    let bytes_used = pos;
+    let pad = (4096 - bytes_used % 4096) % 4096;
+    w.write_all(&vec![0u8; pad as usize])?;
+    let mut sb = Vec::with_capacity(super::SUPERBLOCK_LEN);
+    for v in [super::MAGIC, inode_count, mkfs_time, BLOCK_SIZE, (frag_entries.len() / 16) as u32] {
+        sb.extend_from_slice(&v.to_le_bytes());
+    }
+    let flags: u16 = if xattr_table == INVALID { 0x200 } else { 0 };
+    for v in [6u16, BLOCK_SIZE.trailing_zeros() as u16, flags, ids.1.len() as u16, 4, 0] {
+        sb.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [root, bytes_used, id_table, xattr_table, inode_table, dir_table, frag_table, INVALID] {
+        sb.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut f = w.into_inner().map_err(|e| e.into_error())?;
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&sb)?;
+    f.sync_all()?;
+    stats.bytes = bytes_used + pad;
+    Ok(stats)
+}
