@@ -485,9 +485,24 @@ fn the_build_cache_reuses_sealed_images_and_never_a_corrupt_one() {
     let counts = |c: &serde_json::Value| (c["sealed_hits"].as_u64().unwrap(), c["sealed_misses"].as_u64().unwrap(), c["sealed_dropped"].as_u64().unwrap());
     let (c, cold) = build("cold.img", &cache);
     assert_eq!(counts(&c), (0, 1, 0), "one sealed image (edgeview), sealed and stored: {c}");
+    let made = c["blocks_compressed"].as_u64().unwrap();
+    assert!(made > 0 && c["blocks_reused"] == 0, "{c}");
     let (c, warm) = build("warm.img", &cache);
     assert_eq!(counts(&c), (1, 0, 0), "{c}");
+    assert_eq!((c["blocks_reused"].as_u64().unwrap(), c["blocks_compressed"].as_u64().unwrap()), (made, 0), "every rootfs block from the cache: {c}");
     assert_eq!(warm, cold, "a rebuild from the cache is bit-identical");
+
+    // A corrupt block entry: detected, dropped, its blocks compressed again; the disk unchanged.
+    let mut entries: Vec<_> = walk_files(&cache.join("build/blocks"));
+    entries.sort();
+    let victim = &entries[0];
+    let mut b = std::fs::read(victim).unwrap();
+    *b.last_mut().unwrap() ^= 1;
+    std::fs::write(victim, b).unwrap();
+    let (c, again) = build("blocks-again.img", &cache);
+    assert_eq!(c["blocks_dropped"], 1, "{c}");
+    assert!(c["blocks_compressed"].as_u64().unwrap() >= 1, "{c}");
+    assert_eq!(again, cold, "a corrupt block entry never reaches the disk");
 
     // Corrupt the cached sealed file: detected on the way out, dropped, sealed again.
     let stats = |cache: &Path| -> serde_json::Value { serde_json::from_str(&ok(&slotforge(&["cache", "stats", "--json", "--cache", cache.to_str().unwrap()]))).unwrap() };
@@ -514,9 +529,30 @@ fn the_build_cache_reuses_sealed_images_and_never_a_corrupt_one() {
     assert_eq!((a.1.as_str(), b.1.as_str()), (cold.as_str(), cold.as_str()), "concurrent builds on one cache: {:?} {:?}", a.0, b.0);
     assert_eq!(stats(&shared)["sealed_entries"], 1);
 
+    // One file changed: only its blocks (and the fragment block it sits in) are compressed again.
+    let m = std::fs::read_to_string(fx.manifest()).unwrap();
+    std::fs::write(fx.manifest(), m.replace("contents: appliance", "contents: appliance-2")).unwrap();
+    let (c, _) = build("changed.img", &cache);
+    assert!(c["blocks_compressed"].as_u64().unwrap() <= 3 && c["blocks_reused"].as_u64().unwrap() + 3 >= made, "{c}");
+    std::fs::write(fx.manifest(), m).unwrap();
+
     // Prune to nothing: the next build misses.
     let p: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["cache", "prune", "--max-bytes", "0", "--json", "--cache", cache.to_str().unwrap()]))).unwrap();
-    assert_eq!(p["dropped_entries"], 1, "{p}");
+    assert!(p["dropped_entries"].as_u64().unwrap() > 1, "the sealed image and the blocks: {p}");
     assert_eq!(stats(&cache)["sealed_entries"], 0);
+    assert_eq!(stats(&cache)["block_entries"], 0);
     assert_eq!(counts(&build("after-prune.img", &cache).0), (0, 1, 0));
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

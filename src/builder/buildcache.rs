@@ -1,18 +1,22 @@
 //! The build cache: work a rebuild reuses instead of redoing, kept beside the blob cache (same
-//! `--cache` directory). Today it holds sealed external images: sealing (flatten, squashfs,
-//! dm-verity) is a pure function of the image's manifest digest, the mount points added and the
-//! recipe of this slotforge version, so its output is stored under a key over exactly those and
-//! reused bit-identically. An entry is a record (`build/sealed/<key>.json`) and the sealed file as
-//! a content-addressed blob; both enter by rename, so builds sharing the cache never see half an
-//! entry, and a hit is re-hashed while it is copied out: a corrupt entry is dropped and rebuilt,
-//! never written into a disk. Least recently used entries go first when the cache is over its
-//! bound (`cache prune`, and after every store).
+//! `--cache` directory). Two kinds of entry, each a pure function of what its key names:
+//! - sealed external images: sealing (flatten, squashfs, dm-verity) depends only on the image's
+//!   manifest digest, the mount points added and this slotforge version's recipe. An entry is a
+//!   record (`build/sealed/<key>.json`) and the sealed file as a content-addressed blob;
+//! - compressed squashfs blocks of the rootfs: a segment of a file or a fragment block, keyed by
+//!   the sha256 of its raw bytes, the block size and the level (`build/blocks/xx/<key>`), with
+//!   the sha256 of the compressed bytes inside.
+//! Entries enter by rename, so builds sharing the cache never see half of one; every hit is
+//! checked (sealed files re-hashed on the way out, blocks against their recorded hash and sizes):
+//! a corrupt entry is dropped and the work redone, never written into a disk. Least recently used
+//! entries go first when the cache is over its bound (`cache prune`, and after every build).
 
 use crate::base::cache::Cache;
 use crate::base::hash::{Digest, VerifyingReader};
 use crate::format::sealed::Sealed;
 use crate::oci::ResolvedImage;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use std::path::{Path, PathBuf};
 
 /// Changes whenever sealing could produce other bytes for the same inputs: every slotforge
@@ -49,6 +53,11 @@ pub struct CacheUse {
     pub sealed_misses: usize,
     /// Entries found corrupt, dropped and rebuilt.
     pub sealed_dropped: usize,
+    /// Rootfs squashfs blocks taken from the cache, and compressed now.
+    pub blocks_reused: usize,
+    pub blocks_compressed: usize,
+    /// Block entries found corrupt and dropped (their blocks compressed again).
+    pub blocks_dropped: usize,
 }
 
 impl CacheUse {
@@ -64,7 +73,9 @@ impl CacheUse {
 pub struct BuildCache {
     blobs: Cache,
     dir: PathBuf,
+    blocks: PathBuf,
     max_bytes: u64,
+    dropped_blocks: std::sync::atomic::AtomicUsize,
 }
 
 /// What `cache stats` reports.
@@ -76,6 +87,9 @@ pub struct Stats {
     pub sealed_entries: usize,
     /// Bytes of the sealed files the entries name (part of `blob_bytes`).
     pub sealed_bytes: u64,
+    /// Compressed rootfs blocks: entries and bytes.
+    pub block_entries: usize,
+    pub block_bytes: u64,
     pub max_bytes: u64,
 }
 
@@ -88,9 +102,11 @@ impl BuildCache {
     pub fn open(root: &Path) -> anyhow::Result<Self> {
         let blobs = Cache::open(root)?;
         let dir = root.join("build/sealed");
+        let blocks = root.join("build/blocks");
         std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&blocks)?;
         let max_bytes = std::env::var("SLOTFORGE_BUILD_CACHE_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_BYTES);
-        Ok(Self { blobs, dir, max_bytes })
+        Ok(Self { blobs, dir, blocks, max_bytes, dropped_blocks: Default::default() })
     }
 
     fn record_path(&self, k: &str) -> PathBuf {
@@ -144,17 +160,38 @@ impl BuildCache {
         Ok(())
     }
 
-    /// Every entry: (record path, sealed blob, its bytes, last use).
-    fn entries(&self) -> Vec<(PathBuf, Digest, u64, std::time::SystemTime)> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else { return vec![] };
-        rd.filter_map(|e| e.ok())
+    /// Every entry: (its file, the sealed blob it names if any, bytes, last use).
+    fn entries(&self) -> Vec<(PathBuf, Option<Digest>, u64, std::time::SystemTime)> {
+        let mut v: Vec<_> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
             .filter_map(|e| {
                 let r: Record = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
                 let used = e.metadata().ok()?.modified().ok()?;
-                Some((e.path(), Digest::parse(&r.sealed.digest).ok()?, r.sealed.size, used))
+                Some((e.path(), Some(Digest::parse(&r.sealed.digest).ok()?), r.sealed.size, used))
             })
-            .collect()
+            .collect();
+        for sub in std::fs::read_dir(&self.blocks).into_iter().flatten().filter_map(|e| e.ok()) {
+            for e in std::fs::read_dir(sub.path()).into_iter().flatten().filter_map(|e| e.ok()) {
+                if let Ok(m) = e.metadata() {
+                    if m.is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+                        v.push((e.path(), None, m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    fn block_path(&self, key: &Digest) -> PathBuf {
+        self.blocks.join(&key.hex()[..2]).join(key.hex())
+    }
+
+    /// Block entries found corrupt since the cache was opened.
+    pub fn blocks_dropped(&self) -> usize {
+        self.dropped_blocks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drop least recently used entries until theirs add up to at most `max_bytes`. Returns
@@ -170,7 +207,9 @@ impl BuildCache {
                 continue;
             }
             std::fs::remove_file(&path)?;
-            let _ = std::fs::remove_file(self.blobs.blob_path(&d));
+            if let Some(d) = d {
+                let _ = std::fs::remove_file(self.blobs.blob_path(&d));
+            }
             dropped += 1;
             freed += size;
         }
@@ -185,6 +224,70 @@ impl BuildCache {
             blob_bytes += m.len();
         }
         let e = self.entries();
-        Ok(Stats { dir: self.blobs.root().to_path_buf(), blobs, blob_bytes, sealed_entries: e.len(), sealed_bytes: e.iter().map(|x| x.2).sum(), max_bytes: self.max_bytes })
+        let (sealed, blocks): (Vec<_>, Vec<_>) = e.iter().partition(|x| x.1.is_some());
+        Ok(Stats {
+            dir: self.blobs.root().to_path_buf(),
+            blobs,
+            blob_bytes,
+            sealed_entries: sealed.len(),
+            sealed_bytes: sealed.iter().map(|x| x.2).sum(),
+            block_entries: blocks.len(),
+            block_bytes: blocks.iter().map(|x| x.2).sum(),
+            max_bytes: self.max_bytes,
+        })
+    }
+
+    /// Keep the cache within its bound (after a build stored what it made).
+    pub fn trim(&self) -> anyhow::Result<(usize, u64)> {
+        self.prune(self.max_bytes)
+    }
+}
+
+/// A block entry: `n` u32, `n` size words, the sha256 of the bytes, the bytes.
+impl crate::format::squashfs::writer::BlockStore for BuildCache {
+    fn get(&self, key: &Digest) -> Option<(Vec<u32>, Vec<u8>)> {
+        let p = self.block_path(key);
+        let b = std::fs::read(&p).ok()?;
+        let parsed = (|| {
+            let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+            let sizes_end = 4 + 4 * n;
+            let sizes: Vec<u32> = b.get(4..sizes_end)?.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+            let hash = b.get(sizes_end..sizes_end + 32)?;
+            let bytes = b.get(sizes_end + 32..)?;
+            (sha2::Sha256::digest(bytes).as_slice() == hash).then(|| (sizes, bytes.to_vec()))
+        })();
+        match parsed {
+            Some(v) => {
+                let _ = std::fs::File::options().append(true).open(&p).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                Some(v)
+            }
+            None => {
+                let _ = std::fs::remove_file(&p);
+                self.dropped_blocks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn put(&self, key: &Digest, sizes: &[u32], bytes: &[u8]) {
+        let p = self.block_path(key);
+        if p.exists() {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            let dir = p.parent().unwrap();
+            std::fs::create_dir_all(dir)?;
+            let mut tmp = tempfile::Builder::new().prefix(".").tempfile_in(dir)?;
+            let mut head = Vec::with_capacity(4 + 4 * sizes.len() + 32);
+            head.extend_from_slice(&(sizes.len() as u32).to_le_bytes());
+            sizes.iter().for_each(|s| head.extend_from_slice(&s.to_le_bytes()));
+            head.extend_from_slice(&sha2::Sha256::digest(bytes));
+            std::io::Write::write_all(&mut tmp, &head)?;
+            std::io::Write::write_all(&mut tmp, bytes)?;
+            tmp.persist(&p).map_err(|e| e.error)?;
+            Ok(())
+        };
+        // A cache that cannot take the entry costs the next build time, not this one.
+        let _ = write();
     }
 }

@@ -213,7 +213,17 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     phases.lap("flatten");
     let sqfs = work.path().join("rootfs.squashfs");
     let pb = opts.progress.bar("squashfs", parts.tree.count(), false);
-    let squashfs_bytes = squashfs::write(&parts.tree, &sqfs, epoch as u32, &mut || pb.inc(1))?;
+    let blocks: Option<&dyn squashfs::writer::BlockStore> = cache.as_ref().map(|c| c as _);
+    let w = squashfs::writer::write(&parts.tree, &sqfs, epoch as u32, blocks, &mut || pb.inc(1))?;
+    let squashfs_bytes = w.bytes;
+    let mut parts = parts;
+    parts.cache_use.blocks_reused = w.blocks_reused;
+    parts.cache_use.blocks_compressed = w.blocks_compressed;
+    if let Some(c) = &cache {
+        parts.cache_use.blocks_dropped = c.blocks_dropped();
+        // Over its bound, the cache drops what was used least recently (never this build's).
+        let _ = c.trim();
+    }
     pb.finish_and_clear();
     phases.lap("squashfs");
     // The slot holds the squashfs, padded to a block, then its dm-verity hash area; its size is

@@ -135,5 +135,5 @@ pub fn step_line(pb: indicatif::ProgressBar) -> Box<dyn Fn(&crate::harness::run:
 pub fn cache_stats(s: &crate::builder::buildcache::Stats) {
     println!("cache {}", s.dir.display());
     println!("  blobs: {} ({} bytes)", s.blobs, s.blob_bytes);
-    println!("  build cache: {} sealed images ({} bytes of them), bound {} bytes", s.sealed_entries, s.sealed_bytes, s.max_bytes);
+    println!("  build cache: {} sealed images ({} bytes of them), {} compressed block entries ({} bytes), bound {} bytes", s.sealed_entries, s.sealed_bytes, s.block_entries, s.block_bytes, s.max_bytes);
 }

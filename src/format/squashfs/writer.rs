@@ -132,19 +132,6 @@ struct FileData {
     frag_offset: u32,
 }
 
-/// One unit of compression work in a batch.
-enum Job<'a> {
-    /// All full (and the last partial) blocks of a file of at least one block.
-    File { idx: usize, content: &'a Content, size: u64, key: Option<Digest> },
-    /// A fragment block: tails of small files, packed.
-    Fragment { raw: Vec<u8> },
-}
-
-enum Done {
-    File { idx: usize, sizes: Vec<u32>, bytes: Vec<u8>, reused: bool },
-    Fragment { size: u32, bytes: Vec<u8> },
-}
-
 /// The regular files of `t` in tree order (one per hard-link group).
 fn files(t: &Tree) -> Vec<&Node> {
     fn go<'a>(n: &'a Node, seen: &mut std::collections::HashSet<u64>, out: &mut Vec<&'a Node>) {
@@ -163,7 +150,59 @@ fn files(t: &Tree) -> Vec<&Node> {
     out
 }
 
-fn run_batch<'a>(jobs: Vec<Job<'a>>, store: Option<&dyn BlockStore>) -> anyhow::Result<Vec<Done>> {
+/// Blocks per segment: the unit a large file is compressed and cached in (4 MiB of data).
+const SEGMENT_BLOCKS: u64 = 32;
+
+/// One unit of compression work in a batch.
+enum Job<'a> {
+    /// Up to [`SEGMENT_BLOCKS`] consecutive blocks of a file of at least one block.
+    Segment { idx: usize, content: &'a Content, offset: u64, len: u64 },
+    /// A fragment block: whole small files, packed.
+    Fragment { raw: Vec<u8> },
+}
+
+/// Compressed blocks: each block's size word and the bytes, and whether a store supplied them.
+struct Done {
+    idx: Option<usize>,
+    first: bool,
+    sizes: Vec<u32>,
+    bytes: Vec<u8>,
+    reused: bool,
+}
+
+/// The store key of raw bytes: their sha256 with the block size and level.
+fn key(raw: &[u8]) -> Digest {
+    let d = Digest::of_bytes(raw);
+    Digest::of_bytes(format!("squashfs-blocks/{BLOCK_SIZE}/zstd-{LEVEL}/{d}").as_bytes())
+}
+
+/// Compress `raw` block by block, or take what `store` holds for it (checked: one size word per
+/// block, sizes adding up to the bytes, none claiming more than a block).
+fn compress(raw: &[u8], store: Option<&dyn BlockStore>) -> (Vec<u32>, Vec<u8>, bool) {
+    let blocks = raw.len().div_ceil(BLOCK_SIZE as usize);
+    let k = store.map(|_| key(raw));
+    if let (Some(s), Some(k)) = (store, &k) {
+        if let Some((sizes, bytes)) = s.get(k) {
+            let lens: Vec<u64> = sizes.iter().map(|w| (w & !UNCOMPRESSED_BLOCK) as u64).collect();
+            if sizes.len() == blocks && lens.iter().sum::<u64>() == bytes.len() as u64 && lens.iter().all(|l| *l > 0 && *l <= BLOCK_SIZE as u64) {
+                return (sizes, bytes, true);
+            }
+        }
+    }
+    let mut sizes = Vec::with_capacity(blocks);
+    let mut bytes = Vec::new();
+    for b in raw.chunks(BLOCK_SIZE as usize) {
+        let (w, c) = compress_block(b);
+        sizes.push(w);
+        bytes.extend_from_slice(&c);
+    }
+    if let (Some(s), Some(k)) = (store, &k) {
+        s.put(k, &sizes, &bytes);
+    }
+    (sizes, bytes, false)
+}
+
+fn run_batch(jobs: Vec<Job<'_>>, store: Option<&dyn BlockStore>) -> anyhow::Result<Vec<Done>> {
     let n = jobs.len();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<anyhow::Result<Done>>>> = (0..n).map(|_| Default::default()).collect();
@@ -171,33 +210,12 @@ fn run_batch<'a>(jobs: Vec<Job<'a>>, store: Option<&dyn BlockStore>) -> anyhow::
     let work = |job: &Job| -> anyhow::Result<Done> {
         Ok(match job {
             Job::Fragment { raw } => {
-                let (size, bytes) = compress_block(raw);
-                Done::Fragment { size, bytes }
+                let (sizes, bytes, reused) = compress(raw, store);
+                Done { idx: None, first: false, sizes, bytes, reused }
             }
-            Job::File { idx, content, size, key } => {
-                if let (Some(s), Some(k)) = (store, key) {
-                    if let Some((sizes, bytes)) = s.get(k) {
-                        let blocks = size.div_ceil(BLOCK_SIZE as u64) as usize;
-                        let total: u64 = sizes.iter().map(|w| (w & !UNCOMPRESSED_BLOCK) as u64).sum();
-                        if sizes.len() == blocks && total == bytes.len() as u64 {
-                            return Ok(Done::File { idx: *idx, sizes, bytes, reused: true });
-                        }
-                    }
-                }
-                let mut sizes = Vec::new();
-                let mut bytes = Vec::new();
-                let mut off = 0u64;
-                while off < *size {
-                    let len = (*size - off).min(BLOCK_SIZE as u64) as usize;
-                    let (w, b) = compress_block(&read_range(content, off, len)?);
-                    sizes.push(w);
-                    bytes.extend_from_slice(&b);
-                    off += len as u64;
-                }
-                if let (Some(s), Some(k)) = (store, key) {
-                    s.put(k, &sizes, &bytes);
-                }
-                Done::File { idx: *idx, sizes, bytes, reused: false }
+            Job::Segment { idx, content, offset, len } => {
+                let (sizes, bytes, reused) = compress(&read_range(content, *offset, *len as usize)?, store);
+                Done { idx: Some(*idx), first: *offset == 0, sizes, bytes, reused }
             }
         })
     };
@@ -215,90 +233,123 @@ fn run_batch<'a>(jobs: Vec<Job<'a>>, store: Option<&dyn BlockStore>) -> anyhow::
     slots.into_iter().map(|m| m.into_inner().unwrap().expect("every job ran")).collect()
 }
 
-/// The key a file's blocks are stored under: its content's sha256 with the block size and level.
-fn file_key(content: &Content) -> anyhow::Result<Digest> {
-    let (d, _) = crate::base::hash::digest_reader(content.open()?)?;
-    Ok(Digest::of_bytes(format!("squashfs-blocks/{BLOCK_SIZE}/zstd-{LEVEL}/{d}").as_bytes()))
+/// Whether a fragment block ends after this small file: decided by the file's own bytes (a
+/// 64-bit FNV-1a, one file in 16), so a change to one file moves the fragment boundaries only
+/// until the next such file and the blocks after it are the same bytes as before — found again
+/// by a block store and by content-defined chunking.
+fn ends_fragment(content: &[u8]) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in content {
+        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h % 16 == 0
 }
 
-/// Write the data and fragment blocks of every regular file, from byte 96 of `out`.
-fn write_data(t: &Tree, out: &mut impl Write, store: Option<&dyn BlockStore>, stats: &mut WriteStats) -> anyhow::Result<(HashMap<*const Node, FileData>, Vec<u8>, u64)> {
-    let list = files(t);
-    let mut data: HashMap<*const Node, FileData> = HashMap::new();
-    let mut frag_table = Vec::new();
-    let mut pos = super::SUPERBLOCK_LEN as u64;
-    let mut frag_raw: Vec<u8> = Vec::new();
-    let mut frag_members: Vec<*const Node> = Vec::new();
-    let mut jobs: Vec<Job> = Vec::new();
-    let mut batch_bytes = 0usize;
-    // Which nodes' fragment a pending fragment job holds, in job order.
-    let mut pending_frags: Vec<Vec<*const Node>> = Vec::new();
-    let flush = |jobs: &mut Vec<Job>, pending: &mut Vec<Vec<*const Node>>, data: &mut HashMap<*const Node, FileData>, pos: &mut u64, frag_table: &mut Vec<u8>, out: &mut dyn Write, stats: &mut WriteStats| -> anyhow::Result<()> {
-        let done = run_batch(std::mem::take(jobs), store)?;
-        let mut pending = std::mem::take(pending).into_iter();
+/// The data writer: batches of jobs in file order, results written in the same order.
+struct DataWriter<'t, W: Write> {
+    out: W,
+    list: Vec<&'t Node>,
+    store: Option<&'t dyn BlockStore>,
+    data: HashMap<*const Node, FileData>,
+    frag_table: Vec<u8>,
+    pos: u64,
+    jobs: Vec<Job<'t>>,
+    /// The members of each fragment job queued, in order.
+    pending: Vec<Vec<*const Node>>,
+    stats: WriteStats,
+}
+
+impl<'t, W: Write> DataWriter<'t, W> {
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let done = run_batch(std::mem::take(&mut self.jobs), self.store)?;
+        let mut pending = std::mem::take(&mut self.pending).into_iter();
         for d in done {
-            match d {
-                Done::File { idx, sizes, bytes, reused } => {
-                    let node = list[idx] as *const Node;
-                    if reused {
-                        stats.blocks_reused += sizes.len();
-                    } else {
-                        stats.blocks_compressed += sizes.len();
+            if d.reused {
+                self.stats.blocks_reused += d.sizes.len();
+            } else {
+                self.stats.blocks_compressed += d.sizes.len();
+            }
+            match d.idx {
+                Some(idx) => {
+                    let e = self.data.entry(self.list[idx] as *const Node).or_insert_with(|| FileData { fragment: NO_FRAGMENT, ..Default::default() });
+                    if d.first {
+                        e.start = self.pos;
                     }
-                    let e = data.entry(node).or_insert_with(|| FileData { fragment: NO_FRAGMENT, ..Default::default() });
-                    e.start = *pos;
-                    e.sizes = sizes;
-                    out.write_all(&bytes)?;
-                    *pos += bytes.len() as u64;
+                    e.sizes.extend_from_slice(&d.sizes);
                 }
-                Done::Fragment { size, bytes } => {
-                    let index = (frag_table.len() / 16) as u32;
-                    frag_table.extend_from_slice(&pos.to_le_bytes());
-                    frag_table.extend_from_slice(&size.to_le_bytes());
-                    frag_table.extend_from_slice(&0u32.to_le_bytes());
-                    for n in pending.next().expect("a fragment job per member list") {
-                        data.get_mut(&n).expect("fragment member recorded").fragment = index;
+                None => {
+                    let index = (self.frag_table.len() / 16) as u32;
+                    self.frag_table.extend_from_slice(&self.pos.to_le_bytes());
+                    self.frag_table.extend_from_slice(&d.sizes[0].to_le_bytes());
+                    self.frag_table.extend_from_slice(&0u32.to_le_bytes());
+                    for n in pending.next().expect("a member list per fragment job") {
+                        self.data.get_mut(&n).expect("fragment member recorded").fragment = index;
                     }
-                    out.write_all(&bytes)?;
-                    *pos += bytes.len() as u64;
-                    stats.fragment_blocks += 1;
+                    self.stats.fragment_blocks += 1;
                 }
             }
+            self.out.write_all(&d.bytes)?;
+            self.pos += d.bytes.len() as u64;
         }
         Ok(())
-    };
+    }
+}
+
+/// Write the data and fragment blocks of every regular file, from byte 96 of `out`. Files of a
+/// block or more get data blocks (their last one short); smaller ones go into fragment blocks.
+fn write_data<W: Write>(t: &Tree, out: W, store: Option<&dyn BlockStore>) -> anyhow::Result<(HashMap<*const Node, FileData>, Vec<u8>, u64, WriteStats, W)> {
+    let list = files(t);
+    let mut w = DataWriter { out, list: list.clone(), store, data: HashMap::new(), frag_table: Vec::new(), pos: super::SUPERBLOCK_LEN as u64, jobs: Vec::new(), pending: Vec::new(), stats: WriteStats::default() };
+    let mut frag_raw: Vec<u8> = Vec::new();
+    let mut frag_members: Vec<*const Node> = Vec::new();
+    let mut batch_bytes = 0u64;
     for (idx, node) in list.iter().enumerate() {
         let Kind::File { content, size, .. } = &node.kind else { unreachable!() };
-        let key = *node as *const Node;
-        stats.files += 1;
+        let me = *node as *const Node;
+        w.stats.files += 1;
         if *size >= BLOCK_SIZE as u64 {
-            let k = if store.is_some() { Some(file_key(content)?) } else { None };
-            jobs.push(Job::File { idx, content, size: *size, key: k });
-            batch_bytes += *size as usize;
-        } else if *size > 0 {
-            if frag_raw.len() + *size as usize > BLOCK_SIZE as usize {
-                jobs.push(Job::Fragment { raw: std::mem::take(&mut frag_raw) });
-                pending_frags.push(std::mem::take(&mut frag_members));
+            let seg = SEGMENT_BLOCKS * BLOCK_SIZE as u64;
+            let mut offset = 0;
+            while offset < *size {
+                let len = (*size - offset).min(seg);
+                w.jobs.push(Job::Segment { idx, content, offset, len });
+                offset += len;
+                batch_bytes += len;
+                if batch_bytes >= BATCH as u64 {
+                    w.flush()?;
+                    batch_bytes = 0;
+                }
             }
-            let offset = frag_raw.len() as u32;
-            frag_raw.extend_from_slice(&read_range(content, 0, *size as usize)?);
-            frag_members.push(key);
-            data.insert(key, FileData { start: 0, sizes: vec![], fragment: NO_FRAGMENT, frag_offset: offset });
-            batch_bytes += *size as usize;
-        } else {
-            data.insert(key, FileData { fragment: NO_FRAGMENT, ..Default::default() });
+            continue;
         }
-        if batch_bytes >= BATCH {
-            flush(&mut jobs, &mut pending_frags, &mut data, &mut pos, &mut frag_table, out, stats)?;
+        w.data.insert(me, FileData { fragment: NO_FRAGMENT, ..Default::default() });
+        if *size == 0 {
+            continue;
+        }
+        if frag_raw.len() + *size as usize > BLOCK_SIZE as usize {
+            w.jobs.push(Job::Fragment { raw: std::mem::take(&mut frag_raw) });
+            w.pending.push(std::mem::take(&mut frag_members));
+        }
+        let bytes = read_range(content, 0, *size as usize)?;
+        w.data.get_mut(&me).unwrap().frag_offset = frag_raw.len() as u32;
+        frag_raw.extend_from_slice(&bytes);
+        frag_members.push(me);
+        batch_bytes += *size;
+        if ends_fragment(&bytes) {
+            w.jobs.push(Job::Fragment { raw: std::mem::take(&mut frag_raw) });
+            w.pending.push(std::mem::take(&mut frag_members));
+        }
+        if batch_bytes >= BATCH as u64 {
+            w.flush()?;
             batch_bytes = 0;
         }
     }
     if !frag_raw.is_empty() {
-        jobs.push(Job::Fragment { raw: frag_raw });
-        pending_frags.push(frag_members);
+        w.jobs.push(Job::Fragment { raw: frag_raw });
+        w.pending.push(frag_members);
     }
-    flush(&mut jobs, &mut pending_frags, &mut data, &mut pos, &mut frag_table, out, stats)?;
-    Ok((data, frag_table, pos))
+    w.flush()?;
+    Ok((w.data, w.frag_table, w.pos, w.stats, w.out))
 }
 
 /// uids/gids → the id table's indices.
@@ -561,8 +612,7 @@ pub fn write(tree: &Tree, out: &Path, mkfs_time: u32, store: Option<&dyn BlockSt
     let f = std::fs::File::create(out).with_context(|| format!("creating squashfs {}", out.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     w.write_all(&[0u8; super::SUPERBLOCK_LEN])?;
-    let mut stats = WriteStats::default();
-    let (data, frag_entries, mut pos) = write_data(tree, &mut w, store, &mut stats)?;
+    let (data, frag_entries, mut pos, mut stats, mut w) = write_data(tree, w, store)?;
     let (mut numbers, mut links, mut nlinks) = (HashMap::new(), HashMap::new(), HashMap::new());
     let mut next = 1;
     number(&tree.root, &mut next, &mut numbers, &mut links, &mut nlinks);
