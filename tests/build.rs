@@ -464,6 +464,9 @@ fn volumes_are_laid_out_and_bound_as_linuxkit_does() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want) && err.contains("system.yml:8:5"), "{binds}: {err}");
         assert!(!out.exists());
+        // `check` finds it too, without fetching anything.
+        let c = slotforge(&["check", fx.manifest().to_str().unwrap()]);
+        assert!(!c.status.success() && String::from_utf8_lossy(&c.stderr).contains(want), "check: {}", String::from_utf8_lossy(&c.stderr));
     }
 }
 

@@ -311,7 +311,8 @@ impl Assembly<'_> {
             }
         }
         let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
-        let (sealed, artifact) = crate::compose::seal::seal(img, mkdirs, file, &mut sp, &mut |_| {})?;
+        let blocks: Option<&dyn crate::format::squashfs::writer::BlockStore> = self.cache.map(|c| c as _);
+        let (sealed, artifact) = crate::compose::seal::seal(img, mkdirs, file, &mut sp, &mut |_| {}, blocks)?;
         if let Some(c) = self.cache {
             // A cache that cannot take the entry costs the next build time, not this one.
             let _ = c.put_sealed(img, mkdirs, file, &sealed, &artifact);

@@ -293,6 +293,13 @@ fn check(file: &Path, m: &Manifest) -> Result<(), InputError> {
         }
     }
     check_volumes(file, m)?;
+    // Binds naming volumes, checked as LinuxKit checks them (the build rewrites them the same way).
+    let volumes: std::collections::BTreeMap<String, bool> = m.volumes.iter().map(|v| (v.name.value.clone(), v.readonly)).collect();
+    for (section, list) in [("onboot", &m.onboot), ("onshutdown", &m.onshutdown), ("services", &m.services)] {
+        for entry in list.iter() {
+            crate::linuxkit::volume::resolve(&entry.value, &volumes).map_err(|e| InputError::spanned(file, entry, format!("{section} {}: {e}", entry.value.name())))?;
+        }
+    }
     if let Some(b) = &m.boot {
         if let (Some(sb), false) = (&b.secure_boot, b.uki) {
             return Err(InputError::spanned(file, &sb.key, "boot.secure-boot needs boot.uki: true (the command line, with its root hash, must be inside a signed image)"));
@@ -528,6 +535,8 @@ pub struct CheckReport {
     pub ok: bool,
     pub boot_loader: String,
     pub containers: Vec<CheckedContainer>,
+    /// LinuxKit volumes: (name, directory in the rootfs, read-only).
+    pub volumes: Vec<(String, String, bool)>,
 }
 
 pub fn check_file(path: &Path) -> anyhow::Result<CheckReport> {
@@ -547,7 +556,8 @@ pub fn check_file(path: &Path) -> anyhow::Result<CheckReport> {
             });
         }
     }
-    Ok(CheckReport { manifest: path.to_path_buf(), ok: true, boot_loader: m.boot().loader.value.clone(), containers })
+    let volumes = m.manifest.volumes.iter().map(|v| (v.name.value.clone(), crate::linuxkit::volume::base_dir(&v.name.value), v.readonly)).collect();
+    Ok(CheckReport { manifest: path.to_path_buf(), ok: true, boot_loader: m.boot().loader.value.clone(), containers, volumes })
 }
 
 pub fn service(m: &LoadedManifest, section: Section, i: usize) -> &Service {

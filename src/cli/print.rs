@@ -14,6 +14,9 @@ pub fn check(r: &crate::builder::manifest::CheckReport) {
     for c in &r.containers {
         println!("{:<10} {:<20} {}{}", c.section, c.name, c.dir, if c.external { "  (external)" } else { "" });
     }
+    for (name, dir, ro) in &r.volumes {
+        println!("{:<10} {:<20} {dir}{}", "volume", name, if *ro { "  (read-only)" } else { "" });
+    }
     println!("{}: ok", r.manifest.display());
 }
 
