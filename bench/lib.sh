@@ -10,7 +10,7 @@ bench_setup() {
   export SOURCE_DATE_EPOCH=1704067200
 }
 mkimage() { # LAYOUT TAG SRC
-  umoci init --layout "$1"; umoci new --image "$1:$2"
+  [ -d "$1" ] || umoci init --layout "$1"; umoci new --image "$1:$2"
   umoci unpack --rootless --image "$1:$2" "$w/bundle" >/dev/null
   cp -a "$3/." "$w/bundle/rootfs/"; umoci repack --image "$1:$2" "$w/bundle"; rm -rf "$w/bundle"
 }

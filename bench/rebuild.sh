@@ -91,14 +91,15 @@ for r in rows:
         phases, cache = "(steps)", "—"
     else:
         e, u, s, m, i, o = float(t[0]), float(t[1]), float(t[2]), int(t[3]), int(t[4]), int(t[5])
-        phases, cache = r[3].split(" | ")[0], r[3].split(" | ")[1]
+        phases, cache = r[3].strip(), r[4].strip()
     same = checks.get((tree, "check-" + label.split("-")[1]), "") if label.startswith("rebuild") else ""
     print(f"| {tree} | {label} | {e:.2f} | {u+s:.2f} | {e/cold[tree]:.2f} | {m/1024:.0f} | {i*512/1048576:.0f} | {o*512/1048576:.0f} | {same} | {cache} | {phases} |")
 print()
 cold_rows = {(r[0], r[1]): float(r[2].split()[0]) for r in rows}
 for t in trees:
     p = cold_rows[(t, "pipeline")]
-    print(f"- *{t}*: cold = {cold[t]/p:.2f}× the pipeline's wall time; rebuilds {', '.join(f'({c}) {cold_rows[(t, 'rebuild-' + c)]/cold[t]:.2f}×' for c in 'abc')} of cold.")
+    ratios = ", ".join("(%s) %.2f×" % (c, cold_rows[(t, "rebuild-" + c)] / cold[t]) for c in "abc")
+    print(f"- *{t}*: cold = {cold[t]/p:.2f}× the pipeline's wall time; rebuilds {ratios} of cold.")
 print()
 print("What a rebuild reuses (the build cache, docs/guide.md#the-build-cache): compressed squashfs blocks")
 print("of the rootfs — file segments and fragment blocks whose raw bytes are unchanged — and sealed external")
