@@ -70,7 +70,7 @@ mke2fs -d → sgdisk → dd conv=sparse, each step timed; its peak RSS is that o
 
 slotforge phases (seconds): $sf_phases.
 
-Pipeline steps (seconds, peak KiB), in order:
+Pipeline steps (wall s, peak KiB, user s, sys s, filesystem blocks read, written), in order:
 \`\`\`
 $(cat "$w/std.times")
 \`\`\`
