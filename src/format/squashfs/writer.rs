@@ -49,6 +49,12 @@ struct MetaWriter {
     cur: Vec<u8>,
 }
 
+impl Default for MetaWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl MetaWriter {
     fn new() -> Self {
         Self { out: Vec::new(), cur: Vec::with_capacity(META) }
@@ -371,18 +377,11 @@ impl Ids {
 /// Xattr sets → the xattr id table's indices (identical sets share one id).
 #[derive(Default)]
 struct Xattrs {
-    kv: MetaWriter2,
+    kv: MetaWriter,
     ids: Vec<u8>,
     by_set: HashMap<Vec<u8>, u32>,
 }
 
-/// A MetaWriter that can be defaulted (the xattr key/value stream).
-struct MetaWriter2(MetaWriter);
-impl Default for MetaWriter2 {
-    fn default() -> Self {
-        Self(MetaWriter::new())
-    }
-}
 
 impl Xattrs {
     fn id(&mut self, x: &BTreeMap<String, Vec<u8>>) -> anyhow::Result<u32> {
@@ -409,8 +408,8 @@ impl Xattrs {
         if let Some(id) = self.by_set.get(&set) {
             return Ok(*id);
         }
-        let (block, offset) = self.kv.0.pos();
-        self.kv.0.put(&set);
+        let (block, offset) = self.kv.pos();
+        self.kv.put(&set);
         let id = (self.ids.len() / 16) as u32;
         self.ids.extend_from_slice(&(((block as u64) << 16) | offset as u64).to_le_bytes());
         self.ids.extend_from_slice(&(x.len() as u32).to_le_bytes());
@@ -638,7 +637,7 @@ pub fn write(tree: &Tree, out: &Path, mkfs_time: u32, store: Option<&dyn BlockSt
     let xattr_table = if xattrs.ids.is_empty() {
         INVALID
     } else {
-        let kv_start = put(&xattrs.kv.0.finish(), &mut pos)?;
+        let kv_start = put(&xattrs.kv.finish(), &mut pos)?;
         let (xb, xi) = table(&xattrs.ids, pos);
         put(&xb, &mut pos)?;
         let mut head = Vec::new();
