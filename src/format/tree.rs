@@ -32,6 +32,32 @@ pub enum Content {
     Path(PathBuf),
     /// Small generated content (metadata JSON, `files:` entries).
     Inline(Arc<Vec<u8>>),
+    /// `len` bytes at `offset` of a spill pack: small layer entries share one file, since
+    /// creating a file per entry is most of what flattening a tree of small files costs.
+    Packed { pack: Arc<std::fs::File>, offset: u64, len: u64 },
+}
+
+/// A reader over a byte range of a shared file (positioned reads; no shared cursor).
+struct RangeReader {
+    file: Arc<std::fs::File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for RangeReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let want = buf.len().min((self.end - self.pos) as usize);
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "spill pack shorter than recorded"));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 impl Content {
@@ -39,7 +65,27 @@ impl Content {
         Ok(match self {
             Content::Path(p) => Box::new(std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?),
             Content::Inline(d) => Box::new(std::io::Cursor::new(d.as_ref().clone())),
+            Content::Packed { pack, offset, len } => Box::new(RangeReader { file: pack.clone(), pos: *offset, end: offset + len }),
         })
+    }
+
+    /// Read `buf.len()` bytes at `offset` of the content.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
+        match self {
+            Content::Path(p) => {
+                let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+                f.seek(SeekFrom::Start(offset))?;
+                f.read_exact(buf).with_context(|| format!("reading {}", p.display()))?;
+            }
+            Content::Inline(d) => buf.copy_from_slice(d.get(offset as usize..offset as usize + buf.len()).context("inline content shorter than its size")?),
+            Content::Packed { pack, offset: base, len } => {
+                anyhow::ensure!(offset + buf.len() as u64 <= *len, "read past a packed spill entry");
+                pack.read_exact_at(buf, base + offset).context("reading a spill pack")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -254,7 +300,13 @@ pub struct Spill {
     next: u64,
     used: u64,
     budget: u64,
+    /// The pack small entries are appended to, and its length.
+    pack: Option<(Arc<std::fs::File>, u64)>,
 }
+
+/// Entries up to this size go into the spill pack; larger ones get a file of their own (which
+/// the agent can then rename into place).
+const PACK_MAX: usize = 256 << 10;
 
 /// Overrides the unpack budget (bytes).
 pub const BUDGET_ENV: &str = "SLOTFORGE_UNPACK_BUDGET";
@@ -300,13 +352,32 @@ impl Spill {
             Err(_) => None,
         };
         let budget = env.unwrap_or(limit).min(disk_budget(dir.path()));
-        Ok(Self { dir, next: 0, used: 0, budget })
+        Ok(Self { dir, next: 0, used: 0, budget, pack: None })
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
     /// Copy `r` into a new spill file, counting against the budget as it goes.
     pub fn store(&mut self, r: &mut dyn Read) -> std::io::Result<(Content, u64)> {
+        // Small entries: read up to PACK_MAX + 1 bytes; if that is all, append to the pack.
+        let mut head = Vec::new();
+        let left = self.budget.saturating_sub(self.used);
+        r.take((PACK_MAX as u64 + 1).min(left.saturating_add(1))).read_to_end(&mut head)?;
+        if head.len() <= PACK_MAX && (head.len() as u64) <= left {
+            use std::os::unix::fs::FileExt;
+            if self.pack.is_none() {
+                let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(self.dir.path().join("pack"))?;
+                self.pack = Some((Arc::new(f), 0));
+            }
+            let (pack, end) = self.pack.as_mut().expect("pack opened above");
+            pack.write_all_at(&head, *end)?;
+            let c = Content::Packed { pack: pack.clone(), offset: *end, len: head.len() as u64 };
+            *end += head.len() as u64;
+            self.used += head.len() as u64;
+            return Ok((c, head.len() as u64));
+        }
+        let mut r = std::io::Cursor::new(head).chain(r);
+        let r: &mut dyn Read = &mut r;
         self.next += 1;
         let p = self.dir.path().join(self.next.to_string());
         let mut f = std::fs::File::create(&p)?;
@@ -437,6 +508,30 @@ mod tests {
 
     fn c(p: &str) -> Vec<Vec<u8>> {
         components(p.as_bytes(), false).unwrap()
+    }
+
+    #[test]
+    fn small_entries_share_a_pack_large_ones_get_a_file_and_the_budget_holds() {
+        let mut sp = Spill::with_limit(PACK_MAX as u64 * 3).unwrap();
+        let small: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..PACK_MAX as u32 + 1).map(|i| (i % 253) as u8).collect();
+        let (a, na) = sp.store(&mut &small[..]).unwrap();
+        let (b, nb) = sp.store(&mut &b"second"[..]).unwrap();
+        let (c, nc) = sp.store(&mut &big[..]).unwrap();
+        assert_eq!((na, nb, nc), (5000, 6, PACK_MAX as u64 + 1));
+        assert!(matches!(a, Content::Packed { offset: 0, .. }) && matches!(b, Content::Packed { offset: 5000, len: 6, .. }), "{a:?} {b:?}");
+        assert!(matches!(c, Content::Path(_)), "{c:?}");
+        let read = |c: &Content| { let mut v = Vec::new(); c.open().unwrap().read_to_end(&mut v).unwrap(); v };
+        assert_eq!((read(&a), read(&b), read(&c)), (small.clone(), b"second".to_vec(), big.clone()));
+        let mut part = [0u8; 3];
+        b.read_at(2, &mut part).unwrap();
+        assert_eq!(&part, b"con");
+        assert!(b.read_at(4, &mut part).is_err(), "a read past the entry reaches the next one");
+        // The budget counts packed bytes too: 5006 + 2 big entries used, a third does not fit.
+        sp.store(&mut &big[..]).unwrap();
+        sp.store(&mut &big[..]).unwrap_err();
+        let e = sp.store(&mut &small[..]);
+        assert!(e.is_ok(), "what fits still fits");
     }
 
     #[test]

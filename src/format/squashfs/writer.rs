@@ -10,7 +10,7 @@ use crate::base::hash::Digest;
 use crate::format::tree::{Content, Kind, Node, Tree};
 use anyhow::{bail, Context};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 pub const BLOCK_SIZE: u32 = 128 << 10;
@@ -118,14 +118,7 @@ fn compress_block(raw: &[u8]) -> (u32, Vec<u8>) {
 
 fn read_range(c: &Content, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
-    match c {
-        Content::Path(p) => {
-            let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-            f.seek(SeekFrom::Start(offset))?;
-            f.read_exact(&mut buf).with_context(|| format!("reading {}", p.display()))?;
-        }
-        Content::Inline(d) => buf.copy_from_slice(d.get(offset as usize..offset as usize + len).context("inline content shorter than its size")?),
-    }
+    c.read_at(offset, &mut buf)?;
     Ok(buf)
 }
 
