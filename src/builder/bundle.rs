@@ -20,6 +20,18 @@ pub struct BundleOptions {
     pub without_images: bool,
     /// minisign secret key files to sign the bundle's config with.
     pub sign: Vec<PathBuf>,
+    /// Bases of a delta bundle: bundles or disk images of builds in the field.
+    pub delta_from: Vec<PathBuf>,
+}
+
+/// What a delta bundle carries of its rootfs.
+#[derive(Debug, Serialize)]
+pub struct DeltaSummary {
+    pub bases: Vec<BaseBuild>,
+    pub chunks: usize,
+    /// Chunks in the bundle's store (none of the bases has them), and their raw bytes.
+    pub chunks_shipped: usize,
+    pub chunk_bytes_shipped: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,6 +44,48 @@ pub struct BundleSummary {
     pub requires: Requires,
     /// Key ids of the signatures it carries.
     pub signed_by: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaSummary>,
+}
+
+/// The chunk ids the bases' devices hold, and the builds they are: from a bundle, its chunk index
+/// (or its rootfs chunked); from a disk, every slot holding a slotforge rootfs.
+fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<(std::collections::HashSet<[u8; 32]>, Vec<BaseBuild>)> {
+    use crate::format::casync;
+    let mut ids = std::collections::HashSet::new();
+    let mut builds = Vec::new();
+    for p in paths {
+        let what = || format!("--delta-from {}", p.display());
+        let is_bundle = p.is_dir() || p.extension().is_some_and(|e| e == "tar");
+        if is_bundle {
+            let b = Bundle::open(p, None).with_context(what)?;
+            match b.rootfs_index().with_context(what)? {
+                Some(e) => ids.extend(e.into_iter().map(|e| e.id)),
+                None => ids.extend(casync::ids_of(std::fs::File::open(b.blob_path(&b.config.rootfs.digest)).with_context(what)?)?),
+            }
+            builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone() });
+        } else {
+            let rep = crate::format::inspect::inspect(p).with_context(what)?;
+            let gpt = crate::format::disk::read_gpt(&mut std::fs::File::open(p)?)?;
+            let mut any = false;
+            for s in &rep.slots {
+                let (Some(rel), Some(len)) = (&s.release, s.rootfs_bytes) else { continue };
+                let Some(g) = gpt.partitions.iter().find(|g| g.name == s.partition) else { continue };
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = std::fs::File::open(p)?;
+                f.seek(SeekFrom::Start(g.start))?;
+                ids.extend(casync::ids_of(std::io::BufReader::new(f).take(len))?);
+                if !builds.iter().any(|x: &BaseBuild| x.build_id == rel.build_id) {
+                    builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone() });
+                }
+                any = true;
+            }
+            if !any {
+                bail!("{}: no slot of this disk holds a slotforge rootfs", what());
+            }
+        }
+    }
+    Ok((ids, builds))
 }
 
 fn put_file(stage: &Stage, p: &Path) -> anyhow::Result<Blob> {
@@ -73,9 +127,23 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
             crate::format::signature::parse_secret(&t, password.clone()).with_context(|| format!("secret key {}", p.display()))
         })
         .collect::<anyhow::Result<_>>()?;
+    let bases = if opts.delta_from.is_empty() { None } else { Some(base_chunks(&opts.delta_from)?) };
     let c = compose(&opts.compose)?;
     let stage = Stage::new()?;
-    let rootfs = put_file(&stage, &c.rootfs_image)?;
+    // The rootfs: whole in a full bundle; in a delta, only the chunks no base has. Both carry
+    // its casync index.
+    let rootfs = match &bases {
+        None => put_file(&stage, &c.rootfs_image)?,
+        Some(_) => {
+            let (digest, size) = digest_reader(std::fs::File::open(&c.rootfs_image)?)?;
+            Blob { digest, size }
+        }
+    };
+    let caibx = c.work.path().join("rootfs.caibx");
+    let store = stage.path().join(CHUNK_STORE);
+    let chunked = crate::format::casync::chunk_file_except(&c.rootfs_image, &caibx, &store, &|id| bases.as_ref().is_none_or(|(have, _)| have.contains(id)))?;
+    let rootfs_index = put_file(&stage, &caibx)?;
+    let delta = bases.map(|(_, b)| DeltaSummary { bases: b, chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes });
     let kernel = put_content(&stage, c.kernel())?;
     let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
     let mut index = Vec::new();
@@ -128,11 +196,17 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         ukis,
         images,
         images_included: !opts.without_images,
+        chunks: Some(Chunks { index: rootfs_index.clone(), delta_from: delta.as_ref().map(|d| d.bases.clone()).unwrap_or_default() }),
     };
     let cfg_bytes = serde_json::to_vec(&config)?;
     let cfg = put_bytes(&stage, &cfg_bytes)?;
-    let mut layers = vec![json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.img"}}),
-        json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}})];
+    // A delta's rootfs blob is not in the layout, so no layer names it.
+    let mut layers = Vec::new();
+    if delta.is_none() {
+        layers.push(json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.img"}}));
+    }
+    layers.push(json!({"mediaType": MT_CAIBX, "digest": rootfs_index.digest, "size": rootfs_index.size, "annotations": {"org.opencontainers.image.title": "rootfs.caibx"}}));
+    layers.push(json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}}));
     layers.extend(uki_layers);
     if let Some(i) = &initrd {
         layers.push(json!({"mediaType": MT_INITRD, "digest": i.digest, "size": i.size, "annotations": {"org.opencontainers.image.title": "initrd.img"}}));
@@ -157,7 +231,7 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     std::fs::write(stage.path().join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": index}))?)?;
     std::fs::write(stage.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let bytes = write_out(stage.path(), &opts.output, c.epoch)?;
-    Ok(BundleSummary { output: opts.output.clone(), build_id: c.build_id.clone(), version: c.version().into(), rootfs_bytes: c.rootfs_bytes, bundle_bytes: bytes, requires, signed_by })
+    Ok(BundleSummary { output: opts.output.clone(), build_id: c.build_id.clone(), version: c.version().into(), rootfs_bytes: c.rootfs_bytes, bundle_bytes: bytes, requires, signed_by, delta })
 }
 
 /// A tar (sorted members, fixed times and owners) if `out` ends in `.tar`, else a directory.
@@ -167,11 +241,24 @@ fn write_out(dir: &Path, out: &Path, epoch: u64) -> anyhow::Result<u64> {
     let mut blobs: Vec<PathBuf> = std::fs::read_dir(dir.join("blobs/sha256"))?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     blobs.sort();
     files.extend(blobs);
+    let store = dir.join(CHUNK_STORE);
+    let mut dirs = vec!["blobs/".to_string(), "blobs/sha256/".to_string()];
+    if store.is_dir() {
+        let mut subs: Vec<PathBuf> = std::fs::read_dir(&store)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        subs.sort();
+        dirs.push(format!("{CHUNK_STORE}/"));
+        for s in subs {
+            dirs.push(format!("{}/", s.strip_prefix(dir).unwrap().display()));
+            let mut chunks: Vec<PathBuf> = std::fs::read_dir(&s)?.map(|e| e.map(|e| e.path())).filter(|p| p.as_ref().map_or(true, |p| p.extension().is_some_and(|e| e == "cacnk"))).collect::<Result<_, _>>()?;
+            chunks.sort();
+            files.extend(chunks);
+        }
+    }
     if out.extension().is_some_and(|e| e == "tar") {
         let tmp = tempfile::Builder::new().prefix(".bundle.").suffix(".partial").tempfile_in(parent)?;
         let mut b = tar::Builder::new(tmp.as_file());
         let mut total = 0;
-        for d in ["blobs/", "blobs/sha256/"] {
+        for d in &dirs {
             let mut h = tar::Header::new_ustar();
             h.set_entry_type(tar::EntryType::Directory);
             h.set_path(d)?;
@@ -203,7 +290,9 @@ fn write_out(dir: &Path, out: &Path, epoch: u64) -> anyhow::Result<u64> {
             bail!("{} exists; remove it or name a .tar", out.display());
         }
         let tmp = tempfile::Builder::new().prefix(".bundle.").tempdir_in(parent)?;
-        std::fs::create_dir_all(tmp.path().join("blobs/sha256"))?;
+        for d in &dirs {
+            std::fs::create_dir_all(tmp.path().join(d))?;
+        }
         let mut total = 0;
         for f in &files {
             total += std::fs::copy(f, tmp.path().join(f.strip_prefix(dir).unwrap()))?;

@@ -75,6 +75,11 @@ pub struct BundleArgs {
     /// password from $SLOTFORGE_KEY_PASSWORD).
     #[arg(long)]
     pub sign: Vec<PathBuf>,
+    /// Write a delta bundle against this build in the field — its bundle (directory or .tar) or
+    /// its disk image (repeatable): the rootfs goes as casync chunks, leaving out every chunk a
+    /// base holds; a device holding none of the bases refuses it.
+    #[arg(long, value_name = "BASE")]
+    pub delta_from: Vec<PathBuf>,
     #[command(flatten)]
     pub src: SourceArgs,
     #[command(flatten)]

@@ -230,7 +230,7 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
 
 fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
     let (compose, output) = compose(a.target, a.compat, a.src, a.out.progress())?;
-    let s = crate::builder::bundle::bundle(&crate::builder::bundle::BundleOptions { compose, output, without_images: a.without_images, sign: a.sign })?;
+    let s = crate::builder::bundle::bundle(&crate::builder::bundle::BundleOptions { compose, output, without_images: a.without_images, sign: a.sign, delta_from: a.delta_from })?;
     if s.signed_by.is_empty() {
         eprintln!("warning: the bundle is unsigned; devices whose rootfs trusts an update key will refuse it (sign with --sign KEY)");
     }

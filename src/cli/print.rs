@@ -54,6 +54,10 @@ pub fn build(s: &crate::builder::BuildSummary) {
 pub fn bundle(s: &crate::builder::bundle::BundleSummary) {
     let signed = if s.signed_by.is_empty() { String::new() } else { format!(", signed by {}", s.signed_by.join(", ")) };
     println!("bundle {} ({} {}), rootfs {}, {} in all{signed}", s.output.display(), s.version, s.build_id, mib(s.rootfs_bytes), mib(s.bundle_bytes));
+    if let Some(d) = &s.delta {
+        let bases: Vec<String> = d.bases.iter().map(|b| format!("{} ({})", b.build_id, b.version)).collect();
+        println!("delta from {}: {} of {} rootfs chunks shipped ({}), the rest come from the device's slots", bases.join(", "), d.chunks_shipped, d.chunks, mib(d.chunk_bytes_shipped));
+    }
 }
 
 pub fn installer(s: &crate::builder::installer::InstallerSummary) {
@@ -65,6 +69,9 @@ pub fn upgrade(r: &crate::format::agent::ApplyReport) {
     match &r.signature {
         crate::format::signature::Decision::Signed { key_id } => println!("signature: good, key {key_id}"),
         crate::format::signature::Decision::Unchecked => eprintln!("warning: the slot that would boot trusts no update key; the bundle was applied without a signature check"),
+    }
+    if let Some(d) = &r.delta {
+        println!("rootfs assembled from {} chunks: {} from the slots, {} from the bundle ({}), {} from an earlier interrupted run", d.chunks, d.from_seeds, d.from_store, mib(d.store_bytes), d.resumed);
     }
 }
 

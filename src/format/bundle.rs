@@ -25,6 +25,10 @@ pub const MT_SIGNATURE_ARTIFACT: &str = "application/vnd.slotforge.bundle.signat
 pub const MT_MINISIG: &str = "application/vnd.minisign.signature.v1";
 /// OCI 1.1's empty config for artifacts.
 pub const MT_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// The rootfs blob's chunk index: casync's `.caibx` (docs/formats.md#chunked-bundles).
+pub const MT_CAIBX: &str = "application/vnd.slotforge.rootfs.caibx";
+/// Where a bundle keeps its chunks: a casync store (`xxxx/<id>.cacnk`) beside the OCI layout.
+pub const CHUNK_STORE: &str = "chunks";
 pub const ANN_IMAGE: &str = "io.slotforge.bundle.image";
 pub const ANN_KEY_ID: &str = "io.slotforge.signature.key-id";
 
@@ -48,6 +52,24 @@ pub struct Requires {
     pub rootfs_bytes: u64,
     /// The device's layout (name, generation) must be one of these.
     pub layouts: Vec<LayoutReq>,
+}
+
+/// A build a delta bundle was made against.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaseBuild {
+    pub build_id: String,
+    pub version: String,
+}
+
+/// The rootfs blob cut into casync chunks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Chunks {
+    /// The `.caibx` of the rootfs blob (squashfs and hash area).
+    pub index: Blob,
+    /// Set in a delta bundle, which leaves the rootfs blob out: its store holds only the chunks
+    /// none of these builds has; the device assembles the rest from its own slots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delta_from: Vec<BaseBuild>,
 }
 
 /// The bundle description (the manifest's config blob).
@@ -74,6 +96,16 @@ pub struct BundleConfig {
     pub images: Vec<ExternalImage>,
     /// Whether their blobs are in the bundle; if not, the device pulls them.
     pub images_included: bool,
+    /// The rootfs blob's chunk index; in a delta bundle, what it is a delta against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Chunks>,
+}
+
+impl BundleConfig {
+    /// The bases of a delta bundle (empty for a full one).
+    pub fn delta_from(&self) -> &[BaseBuild] {
+        self.chunks.as_ref().map(|c| c.delta_from.as_slice()).unwrap_or(&[])
+    }
 }
 
 /// A bundle opened for applying: its layout directory (unpacked if it came as a tar).
@@ -84,6 +116,9 @@ pub struct Bundle {
     pub config_bytes: Vec<u8>,
     /// The `.minisig` texts of every signature artifact whose subject is the bundle manifest.
     pub signatures: Vec<String>,
+    /// Where work files may go (a delta's assembled rootfs): the scratch directory given to
+    /// [`Bundle::open`], so an interrupted apply finds its work again.
+    pub scratch: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -117,7 +152,10 @@ impl Bundle {
                 if p.components().any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::RootDir)) {
                     bail!("bundle member {} escapes the bundle; refusing it", p.display());
                 }
-                let ok = matches!(names.as_slice(), [n] if n == "oci-layout" || n == "index.json") || matches!(names.as_slice(), [b, a, h] if b == "blobs" && a == "sha256" && h.len() == 64);
+                let hex = |h: &str, n: usize| h.len() == n && h.bytes().all(|c| c.is_ascii_hexdigit());
+                let ok = matches!(names.as_slice(), [n] if n == "oci-layout" || n == "index.json")
+                    || matches!(names.as_slice(), [b, a, h] if b == "blobs" && a == "sha256" && hex(h, 64))
+                    || matches!(names.as_slice(), [c, x, h] if c == CHUNK_STORE && hex(x, 4) && h.strip_suffix(".cacnk").is_some_and(|i| hex(i, 64) && i.starts_with(x.as_str())));
                 if !ok || !e.header().entry_type().is_file() {
                     continue;
                 }
@@ -161,11 +199,36 @@ impl Bundle {
                 }
             }
         }
-        Ok(Self { dir, config, config_bytes, signatures, _tmp: tmp })
+        Ok(Self { dir, config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), _tmp: tmp })
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.dir.join("blobs/sha256").join(d.hex())
+    }
+
+    /// The bundle's chunk store (casync's layout).
+    pub fn chunk_store(&self) -> PathBuf {
+        self.dir.join(CHUNK_STORE)
+    }
+
+    /// The rootfs blob's chunks, read from the index blob (its size bounded by what the rootfs
+    /// may hold, its digest and its chunks' sum checked against the config).
+    pub fn rootfs_index(&self) -> anyhow::Result<Option<Vec<crate::format::casync::Entry>>> {
+        let Some(c) = &self.config.chunks else { return Ok(None) };
+        let most = 64 + 40 * (self.config.rootfs.size / crate::format::casync::MIN + 2);
+        if c.index.size > most {
+            bail!("bundle {}: a {}-byte chunk index for a {}-byte rootfs (at most {most}); refusing it", self.config.build_id, c.index.size, self.config.rootfs.size);
+        }
+        let p = self.blob_path(&c.index.digest);
+        let b = std::fs::read(&p).with_context(|| format!("bundle blob {} (chunk index) missing", c.index.digest))?;
+        if b.len() as u64 != c.index.size || Digest::of_bytes(&b) != c.index.digest {
+            bail!("bundle blob {} (chunk index) is corrupt", c.index.digest);
+        }
+        let e = crate::format::casync::parse_index(&b).with_context(|| format!("bundle {}: chunk index", self.config.build_id))?;
+        if e.last().map(|e| e.end).unwrap_or(0) != self.config.rootfs.size {
+            bail!("bundle {}: its chunk index describes {} bytes, its rootfs has {}", self.config.build_id, e.last().map(|e| e.end).unwrap_or(0), self.config.rootfs.size);
+        }
+        Ok(Some(e))
     }
 }
 

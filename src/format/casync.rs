@@ -213,33 +213,15 @@ pub fn chunk_path(store: &Path, id_hex: &str) -> PathBuf {
     store.join(&id_hex[..4]).join(format!("{id_hex}.cacnk"))
 }
 
-/// Chunk `file` with casync's defaults: write its index to `index` and every chunk the store
-/// lacks into `store` (zstd; each by rename, so a store shared by several runs never holds half a
-/// chunk). Streams the file; holds at most one chunk in memory.
-pub fn chunk_file(file: &Path, index: &Path, store: &Path) -> anyhow::Result<Chunked> {
-    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+/// Cut what `r` yields into casync chunks (casync's default sizes), calling `f(bytes, end)` for
+/// each in order; returns the total length. Holds at most one chunk and a 1 MiB buffer.
+pub fn for_each_chunk(mut r: impl Read, mut f: impl FnMut(&[u8], u64) -> anyhow::Result<()>) -> anyhow::Result<u64> {
     let mut c = Chunker::new(MIN, AVG, MAX);
-    let mut entries = Vec::new();
     let mut chunk: Vec<u8> = Vec::with_capacity(MAX as usize);
     let mut buf = vec![0u8; 1 << 20];
-    let (mut total, mut new_chunks, mut new_bytes) = (0u64, 0usize, 0u64);
-    let mut emit = |chunk: &mut Vec<u8>, total: u64, entries: &mut Vec<Entry>| -> anyhow::Result<()> {
-        let e = Entry { end: total, id: chunk_id(chunk) };
-        let p = chunk_path(store, &e.hex());
-        if !p.exists() {
-            std::fs::create_dir_all(p.parent().unwrap())?;
-            let mut tmp = tempfile::NamedTempFile::new_in(p.parent().unwrap())?;
-            zstd::stream::copy_encode(&chunk[..], tmp.as_file_mut(), 3)?;
-            tmp.persist(&p).map_err(|e| e.error)?;
-            new_chunks += 1;
-            new_bytes += chunk.len() as u64;
-        }
-        entries.push(e);
-        chunk.clear();
-        Ok(())
-    };
+    let mut total = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -247,17 +229,184 @@ pub fn chunk_file(file: &Path, index: &Path, store: &Path) -> anyhow::Result<Chu
         while let Some(cut) = c.scan(rest) {
             chunk.extend_from_slice(&rest[..cut]);
             total += cut as u64;
-            emit(&mut chunk, total, &mut entries)?;
+            f(&chunk, total)?;
+            chunk.clear();
             rest = &rest[cut..];
         }
         chunk.extend_from_slice(rest);
         total += rest.len() as u64;
     }
     if !chunk.is_empty() {
-        emit(&mut chunk, total, &mut entries)?;
+        f(&chunk, total)?;
     }
+    Ok(total)
+}
+
+/// Store one chunk (zstd) unless the store has it; true if it was written. By rename, so a store
+/// shared by several writers never holds half a chunk.
+pub fn store_chunk(store: &Path, e: &Entry, data: &[u8]) -> anyhow::Result<bool> {
+    let p = chunk_path(store, &e.hex());
+    if p.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(p.parent().unwrap())?;
+    let mut tmp = tempfile::NamedTempFile::new_in(p.parent().unwrap())?;
+    zstd::stream::copy_encode(data, tmp.as_file_mut(), 3)?;
+    tmp.persist(&p).map_err(|e| e.error)?;
+    Ok(true)
+}
+
+/// Chunk `file` with casync's defaults: write its index to `index` and every chunk the store
+/// lacks into `store`. Streams the file.
+pub fn chunk_file(file: &Path, index: &Path, store: &Path) -> anyhow::Result<Chunked> {
+    chunk_file_except(file, index, store, &|_| false)
+}
+
+/// [`chunk_file`], leaving out of the store every chunk `skip` names (what a delta's bases hold).
+pub fn chunk_file_except(file: &Path, index: &Path, store: &Path, skip: &dyn Fn(&[u8; 32]) -> bool) -> anyhow::Result<Chunked> {
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut entries = Vec::new();
+    let (mut new_chunks, mut new_bytes) = (0usize, 0u64);
+    let total = for_each_chunk(f, |chunk, end| {
+        let e = Entry { end, id: chunk_id(chunk) };
+        if !skip(&e.id) && store_chunk(store, &e, chunk)? {
+            new_chunks += 1;
+            new_bytes += chunk.len() as u64;
+        }
+        entries.push(e);
+        Ok(())
+    })?;
     crate::base::durable::write_durably(index, &mut &index_bytes(&entries)[..])?;
     Ok(Chunked { index: index.to_path_buf(), bytes: total, chunks: entries.len(), new_chunks, new_chunk_bytes: new_bytes })
+}
+
+/// The chunk ids of `len` bytes of `r` (what a seed or a base offers).
+pub fn ids_of(r: impl Read) -> anyhow::Result<std::collections::HashSet<[u8; 32]>> {
+    let mut ids = std::collections::HashSet::new();
+    for_each_chunk(r, |c, _| {
+        ids.insert(chunk_id(c));
+        Ok(())
+    })?;
+    Ok(ids)
+}
+
+/// Files already on the machine whose chunks an assembly may copy instead of fetching them: a
+/// map from chunk id to where it was found. Every chunk is checked against its id again when
+/// it is read, so a seed that changed since it was scanned only costs a fetch from the store.
+#[derive(Default)]
+pub struct Seeds {
+    files: Vec<(String, std::fs::File)>,
+    map: std::collections::HashMap<[u8; 32], (usize, u64, u32)>,
+}
+
+impl Seeds {
+    /// Chunk `len` bytes of `file` from `offset`; returns how many chunks it offers.
+    pub fn add(&mut self, name: &str, file: std::fs::File, offset: u64, len: u64) -> anyhow::Result<usize> {
+        use std::io::{Seek, SeekFrom};
+        let mut r = file.try_clone()?;
+        r.seek(SeekFrom::Start(offset))?;
+        let no = self.files.len();
+        let before = self.map.len();
+        let map = &mut self.map;
+        for_each_chunk(std::io::BufReader::new(r).take(len), |c, end| {
+            map.entry(chunk_id(c)).or_insert((no, offset + end - c.len() as u64, c.len() as u32));
+            Ok(())
+        })
+        .with_context(|| format!("reading seed {name}"))?;
+        self.files.push((name.to_string(), file));
+        Ok(self.map.len() - before)
+    }
+
+    pub fn has(&self, id: &[u8; 32]) -> bool {
+        self.map.contains_key(id)
+    }
+
+    /// The chunk's bytes from a seed, if a seed had it and still has it.
+    fn read(&self, e: &Entry, len: usize) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let &(no, at, n) = self.map.get(&e.id)?;
+        if n as usize != len {
+            return None;
+        }
+        let mut buf = vec![0u8; len];
+        self.files[no].1.read_exact_at(&mut buf, at).ok()?;
+        (chunk_id(&buf) == e.id).then_some(buf)
+    }
+}
+
+/// Read a chunk from a store: decompressed to at most `len` + 1 bytes, checked against its length
+/// and id. A missing chunk is `Ok(None)`; a corrupt, short or oversized one is an error.
+pub fn read_chunk(store: &Path, e: &Entry, len: usize) -> anyhow::Result<Option<Vec<u8>>> {
+    let p = chunk_path(store, &e.hex());
+    let f = match std::fs::File::open(&p) {
+        Ok(f) => f,
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(x) => return Err(x).with_context(|| format!("opening chunk {}", e.hex())),
+    };
+    let mut buf = Vec::with_capacity(len);
+    zstd::stream::read::Decoder::new(f)?.take(len as u64 + 1).read_to_end(&mut buf).with_context(|| format!("chunk {} is not zstd", e.hex()))?;
+    if buf.len() != len || chunk_id(&buf) != e.id {
+        bail!("chunk {} does not match its id ({} bytes, {len} expected)", e.hex(), buf.len());
+    }
+    Ok(Some(buf))
+}
+
+/// What an assembly took from where.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Assembled {
+    pub chunks: usize,
+    pub bytes: u64,
+    /// Chunks a previous, interrupted assembly had already written (checked).
+    pub resumed: usize,
+    pub from_seeds: usize,
+    pub from_store: usize,
+    pub store_bytes: u64,
+}
+
+/// Write the blob `entries` describe into `out`, each chunk from (in this order) what `out`
+/// already holds at its place (an interrupted earlier run), a seed, or the store — every one
+/// checked against its id before it is written. A chunk found nowhere is an error naming it;
+/// `out` then holds a prefix a later run resumes from. Memory: one chunk.
+pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File) -> anyhow::Result<Assembled> {
+    use std::os::unix::fs::FileExt;
+    let have = out.metadata()?.len();
+    let mut a = Assembled::default();
+    let mut start = 0u64;
+    let mut cur = Vec::new();
+    for e in entries {
+        let len = (e.end - start) as usize;
+        if e.end <= have {
+            cur.resize(len, 0);
+            if out.read_exact_at(&mut cur, start).is_ok() && chunk_id(&cur) == e.id {
+                a.resumed += 1;
+                a.chunks += 1;
+                a.bytes += len as u64;
+                start = e.end;
+                continue;
+            }
+        }
+        let data = match seeds.read(e, len) {
+            Some(d) => {
+                a.from_seeds += 1;
+                d
+            }
+            None => match read_chunk(store, e, len)? {
+                Some(d) => {
+                    a.from_store += 1;
+                    a.store_bytes += len as u64;
+                    d
+                }
+                None => bail!("chunk {} (bytes {start}..{}) is neither in a seed nor in the store", e.hex(), e.end),
+            },
+        };
+        out.write_all_at(&data, start)?;
+        a.chunks += 1;
+        a.bytes += len as u64;
+        start = e.end;
+    }
+    out.set_len(start)?;
+    out.sync_all()?;
+    Ok(a)
 }
 
 #[cfg(test)]
@@ -314,5 +463,74 @@ mod tests {
         let big = index_bytes(&[Entry { end: MAX + 1, id: [0; 32] }, Entry { end: MAX + 20_000, id: [0; 32] }]);
         assert!(parse_index(&big).is_err(), "oversized chunk");
         assert!(parse_index(&b[..b.len() - 1]).is_err());
+    }
+
+    fn index_of(data: &[u8]) -> Vec<Entry> {
+        let mut v = Vec::new();
+        for_each_chunk(data, |c, end| {
+            v.push(Entry { end, id: chunk_id(c) });
+            Ok(())
+        })
+        .unwrap();
+        v
+    }
+
+    fn file_with(data: &[u8]) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, data).unwrap();
+        f
+    }
+
+    #[test]
+    fn assembly_takes_seeds_first_checks_every_chunk_and_resumes() {
+        let old = noise(2 << 20);
+        let mut new = old.clone();
+        new[700_000..700_100].copy_from_slice(&[7; 100]);
+        new.extend_from_slice(&noise(300_000)[..]);
+        let idx = index_of(&new);
+        let store = tempfile::tempdir().unwrap();
+        let mut seeds = Seeds::default();
+        seeds.add("old", file_with(&old), 0, old.len() as u64).unwrap();
+        // Only what the seed lacks goes into the store.
+        let mut start = 0;
+        for e in &idx {
+            if !seeds.has(&e.id) {
+                store_chunk(store.path(), e, &new[start as usize..e.end as usize]).unwrap();
+            }
+            start = e.end;
+        }
+        let out = tempfile::tempfile().unwrap();
+        let a = assemble(&idx, &seeds, store.path(), &out).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut &out, &mut got).unwrap();
+        assert!(got == new, "assembled bytes differ");
+        assert!(a.from_seeds > 0 && a.from_store > 0 && a.from_store < 8, "{a:?}");
+        // Interrupted after 10 chunks (and with half of the 11th written): a rerun redoes only the rest.
+        let out = tempfile::tempfile().unwrap();
+        out.set_len(0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&out, &new[..(idx[10].end + 5000) as usize], 0).unwrap();
+        let a = assemble(&idx, &seeds, store.path(), &out).unwrap();
+        assert_eq!(a.resumed, 11, "{a:?}");
+        // Without the seed, the store alone lacks chunks: refused with the chunk named.
+        let out = tempfile::tempfile().unwrap();
+        let e = assemble(&idx, &Seeds::default(), store.path(), &out).unwrap_err().to_string();
+        assert!(e.contains("neither in a seed nor in the store"), "{e}");
+        // A store chunk whose bytes are not its id's is refused, whatever the seed says.
+        let starts: Vec<u64> = std::iter::once(0).chain(idx.iter().map(|e| e.end)).collect();
+        let v = idx.iter().position(|e| !seeds.has(&e.id)).unwrap();
+        let p = chunk_path(store.path(), &idx[v].hex());
+        std::fs::write(&p, zstd::bulk::compress(&[0u8; 1000], 3).unwrap()).unwrap();
+        let out = tempfile::tempfile().unwrap();
+        let e = assemble(&idx, &seeds, store.path(), &out).unwrap_err().to_string();
+        assert!(e.contains("does not match its id"), "{e}");
+        std::fs::remove_file(&p).unwrap();
+        store_chunk(store.path(), &idx[v], &new[starts[v] as usize..idx[v].end as usize]).unwrap();
+        // A seed that changed after it was scanned is not trusted: its chunk is read from the store or refused.
+        let seed_file = file_with(&old);
+        let mut seeds = Seeds::default();
+        seeds.add("old", seed_file.try_clone().unwrap(), 0, old.len() as u64).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&seed_file, &[0xff; 4096], 0).unwrap();
+        let out = tempfile::tempfile().unwrap();
+        assert!(assemble(&idx, &seeds, store.path(), &out).is_err(), "a seed changed under the assembly must not be written");
     }
 }

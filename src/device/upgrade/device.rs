@@ -114,6 +114,10 @@ impl Target for DeviceTarget {
         }
         Ok(())
     }
+    fn slot_seed(&mut self, part: &Partition) -> anyhow::Result<(std::fs::File, u64)> {
+        let dev = partition_device(&self.cfg, &part.name)?;
+        Ok((std::fs::File::open(&dev).with_context(|| format!("opening {}", dev.display()))?, 0))
+    }
     fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let dir = self.cfg.root.join(crate::format::signature::KEYS_DIR);
         let mut v = Vec::new();

@@ -151,6 +151,9 @@ impl Target for FileTarget {
         }
         Ok(())
     }
+    fn slot_seed(&mut self, part: &Partition) -> anyhow::Result<(File, u64)> {
+        Ok((File::open(&self.path)?, part.start))
+    }
     fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let slot = self.running()?;
         let part = self.layout.rootfs(slot).clone();

@@ -50,6 +50,8 @@ pub trait Target {
     /// Write a squashfs to `part`, sync, read it back and compare its digest. `step` is called
     /// with `slot-half-written` halfway.
     fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(ApplyStep)) -> anyhow::Result<()>;
+    /// A slot partition opened read-only, and where it starts in that file: a seed for a delta.
+    fn slot_seed(&mut self, part: &Partition) -> anyhow::Result<(std::fs::File, u64)>;
     /// Flush whatever the medium needs (an ESP image's FAT fix-up).
     fn finish(&mut self) -> anyhow::Result<()>;
     /// The files of `/etc/slotforge/update-keys/` in the rootfs of the running slot (online) or
@@ -112,8 +114,9 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
     let layout = t.layout()?;
     let slot = t.running()?.other();
     let part = layout.rootfs(slot).clone();
-    // 1. Trust, then contents, then fit — all before the first write.
-    let (signature, options, uki) = preflight(t, b, &layout, slot, &part)?;
+    // 1. Trust, then fit, then (a delta) the rootfs assembled, then contents — all before the
+    // first write to the device.
+    let (signature, options, uki, rootfs) = preflight(t, b, &layout, slot, &part)?;
     // 2. External images: blobs first, the build's listing last.
     let images = stage_images(t, b, step)?;
     // 3. The inactive slot: its entries go first, so a half-written slot is never booted.
@@ -123,8 +126,9 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
         t.esp_remove(&e.path)?;
     }
     step(ApplyStep::EntryRemoved);
-    t.write_slot(&part, &b.blob_path(&cfg.rootfs.digest), &cfg.rootfs.digest, step)?;
+    t.write_slot(&part, &rootfs.path, &cfg.rootfs.digest, step)?;
     step(ApplyStep::SlotWritten);
+    rootfs.done();
     // 4. Kernel, initrd, then the entry on probation (a UKI is both at once).
     let entry = write_boot_files(t, b, slot, install, options, uki, step)?;
     t.finish()?;
@@ -142,31 +146,109 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
         images_to_pull: images.to_pull,
         signature,
         root_hash: cfg.verity.as_ref().map(|v| v.root_hash.clone()),
+        delta: rootfs.assembled.clone(),
     })
+}
+
+/// The rootfs blob to write: the bundle's own, or (a delta) one assembled from the device's
+/// slots and the bundle's chunks into the scratch directory.
+struct RootfsBlob {
+    path: std::path::PathBuf,
+    assembled: Option<crate::format::casync::Assembled>,
+    /// Removed once the slot is written (the assembly of an interrupted apply stays, to resume).
+    work: Option<std::path::PathBuf>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl RootfsBlob {
+    fn done(&self) {
+        if let Some(w) = &self.work {
+            let _ = std::fs::remove_file(w);
+        }
+    }
+}
+
+/// How much of a slot partition holds its image: the squashfs, padded to a verity block, and
+/// the hash area a verity build appends (an unused tail is not worth scanning).
+fn image_len(f: &mut std::fs::File, start: u64, part_size: u64) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    let sb = f.seek(SeekFrom::Start(start)).ok().and_then(|_| crate::format::squashfs::read_superblock(f).ok().flatten());
+    let Some(sb) = sb else { return 0 };
+    let data = sb.bytes_used.div_ceil(crate::format::verity::BLOCK) * crate::format::verity::BLOCK;
+    (data + crate::format::verity::hash_area_bytes(data / crate::format::verity::BLOCK)).min(part_size)
+}
+
+/// Assemble a delta bundle's rootfs from the chunks of both slots and of the bundle's store,
+/// each checked against its id, the whole against the config's digest. Nothing of the device is
+/// written; the work file lives in the bundle's scratch directory, so a rerun after a cut
+/// resumes where it stopped.
+fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, running: Slot) -> anyhow::Result<RootfsBlob> {
+    let cfg = &b.config;
+    let Some(index) = b.rootfs_index()? else { bail!("bundle {} lacks its rootfs and has no chunk index; nothing was changed", cfg.build_id) };
+    let mut seeds = crate::format::casync::Seeds::default();
+    for slot in [running, running.other()] {
+        let part = layout.rootfs(slot);
+        let (mut f, start) = t.slot_seed(part)?;
+        let len = image_len(&mut f, start, part.size);
+        if len > 0 {
+            seeds.add(&format!("slot {}", slot.name()), f, start, len)?;
+        }
+    }
+    let (dir, tmp) = match &b.scratch {
+        Some(s) => {
+            std::fs::create_dir_all(s)?;
+            (s.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("slotforge-assemble-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let path = dir.join(format!("rootfs-{}.assembling", cfg.rootfs.digest.hex()));
+    let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+    let bases: Vec<String> = cfg.delta_from().iter().map(|x| format!("{} ({})", x.build_id, x.version)).collect();
+    let a = crate::format::casync::assemble(&index, &seeds, &b.chunk_store(), &out).map_err(|e| {
+        anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble it: {e:#} (neither slot holds one of those builds?); nothing was changed", cfg.build_id, bases.join(", "))
+    })?;
+    drop(out);
+    let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(&path)?)?;
+    if d != cfg.rootfs.digest || n != cfg.rootfs.size {
+        let _ = std::fs::remove_file(&path);
+        bail!("bundle {}: the rootfs assembled from its chunks is {d}, not {}; nothing was changed", cfg.build_id, cfg.rootfs.digest);
+    }
+    Ok(RootfsBlob { path: path.clone(), assembled: Some(a), work: Some(path), _tmp: tmp })
 }
 
 /// Everything checked before the first write: the signature against the running slot's keys,
 /// the blobs against their digests, the fit, the rootfs, the command line and version, the UKI.
 /// Returns the signature decision, the new entry's options and the slot's UKI blob (UKI mode).
-fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot, part: &Partition) -> anyhow::Result<(crate::format::signature::Decision, String, Option<&'a crate::format::bundle::Blob>)> {
+type Preflight<'a> = (crate::format::signature::Decision, String, Option<&'a crate::format::bundle::Blob>, RootfsBlob);
+
+fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot, part: &Partition) -> anyhow::Result<Preflight<'a>> {
     let cfg = &b.config;
     let keys = crate::format::signature::trusted_keys(&t.update_keys()?).context("reading the running slot's update keys")?;
     let signature = crate::format::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
-    for blob in std::iter::once(&cfg.rootfs).chain(std::iter::once(&cfg.kernel)).chain(cfg.initrd.iter()) {
+    check_fits(b, layout, part)?;
+    let rootfs = if cfg.delta_from().is_empty() {
+        RootfsBlob { path: b.blob_path(&cfg.rootfs.digest), assembled: None, work: None, _tmp: None }
+    } else {
+        assemble_rootfs(t, b, layout, slot.other())?
+    };
+    let rootfs_blob = std::iter::once(&cfg.rootfs).filter(|_| rootfs.assembled.is_none());
+    for blob in rootfs_blob.chain(std::iter::once(&cfg.kernel)).chain(cfg.initrd.iter()) {
         let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(b.blob_path(&blob.digest)).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
         if d != blob.digest || n != blob.size {
             bail!("bundle blob {} is corrupt; nothing was changed", blob.digest);
         }
     }
-    check_fits(b, layout, part)?;
-    check_rootfs(b)?;
+    check_rootfs(b, &rootfs.path)?;
     let options = crate::format::cmdline::entry_options(&part.name, slot, &cfg.build_id, cfg.verity.as_ref(), &cfg.cmdline).map_err(|e| anyhow::anyhow!("bundle {}: {e:#}; nothing was changed", cfg.build_id))?;
     // The version goes into the entry's title line: one line of printable text, like the manifest's.
     if cfg.version.is_empty() || !cfg.version.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)) {
         bail!("bundle {}: version {:?} may hold only letters, digits and . _ - +; nothing was changed", cfg.build_id, cfg.version);
     }
     let uki = check_uki(b, slot, &options, &t.entries()?)?;
-    Ok((signature, options, uki))
+    Ok((signature, options, uki, rootfs))
 }
 
 /// What staging a bundle's external images did.
@@ -317,10 +399,9 @@ fn check_uki<'a>(b: &'a Bundle, slot: Slot, options: &str, existing: &[EntryRepo
 /// The rootfs blob must be what its config says: a squashfs whose superblock size fits the
 /// blob, and with verity, a hash area at the stated offset whose tree matches the data and
 /// whose root hash is the one that goes on the command line.
-fn check_rootfs(b: &Bundle) -> anyhow::Result<()> {
+fn check_rootfs(b: &Bundle, path: &Path) -> anyhow::Result<()> {
     let cfg = &b.config;
-    let path = b.blob_path(&cfg.rootfs.digest);
-    let mut f = std::fs::File::open(&path)?;
+    let mut f = std::fs::File::open(path)?;
     let sb = crate::format::squashfs::read_superblock(&mut f)
         .ok()
         .flatten()

@@ -168,4 +168,7 @@ pub struct ApplyReport {
     pub signature: Decision,
     /// The new slot's dm-verity root hash, when it has one.
     pub root_hash: Option<String>,
+    /// A delta bundle: where the new rootfs's chunks came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<crate::format::casync::Assembled>,
 }
