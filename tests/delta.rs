@@ -91,11 +91,15 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
     let o = Command::new("casync").args(["extract", "--store", delta.join("chunks").to_str().unwrap(), caibx.to_str().unwrap(), p.join("x").to_str().unwrap()]).output().unwrap();
     assert!(!o.status.success(), "the store alone must not be enough");
 
-    // The offline upgrade assembles slot b from slot a and the chunks, as a tar too.
+    // The offline upgrade assembles slot b from slot a and the chunks, as a tar too. External
+    // images the base holds unchanged stay out of the delta; the disk lists its own copies.
     let tar = p.join("v2-delta.tar");
-    bundle(&fx, &tar, &["--without-images", "--delta-from", v1.to_str().unwrap()]);
+    let st = bundle(&fx, &tar, &["--delta-from", v1.to_str().unwrap()]);
+    assert_eq!(st["delta"]["images_left_out"], serde_json::json!(["edgeview", "analytics"]), "{st}");
+    assert!(st["bundle_bytes"].as_u64().unwrap() < db + 64 * 1024, "no image travels: {st}");
     let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), tar.to_str().unwrap(), "--json"]))).unwrap();
     assert_eq!(r["slot"], "b");
+    assert_eq!((r["blobs_written"].as_u64(), r["images_to_pull"].as_array().map(Vec::len)), (Some(0), Some(0)), "{r}");
     assert_eq!(r["delta"]["from_store"].as_u64().unwrap(), shipped, "{r}");
     assert_eq!(r["delta"]["from_seeds"].as_u64().unwrap() + shipped, chunks, "{r}");
     let slot_b = p.join("slot-b.img");

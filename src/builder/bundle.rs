@@ -32,6 +32,17 @@ pub struct DeltaSummary {
     /// Chunks in the bundle's store (none of the bases has them), and their raw bytes.
     pub chunks_shipped: usize,
     pub chunk_bytes_shipped: u64,
+    /// External images a base already holds (same entry, sealing included): left out, the
+    /// device lists its own copy.
+    pub images_left_out: Vec<String>,
+}
+
+/// What a delta's bases hold: rootfs chunk ids, external-image entries (as JSON), the builds.
+#[derive(Default)]
+struct Bases {
+    chunks: std::collections::HashSet<[u8; 32]>,
+    images: std::collections::HashSet<String>,
+    builds: Vec<BaseBuild>,
 }
 
 #[derive(Debug, Serialize)]
@@ -50,10 +61,10 @@ pub struct BundleSummary {
 
 /// The chunk ids the bases' devices hold, and the builds they are: from a bundle, its chunk index
 /// (or its rootfs chunked); from a disk, every slot holding a slotforge rootfs.
-fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<(std::collections::HashSet<[u8; 32]>, Vec<BaseBuild>)> {
+fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
     use crate::format::casync;
-    let mut ids = std::collections::HashSet::new();
-    let mut builds = Vec::new();
+    let mut bases = Bases::default();
+    let Bases { chunks: ids, images, builds } = &mut bases;
     for p in paths {
         let what = || format!("--delta-from {}", p.display());
         let is_bundle = p.is_dir() || p.extension().is_some_and(|e| e == "tar");
@@ -63,6 +74,7 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<(std::collections::HashSet<[
                 Some(e) => ids.extend(e.into_iter().map(|e| e.id)),
                 None => ids.extend(casync::ids_of(std::fs::File::open(b.blob_path(&b.config.rootfs.digest)).with_context(what)?)?),
             }
+            images.extend(b.config.images.iter().map(|e| serde_json::to_string(e).unwrap_or_default()));
             builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone() });
         } else {
             let rep = crate::format::inspect::inspect(p).with_context(what)?;
@@ -75,6 +87,7 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<(std::collections::HashSet<[
                 let mut f = std::fs::File::open(p)?;
                 f.seek(SeekFrom::Start(g.start))?;
                 ids.extend(casync::ids_of(std::io::BufReader::new(f).take(len))?);
+                images.extend(s.external_images.iter().flat_map(|x| &x.images).map(|e| serde_json::to_string(e).unwrap_or_default()));
                 if !builds.iter().any(|x: &BaseBuild| x.build_id == rel.build_id) {
                     builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone() });
                 }
@@ -85,7 +98,7 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<(std::collections::HashSet<[
             }
         }
     }
-    Ok((ids, builds))
+    Ok(bases)
 }
 
 fn put_file(stage: &Stage, p: &Path) -> anyhow::Result<Blob> {
@@ -141,15 +154,21 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     };
     let caibx = c.work.path().join("rootfs.caibx");
     let store = stage.path().join(CHUNK_STORE);
-    let chunked = crate::format::casync::chunk_file_except(&c.rootfs_image, &caibx, &store, &|id| bases.as_ref().is_none_or(|(have, _)| have.contains(id)))?;
+    let chunked = crate::format::casync::chunk_file_except(&c.rootfs_image, &caibx, &store, &|id| bases.as_ref().is_none_or(|b| b.chunks.contains(id)))?;
     let rootfs_index = put_file(&stage, &caibx)?;
-    let delta = bases.map(|(_, b)| DeltaSummary { bases: b, chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes });
+    let mut delta = bases.as_ref().map(|b| DeltaSummary { bases: b.builds.clone(), chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes, images_left_out: vec![] });
     let kernel = put_content(&stage, c.kernel())?;
     let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
     let mut index = Vec::new();
     let mut images = Vec::new();
     for (e, img) in c.external() {
-        if !opts.without_images {
+        let on_base = bases.as_ref().is_some_and(|b| b.images.contains(&serde_json::to_string(e).unwrap_or_default()));
+        if on_base {
+            if let Some(d) = delta.as_mut() {
+                d.images_left_out.push(e.name.clone());
+            }
+        }
+        if !opts.without_images && !on_base {
             stage.add_external(e, img, c.sealed_file(&e.name), &mut |_| {})?;
             index.push(json!({"mediaType": img.manifest_media_type, "digest": img.manifest_digest.to_string(), "size": img.manifest_bytes.len(),
                 "annotations": {REF_NAME: format!("{}.{}", c.build_id, e.name), ANN_IMAGE: e.name}}));
