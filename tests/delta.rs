@@ -96,6 +96,7 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
     let tar = p.join("v2-delta.tar");
     let st = bundle(&fx, &tar, &["--delta-from", v1.to_str().unwrap()]);
     assert_eq!(st["delta"]["images_left_out"], serde_json::json!(["edgeview", "analytics"]), "{st}");
+    assert_eq!(st["delta"]["boot_files_left_out"], serde_json::json!(["vmlinuz", "initrd.img"]), "the kernel did not change: {st}");
     assert!(st["bundle_bytes"].as_u64().unwrap() < db + 64 * 1024, "no image travels: {st}");
     let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), tar.to_str().unwrap(), "--json"]))).unwrap();
     assert_eq!(r["slot"], "b");
@@ -108,6 +109,10 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
     assert!(std::fs::read(&slot_b).unwrap().starts_with(&want), "slot b holds the new rootfs");
     let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", disk.to_str().unwrap(), "--json"]))).unwrap();
     assert_eq!(v["ok"], true, "{v}");
+    // The kernel slot b boots is slot a's, copied on the ESP.
+    let esp = p.join("esp.img");
+    extract_partition(&disk, "esp", &esp);
+    assert_eq!(tool("mtype", &["-i", esp.to_str().unwrap(), "::/b/vmlinuz"]), tool("mtype", &["-i", esp.to_str().unwrap(), "::/a/vmlinuz"]));
 }
 
 #[test]

@@ -144,6 +144,28 @@ fn large_to_large_prime_writes_only_the_changed_image() {
 }
 
 #[test]
+fn a_delta_bundle_is_assembled_on_the_device_from_its_own_slot_and_boots() {
+    let (_g, w, _t) = world();
+    let disk = w.build("large", 2, "dev");
+    // The delta against the disk as built: only rootfs chunks slot a lacks, no image it holds.
+    let next = w.bundle("large2", 2, &[], &["--delta-from", disk.to_str().unwrap()]).unwrap();
+    let full = w.bundle("large2", 2, &[], &[]).unwrap();
+    let (db, fb) = (std::fs::metadata(&next).unwrap().len(), std::fs::metadata(&full).unwrap().len());
+    assert!(db < fb, "delta {db} bytes, full {fb}");
+    let b = w.boot(&disk, Some(&next), None, false);
+    ended(&b, Kind::Reboot);
+    let a = one(&b, Kind::Applied);
+    let d = &a["delta"];
+    let (chunks, seeds, store) = (d["chunks"].as_u64().unwrap(), d["from_seeds"].as_u64().unwrap(), d["from_store"].as_u64().unwrap());
+    assert!(seeds > 0 && store > 0 && seeds + store == chunks, "{a}");
+    report(serde_json::json!({"delta_bundle_bytes": db, "full_bundle_bytes": fb, "chunks": chunks, "from_seeds": seeds}));
+    let b = w.boot(&disk, None, None, false);
+    ended(&b, Kind::Poweroff);
+    assert_eq!(status(&b)["version"], "2.0.1");
+    assert!(all_verified(&b), "{:?}", image_states(&b));
+}
+
+#[test]
 fn oversize_is_refused_by_bundle_and_by_apply_and_changes_nothing() {
     let (_g, w, _t) = world();
     let err = w.bundle("oversize", 2, &[], &[]).unwrap_err();

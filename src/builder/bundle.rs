@@ -35,12 +35,16 @@ pub struct DeltaSummary {
     /// External images a base already holds (same entry, sealing included): left out, the
     /// device lists its own copy.
     pub images_left_out: Vec<String>,
+    /// Boot files (`vmlinuz`, `initrd.img`) a base bundle had: the device copies its own.
+    pub boot_files_left_out: Vec<String>,
 }
 
 /// What a delta's bases hold: rootfs chunk ids, external-image entries (as JSON), the builds.
 #[derive(Default)]
 struct Bases {
     chunks: std::collections::HashSet<[u8; 32]>,
+    /// Kernel and initrd digests of base bundles (a device of the base boots them from its ESP).
+    boot_files: std::collections::HashSet<Digest>,
     images: std::collections::HashSet<String>,
     builds: Vec<BaseBuild>,
 }
@@ -64,7 +68,7 @@ pub struct BundleSummary {
 fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
     use crate::format::casync;
     let mut bases = Bases::default();
-    let Bases { chunks: ids, images, builds } = &mut bases;
+    let Bases { chunks: ids, images, builds, boot_files } = &mut bases;
     for p in paths {
         let what = || format!("--delta-from {}", p.display());
         let is_bundle = p.is_dir() || p.extension().is_some_and(|e| e == "tar");
@@ -75,6 +79,9 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
                 None => ids.extend(casync::ids_of(std::fs::File::open(b.blob_path(&b.config.rootfs.digest)).with_context(what)?)?),
             }
             images.extend(b.config.images.iter().map(|e| serde_json::to_string(e).unwrap_or_default()));
+            if b.config.ukis.is_empty() {
+                boot_files.extend(std::iter::once(&b.config.kernel).chain(b.config.initrd.iter()).map(|x| x.digest.clone()));
+            }
             builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone() });
         } else {
             let rep = crate::format::inspect::inspect(p).with_context(what)?;
@@ -156,9 +163,19 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     let store = stage.path().join(CHUNK_STORE);
     let chunked = crate::format::casync::chunk_file_except(&c.rootfs_image, &caibx, &store, &|id| bases.as_ref().is_none_or(|b| b.chunks.contains(id)))?;
     let rootfs_index = put_file(&stage, &caibx)?;
-    let mut delta = bases.as_ref().map(|b| DeltaSummary { bases: b.builds.clone(), chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes, images_left_out: vec![] });
+    let mut delta = bases.as_ref().map(|b| DeltaSummary { bases: b.builds.clone(), chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes, images_left_out: vec![], boot_files_left_out: vec![] });
     let kernel = put_content(&stage, c.kernel())?;
     let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
+    // A delta leaves out a kernel or initrd a base bundle had (BLS boot: the device copies it
+    // from its ESP, checked against the digest).
+    let on_base = |x: &Blob| !c.uki() && bases.as_ref().is_some_and(|b| b.boot_files.contains(&x.digest));
+    let boot_left_out: Vec<&Blob> = std::iter::once(&kernel).chain(initrd.iter()).filter(|x| on_base(x)).collect();
+    for x in &boot_left_out {
+        std::fs::remove_file(stage.path().join("blobs/sha256").join(x.digest.hex()))?;
+    }
+    if let Some(d) = delta.as_mut() {
+        d.boot_files_left_out = boot_left_out.iter().map(|x| if x.digest == kernel.digest { "vmlinuz" } else { "initrd.img" }.to_string()).collect();
+    }
     let mut index = Vec::new();
     let mut images = Vec::new();
     for (e, img) in c.external() {
@@ -225,9 +242,11 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         layers.push(json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.img"}}));
     }
     layers.push(json!({"mediaType": MT_CAIBX, "digest": rootfs_index.digest, "size": rootfs_index.size, "annotations": {"org.opencontainers.image.title": "rootfs.caibx"}}));
-    layers.push(json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}}));
+    if !on_base(&kernel) {
+        layers.push(json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}}));
+    }
     layers.extend(uki_layers);
-    if let Some(i) = &initrd {
+    if let Some(i) = initrd.as_ref().filter(|i| !on_base(i)) {
         layers.push(json!({"mediaType": MT_INITRD, "digest": i.digest, "size": i.size, "annotations": {"org.opencontainers.image.title": "initrd.img"}}));
     }
     let manifest = put_json(&stage, &json!({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": MT_CONFIG,

@@ -74,6 +74,13 @@ impl Target for DeviceTarget {
     fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()> {
         write_durably(&self.cfg.esp.join(path), data)
     }
+    fn esp_copy_out(&mut self, path: &str, dest: &Path) -> anyhow::Result<bool> {
+        match std::fs::copy(self.cfg.esp.join(path), dest) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("ESP: reading {path}")),
+        }
+    }
     fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(crate::oci::read_json_file(&self.cfg.images.join("index.json")).ok())
     }

@@ -120,6 +120,11 @@ impl Target for FileTarget {
     fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()> {
         crate::format::esp::put(&self.esp.root_dir(), path, data)
     }
+    fn esp_copy_out(&mut self, path: &str, dest: &Path) -> anyhow::Result<bool> {
+        let Ok(mut f) = self.esp.root_dir().open_file(path) else { return Ok(false) };
+        std::io::copy(&mut f, &mut File::create(dest)?)?;
+        Ok(true)
+    }
     fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.ext4()?.read("/index.json").ok())
     }

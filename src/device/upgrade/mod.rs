@@ -37,6 +37,8 @@ pub trait Target {
     /// Every boot entry on the ESP (both kinds).
     fn entries(&mut self) -> anyhow::Result<Vec<EntryReport>>;
     fn esp_remove(&mut self, path: &str) -> anyhow::Result<()>;
+    /// Copy a file of the ESP to `dest`; false if the ESP has no such file.
+    fn esp_copy_out(&mut self, path: &str, dest: &Path) -> anyhow::Result<bool>;
     /// Write a file on the ESP (replacing it), durably.
     fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()>;
     /// The images partition's `index.json`, if any.
@@ -128,9 +130,9 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
     step(ApplyStep::EntryRemoved);
     t.write_slot(&part, &rootfs.path, &cfg.rootfs.digest, step)?;
     step(ApplyStep::SlotWritten);
-    rootfs.done();
     // 4. Kernel, initrd, then the entry on probation (a UKI is both at once).
-    let entry = write_boot_files(t, b, slot, install, options, uki, step)?;
+    let entry = write_boot_files(t, b, &rootfs, slot, install, options, uki, step)?;
+    rootfs.done();
     t.finish()?;
     step(ApplyStep::EntryWritten);
     Ok(ApplyReport {
@@ -154,6 +156,10 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
 /// slots and the bundle's chunks into the scratch directory.
 struct RootfsBlob {
     path: std::path::PathBuf,
+    /// The kernel and initrd to write: the bundle's, or (a delta that leaves them out) the
+    /// same files found on the ESP, checked against the config's digests.
+    kernel: std::path::PathBuf,
+    initrd: Option<std::path::PathBuf>,
     assembled: Option<crate::format::casync::Assembled>,
     /// Removed once the slot is written (the assembly of an interrupted apply stays, to resume).
     work: Option<std::path::PathBuf>,
@@ -164,6 +170,9 @@ impl RootfsBlob {
     fn done(&self) {
         if let Some(w) = &self.work {
             let _ = std::fs::remove_file(w);
+            for f in std::iter::once(&self.kernel).chain(self.initrd.iter()).filter(|f| f.parent() == w.parent()) {
+                let _ = std::fs::remove_file(f);
+            }
         }
     }
 }
@@ -216,7 +225,26 @@ fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, running: Slo
         let _ = std::fs::remove_file(&path);
         bail!("bundle {}: the rootfs assembled from its chunks is {d}, not {}; nothing was changed", cfg.build_id, cfg.rootfs.digest);
     }
-    Ok(RootfsBlob { path: path.clone(), assembled: Some(a), work: Some(path), _tmp: tmp })
+    // A kernel or initrd the delta left out (a base had the same one) is the one some slot of the
+    // device boots: copied from the ESP and checked like a bundle blob below.
+    let scratch = tmp.as_ref().map(|t| t.path().to_path_buf()).unwrap_or_else(|| dir.clone());
+    let mut from_esp = |blob: &crate::format::bundle::Blob, file: &str| -> anyhow::Result<std::path::PathBuf> {
+        let own = b.blob_path(&blob.digest);
+        if own.exists() {
+            return Ok(own);
+        }
+        let dest = scratch.join(format!("{file}-{}", blob.digest.hex()));
+        for slot in [running, running.other()] {
+            if t.esp_copy_out(&format!("{}/{file}", slot.name()), &dest)? && crate::base::hash::digest_reader(std::fs::File::open(&dest)?)?.0 == blob.digest {
+                return Ok(dest);
+            }
+        }
+        let _ = std::fs::remove_file(&dest);
+        bail!("bundle {} is a delta from {} and leaves out its {file}, which neither slot's boot files match; nothing was changed", cfg.build_id, bases.join(", "))
+    };
+    let kernel = from_esp(&cfg.kernel, "vmlinuz")?;
+    let initrd = cfg.initrd.as_ref().map(|i| from_esp(i, "initrd.img")).transpose()?;
+    Ok(RootfsBlob { path: path.clone(), kernel, initrd, assembled: Some(a), work: Some(path), _tmp: tmp })
 }
 
 /// Everything checked before the first write: the signature against the running slot's keys,
@@ -230,13 +258,13 @@ fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot,
     let signature = crate::format::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
     check_fits(b, layout, part)?;
     let rootfs = if cfg.delta_from().is_empty() {
-        RootfsBlob { path: b.blob_path(&cfg.rootfs.digest), assembled: None, work: None, _tmp: None }
+        RootfsBlob { path: b.blob_path(&cfg.rootfs.digest), kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), assembled: None, work: None, _tmp: None }
     } else {
         assemble_rootfs(t, b, layout, slot.other())?
     };
-    let rootfs_blob = std::iter::once(&cfg.rootfs).filter(|_| rootfs.assembled.is_none());
-    for blob in rootfs_blob.chain(std::iter::once(&cfg.kernel)).chain(cfg.initrd.iter()) {
-        let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(b.blob_path(&blob.digest)).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
+    let files = [(&cfg.rootfs, &rootfs.path)].into_iter().filter(|_| rootfs.assembled.is_none()).chain([(&cfg.kernel, &rootfs.kernel)]).chain(cfg.initrd.iter().zip(rootfs.initrd.iter()));
+    for (blob, path) in files {
+        let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(path).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
         if d != blob.digest || n != blob.size {
             bail!("bundle blob {} is corrupt; nothing was changed", blob.digest);
         }
@@ -334,7 +362,8 @@ fn stage_images(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> any
 
 /// The new slot's kernel and initrd and its entry with a boot counter (or its UKI, which is
 /// both); returns the entry's file name.
-fn write_boot_files(t: &mut dyn Target, b: &Bundle, slot: Slot, install: u64, options: String, uki: Option<&crate::format::bundle::Blob>, step: &dyn Fn(ApplyStep)) -> anyhow::Result<String> {
+#[allow(clippy::too_many_arguments)]
+fn write_boot_files(t: &mut dyn Target, b: &Bundle, files: &RootfsBlob, slot: Slot, install: u64, options: String, uki: Option<&crate::format::bundle::Blob>, step: &dyn Fn(ApplyStep)) -> anyhow::Result<String> {
     let cfg = &b.config;
     let s = slot.name();
     Ok(match uki {
@@ -345,9 +374,9 @@ fn write_boot_files(t: &mut dyn Target, b: &Bundle, slot: Slot, install: u64, op
             path.rsplit('/').next().unwrap().to_string()
         }
         None => {
-            t.esp_write(&format!("{s}/vmlinuz"), &mut std::fs::File::open(b.blob_path(&cfg.kernel.digest))?)?;
-            if let Some(i) = &cfg.initrd {
-                t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(b.blob_path(&i.digest))?)?;
+            t.esp_write(&format!("{s}/vmlinuz"), &mut std::fs::File::open(&files.kernel)?)?;
+            if let Some(i) = &files.initrd {
+                t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(i)?)?;
             }
             step(ApplyStep::KernelWritten);
             let entry = BootEntry {
