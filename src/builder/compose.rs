@@ -229,7 +229,7 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     // The slot holds the squashfs, padded to a block, then its dm-verity hash area; its size is
     // a function of the squashfs size, so the cap is checked before the tree is computed.
     let (rootfs_bytes, verity_bytes) = if m.verity() {
-        let p = verity::Params::derived(squashfs_bytes, &build_id);
+        let p = rootfs_verity(squashfs_bytes, &build_id, &layout);
         let area = verity::hash_area_bytes(p.data_blocks);
         (p.hash_offset() + area, area)
     } else {
@@ -241,9 +241,15 @@ pub fn compose(opts: &ComposeOptions) -> anyhow::Result<Composed> {
     if let Some(bad) = caps.iter().find(|c| c.slack < 0) {
         return Err(Refused(rootfs::oversize_message(bad, &parts.contributors)).into());
     }
-    let verity = if m.verity() { Some(verity::append(&sqfs, &build_id).context("computing the rootfs dm-verity tree")?) } else { None };
+    let verity = if m.verity() { Some(verity::append_with(&sqfs, |len| rootfs_verity(len, &build_id, &layout)).context("computing the rootfs dm-verity tree")?) } else { None };
     if verity.is_some() {
         phases.lap("verity");
     }
     Ok(Composed { epoch, manifest: m, layout, compat, resolved: r, build_id, parts, rootfs_image: sqfs, squashfs_bytes, rootfs_bytes, verity, caps, phases: phases.0, work, _spill: spill })
+}
+
+/// The rootfs's dm-verity parameters: the UUID per build, the salt per layout name, so that
+/// consecutive builds share the hashes of every unchanged block (docs/formats.md#dm-verity-rootfs-slots).
+fn rootfs_verity(data_bytes: u64, build_id: &str, layout: &Layout) -> verity::Params {
+    verity::Params::derived(data_bytes, build_id).salted(&format!("rootfs\0{}", layout.name))
 }

@@ -74,6 +74,13 @@ impl Params {
         let uuid = *uuid::Builder::from_custom_bytes(u[..16].try_into().unwrap()).as_uuid().as_bytes();
         Self { data_blocks: data_bytes.div_ceil(BLOCK), salt, uuid }
     }
+    /// The same parameters with the salt derived from `seed` instead: a salt that stays the same
+    /// from build to build (the rootfs: per layout name) keeps the hashes of unchanged blocks the
+    /// same, so a delta carries only the tree blocks over changed data.
+    pub fn salted(mut self, seed: &str) -> Self {
+        self.salt = Sha256::digest(format!("slotforge dm-verity salt\0{seed}").as_bytes()).into();
+        self
+    }
     pub fn hash_offset(&self) -> u64 {
         self.data_blocks * BLOCK
     }
@@ -223,9 +230,14 @@ pub fn build(mut data: impl Read, p: &Params) -> Result<HashTree, VerityError> {
 /// Append a hash area to the data file `path` (padded to a whole block first) and return its
 /// parameters. The file then holds exactly what goes into the partition.
 pub fn append(path: &Path, seed: &str) -> anyhow::Result<VerityInfo> {
+    append_with(path, |len| Params::derived(len, seed))
+}
+
+/// [`append`] with the parameters `params` gives for the data's length.
+pub fn append_with(path: &Path, params: impl FnOnce(u64) -> Params) -> anyhow::Result<VerityInfo> {
     let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
     let len = f.metadata()?.len();
-    let p = Params::derived(len, seed);
+    let p = params(len);
     let tree = build(std::io::BufReader::new((&mut f).take(len)), &p)?;
     f.set_len(p.hash_offset())?;
     f.seek(SeekFrom::Start(p.hash_offset()))?;
