@@ -79,6 +79,12 @@ paths:
         supply: registry
         fault: network-down
         expect: {{slot: b, variant: large, state: degraded}}
+  - name: delta
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: large
+        supply: delta
+        expect: {{slot: b, variant: large, state: ok}}
   - name: keys
     install: {{variant: signed, layout: gen2}}
     steps:
@@ -120,7 +126,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -144,12 +150,12 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(18), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(20), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"20\" failures=\"1\" skipped=\"1\""), "{x}");
-    assert_eq!(x.matches("<testsuite ").count(), 8);
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"22\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 9);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());

@@ -37,6 +37,18 @@ pub struct DeltaSummary {
     pub images_left_out: Vec<String>,
     /// Boot files (`vmlinuz`, `initrd.img`) a base bundle had: the device copies its own.
     pub boot_files_left_out: Vec<String>,
+    /// Sealed images shipped as chunks (assembled on the device from the same service's
+    /// earlier sealed image).
+    pub sealed: Vec<SealedDelta>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SealedDelta {
+    pub name: String,
+    pub bytes: u64,
+    pub chunks: usize,
+    pub chunks_shipped: usize,
+    pub chunk_bytes_shipped: u64,
 }
 
 /// What a delta's bases hold: rootfs chunk ids, external-image entries (as JSON), the builds.
@@ -45,6 +57,8 @@ struct Bases {
     chunks: std::collections::HashSet<[u8; 32]>,
     /// Kernel and initrd digests of base bundles (a device of the base boots them from its ESP).
     boot_files: std::collections::HashSet<Digest>,
+    /// Per service name: the sealed blobs of base bundles (digest) and their chunk ids.
+    sealed: std::collections::HashMap<String, (Vec<Digest>, std::collections::HashSet<[u8; 32]>)>,
     images: std::collections::HashSet<String>,
     builds: Vec<BaseBuild>,
 }
@@ -68,7 +82,7 @@ pub struct BundleSummary {
 fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
     use crate::format::casync;
     let mut bases = Bases::default();
-    let Bases { chunks: ids, images, builds, boot_files } = &mut bases;
+    let Bases { chunks: ids, images, builds, boot_files, sealed } = &mut bases;
     for p in paths {
         let what = || format!("--delta-from {}", p.display());
         let is_bundle = p.is_dir() || p.extension().is_some_and(|e| e == "tar");
@@ -79,6 +93,15 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
                 None => ids.extend(casync::ids_of(std::fs::File::open(b.blob_path(&b.config.rootfs.digest)).with_context(what)?)?),
             }
             images.extend(b.config.images.iter().map(|e| serde_json::to_string(e).unwrap_or_default()));
+            for e in &b.config.images {
+                let Some(s) = &e.sealed else { continue };
+                let Ok(d) = Digest::parse(&s.digest) else { continue };
+                if let Ok(f) = std::fs::File::open(b.blob_path(&d)) {
+                    let entry = sealed.entry(e.name.clone()).or_default();
+                    entry.1.extend(casync::ids_of(std::io::BufReader::new(f))?);
+                    entry.0.push(d);
+                }
+            }
             if b.config.ukis.is_empty() {
                 boot_files.extend(std::iter::once(&b.config.kernel).chain(b.config.initrd.iter()).map(|x| x.digest.clone()));
             }
@@ -102,6 +125,21 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
             }
             if !any {
                 bail!("{}: no slot of this disk holds a slotforge rootfs", what());
+            }
+            // The sealed images its slots pin, from its images partition: seeds by service name.
+            if let Some(fs) = crate::format::inspect::open_images(p, &rep).with_context(what)? {
+                for e in rep.slots.iter().filter_map(|s| s.external_images.as_ref()).flat_map(|x| &x.images) {
+                    let Some(s) = &e.sealed else { continue };
+                    let Ok(d) = Digest::parse(&s.digest) else { continue };
+                    if sealed.get(&e.name).is_some_and(|(ds, _)| ds.contains(&d)) {
+                        continue;
+                    }
+                    if let Ok(f) = fs.open(format!("/blobs/sha256/{}", d.hex()).as_str()) {
+                        let entry = sealed.entry(e.name.clone()).or_default();
+                        entry.1.extend(casync::ids_of(std::io::BufReader::new(f))?);
+                        entry.0.push(d);
+                    }
+                }
             }
         }
     }
@@ -163,7 +201,8 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     let store = stage.path().join(CHUNK_STORE);
     let chunked = crate::format::casync::chunk_file_except(&c.rootfs_image, &caibx, &store, &|id| bases.as_ref().is_none_or(|b| b.chunks.contains(id)))?;
     let rootfs_index = put_file(&stage, &caibx)?;
-    let mut delta = bases.as_ref().map(|b| DeltaSummary { bases: b.builds.clone(), chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes, images_left_out: vec![], boot_files_left_out: vec![] });
+    let mut delta = bases.as_ref().map(|b| DeltaSummary { bases: b.builds.clone(), chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes, images_left_out: vec![], boot_files_left_out: vec![], sealed: vec![] });
+    let mut sealed_chunks = std::collections::BTreeMap::new();
     let kernel = put_content(&stage, c.kernel())?;
     let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
     // A delta leaves out a kernel or initrd a base bundle had (BLS boot: the device copies it
@@ -187,6 +226,20 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         }
         if !opts.without_images && !on_base {
             stage.add_external(e, img, c.sealed_file(&e.name), &mut |_| {})?;
+            // A delta ships a sealed image as the chunks the same service's sealed image on the
+            // base lacks; the device assembles it from that one.
+            let seeds = bases.as_ref().and_then(|b| b.sealed.get(&e.name));
+            if let (Some((seed_digests, seed_ids)), Some(s), Some((file, _))) = (seeds, &e.sealed, c.sealed_file(&e.name)) {
+                let d = Digest::parse(&s.digest).map_err(|x| anyhow::anyhow!(x))?;
+                std::fs::remove_file(stage.path().join("blobs/sha256").join(d.hex()))?;
+                let idx = c.work.path().join(format!("sealed-{}.caibx", e.name));
+                let ch = crate::format::casync::chunk_file_except(file, &idx, &store, &|id| seed_ids.contains(id))?;
+                let index = put_file(&stage, &idx)?;
+                sealed_chunks.insert(s.digest.clone(), SealedChunks { index, seeds: seed_digests.clone() });
+                if let Some(dl) = delta.as_mut() {
+                    dl.sealed.push(SealedDelta { name: e.name.clone(), bytes: ch.bytes, chunks: ch.chunks, chunks_shipped: ch.new_chunks, chunk_bytes_shipped: ch.new_chunk_bytes });
+                }
+            }
             index.push(json!({"mediaType": img.manifest_media_type, "digest": img.manifest_digest.to_string(), "size": img.manifest_bytes.len(),
                 "annotations": {REF_NAME: format!("{}.{}", c.build_id, e.name), ANN_IMAGE: e.name}}));
         }
@@ -232,7 +285,7 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         ukis,
         images,
         images_included: !opts.without_images,
-        chunks: Some(Chunks { index: rootfs_index.clone(), delta_from: delta.as_ref().map(|d| d.bases.clone()).unwrap_or_default() }),
+        chunks: Some(Chunks { index: rootfs_index.clone(), delta_from: delta.as_ref().map(|d| d.bases.clone()).unwrap_or_default(), sealed: sealed_chunks }),
     };
     let cfg_bytes = serde_json::to_vec(&config)?;
     let cfg = put_bytes(&stage, &cfg_bytes)?;

@@ -70,6 +70,17 @@ pub struct Chunks {
     /// none of these builds has; the device assembles the rest from its own slots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delta_from: Vec<BaseBuild>,
+    /// Sealed external images a delta carries as chunks, by the sealed blob's digest.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sealed: std::collections::BTreeMap<String, SealedChunks>,
+}
+
+/// A sealed image left out of a delta bundle: its index, and the sealed blobs of the bases (the
+/// same service's earlier images) the device seeds the assembly from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SealedChunks {
+    pub index: Blob,
+    pub seeds: Vec<Digest>,
 }
 
 /// The bundle description (the manifest's config blob).
@@ -215,20 +226,32 @@ impl Bundle {
     /// may hold, its digest and its chunks' sum checked against the config).
     pub fn rootfs_index(&self) -> anyhow::Result<Option<Vec<crate::format::casync::Entry>>> {
         let Some(c) = &self.config.chunks else { return Ok(None) };
-        let most = 64 + 40 * (self.config.rootfs.size / crate::format::casync::MIN + 2);
-        if c.index.size > most {
-            bail!("bundle {}: a {}-byte chunk index for a {}-byte rootfs (at most {most}); refusing it", self.config.build_id, c.index.size, self.config.rootfs.size);
+        self.read_index(&c.index, self.config.rootfs.size, "rootfs").map(Some)
+    }
+
+    /// The chunks of a sealed image the bundle carries as chunks (bounded and checked as the
+    /// rootfs's), and the seeds it names.
+    pub fn sealed_index(&self, sealed: &Digest, size: u64) -> anyhow::Result<Option<(Vec<crate::format::casync::Entry>, &[Digest])>> {
+        let Some(sc) = self.config.chunks.as_ref().and_then(|c| c.sealed.get(sealed.as_str())) else { return Ok(None) };
+        Ok(Some((self.read_index(&sc.index, size, &format!("sealed image {sealed}"))?, &sc.seeds)))
+    }
+
+    fn read_index(&self, index: &Blob, size: u64, what: &str) -> anyhow::Result<Vec<crate::format::casync::Entry>> {
+        let id = &self.config.build_id;
+        let most = 64 + 40 * (size / crate::format::casync::MIN + 2);
+        if index.size > most {
+            bail!("bundle {id}: a {}-byte chunk index for a {size}-byte {what} (at most {most}); refusing it", index.size);
         }
-        let p = self.blob_path(&c.index.digest);
-        let b = std::fs::read(&p).with_context(|| format!("bundle blob {} (chunk index) missing", c.index.digest))?;
-        if b.len() as u64 != c.index.size || Digest::of_bytes(&b) != c.index.digest {
-            bail!("bundle blob {} (chunk index) is corrupt", c.index.digest);
+        let b = std::fs::read(self.blob_path(&index.digest)).with_context(|| format!("bundle blob {} (chunk index of the {what}) missing", index.digest))?;
+        if b.len() as u64 != index.size || Digest::of_bytes(&b) != index.digest {
+            bail!("bundle blob {} (chunk index of the {what}) is corrupt", index.digest);
         }
-        let e = crate::format::casync::parse_index(&b).with_context(|| format!("bundle {}: chunk index", self.config.build_id))?;
-        if e.last().map(|e| e.end).unwrap_or(0) != self.config.rootfs.size {
-            bail!("bundle {}: its chunk index describes {} bytes, its rootfs has {}", self.config.build_id, e.last().map(|e| e.end).unwrap_or(0), self.config.rootfs.size);
+        let e = crate::format::casync::parse_index(&b).with_context(|| format!("bundle {id}: chunk index of the {what}"))?;
+        let end = e.last().map(|e| e.end).unwrap_or(0);
+        if end != size {
+            bail!("bundle {id}: the chunk index of the {what} describes {end} bytes, not {size}");
         }
-        Ok(Some(e))
+        Ok(e)
     }
 }
 

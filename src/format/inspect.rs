@@ -164,6 +164,14 @@ pub fn inspect_with(path: &Path, check_fat: bool) -> anyhow::Result<InspectRepor
     Ok(InspectReport { gpt, layout, slots, esp: esp_report, images, errors })
 }
 
+/// The external-images partition of an inspected disk, opened read-only (None if it has none).
+pub fn open_images(path: &Path, rep: &InspectReport) -> anyhow::Result<Option<ext4_view::Ext4>> {
+    match images_partition(&rep.gpt, rep.layout.as_ref()) {
+        Some(p) => open_ext4(path, p.start, p.size).map(Some),
+        None => Ok(None),
+    }
+}
+
 fn images_partition<'a>(gpt: &'a GptReport, layout: Option<&Layout>) -> Option<&'a crate::format::disk::GptEntry> {
     let name = layout?.partitions.iter().find(|p| p.role == crate::format::layout::Role::ExternalImages)?.name.clone();
     gpt.partitions.iter().find(|p| p.name == name)

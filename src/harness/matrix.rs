@@ -70,7 +70,8 @@ pub struct Step {
     /// `--compat` layout generations the bundle must also fit.
     #[serde(default)]
     pub compat: Vec<Spanned<String>>,
-    /// How the update arrives: `disk` (default: the whole bundle on a second disk) or
+    /// How the update arrives: `disk` (default: the whole bundle on a second disk), `delta` (a
+    /// delta bundle `--delta-from` the device's disk as the path left it, on a second disk) or
     /// `registry` (a thin bundle on a second disk; the new slot pulls its external images from
     /// the matrix's `registry`).
     pub supply: Option<Spanned<String>>,
@@ -209,10 +210,10 @@ fn check(file: &Path, m: &Matrix) -> Result<(), InputError> {
             }
             if let Some(sp) = &st.supply {
                 match sp.value.as_str() {
-                    "disk" => {}
+                    "disk" | "delta" => {}
                     "registry" if m.registry.is_some() => {}
                     "registry" => return Err(err(sp, "supply: registry needs the matrix's `registry: HOST:PORT`".into())),
-                    other => return Err(err(sp, format!("supply {other:?}: `disk` or `registry`"))),
+                    other => return Err(err(sp, format!("supply {other:?}: `disk`, `delta` or `registry`"))),
                 }
             }
             if let Some(f) = &st.fault {

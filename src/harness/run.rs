@@ -161,9 +161,13 @@ impl Shared<'_> {
     }
 
     /// An update bundle of `variant` for `layout` (+ compat), signed as asked.
-    fn bundle(&self, variant: &str, layout: &str, compat: &[String], rogue: bool, thin: bool) -> Result<(PathBuf, String), BuildError> {
+    /// `delta`: a delta bundle against the disk at this path, as it is now (the builds the path
+    /// installed), named by the given unique tag — never shared between steps.
+    #[allow(clippy::too_many_arguments)]
+    fn bundle(&self, variant: &str, layout: &str, compat: &[String], rogue: bool, thin: bool, delta: Option<(&Path, &str)>) -> Result<(PathBuf, String), BuildError> {
         let key = if rogue { Some(self.rogue_key()?) } else { self.m.matrix.variants[variant].key.as_ref().map(|k| self.m.file(&k.value)) };
-        let tag = format!("{variant}-{layout}{}{}{}", compat.iter().map(|c| format!("+{c}")).collect::<String>(), if rogue { "-rogue" } else { "" }, if thin { "-thin" } else { "" });
+        let dtag = delta.map(|(_, t)| format!("-delta-{t}")).unwrap_or_default();
+        let tag = format!("{variant}-{layout}{}{}{}{dtag}", compat.iter().map(|c| format!("+{c}")).collect::<String>(), if rogue { "-rogue" } else { "" }, if thin { "-thin" } else { "" });
         self.once(&format!("bundle {tag}"), || {
             let out = self.work.join("builds").join(format!("{tag}.oci.tar"));
             let m = self.manifest(variant).to_string_lossy().into_owned();
@@ -176,6 +180,10 @@ impl Shared<'_> {
             }
             if thin {
                 args.push("--without-images".into());
+            }
+            if let Some((disk, _)) = delta {
+                args.push("--delta-from".into());
+                args.push(disk.to_string_lossy().into_owned());
             }
             if let Some(k) = &key {
                 args.push("--sign".into());
@@ -390,7 +398,9 @@ impl Device<'_> {
         };
         let compat: Vec<String> = step.compat.iter().map(|c| c.value.clone()).collect();
         let thin = step.supply.as_ref().is_some_and(|s| s.value == "registry");
-        let bundle = match self.sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey), thin) {
+        let delta_tag = format!("{}-{}", self.dir.file_name().unwrap_or_default().to_string_lossy(), boots.len());
+        let delta = step.supply.as_ref().is_some_and(|s| s.value == "delta").then_some((self.disk.as_path(), delta_tag.as_str()));
+        let bundle = match self.sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey), thin, delta) {
             Ok((b, id)) => {
                 // The variant's build id: what the device reports once it runs it.
                 self.builds.insert(v.value.clone(), id);

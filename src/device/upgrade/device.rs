@@ -125,6 +125,9 @@ impl Target for DeviceTarget {
         let dev = partition_device(&self.cfg, &part.name)?;
         Ok((std::fs::File::open(&dev).with_context(|| format!("opening {}", dev.display()))?, 0))
     }
+    fn images_seed(&mut self, d: &Digest) -> anyhow::Result<Option<std::fs::File>> {
+        Ok(std::fs::File::open(self.cfg.images.join("blobs/sha256").join(d.hex())).ok())
+    }
     fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let dir = self.cfg.root.join(crate::format::signature::KEYS_DIR);
         let mut v = Vec::new();

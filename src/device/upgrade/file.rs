@@ -156,6 +156,14 @@ impl Target for FileTarget {
         }
         Ok(())
     }
+    fn images_seed(&mut self, d: &Digest) -> anyhow::Result<Option<File>> {
+        // Read out of the ext4 image into an unlinked temporary file (streamed).
+        let fs = self.ext4()?;
+        let Ok(mut src) = fs.open(format!("/blobs/sha256/{}", d.hex()).as_str()) else { return Ok(None) };
+        let mut f = tempfile::tempfile()?;
+        std::io::copy(&mut src, &mut f)?;
+        Ok(Some(f))
+    }
     fn slot_seed(&mut self, part: &Partition) -> anyhow::Result<(File, u64)> {
         Ok((File::open(&self.path)?, part.start))
     }

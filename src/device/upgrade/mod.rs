@@ -54,6 +54,8 @@ pub trait Target {
     fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(ApplyStep)) -> anyhow::Result<()>;
     /// A slot partition opened read-only, and where it starts in that file: a seed for a delta.
     fn slot_seed(&mut self, part: &Partition) -> anyhow::Result<(std::fs::File, u64)>;
+    /// A blob of the images partition opened for reading (a seed for a sealed image), if there.
+    fn images_seed(&mut self, d: &Digest) -> anyhow::Result<Option<std::fs::File>>;
     /// Flush whatever the medium needs (an ESP image's FAT fix-up).
     fn finish(&mut self) -> anyhow::Result<()>;
     /// The files of `/etc/slotforge/update-keys/` in the rootfs of the running slot (online) or
@@ -120,7 +122,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
     // first write to the device.
     let (signature, options, uki, rootfs) = preflight(t, b, &layout, slot, &part)?;
     // 2. External images: blobs first, the build's listing last.
-    let images = stage_images(t, b, step)?;
+    let images = stage_images(t, b, &rootfs.sealed, step)?;
     // 3. The inactive slot: its entries go first, so a half-written slot is never booted.
     let existing = t.entries()?;
     let install = existing.iter().map(EntryReport::install_number).max().unwrap_or(0) + 1;
@@ -160,6 +162,8 @@ struct RootfsBlob {
     /// same files found on the ESP, checked against the config's digests.
     kernel: std::path::PathBuf,
     initrd: Option<std::path::PathBuf>,
+    /// Sealed images a delta carried as chunks, assembled: blob digest → file.
+    sealed: std::collections::BTreeMap<Digest, std::path::PathBuf>,
     assembled: Option<crate::format::casync::Assembled>,
     /// Removed once the slot is written (the assembly of an interrupted apply stays, to resume).
     work: Option<std::path::PathBuf>,
@@ -170,7 +174,7 @@ impl RootfsBlob {
     fn done(&self) {
         if let Some(w) = &self.work {
             let _ = std::fs::remove_file(w);
-            for f in std::iter::once(&self.kernel).chain(self.initrd.iter()).filter(|f| f.parent() == w.parent()) {
+            for f in std::iter::once(&self.kernel).chain(self.initrd.iter()).chain(self.sealed.values()).filter(|f| f.parent() == w.parent()) {
                 let _ = std::fs::remove_file(f);
             }
         }
@@ -244,7 +248,35 @@ fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, running: Slo
     };
     let kernel = from_esp(&cfg.kernel, "vmlinuz")?;
     let initrd = cfg.initrd.as_ref().map(|i| from_esp(i, "initrd.img")).transpose()?;
-    Ok(RootfsBlob { path: path.clone(), kernel, initrd, assembled: Some(a), work: Some(path), _tmp: tmp })
+    // Sealed images carried as chunks: assembled now, from the device's sealed images the bundle
+    // names as seeds, so a failure still changes nothing.
+    let mut sealed = std::collections::BTreeMap::new();
+    for e in &cfg.images {
+        let Some(s) = &e.sealed else { continue };
+        let d = Digest::parse(&s.digest).map_err(|x| anyhow::anyhow!(x))?;
+        if b.blob_path(&d).exists() || t.images_has(&d)? {
+            continue;
+        }
+        let Some((index, seed_digests)) = b.sealed_index(&d, s.size)? else { continue };
+        let mut seeds = crate::format::casync::Seeds::default();
+        for sd in seed_digests {
+            if let Some(f) = t.images_seed(sd)? {
+                let len = f.metadata()?.len();
+                seeds.add(&format!("sealed image {sd}"), f, 0, len)?;
+            }
+        }
+        let out_path = scratch.join(format!("sealed-{}.assembling", d.hex()));
+        let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&out_path)?;
+        crate::format::casync::assemble(&index, &seeds, &b.chunk_store(), &out)
+            .map_err(|x| anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble the sealed image of {}: {x:#}; nothing was changed", cfg.build_id, bases.join(", "), e.name))?;
+        drop(out);
+        if crate::base::hash::digest_reader(std::fs::File::open(&out_path)?)? != (d.clone(), s.size) {
+            let _ = std::fs::remove_file(&out_path);
+            bail!("bundle {}: the sealed image of {} assembled from its chunks is not {d}; nothing was changed", cfg.build_id, e.name);
+        }
+        sealed.insert(d, out_path);
+    }
+    Ok(RootfsBlob { path: path.clone(), kernel, initrd, sealed, assembled: Some(a), work: Some(path), _tmp: tmp })
 }
 
 /// Everything checked before the first write: the signature against the running slot's keys,
@@ -258,7 +290,7 @@ fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot,
     let signature = crate::format::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
     check_fits(b, layout, part)?;
     let rootfs = if cfg.delta_from().is_empty() {
-        RootfsBlob { path: b.blob_path(&cfg.rootfs.digest), kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), assembled: None, work: None, _tmp: None }
+        RootfsBlob { path: b.blob_path(&cfg.rootfs.digest), kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), sealed: Default::default(), assembled: None, work: None, _tmp: None }
     } else {
         assemble_rootfs(t, b, layout, slot.other())?
     };
@@ -289,7 +321,7 @@ struct StagedImages {
 
 /// Write the new build's external-image blobs the device lacks (each checked), then list the
 /// build's set in the partition's index.
-fn stage_images(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> anyhow::Result<StagedImages> {
+fn stage_images(t: &mut dyn Target, b: &Bundle, assembled: &std::collections::BTreeMap<Digest, std::path::PathBuf>, step: &dyn Fn(ApplyStep)) -> anyhow::Result<StagedImages> {
     let cfg = &b.config;
     let (mut present, mut written, mut bytes) = (0, 0, 0u64);
     let mut entries = Vec::new();
@@ -326,11 +358,12 @@ fn stage_images(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> any
                 present += 1;
                 continue;
             }
-            let (got, n) = crate::base::hash::digest_reader(std::fs::File::open(b.blob_path(&d)).with_context(|| format!("bundle lacks blob {d} of {}", e.name))?)?;
+            let src = assembled.get(&d).cloned().unwrap_or_else(|| b.blob_path(&d));
+            let (got, n) = crate::base::hash::digest_reader(std::fs::File::open(&src).with_context(|| format!("bundle lacks blob {d} of {}", e.name))?)?;
             if got != d || n != size {
                 bail!("bundle blob {d} of {} is corrupt", e.name);
             }
-            t.images_put(&d, &b.blob_path(&d))?;
+            t.images_put(&d, &src)?;
             written += 1;
             bytes += size;
             if written == 1 {

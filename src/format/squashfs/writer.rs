@@ -3,7 +3,7 @@
 //! do not depend on the thread count); a [`BlockStore`] can hand back a file's compressed blocks
 //! or a fragment block compressed by an earlier build, so a rebuild compresses only what changed
 //! and still writes the same bytes a cold build writes. Layout (as mksquashfs and the kernel
-//! expect): superblock, data and fragment blocks, inode table, directory table, fragment table,
+//! expect): superblock, data blocks, fragment blocks, inode table, directory table, fragment table,
 //! id table, xattr tables; padded to 4 KiB. Inodes are numbered in post-order, the root last.
 
 use crate::base::hash::Digest;
@@ -255,6 +255,11 @@ struct DataWriter<'t, W: Write> {
     jobs: Vec<Job<'t>>,
     /// The members of each fragment job queued, in order.
     pending: Vec<Vec<*const Node>>,
+    /// Fragment blocks, spooled: they go after every file's data blocks, so a changed small file
+    /// moves no data block of a large one (the verity tree over them and their casync chunks
+    /// stay the same). Their table entries hold spool offsets until then.
+    frags: std::fs::File,
+    frags_len: u64,
     stats: WriteStats,
 }
 
@@ -278,18 +283,35 @@ impl<'t, W: Write> DataWriter<'t, W> {
                 }
                 None => {
                     let index = (self.frag_table.len() / 16) as u32;
-                    self.frag_table.extend_from_slice(&self.pos.to_le_bytes());
+                    self.frag_table.extend_from_slice(&self.frags_len.to_le_bytes());
                     self.frag_table.extend_from_slice(&d.sizes[0].to_le_bytes());
                     self.frag_table.extend_from_slice(&0u32.to_le_bytes());
                     for n in pending.next().expect("a member list per fragment job") {
                         self.data.get_mut(&n).expect("fragment member recorded").fragment = index;
                     }
                     self.stats.fragment_blocks += 1;
+                    self.frags.write_all(&d.bytes)?;
+                    self.frags_len += d.bytes.len() as u64;
+                    continue;
                 }
             }
             self.out.write_all(&d.bytes)?;
             self.pos += d.bytes.len() as u64;
         }
+        Ok(())
+    }
+
+    /// After the last data block: the spooled fragment blocks, and their table entries made
+    /// absolute.
+    fn finish_fragments(&mut self) -> anyhow::Result<()> {
+        self.frags.seek(SeekFrom::Start(0))?;
+        let n = std::io::copy(&mut std::io::Read::take(&mut self.frags, self.frags_len), &mut self.out)?;
+        anyhow::ensure!(n == self.frags_len, "fragment spool shorter than written");
+        for e in self.frag_table.chunks_mut(16) {
+            let at = u64::from_le_bytes(e[..8].try_into().unwrap()) + self.pos;
+            e[..8].copy_from_slice(&at.to_le_bytes());
+        }
+        self.pos += self.frags_len;
         Ok(())
     }
 }
@@ -298,7 +320,7 @@ impl<'t, W: Write> DataWriter<'t, W> {
 /// block or more get data blocks (their last one short); smaller ones go into fragment blocks.
 fn write_data<W: Write>(t: &Tree, out: W, store: Option<&dyn BlockStore>) -> anyhow::Result<(HashMap<*const Node, FileData>, Vec<u8>, u64, WriteStats, W)> {
     let list = files(t);
-    let mut w = DataWriter { out, list: list.clone(), store, data: HashMap::new(), frag_table: Vec::new(), pos: super::SUPERBLOCK_LEN as u64, jobs: Vec::new(), pending: Vec::new(), stats: WriteStats::default() };
+    let mut w = DataWriter { out, list: list.clone(), store, data: HashMap::new(), frag_table: Vec::new(), pos: super::SUPERBLOCK_LEN as u64, jobs: Vec::new(), pending: Vec::new(), frags: tempfile::tempfile()?, frags_len: 0, stats: WriteStats::default() };
     let mut frag_raw: Vec<u8> = Vec::new();
     let mut frag_members: Vec<*const Node> = Vec::new();
     let mut batch_bytes = 0u64;
@@ -348,6 +370,7 @@ fn write_data<W: Write>(t: &Tree, out: W, store: Option<&dyn BlockStore>) -> any
         w.pending.push(frag_members);
     }
     w.flush()?;
+    w.finish_fragments()?;
     Ok((w.data, w.frag_table, w.pos, w.stats, w.out))
 }
 
