@@ -178,7 +178,9 @@ fn manifests_and_layouts() {
 #[test]
 fn bundle_configs() {
     let cfg = br#"{"format":1,"build_id":"1.0-abc","version":"1.0","rootfs":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"kernel":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"initrd":null,"cmdline":"console=ttyS0","requires":{"rootfs_bytes":1,"layouts":[{"name":"edge","generation":2,"cap":10}]},"images":[],"images_included":true}"#;
-    fuzz("bundle-config", vec![cfg.to_vec()], |b| {
+    let delta = String::from_utf8_lossy(cfg).replace(r#""images_included":true}"#, r#""images_included":true,"chunks":{"index":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":104},"delta_from":[{"build_id":"0.9-x","version":"0.9"}],"sealed":{"sha256:0000000000000000000000000000000000000000000000000000000000000000":{"index":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":144},"seeds":["sha256:0000000000000000000000000000000000000000000000000000000000000000"]}}}}"#);
+    assert!(serde_json::from_str::<slotforge::format::bundle::BundleConfig>(&delta).is_ok(), "the delta seed parses");
+    fuzz("bundle-config", vec![cfg.to_vec(), delta.into_bytes()], |b| {
         let _ = serde_json::from_slice::<slotforge::format::bundle::BundleConfig>(b);
     });
 }
@@ -225,6 +227,28 @@ fn fat_volumes() {
         if slotforge::format::fat::check_volume(&mut *c, 40 << 20).is_ok() {
             // Only a volume that passed the check reaches fatfs, as in inspect and upgrade.
             let _ = slotforge::format::esp::read(&mut *c);
+        }
+    });
+}
+
+#[test]
+fn casync_indexes_and_chunks() {
+    use slotforge::format::casync::{chunk_id, index_bytes, parse_index, read_chunk, Entry};
+    let data = common::noise(300_000, 3);
+    let e = vec![Entry { end: 70_000, id: chunk_id(&data[..70_000]) }, Entry { end: 200_000, id: chunk_id(&data[70_000..200_000]) }, Entry { end: 300_000, id: chunk_id(&data[200_000..]) }];
+    fuzz("casync-index", vec![index_bytes(&e), index_bytes(&e[..1])], |b| {
+        let _ = parse_index(b);
+    });
+    // A chunk file from the store: decoded to at most its length + 1 and checked against its id.
+    let store = tempfile::tempdir().unwrap();
+    let entry = Entry { end: 70_000, id: chunk_id(&data[..70_000]) };
+    let p = slotforge::format::casync::chunk_path(store.path(), &entry.hex());
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let good = zstd::bulk::compress(&data[..70_000], 3).unwrap();
+    fuzz("casync-chunk", vec![good], |b| {
+        std::fs::write(&p, b).unwrap();
+        if let Ok(Some(d)) = read_chunk(store.path(), &entry, 70_000) {
+            assert!(d == data[..70_000], "a chunk that is not its id's bytes was accepted");
         }
     });
 }
