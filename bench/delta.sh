@@ -84,8 +84,8 @@ print("external image (sealed); layout `edge-v2`. Each change's full bundle and 
 print("bundle, same run; *change, compressed*: zstd -3 of the changed files; *apply*: offline `slotforge upgrade` of")
 print("a copy of v1's disk under a fixed clock (FAT times), whose bytes after the full and after the delta apply are")
 print("compared whole (*same disk*).\n")
-print("| change | full bundle | delta bundle | delta ÷ full | change, compressed | goal: 1.5 × change + 1 % of rootfs | rootfs chunks shipped / all | chunk bytes shipped | images left out | index ÷ rootfs | apply full s (RSS MiB) | apply delta s (RSS MiB) | same disk |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| change | full bundle | delta bundle | delta ÷ full | change, compressed | goal: 1.5 × change + 1 % of rootfs | rootfs chunks shipped / all | chunk bytes shipped | sealed image: chunks shipped / all (bytes) | images left out | index ÷ rootfs | apply full s (RSS MiB) | apply delta s (RSS MiB) | same disk |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     c, full, delta, change, rootfs, chunks, shipped, sbytes, left, seeds, store = r
     full, delta, change, rootfs = int(full), int(delta), int(change), int(rootfs)
@@ -97,13 +97,16 @@ for r in rows:
         # casync's index: 64 bytes of header, 40 per chunk, 40 of tail; the blob of that size.
         idx_bytes = next((m.size for m in cfgs if m.size == 104 + 40 * int(chunks)), 0)
     mib = lambda b: f"{b/1048576:.2f} MiB"
-    print(f"| {what[c]} | {mib(full)} | {mib(delta)} | {delta/full:.3f} | {mib(change)} | {mib(goal)} ({'met' if delta <= goal else 'not met'}) | {shipped} / {chunks} | {mib(int(sbytes))} | {left} | {idx_bytes/rootfs*100:.3f} % | {fa[0]} ({int(fa[1])/1024:.0f}) | {da[0]} ({int(da[1])/1024:.0f}) | {same} |")
+    sealed = json.load(open(f"{w}/delta-{c}.json"))["delta"].get("sealed", [])
+    sl = "; ".join(f"{x['name']}: {x['chunks_shipped']} / {x['chunks']} ({mib(x['chunk_bytes_shipped'])})" for x in sealed) or "-"
+    print(f"| {what[c]} | {mib(full)} | {mib(delta)} | {delta/full:.3f} | {mib(change)} | {mib(goal)} ({'met' if delta <= goal else 'not met'}) | {shipped} / {chunks} | {mib(int(sbytes))} | {sl} | {left} | {idx_bytes/rootfs*100:.3f} % | {fa[0]} ({int(fa[1])/1024:.0f}) | {da[0]} ({int(da[1])/1024:.0f}) | {same} |")
 print()
-print("The delta leaves out the rootfs chunks v1's bundle holds and every external image v1 holds unchanged;")
-print("the device assembles the rootfs from its two slots and the shipped chunks (tests/delta.rs). Not yet")
-print("chunked: sealed external images — a bumped image travels whole in the delta as in the full bundle, which")
-print("is what row (c) shows. The delta apply reads and chunks both slots to find its seeds, which is what makes")
-print("it slower than a full apply here (the full bundle's rootfs is on the same local disk; over a network the")
-print("bytes not fetched dominate).")
+print("The delta leaves out the rootfs chunks v1's bundle holds, every external image v1 holds unchanged and v1's")
+print("kernel; a bumped sealed image travels as the chunks v1's sealed image of the same service lacks. The device")
+print("assembles the rootfs from its two slots and the sealed image from its predecessor (tests/delta.rs). The")
+print("goal's *change, compressed* counts the changed files only; row (c)'s delta also carries the bumped image's")
+print("new dm-verity tree (its salt is per image, so every hash changes) and its changed metadata. The delta apply")
+print("reads and chunks both slots to find its seeds, which makes it slower than a full apply whose rootfs is on")
+print("the same local disk; over a network the bytes not fetched dominate.")
 PY
 echo "updated docs/benchmarks.md (section delta)"
