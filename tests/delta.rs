@@ -74,6 +74,7 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
     let from_disk = bundle(&fx, &p.join("v2-delta-disk"), &["--without-images", "--delta-from", disk.to_str().unwrap()]);
     assert_eq!(from_disk["delta"]["chunks_shipped"], sd["delta"]["chunks_shipped"]);
     assert_eq!(from_disk["delta"]["bases"][0]["build_id"], s1["build_id"]);
+    assert_eq!(from_disk["delta"]["boot_files_left_out"], serde_json::json!(["vmlinuz", "initrd.img"]), "the disk's ESP has the same kernel: {from_disk}");
 
     // casync rebuilds the new slot byte for byte from the delta's store seeded with the old one.
     let v2_rootfs = layer_blob(&full, MT_ROOTFS).unwrap();

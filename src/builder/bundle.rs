@@ -35,7 +35,7 @@ pub struct DeltaSummary {
     /// External images a base already holds (same entry, sealing included): left out, the
     /// device lists its own copy.
     pub images_left_out: Vec<String>,
-    /// Boot files (`vmlinuz`, `initrd.img`) a base bundle had: the device copies its own.
+    /// Boot files (`vmlinuz`, `initrd.img`) a base had: the device copies its own.
     pub boot_files_left_out: Vec<String>,
     /// Sealed images shipped as chunks (assembled on the device from the same service's
     /// earlier sealed image).
@@ -55,7 +55,7 @@ pub struct SealedDelta {
 #[derive(Default)]
 struct Bases {
     chunks: std::collections::HashSet<[u8; 32]>,
-    /// Kernel and initrd digests of base bundles (a device of the base boots them from its ESP).
+    /// Kernel and initrd digests of the bases (a device of a base boots them from its ESP).
     boot_files: std::collections::HashSet<Digest>,
     /// Per service name: the sealed blobs of base bundles (digest) and their chunk ids.
     sealed: std::collections::HashMap<String, (Vec<Digest>, std::collections::HashSet<[u8; 32]>)>,
@@ -126,6 +126,8 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
             if !any {
                 bail!("{}: no slot of this disk holds a slotforge rootfs", what());
             }
+            // The kernels and initrds its slots boot (BLS entries): a delta may leave them out.
+            boot_files.extend(crate::format::inspect::esp_file_digests(p, &rep, &["a/vmlinuz", "b/vmlinuz", "a/initrd.img", "b/initrd.img"]).with_context(what)?);
             // The sealed images its slots pin, from its images partition: seeds by service name.
             if let Some(fs) = crate::format::inspect::open_images(p, &rep).with_context(what)? {
                 for e in rep.slots.iter().filter_map(|s| s.external_images.as_ref()).flat_map(|x| &x.images) {
@@ -205,8 +207,8 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     let mut sealed_chunks = std::collections::BTreeMap::new();
     let kernel = put_content(&stage, c.kernel())?;
     let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
-    // A delta leaves out a kernel or initrd a base bundle had (BLS boot: the device copies it
-    // from its ESP, checked against the digest).
+    // A delta leaves out a kernel or initrd a base had (BLS boot: the device copies it from its
+    // ESP, checked against the digest).
     let on_base = |x: &Blob| !c.uki() && bases.as_ref().is_some_and(|b| b.boot_files.contains(&x.digest));
     let boot_left_out: Vec<&Blob> = std::iter::once(&kernel).chain(initrd.iter()).filter(|x| on_base(x)).collect();
     for x in &boot_left_out {

@@ -164,6 +164,19 @@ pub fn inspect_with(path: &Path, check_fat: bool) -> anyhow::Result<InspectRepor
     Ok(InspectReport { gpt, layout, slots, esp: esp_report, images, errors })
 }
 
+/// The sha256 of each of `files` (paths on the ESP) the disk's ESP holds; absent ones skipped.
+pub fn esp_file_digests(path: &Path, rep: &InspectReport, files: &[&str]) -> anyhow::Result<Vec<crate::base::hash::Digest>> {
+    let Some(p) = find(&rep.gpt, types::ESP).next() else { return Ok(vec![]) };
+    let fs = fatfs::FileSystem::new(ReadOnly(Window::new(File::open(path)?, p.start, p.size)), fatfs::FsOptions::new().update_accessed_date(false))?;
+    let mut out = Vec::new();
+    for f in files {
+        if let Ok(file) = fs.root_dir().open_file(f) {
+            out.push(crate::base::hash::digest_reader(file)?.0);
+        }
+    }
+    Ok(out)
+}
+
 /// The external-images partition of an inspected disk, opened read-only (None if it has none).
 pub fn open_images(path: &Path, rep: &InspectReport) -> anyhow::Result<Option<ext4_view::Ext4>> {
     match images_partition(&rep.gpt, rep.layout.as_ref()) {
