@@ -54,7 +54,13 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
     let cfg = &b.config;
     let Some(index) = b.rootfs_index()? else { bail!("bundle {} lacks its rootfs and has no chunk index; nothing was changed", cfg.build_id) };
     let mut seeds = crate::format::casync::Seeds::default();
+    let store = b.chunk_store();
     for slot in [running, running.other()] {
+        // The inactive slot is scanned only if the running one and the store leave chunks over
+        // (usually they do not: the delta was made against what runs).
+        if slot != running && index.iter().all(|e| seeds.has(&e.id) || crate::format::casync::chunk_path(&store, &e.hex()).exists()) {
+            break;
+        }
         let part = layout.rootfs(slot);
         let (mut f, start) = t.slot_seed(part)?;
         let len = image_len(&mut f, start, part.size);
