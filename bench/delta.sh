@@ -20,19 +20,24 @@ if [ "${DELTA_REPORT_ONLY:-}" = 1 ]; then
 else
 bench_setup /tmp/slotforge-delta
 rows="$w/rows"; : > "$rows"
+# Random bytes from a seeded generator (AES-CTR over zeros): the same inputs, so the same chunk
+# boundaries and numbers, on every run.
+prng() { # SEED BYTES
+  openssl enc -aes-128-ctr -nosalt -K "$(printf '%032x' "$1")" -iv 0 < /dev/zero 2>/dev/null | head -c "$2" || true
+}
 mkdir -p "$w/src/base/usr/lib" "$w/src/svc/opt" "$w/src/ext/opt" "$w/src/kernel"
 cp -a /usr/lib/python3.11 /usr/lib/gcc "$w/src/base/usr/lib/"
-head -c 20000000 /dev/urandom > "$w/src/svc/opt/blob"
+prng 1 20000000 > "$w/src/svc/opt/blob"
 { find /usr/include -type f -name '*.h' -print0 | sort -z | xargs -0 cat 2>/dev/null | head -c 20000000 > "$w/src/svc/opt/text"; } || true
 echo 1 > "$w/src/svc/opt/conf"
-head -c 64000000 /dev/urandom > "$w/src/ext/opt/model"; echo 1 > "$w/src/ext/opt/conf"
-head -c 6000000 /dev/urandom > "$w/src/kernel/kernel"
+prng 2 64000000 > "$w/src/ext/opt/model"; echo 1 > "$w/src/ext/opt/conf"
+prng 3 6000000 > "$w/src/kernel/kernel"
 for i in base svc ext kernel; do mkimage "$w/img-$i" 1 "$w/src/$i"; done
 # (a) one file of svc (a config line); (b) svc replaced; (c) ext bumped (one file).
 echo 2 > "$w/src/svc/opt/conf"; mkimage "$w/img-svc" 2 "$w/src/svc"
 zstd -3 -q -c "$w/src/svc/opt/conf" | wc -c > "$w/change-a"
 rm -rf "$w/src/svc3"; mkdir -p "$w/src/svc3/opt"
-head -c 20000000 /dev/urandom > "$w/src/svc3/opt/blob"; LC_ALL=C sort "$w/src/svc/opt/text" > "$w/src/svc3/opt/text"; echo 3 > "$w/src/svc3/opt/conf"
+prng 4 20000000 > "$w/src/svc3/opt/blob"; LC_ALL=C sort "$w/src/svc/opt/text" > "$w/src/svc3/opt/text"; echo 3 > "$w/src/svc3/opt/conf"
 mkimage "$w/img-svc" 3 "$w/src/svc3"
 cat "$w/src/svc3/opt/blob" "$w/src/svc3/opt/text" "$w/src/svc3/opt/conf" | zstd -3 -q -c | wc -c > "$w/change-b"
 echo 2 > "$w/src/ext/opt/conf"; mkimage "$w/img-ext" 2 "$w/src/ext"
@@ -79,7 +84,8 @@ cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\
 what = {"a": "(a) one file of the on-disk service", "b": "(b) the on-disk service replaced", "c": "(c) the external image bumped"}
 print("## Delta bundles: what an update carries\n")
 print(f"Run on {datetime.date.today()}, {os.cpu_count()} cores, {cpu}: `bash bench/delta.sh`. Base image: the build bench's")
-print("tree (Python 3.11 stdlib + GCC libraries); a 40 MB on-disk service (20 MB random, 20 MB text); a 64 MB")
+print("tree (Python 3.11 stdlib + GCC libraries); a 40 MB on-disk service (20 MB random, 20 MB text; random bytes from a")
+print("seeded generator, so every run has the same inputs); a 64 MB")
 print("external image (sealed); layout `edge-v2`. Each change's full bundle and its delta `--delta-from` v1's")
 print("bundle, same run; *change, compressed*: zstd -3 of the changed files; *apply*: offline `slotforge upgrade` of")
 print("a copy of v1's disk under a fixed clock (FAT times), whose bytes after the full and after the delta apply are")
