@@ -17,6 +17,12 @@ fn bundle(fx: &Fixture, out: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(&slotforge(&args))).unwrap()
 }
 
+/// Build the fixture's manifest onto a demo-layout disk at `out`.
+fn build(fx: &Fixture, out: &Path) {
+    let (m, l) = (fx.manifest(), layouts().join("demo.yaml"));
+    ok(&slotforge(&["build", m.to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]));
+}
+
 /// The blob of a bundle directory's manifest layer of `media_type`.
 fn layer_blob(dir: &Path, media_type: &str) -> Option<PathBuf> {
     let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
@@ -49,7 +55,7 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
     let fx = fixture();
     let p = fx.path();
     let disk = p.join("disk.img");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layouts().join("demo.yaml").to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    build(&fx, &disk);
     let v1 = p.join("v1");
     let s1 = bundle(&fx, &v1, &[]);
     assert_eq!(chunk_files(&v1), 0, "a full bundle carries the rootfs whole, and its index");
@@ -127,7 +133,7 @@ fn a_delta_the_disk_cannot_assemble_or_with_a_bad_chunk_is_refused_and_nothing_c
     std::fs::rename(&base, p.join("base.orig")).unwrap();
     oci_image(&base, "1", vec![(layer(&[E::Dir("bin/", 0o755), E::File("bin/busybox", noise(400_000, 99), 0o755)]), Comp::Gzip)], &[]);
     let disk = p.join("disk.img");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layouts().join("demo.yaml").to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    build(&fx, &disk);
     std::fs::remove_dir_all(&base).unwrap();
     std::fs::rename(p.join("base.orig"), &base).unwrap();
     let before = sha256_file(&disk);
@@ -144,7 +150,7 @@ fn a_delta_the_disk_cannot_assemble_or_with_a_bad_chunk_is_refused_and_nothing_c
     let fx = fixture();
     let p = fx.path();
     let disk = p.join("disk.img");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layouts().join("demo.yaml").to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    build(&fx, &disk);
     release2(&fx);
     let delta = p.join("v2-delta");
     bundle(&fx, &delta, &["--without-images", "--delta-from", disk.to_str().unwrap()]);
@@ -173,7 +179,7 @@ fn a_bumped_sealed_image_travels_as_chunks_and_is_assembled_from_its_predecessor
     let fx = fixture();
     let p = fx.path();
     let disk = p.join("disk.img");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layouts().join("demo.yaml").to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    build(&fx, &disk);
     let v1 = p.join("v1");
     bundle(&fx, &v1, &[]);
     // edgeview 1.3: its binary with a few bytes changed (the shared layer as before).
@@ -230,7 +236,7 @@ fn hostile_chunk_indexes_are_refused_before_anything_is_written() {
     let fx = fixture();
     let p = fx.path();
     let disk = p.join("disk.img");
-    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layouts().join("demo.yaml").to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    build(&fx, &disk);
     release2(&fx);
     let good = p.join("good");
     bundle(&fx, &good, &["--without-images", "--delta-from", disk.to_str().unwrap()]);

@@ -280,7 +280,7 @@ pub fn chunk_file_except(file: &Path, index: &Path, store: &Path, skip: &dyn Fn(
     Ok(Chunked { index: index.to_path_buf(), bytes: total, chunks: entries.len(), new_chunks, new_chunk_bytes: new_bytes })
 }
 
-/// The chunk ids of `len` bytes of `r` (what a seed or a base offers).
+/// The chunk ids of what `r` yields (what a seed or a base offers).
 pub fn ids_of(r: impl Read) -> anyhow::Result<std::collections::HashSet<[u8; 32]>> {
     let mut ids = std::collections::HashSet::new();
     for_each_chunk(r, |c, _| {

@@ -9,9 +9,9 @@ use crate::format::bundle::Bundle;
 use crate::format::layout::{Layout, Slot};
 use anyhow::bail;
 
-/// The rootfs blob to write: the bundle's own, or (a delta) one assembled from the device's
+/// The files an apply writes: the bundle's own, or (a delta) ones assembled from the device's
 /// slots and the bundle's chunks into the scratch directory.
-pub(super) struct RootfsBlob {
+pub(super) struct ApplyFiles {
     pub(super) path: std::path::PathBuf,
     /// The kernel and initrd to write: the bundle's, or (a delta that leaves them out) the
     /// same files found on the ESP, checked against the config's digests.
@@ -25,7 +25,7 @@ pub(super) struct RootfsBlob {
     pub(super) _tmp: Option<tempfile::TempDir>,
 }
 
-impl RootfsBlob {
+impl ApplyFiles {
     pub(super) fn done(&self) {
         if let Some(w) = &self.work {
             let _ = std::fs::remove_file(w);
@@ -50,7 +50,7 @@ fn image_len(f: &mut std::fs::File, start: u64, part_size: u64) -> u64 {
 /// each checked against its id, the whole against the config's digest. Nothing of the device is
 /// written; the work file lives in the bundle's scratch directory, so a rerun after a cut
 /// resumes where it stopped.
-pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, running: Slot) -> anyhow::Result<RootfsBlob> {
+pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, running: Slot) -> anyhow::Result<ApplyFiles> {
     let cfg = &b.config;
     let Some(index) = b.rootfs_index()? else { bail!("bundle {} lacks its rootfs and has no chunk index; nothing was changed", cfg.build_id) };
     let mut seeds = crate::format::casync::Seeds::default();
@@ -137,6 +137,6 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         }
         sealed.insert(d, out_path);
     }
-    Ok(RootfsBlob { path: path.clone(), kernel, initrd, sealed, assembled: Some(a), work: Some(path), _tmp: tmp })
+    Ok(ApplyFiles { path: path.clone(), kernel, initrd, sealed, assembled: Some(a), work: Some(path), _tmp: tmp })
 }
 

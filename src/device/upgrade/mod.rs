@@ -18,7 +18,7 @@ pub mod device;
 pub mod file;
 pub mod gc;
 
-use delta::{assemble_rootfs, RootfsBlob};
+use delta::{assemble_rootfs, ApplyFiles};
 
 use crate::format::bundle::Bundle;
 use crate::format::entries::{BootEntry, EntryReport};
@@ -161,7 +161,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
 /// Everything checked before the first write: the signature against the running slot's keys,
 /// the blobs against their digests, the fit, the rootfs, the command line and version, the UKI.
 /// Returns the signature decision, the new entry's options and the slot's UKI blob (UKI mode).
-type Preflight<'a> = (crate::format::signature::Decision, String, Option<&'a crate::format::bundle::Blob>, RootfsBlob);
+type Preflight<'a> = (crate::format::signature::Decision, String, Option<&'a crate::format::bundle::Blob>, ApplyFiles);
 
 fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot, part: &Partition) -> anyhow::Result<Preflight<'a>> {
     let cfg = &b.config;
@@ -169,7 +169,7 @@ fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot,
     let signature = crate::format::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
     check_fits(b, layout, part)?;
     let rootfs = if cfg.delta_from().is_empty() {
-        RootfsBlob { path: b.blob_path(&cfg.rootfs.digest), kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), sealed: Default::default(), assembled: None, work: None, _tmp: None }
+        ApplyFiles { path: b.blob_path(&cfg.rootfs.digest), kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), sealed: Default::default(), assembled: None, work: None, _tmp: None }
     } else {
         assemble_rootfs(t, b, layout, slot.other())?
     };
@@ -275,7 +275,7 @@ fn stage_images(t: &mut dyn Target, b: &Bundle, assembled: &std::collections::BT
 /// The new slot's kernel and initrd and its entry with a boot counter (or its UKI, which is
 /// both); returns the entry's file name.
 #[allow(clippy::too_many_arguments)]
-fn write_boot_files(t: &mut dyn Target, b: &Bundle, files: &RootfsBlob, slot: Slot, install: u64, options: String, uki: Option<&crate::format::bundle::Blob>, step: &dyn Fn(ApplyStep)) -> anyhow::Result<String> {
+fn write_boot_files(t: &mut dyn Target, b: &Bundle, files: &ApplyFiles, slot: Slot, install: u64, options: String, uki: Option<&crate::format::bundle::Blob>, step: &dyn Fn(ApplyStep)) -> anyhow::Result<String> {
     let cfg = &b.config;
     let s = slot.name();
     Ok(match uki {
