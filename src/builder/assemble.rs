@@ -278,7 +278,7 @@ impl Assembly<'_> {
                     // cannot make them there); a writable one gets them in its overlay.
                     let mkdirs = if b.readonly { mount_points(&spec) } else { vec![] };
                     let file = work.join(format!("sealed-{name}.img"));
-                    let (sealed, artifact) = self.seal(img, &mkdirs, &file).with_context(|| format!("sealing external image {name}"))?;
+                    let (sealed, artifact) = self.seal(img, &mkdirs, crate::format::sealed::salt(name), &file).with_context(|| format!("sealing external image {name}"))?;
                     e.sealed = Some(sealed);
                     e.keep_layers = s.keeps_layers();
                     sealed_files.insert(name.to_string(), (file, artifact));
@@ -302,9 +302,9 @@ impl Assembly<'_> {
 
     /// An external image sealed into `file`: from the build cache when it holds this seal
     /// (checked on the way out), else sealed now and stored there.
-    fn seal(&mut self, img: &ResolvedImage, mkdirs: &[String], file: &Path) -> anyhow::Result<(crate::format::sealed::Sealed, Vec<u8>)> {
+    fn seal(&mut self, img: &ResolvedImage, mkdirs: &[String], salt: [u8; 32], file: &Path) -> anyhow::Result<(crate::format::sealed::Sealed, Vec<u8>)> {
         if let Some(c) = self.cache {
-            let (l, hit) = c.sealed(img, mkdirs, file);
+            let (l, hit) = c.sealed(img, mkdirs, &salt, file);
             self.cache_use.count(l);
             if let Some(v) = hit {
                 return Ok(v);
@@ -312,10 +312,10 @@ impl Assembly<'_> {
         }
         let mut sp = Spill::with_limit(img.layers.iter().map(|l| l.size).sum::<u64>().saturating_mul(16).max(1 << 30))?;
         let blocks: Option<&dyn crate::format::squashfs::writer::BlockStore> = self.cache.map(|c| c as _);
-        let (sealed, artifact) = crate::compose::seal::seal(img, mkdirs, file, &mut sp, &mut |_| {}, blocks)?;
+        let (sealed, artifact) = crate::compose::seal::seal(img, mkdirs, salt, file, &mut sp, &mut |_| {}, blocks)?;
         if let Some(c) = self.cache {
             // A cache that cannot take the entry costs the next build time, not this one.
-            let _ = c.put_sealed(img, mkdirs, file, &sealed, &artifact);
+            let _ = c.put_sealed(img, mkdirs, &salt, file, &sealed, &artifact);
         }
         Ok((sealed, artifact))
     }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 /// Changes whenever sealing could produce other bytes for the same inputs: every slotforge
 /// version is its own recipe (the squashfs library, compressor settings, tree rules).
-const RECIPE: &str = concat!("slotforge-seal/", env!("CARGO_PKG_VERSION"), "/format-", "1");
+const RECIPE: &str = concat!("slotforge-seal/", env!("CARGO_PKG_VERSION"), "/format-", "2");
 
 /// Default bound on the build cache's entries (`SLOTFORGE_BUILD_CACHE_MAX` bytes overrides).
 pub const DEFAULT_MAX_BYTES: u64 = 8 << 30;
@@ -93,8 +93,8 @@ pub struct Stats {
     pub max_bytes: u64,
 }
 
-fn key(image: &Digest, mkdirs: &[String]) -> String {
-    let k = serde_json::json!({"recipe": RECIPE, "image": image.as_str(), "mkdirs": mkdirs});
+fn key(image: &Digest, mkdirs: &[String], salt: &[u8; 32]) -> String {
+    let k = serde_json::json!({"recipe": RECIPE, "image": image.as_str(), "mkdirs": mkdirs, "salt": crate::base::hash::hex(salt)});
     Digest::of_bytes(&serde_json::to_vec(&k).expect("serialisable")).hex().to_string()
 }
 
@@ -115,11 +115,11 @@ impl BuildCache {
 
     /// The sealed image of `img` with `mkdirs`, copied to `out` and checked on the way (its
     /// sha256 and size against the record, the record against the key and its artifact).
-    pub fn sealed(&self, img: &ResolvedImage, mkdirs: &[String], out: &Path) -> (Lookup, Option<(Sealed, Vec<u8>)>) {
-        let k = key(&img.manifest_digest, mkdirs);
+    pub fn sealed(&self, img: &ResolvedImage, mkdirs: &[String], salt: &[u8; 32], out: &Path) -> (Lookup, Option<(Sealed, Vec<u8>)>) {
+        let k = key(&img.manifest_digest, mkdirs, salt);
         let path = self.record_path(&k);
         let Ok(bytes) = std::fs::read(&path) else { return (Lookup::Miss, None) };
-        match self.check_out(&bytes, img, mkdirs, out) {
+        match self.check_out(&bytes, img, mkdirs, salt, out) {
             Ok(v) => {
                 // Used now: the last to be pruned.
                 let _ = std::fs::File::options().append(true).open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
@@ -138,9 +138,9 @@ impl BuildCache {
         }
     }
 
-    fn check_out(&self, bytes: &[u8], img: &ResolvedImage, mkdirs: &[String], out: &Path) -> anyhow::Result<(Sealed, Vec<u8>)> {
+    fn check_out(&self, bytes: &[u8], img: &ResolvedImage, mkdirs: &[String], salt: &[u8; 32], out: &Path) -> anyhow::Result<(Sealed, Vec<u8>)> {
         let r: Record = serde_json::from_slice(bytes)?;
-        anyhow::ensure!(r.recipe == RECIPE && r.image == img.manifest_digest.as_str() && r.mkdirs == mkdirs, "record for other inputs");
+        anyhow::ensure!(r.recipe == RECIPE && r.image == img.manifest_digest.as_str() && r.mkdirs == mkdirs && r.sealed.salt == crate::base::hash::hex(salt), "record for other inputs");
         anyhow::ensure!(Digest::of_bytes(r.artifact.as_bytes()).as_str() == r.sealed.artifact, "artifact digest");
         let d = Digest::parse(&r.sealed.digest).map_err(|e| anyhow::anyhow!(e))?;
         let mut src = VerifyingReader::new(self.blobs.open_blob(&d)?, d, r.sealed.size, "cached sealed image");
@@ -149,13 +149,13 @@ impl BuildCache {
     }
 
     /// Store a sealed image just made (`file`, its record), then keep the cache in its bound.
-    pub fn put_sealed(&self, img: &ResolvedImage, mkdirs: &[String], file: &Path, sealed: &Sealed, artifact: &[u8]) -> anyhow::Result<()> {
+    pub fn put_sealed(&self, img: &ResolvedImage, mkdirs: &[String], salt: &[u8; 32], file: &Path, sealed: &Sealed, artifact: &[u8]) -> anyhow::Result<()> {
         let d = Digest::parse(&sealed.digest).map_err(|e| anyhow::anyhow!(e))?;
         self.blobs.put(std::fs::File::open(file)?, &d, sealed.size, "sealed image")?;
         let r = Record { recipe: RECIPE.into(), image: img.manifest_digest.to_string(), mkdirs: mkdirs.to_vec(), sealed: sealed.clone(), artifact: String::from_utf8(artifact.to_vec())? };
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
         serde_json::to_writer(&mut tmp, &r)?;
-        tmp.persist(self.record_path(&key(&img.manifest_digest, mkdirs))).map_err(|e| e.error)?;
+        tmp.persist(self.record_path(&key(&img.manifest_digest, mkdirs, salt))).map_err(|e| e.error)?;
         self.prune(self.max_bytes)?;
         Ok(())
     }

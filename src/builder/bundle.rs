@@ -61,6 +61,8 @@ struct Bases {
     sealed: std::collections::HashMap<String, (Vec<Digest>, std::collections::HashSet<[u8; 32]>)>,
     images: std::collections::HashSet<String>,
     builds: Vec<BaseBuild>,
+    /// Each base build's rootfs index, by build id: carried in the delta for the device.
+    indexes: std::collections::BTreeMap<String, Vec<crate::format::casync::Entry>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,16 +84,18 @@ pub struct BundleSummary {
 fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
     use crate::format::casync;
     let mut bases = Bases::default();
-    let Bases { chunks: ids, images, builds, boot_files, sealed } = &mut bases;
+    let Bases { chunks: ids, images, builds, boot_files, sealed, indexes } = &mut bases;
     for p in paths {
         let what = || format!("--delta-from {}", p.display());
         let is_bundle = p.is_dir() || p.extension().is_some_and(|e| e == "tar");
         if is_bundle {
             let b = Bundle::open(p, None).with_context(what)?;
-            match b.rootfs_index().with_context(what)? {
-                Some(e) => ids.extend(e.into_iter().map(|e| e.id)),
-                None => ids.extend(casync::ids_of(std::fs::File::open(b.blob_path(&b.config.rootfs.digest)).with_context(what)?)?),
-            }
+            let index = match b.rootfs_index().with_context(what)? {
+                Some(e) => e,
+                None => casync::index_of(std::io::BufReader::new(std::fs::File::open(b.blob_path(&b.config.rootfs.digest)).with_context(what)?))?,
+            };
+            ids.extend(index.iter().map(|e| e.id));
+            indexes.entry(b.config.build_id.clone()).or_insert(index);
             images.extend(b.config.images.iter().map(|e| serde_json::to_string(e).unwrap_or_default()));
             for e in &b.config.images {
                 let Some(s) = &e.sealed else { continue };
@@ -105,7 +109,7 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
             if b.config.ukis.is_empty() {
                 boot_files.extend(std::iter::once(&b.config.kernel).chain(b.config.initrd.iter()).map(|x| x.digest.clone()));
             }
-            builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone() });
+            builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone(), index: None });
         } else {
             let rep = crate::format::inspect::inspect(p).with_context(what)?;
             let gpt = crate::format::disk::read_gpt(&mut std::fs::File::open(p)?)?;
@@ -116,10 +120,12 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
                 use std::io::{Read, Seek, SeekFrom};
                 let mut f = std::fs::File::open(p)?;
                 f.seek(SeekFrom::Start(g.start))?;
-                ids.extend(casync::ids_of(std::io::BufReader::new(f).take(len))?);
+                let index = casync::index_of(std::io::BufReader::new(f).take(len))?;
+                ids.extend(index.iter().map(|e| e.id));
+                indexes.entry(rel.build_id.clone()).or_insert(index);
                 images.extend(s.external_images.iter().flat_map(|x| &x.images).map(|e| serde_json::to_string(e).unwrap_or_default()));
                 if !builds.iter().any(|x: &BaseBuild| x.build_id == rel.build_id) {
-                    builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone() });
+                    builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone(), index: None });
                 }
                 any = true;
             }
@@ -274,6 +280,17 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         rootfs_bytes: c.rootfs_bytes,
         layouts: c.caps.iter().zip(&layouts).map(|(cap, l)| LayoutReq { name: l.name.clone(), generation: l.generation, cap: cap.cap }).collect(),
     };
+    // A delta carries each base's rootfs index: a device running that build seeds from its slot
+    // without chunking it (docs/upgrade-protocol.md#chunks-and-delta-bundles).
+    let mut base_layers = Vec::new();
+    if let (Some(b), Some(d)) = (&bases, delta.as_mut()) {
+        for bb in d.bases.iter_mut() {
+            let Some(e) = b.indexes.get(&bb.build_id) else { continue };
+            let blob = put_bytes(&stage, &crate::format::casync::index_bytes(e))?;
+            base_layers.push(json!({"mediaType": MT_CAIBX, "digest": blob.digest, "size": blob.size, "annotations": {"org.opencontainers.image.title": format!("base-{}.caibx", bb.build_id)}}));
+            bb.index = Some(blob);
+        }
+    }
     let config = BundleConfig {
         format: FORMAT,
         build_id: c.build_id.clone(),
@@ -297,6 +314,7 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         layers.push(json!({"mediaType": MT_ROOTFS, "digest": rootfs.digest, "size": rootfs.size, "annotations": {"org.opencontainers.image.title": "rootfs.img"}}));
     }
     layers.push(json!({"mediaType": MT_CAIBX, "digest": rootfs_index.digest, "size": rootfs_index.size, "annotations": {"org.opencontainers.image.title": "rootfs.caibx"}}));
+    layers.extend(base_layers);
     if !on_base(&kernel) {
         layers.push(json!({"mediaType": MT_KERNEL, "digest": kernel.digest, "size": kernel.size, "annotations": {"org.opencontainers.image.title": "vmlinuz"}}));
     }

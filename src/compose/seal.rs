@@ -10,16 +10,19 @@ use crate::oci::ResolvedImage;
 use std::path::Path;
 
 /// Seal `img` into `out` (created or truncated): flatten its layers, apply LinuxKit's image
-/// fix-ups, add `mkdirs`, write squashfs with every time pinned to 0, append the verity tree.
+/// fix-ups, add `mkdirs`, write squashfs with every time pinned to 0, append the verity tree
+/// made with `salt` (the build: [`crate::format::sealed::salt`] of the service; the device: the
+/// pinned one).
 /// File contents are spilled to `spill` (on disk), never held in memory. `blocks` (the build
 /// cache) may supply compressed blocks an earlier seal made; the bytes are the same without it.
-pub fn seal(img: &ResolvedImage, mkdirs: &[String], out: &Path, spill: &mut Spill, on_layer: &mut dyn FnMut(u64), blocks: Option<&dyn crate::format::squashfs::writer::BlockStore>) -> anyhow::Result<(Sealed, Vec<u8>)> {
+pub fn seal(img: &ResolvedImage, mkdirs: &[String], salt: [u8; 32], out: &Path, spill: &mut Spill, on_layer: &mut dyn FnMut(u64), blocks: Option<&dyn crate::format::squashfs::writer::BlockStore>) -> anyhow::Result<(Sealed, Vec<u8>)> {
     let mut t = Tree::new(0);
     crate::compose::flatten::flatten_image(&mut t, img, spill, 0, &mut 0, on_layer)?;
     crate::linuxkit::bundle::fixups(&mut t, None, 0, 0).map_err(|e| anyhow::anyhow!("{}: {e}", img.reference))?;
     add_mount_points(&mut t, mkdirs, 0, 0)?;
     crate::format::squashfs::writer::write(&t, out, 0, blocks, &mut || {})?;
-    let v = crate::format::verity::append(out, &seed(img.manifest_digest.as_str(), mkdirs))?;
+    let uuid_seed = seed(img.manifest_digest.as_str(), mkdirs);
+    let v = crate::format::verity::append_with(out, |len| crate::format::verity::Params::derived(len, &uuid_seed).with_salt(salt))?;
     let (digest, size) = digest_reader(std::fs::File::open(out)?)?;
     let manifest = artifact_manifest((img.manifest_digest.as_str(), img.manifest_bytes.len() as u64, &img.manifest_media_type), (digest.as_str(), size), &v, mkdirs);
     let sealed = Sealed {

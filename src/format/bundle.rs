@@ -59,6 +59,10 @@ pub struct Requires {
 pub struct BaseBuild {
     pub build_id: String,
     pub version: String,
+    /// The base's rootfs index (`.caibx`, carried in the bundle): a device whose slot holds that
+    /// build finds the chunks it seeds from without chunking the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<Blob>,
 }
 
 /// The rootfs blob cut into casync chunks.
@@ -234,6 +238,12 @@ impl Bundle {
     pub fn sealed_index(&self, sealed: &Digest, size: u64) -> anyhow::Result<Option<(Vec<crate::format::casync::Entry>, &[Digest])>> {
         let Some(sc) = self.config.chunks.as_ref().and_then(|c| c.sealed.get(sealed.as_str())) else { return Ok(None) };
         Ok(Some((self.read_index(&sc.index, size, &format!("sealed image {sealed}"))?, &sc.seeds)))
+    }
+
+    /// A base's rootfs index, if the bundle carries it and it describes `size` bytes (the length
+    /// of a slot's image: an index of another length is not that slot's).
+    pub fn base_index(&self, base: &BaseBuild, size: u64) -> Option<Vec<crate::format::casync::Entry>> {
+        self.read_index(base.index.as_ref()?, size, &format!("base {}", base.build_id)).ok()
     }
 
     fn read_index(&self, index: &Blob, size: u64, what: &str) -> anyhow::Result<Vec<crate::format::casync::Entry>> {

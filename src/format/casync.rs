@@ -282,12 +282,17 @@ pub fn chunk_file_except(file: &Path, index: &Path, store: &Path, skip: &dyn Fn(
 
 /// The chunk ids of what `r` yields (what a seed or a base offers).
 pub fn ids_of(r: impl Read) -> anyhow::Result<std::collections::HashSet<[u8; 32]>> {
-    let mut ids = std::collections::HashSet::new();
-    for_each_chunk(r, |c, _| {
-        ids.insert(chunk_id(c));
+    Ok(index_of(r)?.into_iter().map(|e| e.id).collect())
+}
+
+/// The chunks of what `r` yields, in order: its index.
+pub fn index_of(r: impl Read) -> anyhow::Result<Vec<Entry>> {
+    let mut v = Vec::new();
+    for_each_chunk(r, |c, end| {
+        v.push(Entry { end, id: chunk_id(c) });
         Ok(())
     })?;
-    Ok(ids)
+    Ok(v)
 }
 
 /// Files already on the machine whose chunks an assembly may copy instead of fetching them: a
@@ -315,6 +320,21 @@ impl Seeds {
         .with_context(|| format!("reading seed {name}"))?;
         self.files.push((name.to_string(), file));
         Ok(self.map.len() - before)
+    }
+
+    /// Offer `file`'s chunks as `index` says they lie from `offset`, without reading them (a
+    /// delta bundle carries its bases' indexes): a device whose slot is that base skips chunking
+    /// it. A chunk that is not where the index says is simply not found there.
+    pub fn add_indexed(&mut self, name: &str, file: std::fs::File, offset: u64, index: &[Entry]) -> usize {
+        let no = self.files.len();
+        let before = self.map.len();
+        let mut start = 0u64;
+        for e in index {
+            self.map.entry(e.id).or_insert((no, offset + start, (e.end - start) as u32));
+            start = e.end;
+        }
+        self.files.push((name.to_string(), file));
+        self.map.len() - before
     }
 
     pub fn has(&self, id: &[u8; 32]) -> bool {
@@ -366,18 +386,22 @@ pub struct Assembled {
 /// Write the blob `entries` describe into `out`, each chunk from (in this order) what `out`
 /// already holds at its place (an interrupted earlier run), a seed, or the store — every one
 /// checked against its id before it is written. A chunk found nowhere is an error naming it;
-/// `out` then holds a prefix a later run resumes from. Memory: one chunk.
-pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File) -> anyhow::Result<Assembled> {
+/// `out` then holds a prefix a later run resumes from. Returns what came from where and the
+/// sha256 of the whole (hashed on the way, so the caller need not read it again). Memory: one
+/// chunk.
+pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File) -> anyhow::Result<(Assembled, crate::base::hash::Digest)> {
     use std::os::unix::fs::FileExt;
     let have = out.metadata()?.len();
     let mut a = Assembled::default();
     let mut start = 0u64;
     let mut cur = Vec::new();
+    let mut whole = sha2::Sha256::new();
     for e in entries {
         let len = (e.end - start) as usize;
         if e.end <= have {
             cur.resize(len, 0);
             if out.read_exact_at(&mut cur, start).is_ok() && chunk_id(&cur) == e.id {
+                whole.update(&cur);
                 a.resumed += 1;
                 a.chunks += 1;
                 a.bytes += len as u64;
@@ -400,13 +424,14 @@ pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::F
             },
         };
         out.write_all_at(&data, start)?;
+        whole.update(&data);
         a.chunks += 1;
         a.bytes += len as u64;
         start = e.end;
     }
     out.set_len(start)?;
     out.sync_all()?;
-    Ok(a)
+    Ok((a, crate::base::hash::Digest::from_hasher(whole)))
 }
 
 #[cfg(test)]
@@ -500,17 +525,30 @@ mod tests {
             start = e.end;
         }
         let out = tempfile::tempfile().unwrap();
-        let a = assemble(&idx, &seeds, store.path(), &out).unwrap();
+        let (a, d) = assemble(&idx, &seeds, store.path(), &out).unwrap();
         let mut got = Vec::new();
         std::io::Read::read_to_end(&mut &out, &mut got).unwrap();
         assert!(got == new, "assembled bytes differ");
+        assert_eq!(d, crate::base::hash::Digest::of_bytes(&new));
         assert!(a.from_seeds > 0 && a.from_store > 0 && a.from_store < 8, "{a:?}");
+        // The seed offered by its index instead of chunked: the same result, nothing scanned.
+        let mut indexed = Seeds::default();
+        assert_eq!(indexed.add_indexed("old", file_with(&old), 0, &index_of(&old)), seeds.map.len());
+        let out = tempfile::tempfile().unwrap();
+        assert_eq!(assemble(&idx, &indexed, store.path(), &out).unwrap(), (a.clone(), d.clone()));
+        // An index that is not the file's (here: the old blob's, one byte off) offers chunks that
+        // fail their id check: none is taken from it, and the store alone lacks them.
+        let mut wrong = Seeds::default();
+        wrong.add_indexed("old", file_with(&old), 1, &index_of(&old));
+        let out = tempfile::tempfile().unwrap();
+        assert!(assemble(&idx, &wrong, store.path(), &out).is_err(), "a chunk the seed does not hold where its index says must not be taken");
         // Interrupted after 10 chunks (and with half of the 11th written): a rerun redoes only the rest.
         let out = tempfile::tempfile().unwrap();
         out.set_len(0).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&out, &new[..(idx[10].end + 5000) as usize], 0).unwrap();
-        let a = assemble(&idx, &seeds, store.path(), &out).unwrap();
+        let (a, d) = assemble(&idx, &seeds, store.path(), &out).unwrap();
         assert_eq!(a.resumed, 11, "{a:?}");
+        assert_eq!(d, crate::base::hash::Digest::of_bytes(&new), "resumed chunks are hashed too");
         // Without the seed, the store alone lacks chunks: refused with the chunk named.
         let out = tempfile::tempfile().unwrap();
         let e = assemble(&idx, &Seeds::default(), store.path(), &out).unwrap_err().to_string();

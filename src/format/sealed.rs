@@ -3,8 +3,10 @@
 //! root hash pinned in the verified rootfs and mounts it in place — no re-hash of every byte, no
 //! unpacking into RAM. The sealed file is a blob of the images partition's OCI layout, tied to
 //! its image by an artifact manifest whose `subject` is the image manifest. A sealed image is a
-//! pure function of (image manifest digest, extra mount points, [`FORMAT`]): the build and the
-//! device (repairing a corrupt or missing one from the pulled image) make the same bytes.
+//! pure function of (image manifest digest, extra mount points, verity salt, [`FORMAT`]); the
+//! salt is per service, so the next version of an image hashes its unchanged blocks the same
+//! (a delta carries only the tree blocks over changed data), and the rootfs pins it: the build
+//! and the device (repairing a corrupt or missing one from the pulled image) make the same bytes.
 //! Format: docs/formats.md#sealed-images.
 
 use crate::base::hash::Digest;
@@ -16,7 +18,7 @@ use serde_json::json;
 
 /// Version of the sealing recipe (flattener + fix-ups + squashfs options + verity parameters).
 /// A change that alters the bytes of a sealed image must bump it.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The artifact manifest's `artifactType`.
 pub const ARTIFACT_TYPE: &str = "application/vnd.slotforge.sealed-image.v1";
 /// The sealed blob: squashfs, zero-padded to 4 KiB, then the dm-verity hash area.
@@ -63,9 +65,22 @@ pub struct Sealed {
     pub mkdirs: Vec<String>,
 }
 
-/// The seed of a sealed image's verity salt and UUID: everything its bytes depend on.
+/// The seed of a sealed image's verity UUID: everything its bytes depend on but the salt.
 pub fn seed(image_digest: &str, mkdirs: &[String]) -> String {
     format!("slotforge sealed image\0{FORMAT}\0{image_digest}\0{}", mkdirs.join("\0"))
+}
+
+/// The verity salt of the sealed images of service `name`: the same for every version of its
+/// image (format 1 derived it from the image digest, so every hash of a bumped image changed).
+pub fn salt(name: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(format!("slotforge sealed image salt\0{name}").as_bytes()).into()
+}
+
+/// The salt a rootfs pins, as bytes (32 of them, hex).
+pub fn pinned_salt(s: &Sealed) -> anyhow::Result<[u8; 32]> {
+    let b = (0..s.salt.len()).step_by(2).map(|i| s.salt.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>();
+    b.and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| anyhow::anyhow!("pinned verity salt {:?} is not 32 bytes of hex", s.salt))
 }
 
 /// The artifact manifest for a sealed blob of the image `subject` (digest, size, media type).
@@ -129,11 +144,11 @@ pub fn add_mount_points(t: &mut Tree, mkdirs: &[String], mtime: u64, origin: u32
     Ok(())
 }
 
-/// Check a sealed blob read from `r` against what the rootfs pins: the verity parameters derive
-/// from the image digest and mount points, the tree recomputed from the data must equal the
-/// stored one and end in the pinned root hash. Streams; holds only the tree.
+/// Check a sealed blob read from `r` against what the rootfs pins: the verity UUID derives from
+/// the image digest and mount points, the salt is the pinned one, the tree recomputed from the
+/// data must equal the stored one and end in the pinned root hash. Streams; holds only the tree.
 pub fn check_blob(mut r: impl std::io::Read, image_digest: &str, s: &Sealed) -> anyhow::Result<()> {
-    let p = crate::format::verity::Params::derived(s.hash_offset, &seed(image_digest, &s.mkdirs));
+    let p = crate::format::verity::Params::derived(s.hash_offset, &seed(image_digest, &s.mkdirs)).with_salt(pinned_salt(s)?);
     if p.hash_offset() != s.hash_offset || p.data_blocks != s.data_blocks {
         anyhow::bail!("pinned hash offset {} and {} data blocks do not agree", s.hash_offset, s.data_blocks);
     }
@@ -181,5 +196,16 @@ mod tests {
     fn seed_depends_on_image_and_mount_points() {
         assert_ne!(seed("sha256:a", &[]), seed("sha256:b", &[]));
         assert_ne!(seed("sha256:a", &[]), seed("sha256:a", &["/x".into()]));
+        assert_ne!(salt("app"), salt("web"));
+    }
+
+    #[test]
+    fn a_pinned_salt_must_be_32_bytes_of_hex() {
+        let mut s = Sealed { format: FORMAT, filesystem: FILESYSTEM.into(), digest: String::new(), size: 0, artifact: String::new(), artifact_size: 0, root_hash: String::new(), salt: crate::base::hash::hex(&salt("app")), hash_offset: 0, data_blocks: 0, data_block_size: 4096, hash_block_size: 4096, mkdirs: vec![] };
+        assert_eq!(pinned_salt(&s).unwrap(), salt("app"));
+        for bad in ["", "ab", &"zz".repeat(32), &"ab".repeat(33), &"é".repeat(32)] {
+            s.salt = bad.to_string();
+            assert!(pinned_salt(&s).is_err(), "{bad:?}");
+        }
     }
 }

@@ -81,6 +81,11 @@ impl Params {
         self.salt = Sha256::digest(format!("slotforge dm-verity salt\0{seed}").as_bytes()).into();
         self
     }
+    /// The same parameters with this salt (a sealed image's, as its rootfs pins it).
+    pub fn with_salt(mut self, salt: [u8; 32]) -> Self {
+        self.salt = salt;
+        self
+    }
     pub fn hash_offset(&self) -> u64 {
         self.data_blocks * BLOCK
     }

@@ -108,7 +108,7 @@ pub fn reseal(cfg: &AgentConfig, img: &ExternalImage, s: &Sealed) -> anyhow::Res
     std::fs::create_dir_all(&partial)?;
     let out = partial.join(format!("{}.sealed", img.name));
     let mut spill = crate::format::tree::Spill::new_in(&partial)?;
-    let (got, artifact) = crate::compose::seal::seal(&resolved, &s.mkdirs, &out, &mut spill, &mut |_| {}, None)?;
+    let (got, artifact) = crate::compose::seal::seal(&resolved, &s.mkdirs, crate::format::sealed::pinned_salt(s)?, &out, &mut spill, &mut |_| {}, None)?;
     drop(spill);
     if got.digest != s.digest || got.root_hash != s.root_hash || got.artifact != s.artifact {
         let _ = std::fs::remove_file(&out);

@@ -53,20 +53,24 @@ fn image_len(f: &mut std::fs::File, start: u64, part_size: u64) -> u64 {
 pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, running: Slot) -> anyhow::Result<ApplyFiles> {
     let cfg = &b.config;
     let Some(index) = b.rootfs_index()? else { bail!("bundle {} lacks its rootfs and has no chunk index; nothing was changed", cfg.build_id) };
-    let mut seeds = crate::format::casync::Seeds::default();
     let store = b.chunk_store();
+    // Fast path: the bundle carries its bases' indexes; a slot holding a base is offered as that
+    // index says, unread. Its chunks are still checked against their ids when copied.
+    let mut seeds = crate::format::casync::Seeds::default();
+    let mut slots = Vec::new();
     for slot in [running, running.other()] {
-        // The inactive slot is scanned only if the running one and the store leave chunks over
-        // (usually they do not: the delta was made against what runs).
-        if slot != running && index.iter().all(|e| seeds.has(&e.id) || crate::format::casync::chunk_path(&store, &e.hex()).exists()) {
-            break;
-        }
         let part = layout.rootfs(slot);
         let (mut f, start) = t.slot_seed(part)?;
         let len = image_len(&mut f, start, part.size);
-        if len > 0 {
-            seeds.add(&format!("slot {}", slot.name()), f, start, len)?;
+        if len == 0 {
+            continue;
         }
+        for base in cfg.delta_from() {
+            if let Some(idx) = b.base_index(base, len) {
+                seeds.add_indexed(&format!("slot {} as {}", slot.name(), base.build_id), f.try_clone()?, start, &idx);
+            }
+        }
+        slots.push((slot, f, start, len));
     }
     let (dir, tmp) = match &b.scratch {
         Some(s) => {
@@ -81,12 +85,25 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
     let path = dir.join(format!("rootfs-{}.assembling", cfg.rootfs.digest.hex()));
     let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
     let bases: Vec<String> = cfg.delta_from().iter().map(|x| format!("{} ({})", x.build_id, x.version)).collect();
-    let a = crate::format::casync::assemble(&index, &seeds, &b.chunk_store(), &out).map_err(|e| {
+    let mut assembled = crate::format::casync::assemble(&index, &seeds, &store, &out);
+    if assembled.is_err() {
+        // A slot is not what a base index says (another build, or no index carried): find its
+        // chunks by chunking it — the running slot, then the inactive one if chunks are still
+        // missing — and go on from what was assembled.
+        let mut scanned = crate::format::casync::Seeds::default();
+        for (slot, f, start, len) in slots {
+            if slot != running && index.iter().all(|e| scanned.has(&e.id) || crate::format::casync::chunk_path(&store, &e.hex()).exists()) {
+                break;
+            }
+            scanned.add(&format!("slot {}", slot.name()), f, start, len)?;
+        }
+        assembled = crate::format::casync::assemble(&index, &scanned, &store, &out);
+    }
+    let (a, d) = assembled.map_err(|e| {
         anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble it: {e:#} (neither slot holds one of those builds?); nothing was changed", cfg.build_id, bases.join(", "))
     })?;
     drop(out);
-    let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(&path)?)?;
-    if d != cfg.rootfs.digest || n != cfg.rootfs.size {
+    if d != cfg.rootfs.digest || a.bytes != cfg.rootfs.size {
         let _ = std::fs::remove_file(&path);
         bail!("bundle {}: the rootfs assembled from its chunks is {d}, not {}; nothing was changed", cfg.build_id, cfg.rootfs.digest);
     }
@@ -128,10 +145,10 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         }
         let out_path = scratch.join(format!("sealed-{}.assembling", d.hex()));
         let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&out_path)?;
-        crate::format::casync::assemble(&index, &seeds, &b.chunk_store(), &out)
+        let (sa, sd) = crate::format::casync::assemble(&index, &seeds, &store, &out)
             .map_err(|x| anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble the sealed image of {}: {x:#}; nothing was changed", cfg.build_id, bases.join(", "), e.name))?;
         drop(out);
-        if crate::base::hash::digest_reader(std::fs::File::open(&out_path)?)? != (d.clone(), s.size) {
+        if (sd, sa.bytes) != (d.clone(), s.size) {
             let _ = std::fs::remove_file(&out_path);
             bail!("bundle {}: the sealed image of {} assembled from its chunks is not {d}; nothing was changed", cfg.build_id, e.name);
         }
