@@ -5,42 +5,10 @@
 //! tampered chunk, is refused with the disk unchanged.
 
 mod common;
+use common::delta::*;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn bundle(fx: &Fixture, out: &Path, extra: &[&str]) -> serde_json::Value {
-    let l = layouts().join("demo.yaml");
-    let m = fx.manifest();
-    let mut args = vec!["bundle", m.to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json"];
-    args.extend_from_slice(extra);
-    serde_json::from_str(&ok(&slotforge(&args))).unwrap()
-}
-
-/// Build the fixture's manifest onto a demo-layout disk at `out`.
-fn build(fx: &Fixture, out: &Path) {
-    let (m, l) = (fx.manifest(), layouts().join("demo.yaml"));
-    ok(&slotforge(&["build", m.to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]));
-}
-
-/// The blob of a bundle directory's manifest layer of `media_type`.
-fn layer_blob(dir: &Path, media_type: &str) -> Option<PathBuf> {
-    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(idx["manifests"][0]["digest"].as_str().unwrap())).unwrap()).unwrap();
-    m["layers"].as_array().unwrap().iter().find(|l| l["mediaType"] == media_type).map(|l| blob(l["digest"].as_str().unwrap()))
-}
-
-const MT_ROOTFS: &str = "application/vnd.slotforge.rootfs.squashfs";
-const MT_CAIBX: &str = "application/vnd.slotforge.rootfs.caibx";
-
-/// Release 2: one file of the on-disk service changed (same size), version 1.5.0.
-fn release2(fx: &Fixture) {
-    let mut b = noise(200_000, 5);
-    b[100_000..100_017].copy_from_slice(b"a one-line change");
-    oci_image(&fx.path().join("images/newlogd"), "1", vec![(layer(&[E::File("usr/bin/newlogd", b, 0o755)]), Comp::Gzip)], &["/usr/bin/newlogd", "-v"]);
-    std::fs::write(fx.manifest(), MANIFEST.replace("version: 1.4.0", "version: 1.5.0")).unwrap();
-}
 
 fn chunk_files(dir: &Path) -> usize {
     let store = dir.join("chunks");
@@ -207,65 +175,4 @@ fn a_bumped_sealed_image_travels_as_chunks_and_is_assembled_from_its_predecessor
     let inspect: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["inspect", disk.to_str().unwrap(), "--json"]))).unwrap();
     let b2 = inspect["images"]["builds"].as_array().unwrap().iter().find(|b| b["build_id"] == delta["build_id"]).unwrap().to_string();
     assert!(!b2.contains("missing"), "{b2}");
-}
-
-/// Rewrite an (unsigned) bundle directory's config through `f`, re-pinning it in its manifest
-/// and index.json — what a hostile bundle on a stick may do.
-fn rewrite_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let put = |b: &[u8]| {
-        let d = sha256_hex(b);
-        std::fs::write(dir.join("blobs/sha256").join(&d), b).unwrap();
-        (format!("sha256:{d}"), b.len())
-    };
-    let mut idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(idx["manifests"][0]["digest"].as_str().unwrap())).unwrap()).unwrap();
-    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(m["config"]["digest"].as_str().unwrap())).unwrap()).unwrap();
-    f(&mut c);
-    let (cd, cn) = put(&serde_json::to_vec(&c).unwrap());
-    m["config"]["digest"] = cd.into();
-    m["config"]["size"] = cn.into();
-    let (md, mn) = put(&serde_json::to_vec(&m).unwrap());
-    idx["manifests"][0]["digest"] = md.into();
-    idx["manifests"][0]["size"] = mn.into();
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&idx).unwrap()).unwrap();
-}
-
-#[test]
-fn hostile_chunk_indexes_are_refused_before_anything_is_written() {
-    let fx = fixture();
-    let p = fx.path();
-    let disk = p.join("disk.img");
-    build(&fx, &disk);
-    release2(&fx);
-    let good = p.join("good");
-    bundle(&fx, &good, &["--without-images", "--delta-from", disk.to_str().unwrap()]);
-    let before = sha256_file(&disk);
-    let try_with = |name: &str, f: &dyn Fn(&mut serde_json::Value, &Path)| -> String {
-        let d = p.join(name);
-        tool("cp", &["-a", good.to_str().unwrap(), d.to_str().unwrap()]);
-        rewrite_config(&d, |c| f(c, &d));
-        let o = slotforge(&["upgrade", disk.to_str().unwrap(), d.to_str().unwrap()]);
-        assert!(!o.status.success(), "{name} was applied");
-        assert_eq!(sha256_file(&disk), before, "{name}: disk unchanged");
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    };
-    // An index bomb: a claimed size far over what the rootfs admits, refused unread.
-    let e = try_with("bomb", &|c, _| c["chunks"]["index"]["size"] = (1u64 << 40).into());
-    assert!(e.contains("chunk index") && e.contains("at most"), "{e}");
-    // An index whose chunks run past the rootfs (a real, well-formed index).
-    let e = try_with("past", &|c, d| {
-        let size = c["rootfs"]["size"].as_u64().unwrap();
-        let mut b = std::fs::read(d.join("blobs/sha256").join(c["chunks"]["index"]["digest"].as_str().unwrap().trim_start_matches("sha256:"))).unwrap();
-        let n = b.len();
-        let last = n - 40 - 40; // the last entry's end offset
-        b[last..last + 8].copy_from_slice(&(size + 65536).to_le_bytes());
-        let h = sha256_hex(&b);
-        std::fs::write(d.join("blobs/sha256").join(&h), &b).unwrap();
-        c["chunks"]["index"]["digest"] = format!("sha256:{h}").into();
-    });
-    assert!(e.contains("describes") || e.contains("outside"), "{e}");
-    // An index blob that is not the one the config pins.
-    let e = try_with("swapped", &|c, _| c["chunks"]["index"]["digest"] = c["kernel"]["digest"].clone());
-    assert!(e.contains("corrupt") || e.contains("chunk index"), "{e}");
 }

@@ -251,4 +251,14 @@ fn casync_indexes_and_chunks() {
             assert!(d == data[..70_000], "a chunk that is not its id's bytes was accepted");
         }
     });
+    // A delta's seed offsets: the varints mutated (then compressed, as a bundle carries them);
+    // whatever is accepted has one offset per chunk, none before the blob.
+    use slotforge::format::casync::{parse_seed_offsets, seed_offsets};
+    let shifted: Vec<Entry> = e.iter().map(|x| Entry { end: x.end + 5000, id: x.id }).collect();
+    let raw = zstd::bulk::decompress(&seed_offsets(&e, &shifted), 1 << 20).unwrap();
+    fuzz("seed-offsets", vec![raw, vec![1, 1, 1], vec![0, 0, 0]], |b| {
+        if let Ok(at) = parse_seed_offsets(&zstd::bulk::compress(b, 1).unwrap(), &e) {
+            assert_eq!(at.len(), e.len());
+        }
+    });
 }

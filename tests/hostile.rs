@@ -341,3 +341,89 @@ fn a_bad_file_mode_is_refused_at_its_position_and_leaves_no_temporary_file() {
         assert!(left.is_empty(), "{} left {left:?} in TMPDIR", args[0]);
     }
 }
+
+#[test]
+fn hostile_delta_bundles_are_refused_before_anything_is_written() {
+    use common::delta::{build, bundle, release2, rewrite_config};
+    let fx = fixture();
+    let p = fx.path();
+    let disk = p.join("disk.img");
+    build(&fx, &disk);
+    release2(&fx);
+    let good = p.join("good");
+    bundle(&fx, &good, &["--without-images", "--delta-from", disk.to_str().unwrap()]);
+    let before = sha256_file(&disk);
+    let try_with = |name: &str, f: &dyn Fn(&mut serde_json::Value, &Path)| -> String {
+        let d = p.join(name);
+        tool("cp", &["-a", good.to_str().unwrap(), d.to_str().unwrap()]);
+        rewrite_config(&d, |c| f(c, &d));
+        let o = slotforge(&["upgrade", disk.to_str().unwrap(), d.to_str().unwrap()]);
+        assert!(!o.status.success(), "{name} was applied");
+        assert_eq!(sha256_file(&disk), before, "{name}: disk unchanged");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // An index bomb: a claimed size far over what the rootfs admits, refused unread.
+    let e = try_with("bomb", &|c, _| c["chunks"]["index"]["size"] = (1u64 << 40).into());
+    assert!(e.contains("chunk index") && e.contains("at most"), "{e}");
+    // An index whose chunks run past the rootfs (a real, well-formed index).
+    let e = try_with("past", &|c, d| {
+        let size = c["rootfs"]["size"].as_u64().unwrap();
+        let mut b = std::fs::read(d.join("blobs/sha256").join(c["chunks"]["index"]["digest"].as_str().unwrap().trim_start_matches("sha256:"))).unwrap();
+        let n = b.len();
+        let last = n - 40 - 40; // the last entry's end offset
+        b[last..last + 8].copy_from_slice(&(size + 65536).to_le_bytes());
+        let h = sha256_hex(&b);
+        std::fs::write(d.join("blobs/sha256").join(&h), &b).unwrap();
+        c["chunks"]["index"]["digest"] = format!("sha256:{h}").into();
+    });
+    assert!(e.contains("describes") || e.contains("outside"), "{e}");
+    // An index blob that is not the one the config pins.
+    let e = try_with("swapped", &|c, _| c["chunks"]["index"]["digest"] = c["kernel"]["digest"].clone());
+    assert!(e.contains("corrupt") || e.contains("chunk index"), "{e}");
+    // Store chunks truncated, grown, or not zstd at all: refused by their ids, disk unchanged.
+    let store_chunk = |d: &Path| {
+        let sub = std::fs::read_dir(d.join("chunks")).unwrap().next().unwrap().unwrap().path();
+        std::fs::read_dir(sub).unwrap().next().unwrap().unwrap().path()
+    };
+    for name in ["truncated", "grown", "garbage"] {
+        let d = p.join(name);
+        tool("cp", &["-a", good.to_str().unwrap(), d.to_str().unwrap()]);
+        let c = store_chunk(&d);
+        let raw = zstd::stream::decode_all(&std::fs::read(&c).unwrap()[..]).unwrap();
+        let bad = match name {
+            "truncated" => zstd::bulk::compress(&raw[..raw.len() / 2], 3).unwrap(),
+            "grown" => zstd::bulk::compress(&[raw, vec![0; 4096]].concat(), 3).unwrap(),
+            _ => b"not zstd".to_vec(),
+        };
+        std::fs::write(&c, bad).unwrap();
+        let o = slotforge(&["upgrade", disk.to_str().unwrap(), d.to_str().unwrap()]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("nothing was changed") && (e.contains("does not match its id") || e.contains("not zstd")), "{name}: {e}");
+        assert_eq!(sha256_file(&disk), before, "{name}: disk unchanged");
+    }
+    // Seed offsets that lie (every chunk said to be at the slot's start, validly encoded): no
+    // wrong byte is taken from where they point — chunks are checked by id, the slot is chunked
+    // instead — and the apply gives the same slot as the honest bundle.
+    let d = p.join("lying-offsets");
+    tool("cp", &["-a", good.to_str().unwrap(), d.to_str().unwrap()]);
+    rewrite_config(&d, |c| {
+        // One LEB128 per chunk: the first in place (1), every other one byte early (zigzag(-1) + 1 = 2).
+        let n = (c["chunks"]["index"]["size"].as_u64().unwrap() - 64 - 40) / 40;
+        let raw: Vec<u8> = (0..n).map(|i| if i == 0 { 1 } else { 2 }).collect();
+        let blob = zstd::bulk::compress(&raw, 3).unwrap();
+        let h = sha256_hex(&blob);
+        std::fs::write(d.join("blobs/sha256").join(&h), &blob).unwrap();
+        c["chunks"]["delta_from"][0]["seed_offsets"] = serde_json::json!({"digest": format!("sha256:{h}"), "size": blob.len()});
+    });
+    let honest = p.join("honest.img");
+    std::fs::copy(&disk, &honest).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), d.to_str().unwrap(), "--json"]))).unwrap();
+    ok(&slotforge(&["upgrade", honest.to_str().unwrap(), good.to_str().unwrap()]));
+    let (x, y) = (p.join("x.img"), p.join("y.img"));
+    extract_partition(&disk, "rootfs_b", &x);
+    extract_partition(&honest, "rootfs_b", &y);
+    assert_eq!(sha256_file(&x), sha256_file(&y), "lying offsets changed no byte of the slot: {r}");
+    assert!(r["delta"]["resumed"].as_u64().unwrap() >= 1, "the assembly stopped at the first lie and went on from there: {r}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", disk.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}

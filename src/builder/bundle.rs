@@ -109,7 +109,7 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
             if b.config.ukis.is_empty() {
                 boot_files.extend(std::iter::once(&b.config.kernel).chain(b.config.initrd.iter()).map(|x| x.digest.clone()));
             }
-            builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone(), index: None });
+            builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone(), rootfs_size: None, root_hash: b.config.verity.as_ref().map(|v| v.root_hash.clone()), seed_offsets: None });
         } else {
             let rep = crate::format::inspect::inspect(p).with_context(what)?;
             let gpt = crate::format::disk::read_gpt(&mut std::fs::File::open(p)?)?;
@@ -125,7 +125,11 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
                 indexes.entry(rel.build_id.clone()).or_insert(index);
                 images.extend(s.external_images.iter().flat_map(|x| &x.images).map(|e| serde_json::to_string(e).unwrap_or_default()));
                 if !builds.iter().any(|x: &BaseBuild| x.build_id == rel.build_id) {
-                    builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone(), index: None });
+                    let root_hash = match &s.verity {
+                        Some(v) => Some(crate::format::verity::stored_root(&mut crate::base::window::Window::new(std::fs::File::open(p)?, g.start, g.size), v.hash_offset).with_context(what)?),
+                        None => None,
+                    };
+                    builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone(), rootfs_size: None, root_hash, seed_offsets: None });
                 }
                 any = true;
             }
@@ -280,15 +284,21 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
         rootfs_bytes: c.rootfs_bytes,
         layouts: c.caps.iter().zip(&layouts).map(|(cap, l)| LayoutReq { name: l.name.clone(), generation: l.generation, cap: cap.cap }).collect(),
     };
-    // A delta carries each base's rootfs index: a device running that build seeds from its slot
-    // without chunking it (docs/upgrade-protocol.md#chunks-and-delta-bundles).
+    // A delta says where each base holds the new rootfs's chunks: a device running that build
+    // seeds from its slot without chunking it (docs/upgrade-protocol.md#chunks-and-delta-bundles).
     let mut base_layers = Vec::new();
     if let (Some(b), Some(d)) = (&bases, delta.as_mut()) {
+        let new = crate::format::casync::parse_index(&std::fs::read(&caibx)?)?;
         for bb in d.bases.iter_mut() {
             let Some(e) = b.indexes.get(&bb.build_id) else { continue };
-            let blob = put_bytes(&stage, &crate::format::casync::index_bytes(e))?;
-            base_layers.push(json!({"mediaType": MT_CAIBX, "digest": blob.digest, "size": blob.size, "annotations": {"org.opencontainers.image.title": format!("base-{}.caibx", bb.build_id)}}));
-            bb.index = Some(blob);
+            let blob = put_bytes(&stage, &crate::format::casync::seed_offsets(&new, e))?;
+            base_layers.push(json!({"mediaType": MT_SEED_OFFSETS, "digest": blob.digest, "size": blob.size, "annotations": {"org.opencontainers.image.title": format!("base-{}.offsets", bb.build_id)}}));
+            if bb.root_hash.is_none() {
+                // No tree to recognise it by (a build without verity): the device chunks its slot.
+                continue;
+            }
+            bb.rootfs_size = e.last().map(|x| x.end);
+            bb.seed_offsets = Some(blob);
         }
     }
     let config = BundleConfig {

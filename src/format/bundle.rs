@@ -25,8 +25,10 @@ pub const MT_SIGNATURE_ARTIFACT: &str = "application/vnd.slotforge.bundle.signat
 pub const MT_MINISIG: &str = "application/vnd.minisign.signature.v1";
 /// OCI 1.1's empty config for artifacts.
 pub const MT_EMPTY: &str = "application/vnd.oci.empty.v1+json";
-/// The rootfs blob's chunk index: casync's `.caibx` (docs/formats.md#chunked-bundles).
+/// The rootfs blob's chunk index: casync's `.caibx` (docs/upgrade-protocol.md#chunks-and-delta-bundles).
 pub const MT_CAIBX: &str = "application/vnd.slotforge.rootfs.caibx";
+/// Where a delta's base holds the new rootfs's chunks (`casync::seed_offsets`).
+pub const MT_SEED_OFFSETS: &str = "application/vnd.slotforge.seed-offsets.v1+zstd";
 /// Where a bundle keeps its chunks: a casync store (`xxxx/<id>.cacnk`) beside the OCI layout.
 pub const CHUNK_STORE: &str = "chunks";
 pub const ANN_IMAGE: &str = "io.slotforge.bundle.image";
@@ -59,10 +61,17 @@ pub struct Requires {
 pub struct BaseBuild {
     pub build_id: String,
     pub version: String,
-    /// The base's rootfs index (`.caibx`, carried in the bundle): a device whose slot holds that
-    /// build finds the chunks it seeds from without chunking the slot.
+    /// The size of the base's rootfs blob and the dm-verity root hash its tree ends in: a slot
+    /// whose image has this length and whose stored tree claims this root holds the base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub index: Option<Blob>,
+    pub rootfs_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_hash: Option<String>,
+    /// Where the base's rootfs holds each chunk of the new index (`casync::seed_offsets`, a
+    /// blob of the bundle): a device whose slot holds that build finds the chunks it seeds from
+    /// without chunking the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_offsets: Option<Blob>,
 }
 
 /// The rootfs blob cut into casync chunks.
@@ -240,10 +249,25 @@ impl Bundle {
         Ok(Some((self.read_index(&sc.index, size, &format!("sealed image {sealed}"))?, &sc.seeds)))
     }
 
-    /// A base's rootfs index, if the bundle carries it and it describes `size` bytes (the length
-    /// of a slot's image: an index of another length is not that slot's).
-    pub fn base_index(&self, base: &BaseBuild, size: u64) -> Option<Vec<crate::format::casync::Entry>> {
-        self.read_index(base.index.as_ref()?, size, &format!("base {}", base.build_id)).ok()
+    /// Where a slot holding `base` — an image of `size` bytes whose tree claims `root` — has each
+    /// chunk of `index` (the new rootfs's), if the bundle says; `None` when it does not or the
+    /// slot is not that base.
+    pub fn seed_offsets(&self, base: &BaseBuild, size: u64, root: &str, index: &[crate::format::casync::Entry]) -> Option<Vec<Option<u64>>> {
+        let blob = base.seed_offsets.as_ref().filter(|_| base.rootfs_size == Some(size) && base.root_hash.as_deref() == Some(root))?;
+        if blob.size > MAX_METADATA_BLOB {
+            return None;
+        }
+        let b = std::fs::read(self.blob_path(&blob.digest)).ok().filter(|b| b.len() as u64 == blob.size && Digest::of_bytes(b) == blob.digest)?;
+        let at = crate::format::casync::parse_seed_offsets(&b, index).ok()?;
+        // Every chunk must lie inside the base.
+        let mut start = 0;
+        for (e, a) in index.iter().zip(&at) {
+            if a.is_some_and(|a| a + (e.end - start) > size) {
+                return None;
+            }
+            start = e.end;
+        }
+        Some(at)
     }
 
     fn read_index(&self, index: &Blob, size: u64, what: &str) -> anyhow::Result<Vec<crate::format::casync::Entry>> {

@@ -295,6 +295,79 @@ pub fn index_of(r: impl Read) -> anyhow::Result<Vec<Entry>> {
     Ok(v)
 }
 
+/// Where a base blob holds each chunk of a new index: per chunk of `new`, the offset in the blob
+/// `base` describes of a chunk with the same id, if any. Encoded (docs/upgrade-protocol.md#seed-offsets)
+/// as one unsigned LEB128 per chunk — 0: not in the base; else zigzag(base offset − new offset)
+/// + 1, so a chunk at the same place is one byte — the whole zstd-compressed: a delta tells the
+/// device where its slot holds what it needs in a few hundred bytes instead of the base's index.
+pub fn seed_offsets(new: &[Entry], base: &[Entry]) -> Vec<u8> {
+    let mut at = std::collections::HashMap::new();
+    let mut start = 0u64;
+    for e in base {
+        at.entry(e.id).or_insert(start);
+        start = e.end;
+    }
+    let mut raw = Vec::with_capacity(new.len() * 2);
+    let mut start = 0u64;
+    for e in new {
+        let v = match at.get(&e.id) {
+            None => 0,
+            Some(&b) => {
+                let d = b as i64 - start as i64;
+                (((d << 1) ^ (d >> 63)) as u64) + 1
+            }
+        };
+        let mut v = v;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                raw.push(byte);
+                break;
+            }
+            raw.push(byte | 0x80);
+        }
+        start = e.end;
+    }
+    zstd::bulk::compress(&raw, 19).expect("in-memory zstd")
+}
+
+/// Read [`seed_offsets`] back for `new`: one offset (or none) per chunk. Decompresses at most 10
+/// bytes per chunk; anything else (short, long, overflowing) is refused.
+pub fn parse_seed_offsets(b: &[u8], new: &[Entry]) -> anyhow::Result<Vec<Option<u64>>> {
+    let mut raw = Vec::new();
+    zstd::stream::read::Decoder::new(b)?.take(new.len() as u64 * 10 + 1).read_to_end(&mut raw).context("seed offsets: not zstd")?;
+    let mut out = Vec::with_capacity(new.len());
+    let mut bytes = raw.iter();
+    let mut start = 0u64;
+    for e in new {
+        let mut v = 0u64;
+        for shift in (0..).step_by(7) {
+            let byte = *bytes.next().context("seed offsets: too short")?;
+            if shift > 63 || (shift == 63 && byte > 1) {
+                bail!("seed offsets: a value overflows");
+            }
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        out.push(match v {
+            0 => None,
+            v => {
+                let z = v - 1;
+                let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+                Some(u64::try_from(start as i64 + d).ok().context("seed offsets: an offset before the blob")?)
+            }
+        });
+        start = e.end;
+    }
+    if bytes.next().is_some() {
+        bail!("seed offsets: longer than the index");
+    }
+    Ok(out)
+}
+
 /// Files already on the machine whose chunks an assembly may copy instead of fetching them: a
 /// map from chunk id to where it was found. Every chunk is checked against its id again when
 /// it is read, so a seed that changed since it was scanned only costs a fetch from the store.
@@ -322,15 +395,17 @@ impl Seeds {
         Ok(self.map.len() - before)
     }
 
-    /// Offer `file`'s chunks as `index` says they lie from `offset`, without reading them (a
-    /// delta bundle carries its bases' indexes): a device whose slot is that base skips chunking
-    /// it. A chunk that is not where the index says is simply not found there.
-    pub fn add_indexed(&mut self, name: &str, file: std::fs::File, offset: u64, index: &[Entry]) -> usize {
+    /// Offer chunks of `file` where `at` says they lie from `offset` (the `i`th of `index` at
+    /// `at[i]`), without reading them: a device whose slot is a delta's base skips chunking it.
+    /// A chunk that is not where it was said to be is simply not found there.
+    pub fn add_at(&mut self, name: &str, file: std::fs::File, offset: u64, index: &[Entry], at: &[Option<u64>]) -> usize {
         let no = self.files.len();
         let before = self.map.len();
         let mut start = 0u64;
-        for e in index {
-            self.map.entry(e.id).or_insert((no, offset + start, (e.end - start) as u32));
+        for (e, a) in index.iter().zip(at) {
+            if let Some(a) = a {
+                self.map.entry(e.id).or_insert((no, offset + a, (e.end - start) as u32));
+            }
             start = e.end;
         }
         self.files.push((name.to_string(), file));
@@ -390,17 +465,29 @@ pub struct Assembled {
 /// sha256 of the whole (hashed on the way, so the caller need not read it again). Memory: one
 /// chunk.
 pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File) -> anyhow::Result<(Assembled, crate::base::hash::Digest)> {
-    use std::os::unix::fs::FileExt;
     let have = out.metadata()?.len();
+    let r = assemble_at(entries, seeds, store, out, 0, have, &mut |_| Ok(()))?;
+    out.set_len(r.0.bytes)?;
+    out.sync_all()?;
+    Ok(r)
+}
+
+/// [`assemble`] into `out` from byte `offset` (a slot inside a disk, or a partition), of which
+/// the first `have` bytes may hold an earlier run's work: chunks there are checked in order and
+/// kept up to the first that does not match (writes go in order, so what follows is redone).
+/// `progress` is told the bytes done after each chunk written. Does not sync.
+pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File, offset: u64, have: u64, progress: &mut dyn FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<(Assembled, crate::base::hash::Digest)> {
+    use std::os::unix::fs::FileExt;
     let mut a = Assembled::default();
     let mut start = 0u64;
     let mut cur = Vec::new();
     let mut whole = sha2::Sha256::new();
+    let mut resuming = true;
     for e in entries {
         let len = (e.end - start) as usize;
-        if e.end <= have {
+        if resuming && e.end <= have {
             cur.resize(len, 0);
-            if out.read_exact_at(&mut cur, start).is_ok() && chunk_id(&cur) == e.id {
+            if out.read_exact_at(&mut cur, offset + start).is_ok() && chunk_id(&cur) == e.id {
                 whole.update(&cur);
                 a.resumed += 1;
                 a.chunks += 1;
@@ -409,6 +496,7 @@ pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::F
                 continue;
             }
         }
+        resuming = false;
         let data = match seeds.read(e, len) {
             Some(d) => {
                 a.from_seeds += 1;
@@ -423,14 +511,13 @@ pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::F
                 None => bail!("chunk {} (bytes {start}..{}) is neither in a seed nor in the store", e.hex(), e.end),
             },
         };
-        out.write_all_at(&data, start)?;
+        out.write_all_at(&data, offset + start)?;
         whole.update(&data);
         a.chunks += 1;
         a.bytes += len as u64;
         start = e.end;
+        progress(start)?;
     }
-    out.set_len(start)?;
-    out.sync_all()?;
     Ok((a, crate::base::hash::Digest::from_hasher(whole)))
 }
 
@@ -507,6 +594,37 @@ mod tests {
     }
 
     #[test]
+    fn seed_offsets_read_back_and_hostile_ones_are_refused() {
+        let old = noise(1 << 20);
+        let mut new = noise(200_000);
+        new.extend_from_slice(&old);
+        let (ni, oi) = (index_of(&new), index_of(&old));
+        let b = seed_offsets(&ni, &oi);
+        let at = parse_seed_offsets(&b, &ni).unwrap();
+        // Every chunk found is where the old blob has it (its bytes equal), negative shifts included.
+        let mut start = 0u64;
+        let mut found = 0;
+        for (e, a) in ni.iter().zip(&at) {
+            if let Some(a) = a {
+                assert_eq!(&old[*a as usize..(*a + e.end - start) as usize], &new[start as usize..e.end as usize]);
+                found += 1;
+            }
+            start = e.end;
+        }
+        assert!(found >= ni.len() - 5, "{found} of {}", ni.len());
+        assert!(b.len() < ni.len() * 3, "{} bytes for {} chunks", b.len(), ni.len());
+        // Too short, too long, overflowing, before the blob, a bomb: refused.
+        let raw = zstd::bulk::decompress(&b, 1 << 20).unwrap();
+        let z = |r: &[u8]| zstd::bulk::compress(r, 3).unwrap();
+        assert!(parse_seed_offsets(&z(&raw[..raw.len() - 1]), &ni).is_err());
+        assert!(parse_seed_offsets(&z(&[&raw[..], &[0]].concat()), &ni).is_err());
+        assert!(parse_seed_offsets(&z(&[0xff; 11]), &ni[..1]).is_err());
+        assert!(parse_seed_offsets(&z(&[2]), &ni[..1]).is_err(), "offset -1");
+        assert!(parse_seed_offsets(&z(&vec![0u8; 100 << 20]), &ni).is_err());
+        assert!(parse_seed_offsets(b"not zstd", &ni).is_err());
+    }
+
+    #[test]
     fn assembly_takes_seeds_first_checks_every_chunk_and_resumes() {
         let old = noise(2 << 20);
         let mut new = old.clone();
@@ -531,15 +649,18 @@ mod tests {
         assert!(got == new, "assembled bytes differ");
         assert_eq!(d, crate::base::hash::Digest::of_bytes(&new));
         assert!(a.from_seeds > 0 && a.from_store > 0 && a.from_store < 8, "{a:?}");
-        // The seed offered by its index instead of chunked: the same result, nothing scanned.
-        let mut indexed = Seeds::default();
-        assert_eq!(indexed.add_indexed("old", file_with(&old), 0, &index_of(&old)), seeds.map.len());
+        // The seed offered by where the new chunks lie in it (a delta's seed offsets) instead of
+        // chunked: the same result, nothing scanned.
+        let at = parse_seed_offsets(&seed_offsets(&idx, &index_of(&old)), &idx).unwrap();
+        assert_eq!(at.iter().filter(|a| a.is_some()).count(), idx.iter().filter(|e| seeds.has(&e.id)).count());
+        let mut placed = Seeds::default();
+        placed.add_at("old", file_with(&old), 0, &idx, &at);
         let out = tempfile::tempfile().unwrap();
-        assert_eq!(assemble(&idx, &indexed, store.path(), &out).unwrap(), (a.clone(), d.clone()));
-        // An index that is not the file's (here: the old blob's, one byte off) offers chunks that
-        // fail their id check: none is taken from it, and the store alone lacks them.
+        assert_eq!(assemble(&idx, &placed, store.path(), &out).unwrap(), (a.clone(), d.clone()));
+        // Offsets that are not the file's (here: one byte off) offer chunks that fail their id
+        // check: none is taken from it, and the store alone lacks them.
         let mut wrong = Seeds::default();
-        wrong.add_indexed("old", file_with(&old), 1, &index_of(&old));
+        wrong.add_at("old", file_with(&old), 1, &idx, &at);
         let out = tempfile::tempfile().unwrap();
         assert!(assemble(&idx, &wrong, store.path(), &out).is_err(), "a chunk the seed does not hold where its index says must not be taken");
         // Interrupted after 10 chunks (and with half of the 11th written): a rerun redoes only the rest.

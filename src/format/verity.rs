@@ -251,6 +251,23 @@ pub fn append_with(path: &Path, params: impl FnOnce(u64) -> Params) -> anyhow::R
     Ok(tree.info(&p))
 }
 
+/// The root hash the tree stored at `hash_offset` claims — SHA-256(salt ‖ its top block) —
+/// read without the data (two blocks). It names the data only where the data is known to match
+/// the tree (a slot dm-verity runs from); used to recognise a build, never to trust bytes.
+pub fn stored_root<R: Read + Seek>(dev: &mut R, hash_offset: u64) -> anyhow::Result<String> {
+    dev.seek(SeekFrom::Start(hash_offset))?;
+    let mut sb = [0u8; SUPERBLOCK_LEN];
+    dev.read_exact(&mut sb)?;
+    let p = parse_superblock(&sb, hash_offset)?;
+    if p.hash_offset() != hash_offset {
+        anyhow::bail!("verity superblock at byte {hash_offset} covers {} data blocks, which end at byte {}", p.data_blocks, p.hash_offset());
+    }
+    let mut top = vec![0u8; BLOCK as usize];
+    dev.seek(SeekFrom::Start(hash_offset + BLOCK))?;
+    dev.read_exact(&mut top)?;
+    Ok(hex(&salted(&p.salt, &top)))
+}
+
 /// Check the hash area stored at `hash_offset` of `dev` (a partition or a slot image) against
 /// the data before it and, when given, the expected root hash. Returns the recomputed info.
 pub fn check<R: Read + Seek>(dev: &mut R, hash_offset: u64, expected_root: Option<&str>) -> anyhow::Result<VerityInfo> {
@@ -298,6 +315,8 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let p = Params::derived(data.len() as u64, "b1");
         let a = build(&data[..], &p).unwrap();
+        let mut file = std::io::Cursor::new([&data[..], &vec![0; (p.hash_offset() as usize) - data.len()][..], &a.bytes[..]].concat());
+        assert_eq!(stored_root(&mut file, p.hash_offset()).unwrap(), hex(&a.root), "the root a stored tree claims");
         let b = build(&data[..], &p).unwrap();
         assert_eq!(a.root, b.root);
         assert_eq!(a.bytes.len() as u64, hash_area_bytes(p.data_blocks));

@@ -5,6 +5,8 @@
 #[allow(unused_imports)]
 pub use slotforge_qemu_tests::registry;
 
+pub mod delta;
+
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use std::io::Write;

@@ -1,28 +1,48 @@
-//! A delta bundle's parts assembled on the device before the first write: its rootfs from both
-//! slots and the bundle's chunk store, its sealed images from their predecessors in the images
-//! partition, a left-out kernel or initrd from the ESP — each chunk checked against its id, each
-//! blob against the signed digest (docs/upgrade-protocol.md#chunks-and-delta-bundles).
+//! A delta bundle's parts assembled from what the device already holds: its rootfs from the
+//! running slot and the bundle's chunk store — straight into the inactive slot when those two
+//! suffice, else (chunks only the inactive slot has) in the scratch directory first — its sealed
+//! images from their predecessors in the images partition, a left-out kernel or initrd from the
+//! ESP. Each chunk is checked against its id, each blob against the signed digest, and nothing
+//! is written to the device until every chunk is known to be at hand
+//! (docs/upgrade-protocol.md#chunks-and-delta-bundles).
 
 use super::Target;
 use crate::base::hash::Digest;
+use crate::format::agent::ApplyStep;
 use crate::format::bundle::Bundle;
-use crate::format::layout::{Layout, Slot};
+use crate::format::casync::{Assembled, Entry, Seeds};
+use crate::format::layout::{Layout, Partition, Slot};
 use anyhow::bail;
+use std::path::PathBuf;
 
 /// The files an apply writes: the bundle's own, or (a delta) ones assembled from the device's
-/// slots and the bundle's chunks into the scratch directory.
+/// slots and the bundle's chunks.
 pub(super) struct ApplyFiles {
-    pub(super) path: std::path::PathBuf,
+    /// The rootfs blob to copy into the slot: the bundle's, or one assembled in the scratch
+    /// directory; `None` when it is assembled straight into the slot (`direct`).
+    pub(super) path: Option<PathBuf>,
+    pub(super) direct: Option<Direct>,
     /// The kernel and initrd to write: the bundle's, or (a delta that leaves them out) the
     /// same files found on the ESP, checked against the config's digests.
-    pub(super) kernel: std::path::PathBuf,
-    pub(super) initrd: Option<std::path::PathBuf>,
+    pub(super) kernel: PathBuf,
+    pub(super) initrd: Option<PathBuf>,
     /// Sealed images a delta carried as chunks, assembled: blob digest → file.
-    pub(super) sealed: std::collections::BTreeMap<Digest, std::path::PathBuf>,
-    pub(super) assembled: Option<crate::format::casync::Assembled>,
+    pub(super) sealed: std::collections::BTreeMap<Digest, PathBuf>,
+    pub(super) assembled: Option<Assembled>,
     /// Removed once the slot is written (the assembly of an interrupted apply stays, to resume).
-    pub(super) work: Option<std::path::PathBuf>,
+    pub(super) work: Option<PathBuf>,
     pub(super) _tmp: Option<tempfile::TempDir>,
+}
+
+/// A rootfs to assemble straight into the inactive slot: every chunk is in the running slot
+/// (as the seeds say) or in the bundle's store (checked already).
+pub(super) struct Direct {
+    index: Vec<Entry>,
+    seeds: Seeds,
+    /// The seeds come from the bundle's seed offsets, unread: if the running slot is not the base
+    /// they describe, it is chunked and the assembly goes on from where it stopped.
+    indexed: bool,
+    running: (std::fs::File, u64, u64),
 }
 
 impl ApplyFiles {
@@ -36,41 +56,60 @@ impl ApplyFiles {
     }
 }
 
+/// Where a slot's hash area would start: after its squashfs, padded to a verity block.
+fn hash_offset(f: &mut std::fs::File, start: u64) -> Option<u64> {
+    use std::io::{Seek, SeekFrom};
+    let sb = f.seek(SeekFrom::Start(start)).ok().and_then(|_| crate::format::squashfs::read_superblock(f).ok().flatten())?;
+    Some(sb.bytes_used.div_ceil(crate::format::verity::BLOCK) * crate::format::verity::BLOCK)
+}
+
 /// How much of a slot partition holds its image: the squashfs, padded to a verity block, and
 /// the hash area a verity build appends (an unused tail is not worth scanning).
 fn image_len(f: &mut std::fs::File, start: u64, part_size: u64) -> u64 {
-    use std::io::{Seek, SeekFrom};
-    let sb = f.seek(SeekFrom::Start(start)).ok().and_then(|_| crate::format::squashfs::read_superblock(f).ok().flatten());
-    let Some(sb) = sb else { return 0 };
-    let data = sb.bytes_used.div_ceil(crate::format::verity::BLOCK) * crate::format::verity::BLOCK;
+    let Some(data) = hash_offset(f, start) else { return 0 };
     (data + crate::format::verity::hash_area_bytes(data / crate::format::verity::BLOCK)).min(part_size)
 }
 
-/// Assemble a delta bundle's rootfs from the chunks of both slots and of the bundle's store,
-/// each checked against its id, the whole against the config's digest. Nothing of the device is
-/// written; the work file lives in the bundle's scratch directory, so a rerun after a cut
-/// resumes where it stopped.
+/// Plan (and, if it needs the inactive slot's chunks, do) the assembly of a delta bundle's
+/// rootfs, and gather its other parts, writing nothing of the device. The rootfs is assembled
+/// straight into the inactive slot later ([`assemble_into_slot`]) when the running slot and
+/// the store hold every chunk — the usual case: the delta was made against what runs. Otherwise
+/// it is assembled here, from both slots and the store, into the bundle's scratch directory (a
+/// rerun after a cut resumes there) and copied into the slot like a full bundle's.
 pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, running: Slot) -> anyhow::Result<ApplyFiles> {
     let cfg = &b.config;
     let Some(index) = b.rootfs_index()? else { bail!("bundle {} lacks its rootfs and has no chunk index; nothing was changed", cfg.build_id) };
     let store = b.chunk_store();
-    // Fast path: the bundle carries its bases' indexes; a slot holding a base is offered as that
-    // index says, unread. Its chunks are still checked against their ids when copied.
-    let mut seeds = crate::format::casync::Seeds::default();
+    let bases: Vec<String> = cfg.delta_from().iter().map(|x| format!("{} ({})", x.build_id, x.version)).collect();
+    let cannot = |e: anyhow::Error| anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble it: {e:#} (neither slot holds one of those builds?); nothing was changed", cfg.build_id, bases.join(", "));
+    let in_store = |e: &Entry| crate::format::casync::chunk_path(&store, &e.hex()).exists();
+    // Both slots, and the images they hold (by length).
     let mut slots = Vec::new();
     for slot in [running, running.other()] {
         let part = layout.rootfs(slot);
         let (mut f, start) = t.slot_seed(part)?;
         let len = image_len(&mut f, start, part.size);
-        if len == 0 {
-            continue;
-        }
-        for base in cfg.delta_from() {
-            if let Some(idx) = b.base_index(base, len) {
-                seeds.add_indexed(&format!("slot {} as {}", slot.name(), base.build_id), f.try_clone()?, start, &idx);
-            }
-        }
         slots.push((slot, f, start, len));
+    }
+    // The running slot where the bundle says a base holds the chunks, else chunked.
+    let (_, rf, rstart, rlen) = &slots[0];
+    let mut seeds = Seeds::default();
+    let mut indexed = false;
+    // Which build the running slot holds: the root hash its stored tree claims (dm-verity keeps
+    // a running slot's data to its tree; offline, a slot that lies fails its chunks' ids and is
+    // then chunked).
+    let root = hash_offset(&mut rf.try_clone()?, *rstart).and_then(|o| crate::format::verity::stored_root(&mut crate::base::window::Window::new(rf.try_clone().ok()?, *rstart, *rlen), o).ok());
+    for base in cfg.delta_from() {
+        let Some(root) = &root else { break };
+        if let Some(at) = b.seed_offsets(base, *rlen, root, &index) {
+            seeds.add_at(&format!("slot {} as {}", running.name(), base.build_id), rf.try_clone()?, *rstart, &index, &at);
+            indexed = true;
+        }
+    }
+    if !index.iter().all(|e| seeds.has(&e.id) || in_store(e)) && *rlen > 0 {
+        seeds = Seeds::default();
+        indexed = false;
+        seeds.add(&format!("slot {}", running.name()), rf.try_clone()?, *rstart, *rlen)?;
     }
     let (dir, tmp) = match &b.scratch {
         Some(s) => {
@@ -83,30 +122,33 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         }
     };
     let path = dir.join(format!("rootfs-{}.assembling", cfg.rootfs.digest.hex()));
-    let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-    let bases: Vec<String> = cfg.delta_from().iter().map(|x| format!("{} ({})", x.build_id, x.version)).collect();
-    let mut assembled = crate::format::casync::assemble(&index, &seeds, &store, &out);
-    if assembled.is_err() {
-        // A slot is not what a base index says (another build, or no index carried): find its
-        // chunks by chunking it — the running slot, then the inactive one if chunks are still
-        // missing — and go on from what was assembled.
-        let mut scanned = crate::format::casync::Seeds::default();
-        for (slot, f, start, len) in slots {
-            if slot != running && index.iter().all(|e| scanned.has(&e.id) || crate::format::casync::chunk_path(&store, &e.hex()).exists()) {
-                break;
+    let (rootfs, direct, assembled) = if index.iter().all(|e| seeds.has(&e.id) || in_store(e)) {
+        // Straight into the slot: the store's chunks are checked now, so a bad one changes nothing.
+        let mut start = 0;
+        for e in &index {
+            if !seeds.has(&e.id) {
+                crate::format::casync::read_chunk(&store, e, (e.end - start) as usize).map_err(cannot)?;
             }
-            scanned.add(&format!("slot {}", slot.name()), f, start, len)?;
+            start = e.end;
         }
-        assembled = crate::format::casync::assemble(&index, &scanned, &store, &out);
-    }
-    let (a, d) = assembled.map_err(|e| {
-        anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble it: {e:#} (neither slot holds one of those builds?); nothing was changed", cfg.build_id, bases.join(", "))
-    })?;
-    drop(out);
-    if d != cfg.rootfs.digest || a.bytes != cfg.rootfs.size {
-        let _ = std::fs::remove_file(&path);
-        bail!("bundle {}: the rootfs assembled from its chunks is {d}, not {}; nothing was changed", cfg.build_id, cfg.rootfs.digest);
-    }
+        let running = (rf.try_clone()?, *rstart, *rlen);
+        (None, Some(Direct { index, seeds, indexed, running }), None)
+    } else {
+        // Chunks only the inactive slot has (a device that rolled back, say): assembled here,
+        // where the inactive slot is still a seed.
+        let (_, f, start, len) = &slots[1];
+        if *len > 0 {
+            seeds.add(&format!("slot {}", running.other().name()), f.try_clone()?, *start, *len)?;
+        }
+        let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let (a, d) = crate::format::casync::assemble(&index, &seeds, &store, &out).map_err(cannot)?;
+        drop(out);
+        if d != cfg.rootfs.digest || a.bytes != cfg.rootfs.size {
+            let _ = std::fs::remove_file(&path);
+            bail!("bundle {}: the rootfs assembled from its chunks is {d}, not {}; nothing was changed", cfg.build_id, cfg.rootfs.digest);
+        }
+        (Some(path.clone()), None, Some(a))
+    };
     // A kernel or initrd the delta left out (a base had the same one) is the one some slot of the
     // device boots: copied from the ESP and checked like a bundle blob below.
     let scratch = tmp.as_ref().map(|t| t.path().to_path_buf()).unwrap_or_else(|| dir.clone());
@@ -136,7 +178,7 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
             continue;
         }
         let Some((index, seed_digests)) = b.sealed_index(&d, s.size)? else { continue };
-        let mut seeds = crate::format::casync::Seeds::default();
+        let mut seeds = Seeds::default();
         for sd in seed_digests {
             if let Some(f) = t.images_seed(sd)? {
                 let len = f.metadata()?.len();
@@ -154,6 +196,40 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         }
         sealed.insert(d, out_path);
     }
-    Ok(ApplyFiles { path: path.clone(), kernel, initrd, sealed, assembled: Some(a), work: Some(path), _tmp: tmp })
+    Ok(ApplyFiles { path: rootfs, direct, kernel, initrd, sealed, assembled, work: Some(path), _tmp: tmp })
+}
+
+/// Assemble the rootfs straight into the inactive slot `part` (its entry is gone already):
+/// chunks already in place — an interrupted run's — are kept up to the first that is not,
+/// `slot-half-written` is passed halfway (synced first), the whole is checked against the
+/// signed digest, and the caller then checks its dm-verity tree on the slot. If the running
+/// slot is not what the base index said, it is chunked and the assembly goes on.
+pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partition, d: Direct, step: &dyn Fn(ApplyStep)) -> anyhow::Result<Assembled> {
+    let cfg = &b.config;
+    let (out, start) = t.slot_out(part)?;
+    let half = cfg.rootfs.size / 2;
+    let mut passed = false;
+    let mut progress = |done: u64| -> anyhow::Result<()> {
+        if !passed && done >= half {
+            out.sync_data()?;
+            step(ApplyStep::SlotHalfWritten);
+            passed = true;
+        }
+        Ok(())
+    };
+    let store = b.chunk_store();
+    let mut r = crate::format::casync::assemble_at(&d.index, &d.seeds, &store, &out, start, cfg.rootfs.size, &mut progress);
+    if r.is_err() && d.indexed {
+        let (f, s, len) = d.running;
+        let mut scanned = Seeds::default();
+        scanned.add("running slot", f, s, len)?;
+        r = crate::format::casync::assemble_at(&d.index, &scanned, &store, &out, start, cfg.rootfs.size, &mut progress);
+    }
+    let (a, digest) = r.map_err(|e| anyhow::anyhow!("bundle {}: assembling slot {}: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
+    out.sync_all()?;
+    if digest != cfg.rootfs.digest || a.bytes != cfg.rootfs.size {
+        bail!("bundle {}: slot {} was assembled as {digest}, not {}; the running slot is untouched", cfg.build_id, part.name, cfg.rootfs.digest);
+    }
+    Ok(a)
 }
 

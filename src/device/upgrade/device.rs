@@ -125,6 +125,10 @@ impl Target for DeviceTarget {
         let dev = partition_device(&self.cfg, &part.name)?;
         Ok((std::fs::File::open(&dev).with_context(|| format!("opening {}", dev.display()))?, 0))
     }
+    fn slot_out(&mut self, part: &Partition) -> anyhow::Result<(std::fs::File, u64)> {
+        let dev = partition_device(&self.cfg, &part.name)?;
+        Ok((std::fs::OpenOptions::new().read(true).write(true).open(&dev).with_context(|| format!("opening {}", dev.display()))?, 0))
+    }
     fn images_seed(&mut self, d: &Digest) -> anyhow::Result<Option<std::fs::File>> {
         Ok(std::fs::File::open(self.cfg.images.join("blobs/sha256").join(d.hex())).ok())
     }

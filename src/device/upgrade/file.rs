@@ -167,6 +167,9 @@ impl Target for FileTarget {
     fn slot_seed(&mut self, part: &Partition) -> anyhow::Result<(File, u64)> {
         Ok((File::open(&self.path)?, part.start))
     }
+    fn slot_out(&mut self, part: &Partition) -> anyhow::Result<(File, u64)> {
+        Ok((std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, part.start))
+    }
     fn update_keys(&mut self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let slot = self.running()?;
         let part = self.layout.rootfs(slot).clone();

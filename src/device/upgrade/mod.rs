@@ -58,6 +58,9 @@ pub trait Target {
     fn write_slot(&mut self, part: &Partition, src: &Path, digest: &Digest, step: &dyn Fn(ApplyStep)) -> anyhow::Result<()>;
     /// A slot partition opened read-only, and where it starts in that file: a seed for a delta.
     fn slot_seed(&mut self, part: &Partition) -> anyhow::Result<(std::fs::File, u64)>;
+    /// The inactive slot's partition opened for reading and writing, and where it starts in that
+    /// file: a delta's rootfs is assembled straight into it.
+    fn slot_out(&mut self, part: &Partition) -> anyhow::Result<(std::fs::File, u64)>;
     /// A blob of the images partition opened for reading (a seed for a sealed image), if there.
     fn images_seed(&mut self, d: &Digest) -> anyhow::Result<Option<std::fs::File>>;
     /// Flush whatever the medium needs (an ESP image's FAT fix-up).
@@ -124,7 +127,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
     let part = layout.rootfs(slot).clone();
     // 1. Trust, then fit, then (a delta) the rootfs assembled, then contents — all before the
     // first write to the device.
-    let (signature, options, uki, rootfs) = preflight(t, b, &layout, slot, &part)?;
+    let (signature, options, uki, mut rootfs) = preflight(t, b, &layout, slot, &part)?;
     // 2. External images: blobs first, the build's listing last.
     let images = stage_images(t, b, &rootfs.sealed, step)?;
     // 3. The inactive slot: its entries go first, so a half-written slot is never booted.
@@ -134,7 +137,26 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
         t.esp_remove(&e.path)?;
     }
     step(ApplyStep::EntryRemoved);
-    t.write_slot(&part, &rootfs.path, &cfg.rootfs.digest, step)?;
+    match (rootfs.direct.take(), &rootfs.path) {
+        (Some(d), _) => {
+            // A delta assembled straight into the slot: its tree is checked on the slot, which
+            // reads back what was written.
+            rootfs.assembled = Some(delta::assemble_into_slot(t, b, &part, d, step)?);
+            let (f, start) = t.slot_seed(&part)?;
+            let mut w = crate::base::window::Window::new(f, start, part.size);
+            check_rootfs(b, &mut w).map_err(|e| anyhow::anyhow!("{e:#} (slot {} was written; the running slot is untouched)", part.name))?;
+            if cfg.verity.is_none() {
+                // No tree to check it by: read the slot back whole.
+                std::io::Seek::seek(&mut w, std::io::SeekFrom::Start(0))?;
+                let (got, _) = crate::base::hash::digest_reader((&mut w).take(cfg.rootfs.size))?;
+                if got != cfg.rootfs.digest {
+                    bail!("slot {}: read back {got}, assembled {}; the running slot is untouched", part.name, cfg.rootfs.digest);
+                }
+            }
+        }
+        (None, Some(p)) => t.write_slot(&part, p, &cfg.rootfs.digest, step)?,
+        (None, None) => unreachable!("an apply has a rootfs blob or a direct assembly"),
+    }
     step(ApplyStep::SlotWritten);
     // 4. Kernel, initrd, then the entry on probation (a UKI is both at once).
     let entry = write_boot_files(t, b, &rootfs, slot, install, options, uki, step)?;
@@ -169,18 +191,22 @@ fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot,
     let signature = crate::format::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
     check_fits(b, layout, part)?;
     let rootfs = if cfg.delta_from().is_empty() {
-        ApplyFiles { path: b.blob_path(&cfg.rootfs.digest), kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), sealed: Default::default(), assembled: None, work: None, _tmp: None }
+        ApplyFiles { path: Some(b.blob_path(&cfg.rootfs.digest)), direct: None, kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), sealed: Default::default(), assembled: None, work: None, _tmp: None }
     } else {
         assemble_rootfs(t, b, layout, slot.other())?
     };
-    let files = [(&cfg.rootfs, &rootfs.path)].into_iter().filter(|_| rootfs.assembled.is_none()).chain([(&cfg.kernel, &rootfs.kernel)]).chain(cfg.initrd.iter().zip(rootfs.initrd.iter()));
+    // A blob of the bundle is checked here; an assembled one was checked as it was assembled.
+    let own_rootfs = rootfs.path.as_ref().filter(|_| cfg.delta_from().is_empty());
+    let files = cfg.delta_from().is_empty().then_some(&cfg.rootfs).into_iter().zip(own_rootfs).chain([(&cfg.kernel, &rootfs.kernel)]).chain(cfg.initrd.iter().zip(rootfs.initrd.iter()));
     for (blob, path) in files {
         let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(path).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
         if d != blob.digest || n != blob.size {
             bail!("bundle blob {} is corrupt; nothing was changed", blob.digest);
         }
     }
-    check_rootfs(b, &rootfs.path)?;
+    if let Some(p) = &rootfs.path {
+        check_rootfs(b, &mut std::fs::File::open(p)?)?;
+    }
     let options = crate::format::cmdline::entry_options(&part.name, slot, &cfg.build_id, cfg.verity.as_ref(), &cfg.cmdline).map_err(|e| anyhow::anyhow!("bundle {}: {e:#}; nothing was changed", cfg.build_id))?;
     // The version goes into the entry's title line: one line of printable text, like the manifest's.
     if cfg.version.is_empty() || !cfg.version.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)) {
@@ -340,10 +366,10 @@ fn check_uki<'a>(b: &'a Bundle, slot: Slot, options: &str, existing: &[EntryRepo
 /// The rootfs blob must be what its config says: a squashfs whose superblock size fits the
 /// blob, and with verity, a hash area at the stated offset whose tree matches the data and
 /// whose root hash is the one that goes on the command line.
-fn check_rootfs(b: &Bundle, path: &Path) -> anyhow::Result<()> {
+fn check_rootfs(b: &Bundle, f: &mut (impl Read + std::io::Seek)) -> anyhow::Result<()> {
     let cfg = &b.config;
-    let mut f = std::fs::File::open(path)?;
-    let sb = crate::format::squashfs::read_superblock(&mut f)
+    f.seek(std::io::SeekFrom::Start(0))?;
+    let sb = crate::format::squashfs::read_superblock(f)
         .ok()
         .flatten()
         .ok_or_else(|| anyhow::anyhow!("bundle {}: its rootfs is not a squashfs; nothing was changed", cfg.build_id))?;
@@ -354,7 +380,7 @@ fn check_rootfs(b: &Bundle, path: &Path) -> anyhow::Result<()> {
         if v.hash_offset != sb.bytes_used.div_ceil(crate::format::verity::BLOCK) * crate::format::verity::BLOCK {
             bail!("bundle {}: verity hash offset {} does not follow its {}-byte squashfs; nothing was changed", cfg.build_id, v.hash_offset, sb.bytes_used);
         }
-        crate::format::verity::check(&mut f, v.hash_offset, Some(&v.root_hash)).map_err(|e| anyhow::anyhow!("bundle {}: rootfs dm-verity: {e:#}; nothing was changed", cfg.build_id))?;
+        crate::format::verity::check(f, v.hash_offset, Some(&v.root_hash)).map_err(|e| anyhow::anyhow!("bundle {}: rootfs dm-verity: {e:#}; nothing was changed", cfg.build_id))?;
     }
     Ok(())
 }
