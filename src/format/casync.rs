@@ -475,50 +475,79 @@ pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::F
 /// [`assemble`] into `out` from byte `offset` (a slot inside a disk, or a partition), of which
 /// the first `have` bytes may hold an earlier run's work: chunks there are checked in order and
 /// kept up to the first that does not match (writes go in order, so what follows is redone).
-/// `progress` is told the bytes done after each chunk written. Does not sync.
+/// `progress` is told the bytes done after each chunk written. Does not sync. Two stages on two
+/// threads: one finds and checks chunks (SHA-512/256 of each), the other writes them and hashes
+/// the whole (SHA-256); at most four chunks wait between them.
 pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File, offset: u64, have: u64, progress: &mut dyn FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<(Assembled, crate::base::hash::Digest)> {
     use std::os::unix::fs::FileExt;
-    let mut a = Assembled::default();
-    let mut start = 0u64;
-    let mut cur = Vec::new();
-    let mut whole = sha2::Sha256::new();
-    let mut resuming = true;
-    for e in entries {
-        let len = (e.end - start) as usize;
-        if resuming && e.end <= have {
-            cur.resize(len, 0);
-            if out.read_exact_at(&mut cur, offset + start).is_ok() && chunk_id(&cur) == e.id {
-                whole.update(&cur);
-                a.resumed += 1;
-                a.chunks += 1;
-                a.bytes += len as u64;
-                start = e.end;
-                continue;
+    #[derive(PartialEq)]
+    enum From {
+        Out,
+        Seed,
+        Store,
+    }
+    // Stage 1: each chunk's bytes, from where they are, checked against its id.
+    let find = |tx: std::sync::mpsc::SyncSender<anyhow::Result<(From, Vec<u8>)>>| {
+        let mut start = 0u64;
+        let mut resuming = true;
+        for e in entries {
+            let len = (e.end - start) as usize;
+            let mut got = None;
+            if resuming && e.end <= have {
+                let mut cur = vec![0u8; len];
+                if out.read_exact_at(&mut cur, offset + start).is_ok() && chunk_id(&cur) == e.id {
+                    got = Some(Ok((From::Out, cur)));
+                }
+            }
+            let item = got.unwrap_or_else(|| {
+                resuming = false;
+                match seeds.read(e, len) {
+                    Some(d) => Ok((From::Seed, d)),
+                    None => match read_chunk(store, e, len) {
+                        Ok(Some(d)) => Ok((From::Store, d)),
+                        Ok(None) => Err(anyhow::anyhow!("chunk {} (bytes {start}..{}) is neither in a seed nor in the store", e.hex(), e.end)),
+                        Err(x) => Err(x),
+                    },
+                }
+            });
+            let failed = item.is_err();
+            if tx.send(item).is_err() || failed {
+                return;
+            }
+            start = e.end;
+        }
+    };
+    std::thread::scope(|sc| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        sc.spawn(move || find(tx));
+        // Stage 2: written in order, hashed on the way.
+        let mut a = Assembled::default();
+        let mut whole = sha2::Sha256::new();
+        let mut start = 0u64;
+        for e in entries {
+            let (from, data) = rx.recv().map_err(|_| anyhow::anyhow!("chunk reader stopped"))??;
+            let len = data.len() as u64;
+            match from {
+                From::Out => a.resumed += 1,
+                From::Seed => a.from_seeds += 1,
+                From::Store => {
+                    a.from_store += 1;
+                    a.store_bytes += len;
+                }
+            }
+            if from != From::Out {
+                out.write_all_at(&data, offset + start)?;
+            }
+            whole.update(&data);
+            a.chunks += 1;
+            a.bytes += len;
+            start = e.end;
+            if from != From::Out {
+                progress(start)?;
             }
         }
-        resuming = false;
-        let data = match seeds.read(e, len) {
-            Some(d) => {
-                a.from_seeds += 1;
-                d
-            }
-            None => match read_chunk(store, e, len)? {
-                Some(d) => {
-                    a.from_store += 1;
-                    a.store_bytes += len as u64;
-                    d
-                }
-                None => bail!("chunk {} (bytes {start}..{}) is neither in a seed nor in the store", e.hex(), e.end),
-            },
-        };
-        out.write_all_at(&data, offset + start)?;
-        whole.update(&data);
-        a.chunks += 1;
-        a.bytes += len as u64;
-        start = e.end;
-        progress(start)?;
-    }
-    Ok((a, crate::base::hash::Digest::from_hasher(whole)))
+        Ok((a, crate::base::hash::Digest::from_hasher(whole)))
+    })
 }
 
 #[cfg(test)]
