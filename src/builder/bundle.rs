@@ -57,8 +57,8 @@ struct Bases {
     chunks: std::collections::HashSet<[u8; 32]>,
     /// Kernel and initrd digests of the bases (a device of a base boots them from its ESP).
     boot_files: std::collections::HashSet<Digest>,
-    /// Per service name: the sealed blobs of base bundles (digest) and their chunk ids.
-    sealed: std::collections::HashMap<String, (Vec<Digest>, std::collections::HashSet<[u8; 32]>)>,
+    /// Per service name: the sealed blobs of the bases (digest, index) and their chunk ids.
+    sealed: std::collections::HashMap<String, (Vec<(Digest, Vec<crate::format::casync::Entry>)>, std::collections::HashSet<[u8; 32]>)>,
     images: std::collections::HashSet<String>,
     builds: Vec<BaseBuild>,
     /// Each base build's rootfs index, by build id: carried in the delta for the device.
@@ -102,8 +102,9 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
                 let Ok(d) = Digest::parse(&s.digest) else { continue };
                 if let Ok(f) = std::fs::File::open(b.blob_path(&d)) {
                     let entry = sealed.entry(e.name.clone()).or_default();
-                    entry.1.extend(casync::ids_of(std::io::BufReader::new(f))?);
-                    entry.0.push(d);
+                    let index = casync::index_of(std::io::BufReader::new(f))?;
+                    entry.1.extend(index.iter().map(|x| x.id));
+                    entry.0.push((d, index));
                 }
             }
             if b.config.ukis.is_empty() {
@@ -143,13 +144,14 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
                 for e in rep.slots.iter().filter_map(|s| s.external_images.as_ref()).flat_map(|x| &x.images) {
                     let Some(s) = &e.sealed else { continue };
                     let Ok(d) = Digest::parse(&s.digest) else { continue };
-                    if sealed.get(&e.name).is_some_and(|(ds, _)| ds.contains(&d)) {
+                    if sealed.get(&e.name).is_some_and(|(ds, _)| ds.iter().any(|(x, _)| *x == d)) {
                         continue;
                     }
                     if let Ok(f) = fs.open(format!("/blobs/sha256/{}", d.hex()).as_str()) {
                         let entry = sealed.entry(e.name.clone()).or_default();
-                        entry.1.extend(casync::ids_of(std::io::BufReader::new(f))?);
-                        entry.0.push(d);
+                        let index = casync::index_of(std::io::BufReader::new(f))?;
+                        entry.1.extend(index.iter().map(|x| x.id));
+                        entry.0.push((d, index));
                     }
                 }
             }
@@ -215,6 +217,8 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     let rootfs_index = put_file(&stage, &caibx)?;
     let mut delta = bases.as_ref().map(|b| DeltaSummary { bases: b.builds.clone(), chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes, images_left_out: vec![], boot_files_left_out: vec![], sealed: vec![] });
     let mut sealed_chunks = std::collections::BTreeMap::new();
+    // Seed offsets of a delta (its bases' rootfs, sealed images' predecessors): layers of their own.
+    let mut base_layers = Vec::new();
     let kernel = put_content(&stage, c.kernel())?;
     let initrd = c.initrd().map(|i| put_content(&stage, i)).transpose()?;
     // A delta leaves out a kernel or initrd a base had (BLS boot: the device copies it from its
@@ -247,7 +251,15 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
                 let idx = c.work.path().join(format!("sealed-{}.caibx", e.name));
                 let ch = crate::format::casync::chunk_file_except(file, &idx, &store, &|id| seed_ids.contains(id))?;
                 let index = put_file(&stage, &idx)?;
-                sealed_chunks.insert(s.digest.clone(), SealedChunks { index, seeds: seed_digests.clone() });
+                // Where each seed holds the new image's chunks: the device copies them unscanned.
+                let new = crate::format::casync::parse_index(&std::fs::read(&idx)?)?;
+                let mut seed_offsets = Vec::new();
+                for (_, seed_index) in seed_digests {
+                    let blob = put_bytes(&stage, &crate::format::casync::seed_offsets(&new, seed_index))?;
+                    base_layers.push(json!({"mediaType": MT_SEED_OFFSETS, "digest": blob.digest, "size": blob.size, "annotations": {"org.opencontainers.image.title": format!("sealed-{}.offsets", e.name)}}));
+                    seed_offsets.push(blob);
+                }
+                sealed_chunks.insert(s.digest.clone(), SealedChunks { index, seeds: seed_digests.iter().map(|(d, _)| d.clone()).collect(), seed_offsets });
                 if let Some(dl) = delta.as_mut() {
                     dl.sealed.push(SealedDelta { name: e.name.clone(), bytes: ch.bytes, chunks: ch.chunks, chunks_shipped: ch.new_chunks, chunk_bytes_shipped: ch.new_chunk_bytes });
                 }
@@ -286,7 +298,6 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     };
     // A delta says where each base holds the new rootfs's chunks: a device running that build
     // seeds from its slot without chunking it (docs/upgrade-protocol.md#chunks-and-delta-bundles).
-    let mut base_layers = Vec::new();
     if let (Some(b), Some(d)) = (&bases, delta.as_mut()) {
         let new = crate::format::casync::parse_index(&std::fs::read(&caibx)?)?;
         for bb in d.bases.iter_mut() {

@@ -94,6 +94,9 @@ pub struct Chunks {
 pub struct SealedChunks {
     pub index: Blob,
     pub seeds: Vec<Digest>,
+    /// Per seed (same order): where it holds each chunk of `index` (`casync::seed_offsets`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seed_offsets: Vec<Blob>,
 }
 
 /// The bundle description (the manifest's config blob).
@@ -244,22 +247,18 @@ impl Bundle {
 
     /// The chunks of a sealed image the bundle carries as chunks (bounded and checked as the
     /// rootfs's), and the seeds it names.
-    pub fn sealed_index(&self, sealed: &Digest, size: u64) -> anyhow::Result<Option<(Vec<crate::format::casync::Entry>, &[Digest])>> {
+    pub fn sealed_index(&self, sealed: &Digest, size: u64) -> anyhow::Result<Option<(Vec<crate::format::casync::Entry>, &SealedChunks)>> {
         let Some(sc) = self.config.chunks.as_ref().and_then(|c| c.sealed.get(sealed.as_str())) else { return Ok(None) };
-        Ok(Some((self.read_index(&sc.index, size, &format!("sealed image {sealed}"))?, &sc.seeds)))
+        Ok(Some((self.read_index(&sc.index, size, &format!("sealed image {sealed}"))?, sc)))
     }
 
-    /// Where a slot holding `base` — an image of `size` bytes whose tree claims `root` — has each
-    /// chunk of `index` (the new rootfs's), if the bundle says; `None` when it does not or the
-    /// slot is not that base.
-    pub fn seed_offsets(&self, base: &BaseBuild, size: u64, root: &str, index: &[crate::format::casync::Entry]) -> Option<Vec<Option<u64>>> {
-        let blob = base.seed_offsets.as_ref().filter(|_| base.rootfs_size == Some(size) && base.root_hash.as_deref() == Some(root))?;
+    /// Where a seed blob of `size` bytes holds each chunk of `index`, as the bundle says (`blob`).
+    pub fn offsets_in(&self, blob: &Blob, size: u64, index: &[crate::format::casync::Entry]) -> Option<Vec<Option<u64>>> {
         if blob.size > MAX_METADATA_BLOB {
             return None;
         }
         let b = std::fs::read(self.blob_path(&blob.digest)).ok().filter(|b| b.len() as u64 == blob.size && Digest::of_bytes(b) == blob.digest)?;
         let at = crate::format::casync::parse_seed_offsets(&b, index).ok()?;
-        // Every chunk must lie inside the base.
         let mut start = 0;
         for (e, a) in index.iter().zip(&at) {
             if a.is_some_and(|a| a + (e.end - start) > size) {
@@ -268,6 +267,14 @@ impl Bundle {
             start = e.end;
         }
         Some(at)
+    }
+
+    /// Where a slot holding `base` — an image of `size` bytes whose tree claims `root` — has each
+    /// chunk of `index` (the new rootfs's), if the bundle says; `None` when it does not or the
+    /// slot is not that base.
+    pub fn seed_offsets(&self, base: &BaseBuild, size: u64, root: &str, index: &[crate::format::casync::Entry]) -> Option<Vec<Option<u64>>> {
+        let blob = base.seed_offsets.as_ref().filter(|_| base.rootfs_size == Some(size) && base.root_hash.as_deref() == Some(root))?;
+        self.offsets_in(blob, size, index)
     }
 
     fn read_index(&self, index: &Blob, size: u64, what: &str) -> anyhow::Result<Vec<crate::format::casync::Entry>> {

@@ -177,17 +177,32 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         if b.blob_path(&d).exists() || t.images_has(&d)? {
             continue;
         }
-        let Some((index, seed_digests)) = b.sealed_index(&d, s.size)? else { continue };
+        let Some((index, sc)) = b.sealed_index(&d, s.size)? else { continue };
+        // Each predecessor the device holds: where the bundle says it holds the chunks, else chunked.
         let mut seeds = Seeds::default();
-        for sd in seed_digests {
+        let mut held = Vec::new();
+        for (i, sd) in sc.seeds.iter().enumerate() {
             if let Some(f) = t.images_seed(sd)? {
                 let len = f.metadata()?.len();
-                seeds.add(&format!("sealed image {sd}"), f, 0, len)?;
+                match sc.seed_offsets.get(i).and_then(|o| b.offsets_in(o, len, &index)) {
+                    Some(at) => seeds.add_at(&format!("sealed image {sd}"), f.try_clone()?, 0, &index, &at),
+                    None => seeds.add(&format!("sealed image {sd}"), f.try_clone()?, 0, len)?,
+                };
+                held.push((sd, f, len));
             }
         }
         let out_path = scratch.join(format!("sealed-{}.assembling", d.hex()));
         let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&out_path)?;
-        let (sa, sd) = crate::format::casync::assemble(&index, &seeds, &store, &out)
+        let mut r = crate::format::casync::assemble(&index, &seeds, &store, &out);
+        if r.is_err() && !held.is_empty() {
+            // A seed is not where the offsets said: chunk the seeds, go on from what is done.
+            let mut scanned = Seeds::default();
+            for (sd, f, len) in held {
+                scanned.add(&format!("sealed image {sd}"), f, 0, len)?;
+            }
+            r = crate::format::casync::assemble(&index, &scanned, &store, &out);
+        }
+        let (sa, sd) = r
             .map_err(|x| anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble the sealed image of {}: {x:#}; nothing was changed", cfg.build_id, bases.join(", "), e.name))?;
         drop(out);
         if (sd, sa.bytes) != (d.clone(), s.size) {

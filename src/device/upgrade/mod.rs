@@ -263,11 +263,18 @@ fn stage_images(t: &mut dyn Target, b: &Bundle, assembled: &std::collections::BT
                 present += 1;
                 continue;
             }
-            let src = assembled.get(&d).cloned().unwrap_or_else(|| b.blob_path(&d));
-            let (got, n) = crate::base::hash::digest_reader(std::fs::File::open(&src).with_context(|| format!("bundle lacks blob {d} of {}", e.name))?)?;
-            if got != d || n != size {
-                bail!("bundle blob {d} of {} is corrupt", e.name);
-            }
+            // An assembled sealed image was hashed whole as it was assembled; a bundle blob now.
+            let src = match assembled.get(&d) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = b.blob_path(&d);
+                    let (got, n) = crate::base::hash::digest_reader(std::fs::File::open(&p).with_context(|| format!("bundle lacks blob {d} of {}", e.name))?)?;
+                    if got != d || n != size {
+                        bail!("bundle blob {d} of {} is corrupt", e.name);
+                    }
+                    p
+                }
+            };
             t.images_put(&d, &src)?;
             written += 1;
             bytes += size;
