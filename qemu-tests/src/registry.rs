@@ -237,3 +237,38 @@ impl BearerGate {
         BearerGate { port, token_requests }
     }
 }
+
+/// Forwards 127.0.0.1:port to `upstream` one request per connection (bodiless requests: a
+/// pull), recording each request line (`GET /v2/…`), so a test can count what a client asked.
+pub struct RequestLog {
+    pub port: u16,
+    pub lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RequestLog {
+    pub fn start(upstream: u16) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = lines.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { break };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let Some(head) = read_head(&mut c) else { return };
+                    log.lock().unwrap().push(head.lines().next().unwrap_or("").to_string());
+                    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                    let fixed: String = head.lines().filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty()).map(|l| format!("{l}\r\n")).collect();
+                    let _ = write!(up, "{fixed}Connection: close\r\n\r\n");
+                    let _ = std::io::copy(&mut up, &mut c);
+                });
+            }
+        });
+        RequestLog { port, lines }
+    }
+
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lines.lock().unwrap())
+    }
+}

@@ -11,6 +11,7 @@ pub mod installer;
 pub mod lock;
 pub mod manifest;
 pub mod pull;
+pub mod push;
 pub mod rootfs;
 pub mod sources;
 mod assemble;

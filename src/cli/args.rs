@@ -215,6 +215,16 @@ pub enum AgentCmd {
         #[arg(long, hide = true)]
         pause_at: Option<crate::format::agent::ApplyStep>,
     },
+    /// Pull a release from a registry by tag (`[docker://]HOST/REPO:TAG`) and apply it: signatures
+    /// decided before any content is fetched, then only the chunks the running slot lacks.
+    Update {
+        reference: String,
+        /// Only say what the tag names and whether this device would take it (JSON); fetch nothing.
+        #[arg(long)]
+        check: bool,
+        #[arg(long, hide = true)]
+        pause_at: Option<crate::format::agent::ApplyStep>,
+    },
     /// Drop image sets no slot's build needs.
     Gc,
     /// (Booted from an installer) write the payload to the first other disk.

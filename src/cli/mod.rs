@@ -89,10 +89,23 @@ enum Cmd {
     Bundle(BundleArgs),
     /// Build a bootable offline USB installer that writes the target system to another disk.
     Installer(InstallerArgs),
-    /// Apply a bundle to the inactive slot of a disk image file (offline).
+    /// Apply a bundle to the inactive slot of a disk image file (offline); BUNDLE may be a
+    /// release in a registry, `docker://HOST/REPO:TAG` (pushed with `slotforge push`).
     Upgrade {
         image: PathBuf,
+        bundle: String,
+        /// Where a registry pull keeps what it fetched (a rerun after a cut goes on from there).
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a bundle as a release in an OCI registry: chunk packs (only those the registry
+    /// lacks are uploaded), boot files, signatures as referrers.
+    Push {
         bundle: PathBuf,
+        /// `[docker://]HOST/REPO:TAG`
+        reference: String,
         #[arg(long)]
         json: bool,
     },
@@ -194,8 +207,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             show(a.out.json, &crate::builder::installer::installer(&crate::builder::installer::InstallerOptions { compose, output })?, print::installer)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Upgrade { image, bundle, json } => {
-            show(json, &crate::device::upgrade::file::upgrade_image(&image, &bundle)?, print::upgrade)?;
+        Cmd::Upgrade { image, bundle, scratch, json } => {
+            let r = match bundle.strip_prefix("docker://") {
+                Some(_) => crate::device::upgrade::file::upgrade_from_registry(&image, &bundle, scratch.as_deref())?,
+                None => crate::device::upgrade::file::upgrade_image(&image, std::path::Path::new(&bundle))?,
+            };
+            show(json, &r, print::upgrade)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Push { bundle, reference, json } => {
+            let s = crate::builder::push::push(&bundle, &reference, &[], &mut |_, _| {})?;
+            show(json, &s, print::push)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect { image, json } => {
@@ -295,6 +317,7 @@ fn agent(cmd: AgentCmd, cfg: crate::device::AgentConfig) -> anyhow::Result<ExitC
         AgentCmd::Scrub => agent::runner::scrub(&cfg)?,
         AgentCmd::Shutdown => agent::runner::shutdown(&cfg)?,
         AgentCmd::Apply { bundle, pause_at } => drop(agent::update::apply(&cfg, &bundle, pause_at)?),
+        AgentCmd::Update { reference, check, pause_at } => agent::update::update(&cfg, &reference, check, pause_at)?,
         AgentCmd::Gc => drop(agent::update::gc(&cfg)?),
         AgentCmd::Install => crate::device::install::install_to_other_disk(&cfg)?,
     }

@@ -70,9 +70,16 @@ pub fn upgrade(r: &crate::format::agent::ApplyReport) {
         crate::format::signature::Decision::Signed { key_id } => println!("signature: good, key {key_id}"),
         crate::format::signature::Decision::Unchecked => eprintln!("warning: the slot that would boot trusts no update key; the bundle was applied without a signature check"),
     }
+    if let Some(p) = &r.pulled {
+        println!("pulled {} ({}): {} of {} chunks fetched ({}), {} found on the device; {} requests", p.reference, p.manifest_digest, p.chunks_fetched, p.chunks, mib(p.bytes_fetched), p.chunks_local, p.requests);
+    }
     if let Some(d) = &r.delta {
         println!("rootfs assembled from {} chunks: {} from the slots, {} from the bundle ({}), {} from an earlier interrupted run", d.chunks, d.from_seeds, d.from_store, mib(d.store_bytes), d.resumed);
     }
+}
+
+pub fn push(s: &crate::builder::push::PushSummary) {
+    println!("pushed {} ({}) to {} as {}: {} chunks in {} packs, {} uploaded ({} in all), {} signature(s) as referrers ({})", s.version, s.build_id, s.reference, s.manifest_digest, s.chunks, s.packs, s.packs_uploaded, mib(s.bytes_uploaded), s.signatures, s.referrers);
 }
 
 pub fn key(v: &serde_json::Value) {

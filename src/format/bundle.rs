@@ -146,6 +146,10 @@ pub struct Bundle {
     /// Where work files may go (a delta's assembled rootfs): the scratch directory given to
     /// [`Bundle::open`], so an interrupted apply finds its work again.
     pub scratch: Option<PathBuf>,
+    /// Seeds the device worked out itself (a release pulled from a registry: where its running
+    /// slot holds the chunks), used like a delta's bases; not signed, and needing no trust: every
+    /// chunk is checked against its id.
+    pub hints: Vec<BaseBuild>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -226,7 +230,17 @@ impl Bundle {
                 }
             }
         }
-        Ok(Self { dir, config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), _tmp: tmp })
+        Ok(Self { dir, config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], _tmp: tmp })
+    }
+
+    /// A bundle whose parts were fetched into `dir` (`blobs/sha256/`, `chunks/`): the config's
+    /// bytes and the signatures found for it.
+    pub fn from_parts(dir: &Path, config_bytes: Vec<u8>, signatures: Vec<String>, scratch: Option<&Path>) -> anyhow::Result<Self> {
+        let config: BundleConfig = serde_json::from_slice(&config_bytes).context("bundle config")?;
+        if config.format != FORMAT {
+            bail!("bundle format {} is not supported (this slotforge reads {FORMAT})", config.format);
+        }
+        Ok(Self { dir: dir.to_path_buf(), config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], _tmp: None })
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {

@@ -301,19 +301,14 @@ pub fn index_of(r: impl Read) -> anyhow::Result<Vec<Entry>> {
 /// + 1, so a chunk at the same place is one byte — the whole zstd-compressed: a delta tells the
 /// device where its slot holds what it needs in a few hundred bytes instead of the base's index.
 pub fn seed_offsets(new: &[Entry], base: &[Entry]) -> Vec<u8> {
-    let mut at = std::collections::HashMap::new();
-    let mut start = 0u64;
-    for e in base {
-        at.entry(e.id).or_insert(start);
-        start = e.end;
-    }
+    let at = offsets_of(new, base);
     let mut raw = Vec::with_capacity(new.len() * 2);
     let mut start = 0u64;
-    for e in new {
-        let v = match at.get(&e.id) {
+    for (e, a) in new.iter().zip(&at) {
+        let v = match a {
             None => 0,
-            Some(&b) => {
-                let d = b as i64 - start as i64;
+            Some(b) => {
+                let d = *b as i64 - start as i64;
                 (((d << 1) ^ (d >> 63)) as u64) + 1
             }
         };
@@ -330,6 +325,17 @@ pub fn seed_offsets(new: &[Entry], base: &[Entry]) -> Vec<u8> {
         start = e.end;
     }
     zstd::bulk::compress(&raw, 19).expect("in-memory zstd")
+}
+
+/// Per chunk of `new`: the offset in the blob `base` describes of the first chunk with its id.
+pub fn offsets_of(new: &[Entry], base: &[Entry]) -> Vec<Option<u64>> {
+    let mut at = std::collections::HashMap::new();
+    let mut start = 0u64;
+    for e in base {
+        at.entry(e.id).or_insert(start);
+        start = e.end;
+    }
+    new.iter().map(|e| at.get(&e.id).copied()).collect()
 }
 
 /// Read [`seed_offsets`] back for `new`: one offset (or none) per chunk. Decompresses at most 10

@@ -19,6 +19,8 @@ pub mod inspect;
 pub mod installer;
 pub mod layout;
 pub mod logwrites;
+pub mod packs;
+pub mod published;
 pub mod release;
 pub mod sealed;
 pub mod signature;

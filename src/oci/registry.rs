@@ -28,6 +28,7 @@ pub struct Registry {
     creds: Option<Credentials>,
     /// The Authorization header that worked last (Basic or Bearer), reused for later requests.
     auth: Mutex<Option<String>>,
+    requests: std::sync::atomic::AtomicUsize,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -48,29 +49,50 @@ impl Registry {
             .user_agent(concat!("slotforge/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Ok(Self { host: host.to_string(), base: format!("{scheme}://{api_host}/v2"), agent, creds: auth::lookup(host)?, auth: Mutex::new(None) })
+        Ok(Self { host: host.to_string(), base: format!("{scheme}://{api_host}/v2"), agent, creds: auth::lookup(host)?, auth: Mutex::new(None), requests: Default::default() })
     }
 
     /// GET `url`, answering auth challenges and retrying transient failures.
     fn get(&self, url: &str, accept: Option<&str>, repo: &str) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let h: Vec<(&str, String)> = accept.map(|a| ("Accept", a.to_string())).into_iter().collect();
+        self.send("GET", url, &h, None, repo)
+    }
+
+    /// `method` `url` with `headers` and `body`, answering auth challenges and retrying transient
+    /// failures (a body is sent again on a retry).
+    fn send(&self, method: &str, url: &str, headers: &[(&str, String)], body: Option<&[u8]>, repo: &str) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
         let mut authed_after_challenge = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut req = self.agent.get(url);
-            if let Some(a) = accept {
-                req = req.header("Accept", a);
+            self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let auth = self.auth.lock().unwrap().clone();
+            macro_rules! with_headers {
+                ($req:expr) => {{
+                    let mut r = $req;
+                    for (k, v) in headers {
+                        r = r.header(*k, v.as_str());
+                    }
+                    if let Some(h) = &auth {
+                        r = r.header("Authorization", h.as_str());
+                    }
+                    r
+                }};
             }
-            if let Some(h) = self.auth.lock().unwrap().clone() {
-                req = req.header("Authorization", h);
-            }
-            match req.call() {
+            let result = match method {
+                "GET" => with_headers!(self.agent.get(url)).call(),
+                "HEAD" => with_headers!(self.agent.head(url)).call(),
+                "POST" => with_headers!(self.agent.post(url)).send(body.unwrap_or_default()),
+                "PUT" => with_headers!(self.agent.put(url)).send(body.unwrap_or_default()),
+                m => bail!("unsupported method {m}"),
+            };
+            match result {
                 Err(e) => {
                     if attempt < ATTEMPTS {
                         std::thread::sleep(BACKOFF * 2u32.pow(attempt - 1));
                         continue;
                     }
-                    bail!("cannot reach registry {} ({url}): {e}", self.host);
+                    bail!("cannot reach registry {} ({method} {url}): {e}", self.host);
                 }
                 Ok(resp) => {
                     let st = resp.status();
@@ -91,6 +113,70 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// Whether the repository has the blob (HEAD).
+    pub fn has_blob(&self, repo: &str, d: &Digest) -> anyhow::Result<bool> {
+        let resp = self.send("HEAD", &format!("{}/{repo}/blobs/{d}", self.base), &[], None, repo)?;
+        Ok(resp.status().is_success())
+    }
+
+    /// Upload a blob unless the repository has it (monolithic: POST, then PUT with the digest);
+    /// true if it was uploaded.
+    pub fn push_blob(&self, repo: &str, d: &Digest, bytes: &[u8]) -> anyhow::Result<bool> {
+        if self.has_blob(repo, d)? {
+            return Ok(false);
+        }
+        let what = format!("{}/{repo}: uploading blob {d}", self.host);
+        let mut resp = self.send("POST", &format!("{}/{repo}/blobs/uploads/", self.base), &[], Some(&[]), repo)?;
+        self.check(&mut resp, &what)?;
+        let loc = resp.headers().get("location").and_then(|v| v.to_str().ok()).ok_or_else(|| anyhow!("{what}: no upload location"))?.to_string();
+        let loc = if loc.starts_with('/') { format!("{}{loc}", self.base.trim_end_matches("/v2")) } else { loc };
+        let url = format!("{loc}{}digest={}", if loc.contains('?') { '&' } else { '?' }, encode(d.as_str()));
+        let mut resp = self.send("PUT", &url, &[("Content-Type", "application/octet-stream".into())], Some(bytes), repo)?;
+        self.check(&mut resp, &what)?;
+        Ok(true)
+    }
+
+    /// Put a manifest (or index) under `reference` (a tag or its digest). Returns whether the
+    /// registry said it indexed the manifest's `subject` (the `OCI-Subject` header of OCI 1.1:
+    /// it serves the referrers API, so no referrers tag is needed).
+    pub fn put_manifest(&self, repo: &str, reference: &str, bytes: &[u8], media_type: &str) -> anyhow::Result<bool> {
+        let what = format!("{}/{repo}:{reference}: putting manifest", self.host);
+        let mut resp = self.send("PUT", &format!("{}/{repo}/manifests/{reference}", self.base), &[("Content-Type", media_type.into())], Some(bytes), repo)?;
+        self.check(&mut resp, &what)?;
+        Ok(resp.headers().get("oci-subject").is_some())
+    }
+
+    /// The referrers of `d` through the OCI 1.1 referrers API, or `None` where the registry does
+    /// not serve it (404): then the referrers tag `sha256-<hex>` is the place to look.
+    pub fn referrers(&self, repo: &str, d: &Digest) -> anyhow::Result<Option<Vec<u8>>> {
+        let url = format!("{}/{repo}/referrers/{d}", self.base);
+        let mut resp = self.get(&url, Some(MT_OCI_INDEX), repo)?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.check(&mut resp, &format!("{}/{repo}: referrers of {d}", self.host))?;
+        Ok(Some(resp.body_mut().with_config().limit(8 << 20).read_to_vec()?))
+    }
+
+    /// Bytes `start..end` of a blob (an HTTP range request), as a stream; a registry that
+    /// ignores the range sends the whole blob, which is skipped to `start`.
+    pub fn blob_range(&self, repo: &str, d: &Digest, start: u64, end: u64) -> anyhow::Result<Box<dyn Read + Send>> {
+        let what = format!("{}/{repo}@{d} bytes {start}..{end}", self.host);
+        let mut resp = self.send("GET", &format!("{}/{repo}/blobs/{d}", self.base), &[("Range", format!("bytes={start}-{}", end.saturating_sub(1)))], None, repo)?;
+        self.check(&mut resp, &what)?;
+        let whole = resp.status() == StatusCode::OK;
+        let mut r = resp.into_body().into_reader();
+        if whole {
+            std::io::copy(&mut (&mut r).take(start), &mut std::io::sink())?;
+        }
+        Ok(Box::new(r.take(end - start)))
+    }
+
+    /// Requests sent so far (retries and auth round trips included).
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn denied(&self, repo: &str) -> String {
@@ -144,14 +230,22 @@ impl Registry {
 
     /// A manifest (or index) by tag or digest: its bytes and media type.
     pub fn manifest(&self, repo: &str, reference: &str) -> anyhow::Result<(Vec<u8>, String)> {
+        self.try_manifest(repo, reference)?.ok_or_else(|| anyhow!("{}/{repo}:{reference}: not found on registry {}", self.host, self.host))
+    }
+
+    /// [`Registry::manifest`], `None` if the registry has no such tag or digest.
+    pub fn try_manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Option<(Vec<u8>, String)>> {
         let url = format!("{}/{repo}/manifests/{reference}", self.base);
         let what = format!("{}/{repo}:{reference}", self.host);
         let mut resp = self.get(&url, Some(ACCEPT_MANIFESTS), repo)?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
         self.check(&mut resp, &what)?;
         let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").split(';').next().unwrap_or("").trim().to_string();
         let bytes = resp.body_mut().with_config().limit(8 << 20).read_to_vec().map_err(|e| anyhow!("{what}: reading manifest: {e}"))?;
         let mt = media_type_of(&bytes).unwrap_or(ct);
-        Ok((bytes, mt))
+        Ok(Some((bytes, mt)))
     }
 
     /// Stream a blob into the cache, verified; retried from scratch if the connection drops.

@@ -16,6 +16,50 @@ const PAUSE: std::time::Duration = std::time::Duration::from_secs(600);
 /// `apply-step`, then `applied` or `apply-failed`.
 pub fn apply(cfg: &AgentConfig, src: &Path, pause_at: Option<ApplyStep>) -> anyhow::Result<ApplyReport> {
     let b = Bundle::open(src, Some(&cfg.images.join(".partial")))?;
+    apply_bundle(cfg, &b, None, pause_at)
+}
+
+/// `agent update REF`: the release pulled from a registry — its signatures decided with the
+/// running slot's keys and its layout checked before any content is fetched, then only the
+/// chunks the running slot lacks, kept in `.partial/` of the images partition so a pull cut off
+/// goes on where it stopped — and applied like any bundle. `--check`: print what the tag names
+/// and whether the device would take it (JSON), fetching no content.
+pub fn update(cfg: &AgentConfig, reference: &str, check: bool, pause_at: Option<ApplyStep>) -> anyhow::Result<()> {
+    let mut t = DeviceTarget { cfg: cfg.clone() };
+    let r = match upgrade::pull::resolve(&mut t, reference, &cfg.insecure) {
+        Ok(r) => r,
+        Err(e) if check => {
+            println!("{}", serde_json::json!({"reference": reference, "available": false, "error": format!("{e:#}")}));
+            return Ok(());
+        }
+        Err(e) => {
+            emit(Event::ApplyFailed { error: format!("{e:#}") });
+            return Err(e);
+        }
+    };
+    if check {
+        let running = std::fs::read(cfg.root.join(crate::format::release::RELEASE_PATH)).ok().and_then(|b| serde_json::from_slice::<crate::format::release::Release>(&b).ok()).map(|r| r.build_id);
+        println!(
+            "{}",
+            serde_json::json!({"reference": r.reference, "available": true, "manifest_digest": r.manifest.to_string(), "build_id": r.config.build_id, "version": r.config.version,
+                "signature": r.decision, "running_build_id": running, "newer": running.as_deref() != Some(r.config.build_id.as_str()), "requests": r.requests})
+        );
+        return Ok(());
+    }
+    let dir = upgrade::pull::work_dir(&cfg.images.join(".partial"), &r.manifest);
+    let (b, pulled) = match upgrade::pull::fetch(&mut t, r, &dir, &|_| {}) {
+        Ok(v) => v,
+        Err(e) => {
+            emit(Event::ApplyFailed { error: format!("{e:#}") });
+            return Err(e);
+        }
+    };
+    apply_bundle(cfg, &b, Some(pulled), pause_at)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn apply_bundle(cfg: &AgentConfig, b: &Bundle, pulled: Option<crate::format::agent::PullReport>, pause_at: Option<ApplyStep>) -> anyhow::Result<ApplyReport> {
     emit(Event::ApplyStart { build_id: b.config.build_id.clone(), version: b.config.version.clone() });
     let mut t = DeviceTarget { cfg: cfg.clone() };
     let step = |s: ApplyStep| {
@@ -25,8 +69,9 @@ pub fn apply(cfg: &AgentConfig, src: &Path, pause_at: Option<ApplyStep>) -> anyh
             std::thread::sleep(PAUSE);
         }
     };
-    match upgrade::apply_with(&mut t, &b, &step) {
-        Ok(r) => {
+    match upgrade::apply_with(&mut t, b, &step) {
+        Ok(mut r) => {
+            r.pulled = pulled;
             emit(Event::Applied(r.clone()));
             Ok(r)
         }

@@ -57,7 +57,7 @@ impl ApplyFiles {
 }
 
 /// Where a slot's hash area would start: after its squashfs, padded to a verity block.
-fn hash_offset(f: &mut std::fs::File, start: u64) -> Option<u64> {
+pub(super) fn hash_offset(f: &mut std::fs::File, start: u64) -> Option<u64> {
     use std::io::{Seek, SeekFrom};
     let sb = f.seek(SeekFrom::Start(start)).ok().and_then(|_| crate::format::squashfs::read_superblock(f).ok().flatten())?;
     Some(sb.bytes_used.div_ceil(crate::format::verity::BLOCK) * crate::format::verity::BLOCK)
@@ -65,7 +65,7 @@ fn hash_offset(f: &mut std::fs::File, start: u64) -> Option<u64> {
 
 /// How much of a slot partition holds its image: the squashfs, padded to a verity block, and
 /// the hash area a verity build appends (an unused tail is not worth scanning).
-fn image_len(f: &mut std::fs::File, start: u64, part_size: u64) -> u64 {
+pub(super) fn image_len(f: &mut std::fs::File, start: u64, part_size: u64) -> u64 {
     let Some(data) = hash_offset(f, start) else { return 0 };
     (data + crate::format::verity::hash_area_bytes(data / crate::format::verity::BLOCK)).min(part_size)
 }
@@ -81,7 +81,10 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
     let Some(index) = b.rootfs_index()? else { bail!("bundle {} lacks its rootfs and has no chunk index; nothing was changed", cfg.build_id) };
     let store = b.chunk_store();
     let bases: Vec<String> = cfg.delta_from().iter().map(|x| format!("{} ({})", x.build_id, x.version)).collect();
-    let cannot = |e: anyhow::Error| anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble it: {e:#} (neither slot holds one of those builds?); nothing was changed", cfg.build_id, bases.join(", "));
+    let cannot = |e: anyhow::Error| match bases.is_empty() {
+        true => anyhow::anyhow!("bundle {} carries its rootfs as chunks; this device cannot assemble it: {e:#}; nothing was changed", cfg.build_id),
+        false => anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble it: {e:#} (neither slot holds one of those builds?); nothing was changed", cfg.build_id, bases.join(", ")),
+    };
     let in_store = |e: &Entry| crate::format::casync::chunk_path(&store, &e.hex()).exists();
     // Both slots, and the images they hold (by length).
     let mut slots = Vec::new();
@@ -99,7 +102,7 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
     // a running slot's data to its tree; offline, a slot that lies fails its chunks' ids and is
     // then chunked).
     let root = hash_offset(&mut rf.try_clone()?, *rstart).and_then(|o| crate::format::verity::stored_root(&mut crate::base::window::Window::new(rf.try_clone().ok()?, *rstart, *rlen), o).ok());
-    for base in cfg.delta_from() {
+    for base in cfg.delta_from().iter().chain(&b.hints) {
         let Some(root) = &root else { break };
         if let Some(at) = b.seed_offsets(base, *rlen, root, &index) {
             seeds.add_at(&format!("slot {} as {}", running.name(), base.build_id), rf.try_clone()?, *rstart, &index, &at);

@@ -199,3 +199,27 @@ pub fn upgrade_image(image: &Path, bundle: &Path) -> anyhow::Result<super::Apply
     let mut t = FileTarget::open(image)?;
     super::apply(&mut t, &b)
 }
+
+/// `slotforge upgrade IMAGE docker://REF`: the release pulled from a registry (its signatures
+/// decided with the keys of the slot that would boot before any content is fetched; only the
+/// chunks that slot lacks fetched, into `scratch` — kept there if the pull is cut, so a rerun
+/// with the same `scratch` goes on), then applied.
+pub fn upgrade_from_registry(image: &Path, reference: &str, scratch: Option<&Path>) -> anyhow::Result<super::ApplyReport> {
+    let mut t = FileTarget::open(image)?;
+    let r = super::pull::resolve(&mut t, reference, &[])?;
+    let tmp;
+    let dir = match scratch {
+        Some(s) => super::pull::work_dir(s, &r.manifest),
+        None => {
+            tmp = tempfile::Builder::new().prefix("slotforge-pull-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let (b, pulled) = super::pull::fetch(&mut t, r, &dir, &|_| {})?;
+    let mut report = super::apply(&mut t, &b)?;
+    report.pulled = Some(pulled);
+    if scratch.is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(report)
+}

@@ -15,6 +15,7 @@ pub use crate::format::agent::{ApplyReport, ApplyStep};
 
 mod delta;
 pub mod device;
+pub mod pull;
 pub mod file;
 pub mod gc;
 
@@ -177,6 +178,7 @@ pub fn apply_with(t: &mut dyn Target, b: &Bundle, step: &dyn Fn(ApplyStep)) -> a
         signature,
         root_hash: cfg.verity.as_ref().map(|v| v.root_hash.clone()),
         delta: rootfs.assembled.clone(),
+        pulled: None,
     })
 }
 
@@ -190,14 +192,16 @@ fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot,
     let keys = crate::format::signature::trusted_keys(&t.update_keys()?).context("reading the running slot's update keys")?;
     let signature = crate::format::signature::decide(&b.config_bytes, &b.signatures, &keys).map_err(|e| anyhow::anyhow!("bundle {} refused: {e:#}; nothing was changed", cfg.build_id))?;
     check_fits(b, layout, part)?;
-    let rootfs = if cfg.delta_from().is_empty() {
+    // The rootfs whole in the bundle, or (a delta, a release pulled from a registry) as chunks.
+    let whole = b.blob_path(&cfg.rootfs.digest).exists();
+    let rootfs = if whole {
         ApplyFiles { path: Some(b.blob_path(&cfg.rootfs.digest)), direct: None, kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), sealed: Default::default(), assembled: None, work: None, _tmp: None }
     } else {
         assemble_rootfs(t, b, layout, slot.other())?
     };
     // A blob of the bundle is checked here; an assembled one was checked as it was assembled.
-    let own_rootfs = rootfs.path.as_ref().filter(|_| cfg.delta_from().is_empty());
-    let files = cfg.delta_from().is_empty().then_some(&cfg.rootfs).into_iter().zip(own_rootfs).chain([(&cfg.kernel, &rootfs.kernel)]).chain(cfg.initrd.iter().zip(rootfs.initrd.iter()));
+    let own_rootfs = rootfs.path.as_ref().filter(|_| whole);
+    let files = whole.then_some(&cfg.rootfs).into_iter().zip(own_rootfs).chain([(&cfg.kernel, &rootfs.kernel)]).chain(cfg.initrd.iter().zip(rootfs.initrd.iter()));
     for (blob, path) in files {
         let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(path).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
         if d != blob.digest || n != blob.size {

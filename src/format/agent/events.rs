@@ -255,7 +255,7 @@ mod tests {
         let samples = vec![
             Event::Status(status),
             Event::ApplyStep { step: ApplyStep::SlotWritten },
-            Event::Applied(ApplyReport { slot: "b".into(), build_id: "x".into(), version: "2".into(), install_number: 2, entry: "slot-b+3.conf".into(), blobs_present: 1, blobs_written: 2, image_bytes_written: 3, rootfs_bytes: 4, images_to_pull: vec![], signature: Decision::Unchecked, root_hash: None, delta: None }),
+            Event::Applied(ApplyReport { slot: "b".into(), build_id: "x".into(), version: "2".into(), install_number: 2, entry: "slot-b+3.conf".into(), blobs_present: 1, blobs_written: 2, image_bytes_written: 3, rootfs_bytes: 4, images_to_pull: vec![], signature: Decision::Unchecked, root_hash: None, delta: None, pulled: None }),
             Event::Gc(GcReport::default()),
             Event::ServiceStarted { name: "s".into(), external: true, pid: 7, restart: None },
             Event::Poweroff,

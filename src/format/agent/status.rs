@@ -171,4 +171,27 @@ pub struct ApplyReport {
     /// A delta bundle: where the new rootfs's chunks came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<crate::format::casync::Assembled>,
+    /// A release pulled from a registry: what was fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled: Option<PullReport>,
+}
+
+/// What a pull of a release from a registry found and fetched (docs/upgrade-protocol.md#releases-in-a-registry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullReport {
+    pub reference: String,
+    pub manifest_digest: String,
+    pub build_id: String,
+    pub version: String,
+    pub signature: Decision,
+    pub chunks: usize,
+    /// Chunks the running slot holds, or an earlier interrupted pull kept.
+    pub chunks_local: usize,
+    pub chunks_fetched: usize,
+    /// Bytes of chunks and boot files fetched (the inline metadata not counted).
+    pub bytes_fetched: u64,
+    /// HTTP requests sent to the registry (auth round trips and retries included).
+    pub requests: usize,
+    /// Of those, before the signature was decided (manifest, referrers).
+    pub requests_before_decision: usize,
 }

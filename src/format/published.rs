@@ -1,0 +1,158 @@
+//! A release as it lives in an OCI registry: one OCI 1.1 artifact manifest whose config is the
+//! bundle config (the bytes the signatures cover, also inline as `data`), whose layers are the
+//! rootfs's casync index and pack table (inline too), the boot files, and the chunk packs — not
+//! the rootfs blob: the chunks are in the packs. Signatures are artifacts whose `subject` is this
+//! manifest, carrying the `.minisig` as a layer and as an annotation, so the referrers list alone
+//! is enough to decide. The metadata a device needs before it fetches any content is thus two or
+//! three requests: the manifest, the referrers API (404 on registries without it), the referrers
+//! tag `sha256-<hex>`. Format: docs/upgrade-protocol.md#releases-in-a-registry.
+
+use crate::base::hash::Digest;
+use crate::format::bundle::{Blob, ANN_KEY_ID, MT_CAIBX, MT_CONFIG, MT_EMPTY, MT_MINISIG, MT_SIGNATURE_ARTIFACT};
+use crate::format::packs::{PackTable, MT_PACK, MT_PACK_TABLE};
+use crate::oci::image::{MT_OCI_INDEX, MT_OCI_MANIFEST};
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+/// The release manifest's `artifactType`.
+pub const ARTIFACT_TYPE: &str = "application/vnd.slotforge.release.v1";
+/// On a signature artifact (and so on its descriptor in a referrers list): the `.minisig` text.
+pub const ANN_MINISIG: &str = "io.slotforge.signature.minisig";
+const TITLE: &str = "org.opencontainers.image.title";
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A layer of the release besides the inline ones and the packs (kernel, initrd, a UKI).
+pub struct File {
+    pub media_type: String,
+    pub blob: Blob,
+    pub title: String,
+}
+
+/// The release manifest.
+pub fn manifest(config: &[u8], caibx: &[u8], table: &PackTable, files: &[File]) -> Vec<u8> {
+    let table_bytes = serde_json::to_vec(table).expect("serialisable");
+    let inline = |mt: &str, b: &[u8], title: &str| json!({"mediaType": mt, "digest": Digest::of_bytes(b).to_string(), "size": b.len(), "data": b64(b), "annotations": {TITLE: title}});
+    let mut layers = vec![inline(MT_CAIBX, caibx, "rootfs.caibx"), inline(MT_PACK_TABLE, &table_bytes, "packs.json")];
+    layers.extend(files.iter().map(|f| json!({"mediaType": f.media_type, "digest": f.blob.digest, "size": f.blob.size, "annotations": {TITLE: f.title}})));
+    layers.extend(table.packs.iter().enumerate().map(|(i, p)| json!({"mediaType": MT_PACK, "digest": p.digest, "size": p.size, "annotations": {TITLE: format!("pack-{i}")}})));
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": MT_CONFIG, "digest": Digest::of_bytes(config).to_string(), "size": config.len(), "data": b64(config)},
+        "layers": layers,
+    }))
+    .expect("serialisable")
+}
+
+/// A signature artifact of the release manifest `subject` (digest, size): the `.minisig` blob
+/// `sig` as its layer and its text as an annotation.
+pub fn signature_manifest(subject: (&Digest, u64), sig: &Blob, text: &str, key_id: &str) -> Vec<u8> {
+    let empty = Digest::of_bytes(b"{}");
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": MT_SIGNATURE_ARTIFACT,
+        "config": {"mediaType": MT_EMPTY, "digest": empty, "size": 2, "data": "e30="},
+        "layers": [{"mediaType": MT_MINISIG, "digest": sig.digest, "size": sig.size, "annotations": {TITLE: "config.minisig", ANN_KEY_ID: key_id}}],
+        "subject": {"mediaType": MT_OCI_MANIFEST, "digest": subject.0, "size": subject.1},
+        "annotations": {ANN_KEY_ID: key_id, ANN_MINISIG: text},
+    }))
+    .expect("serialisable")
+}
+
+/// The referrers tag of a manifest (the OCI 1.1 fallback for registries without the API).
+pub fn referrers_tag(d: &Digest) -> String {
+    format!("sha256-{}", d.hex())
+}
+
+/// A referrers list (the API's answer or the fallback tag's index) with `add` (a manifest:
+/// bytes) in it, replacing an entry of the same digest.
+pub fn with_referrer(list: Option<&[u8]>, add: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut idx: Value = match list {
+        Some(b) => serde_json::from_slice(b).context("referrers index")?,
+        None => json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []}),
+    };
+    let m: Value = serde_json::from_slice(add)?;
+    let d = Digest::of_bytes(add);
+    let mut desc = json!({"mediaType": MT_OCI_MANIFEST, "digest": d, "size": add.len(), "artifactType": m["artifactType"]});
+    if m.get("annotations").is_some() {
+        desc["annotations"] = m["annotations"].clone();
+    }
+    let list = idx["manifests"].as_array_mut().context("referrers index without manifests")?;
+    list.retain(|x| x["digest"] != json!(d));
+    list.push(desc);
+    Ok(serde_json::to_vec(&idx)?)
+}
+
+/// The `.minisig` texts a referrers list carries for the release.
+pub fn signatures(list: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<Value>(list) else { return vec![] };
+    v["manifests"].as_array().into_iter().flatten().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT).filter_map(|d| d["annotations"][ANN_MINISIG].as_str().map(str::to_string)).collect()
+}
+
+/// What a device reads out of a release manifest: the config bytes (checked against their
+/// descriptor), the inline index and pack table, the boot files and the packs.
+pub struct Parsed {
+    pub config: Vec<u8>,
+    pub caibx: Vec<u8>,
+    pub table: Vec<u8>,
+    pub files: Vec<File>,
+}
+
+pub fn parse(bytes: &[u8]) -> anyhow::Result<Parsed> {
+    let m: Value = serde_json::from_slice(bytes).context("release manifest")?;
+    if m["artifactType"] != ARTIFACT_TYPE {
+        bail!("not a slotforge release (artifactType {})", m["artifactType"]);
+    }
+    let data = |d: &Value, what: &str| -> anyhow::Result<Vec<u8>> {
+        let b = base64::engine::general_purpose::STANDARD.decode(d["data"].as_str().with_context(|| format!("release manifest: {what} is not inline"))?).with_context(|| format!("release manifest: {what}"))?;
+        let want = Digest::parse(d["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!("release manifest: {what}: {e}"))?;
+        if Digest::of_bytes(&b) != want || d["size"].as_u64() != Some(b.len() as u64) {
+            bail!("release manifest: the inline {what} is not the blob its descriptor names");
+        }
+        Ok(b)
+    };
+    if m["config"]["mediaType"] != MT_CONFIG {
+        bail!("release manifest: config media type {}", m["config"]["mediaType"]);
+    }
+    let config = data(&m["config"], "config")?;
+    let layers = m["layers"].as_array().context("release manifest without layers")?;
+    let find = |mt: &str| layers.iter().find(|l| l["mediaType"] == mt).with_context(|| format!("release manifest has no {mt} layer"));
+    let caibx = data(find(MT_CAIBX)?, "rootfs index")?;
+    let table = data(find(MT_PACK_TABLE)?, "pack table")?;
+    let mut files = Vec::new();
+    for l in layers.iter().filter(|l| ![MT_CAIBX, MT_PACK_TABLE, MT_PACK].contains(&l["mediaType"].as_str().unwrap_or(""))) {
+        let digest = Digest::parse(l["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!("release manifest: {e}"))?;
+        files.push(File { media_type: l["mediaType"].as_str().unwrap_or("").into(), blob: Blob { digest, size: l["size"].as_u64().unwrap_or(0) }, title: l["annotations"][TITLE].as_str().unwrap_or("").into() });
+    }
+    Ok(Parsed { config, caibx, table, files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::packs::Pack;
+
+    #[test]
+    fn a_release_manifest_reads_back_and_lies_are_refused() {
+        let table = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"p"), size: 1, chunks: 1 }], lengths: vec![1] };
+        let kernel = File { media_type: "application/vnd.slotforge.kernel".into(), blob: Blob { digest: Digest::of_bytes(b"k"), size: 1 }, title: "vmlinuz".into() };
+        let m = manifest(b"{\"c\":1}", b"caibx", &table, &[kernel]);
+        let p = parse(&m).unwrap();
+        assert_eq!((p.config.as_slice(), p.caibx.as_slice()), (&b"{\"c\":1}"[..], &b"caibx"[..]));
+        assert_eq!(serde_json::from_slice::<PackTable>(&p.table).unwrap(), table);
+        assert_eq!(p.files.len(), 1);
+        assert_eq!(p.files[0].title, "vmlinuz");
+        // Inline bytes that are not their descriptor's blob.
+        let mut v: Value = serde_json::from_slice(&m).unwrap();
+        v["config"]["data"] = b64(b"{\"c\":2}").into();
+        assert!(parse(&serde_json::to_vec(&v).unwrap()).is_err());
+        // The referrers list: a signature added (twice: once), read back.
+        let sig = signature_manifest((&Digest::of_bytes(&m), m.len() as u64), &Blob { digest: Digest::of_bytes(b"s"), size: 1 }, "untrusted comment: x\nRW..", "ABCD");
+        let l = with_referrer(None, &sig).unwrap();
+        let l = with_referrer(Some(&l), &sig).unwrap();
+        assert_eq!(signatures(&l), vec!["untrusted comment: x\nRW..".to_string()]);
+        assert_eq!(referrers_tag(&Digest::of_bytes(b"")), "sha256-e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    }
+}

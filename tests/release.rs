@@ -1,0 +1,163 @@
+//! Releases through a registry, against Debian's docker-registry on 127.0.0.1: `slotforge push`
+//! publishes a signed bundle (chunk packs, boot files, the signature as a referrer through the
+//! `sha256-<hex>` tag, as this registry has no referrers API); skopeo reads the artifact and its
+//! referrers; `slotforge upgrade DISK docker://…` decides the signature before it fetches any
+//! content, fetches only the chunks the disk's running slot lacks, resumes a pull cut off, and
+//! refuses a tag moved to an unsigned or foreign-signed release with the disk unchanged.
+
+mod common;
+use common::*;
+use slotforge_qemu_tests::registry::{CuttingProxy, RequestLog, TestRegistry};
+use std::path::{Path, PathBuf};
+
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let j: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["key", "generate", name, "-o", dir.to_str().unwrap(), "--json"]))).unwrap();
+    j["secret_key"].as_str().unwrap().into()
+}
+
+/// The fixture's manifest at `version`, trusting keys/release.pub, its on-disk service `newlogd`
+/// holding `payload`.
+fn release(fx: &Fixture, version: &str, payload: Vec<u8>) {
+    oci_image(&fx.path().join("images/newlogd"), "1", vec![(layer(&[E::File("usr/bin/newlogd", payload, 0o755)]), Comp::Gzip)], &["/usr/bin/newlogd", "-v"]);
+    std::fs::write(fx.manifest(), format!("{}update-keys:\n  - keys/release.pub\n", MANIFEST.replace("version: 1.4.0", &format!("version: {version}")))).unwrap();
+}
+
+fn bundle(fx: &Fixture, out: &Path, key: Option<&Path>) -> serde_json::Value {
+    let (m, l) = (fx.manifest(), layouts().join("demo.yaml"));
+    let mut args = vec!["bundle", m.to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json", "--without-images"];
+    if let Some(k) = key {
+        args.extend(["--sign", k.to_str().unwrap()]);
+    }
+    serde_json::from_str(&ok(&slotforge(&args))).unwrap()
+}
+
+fn push(b: &Path, reference: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&slotforge(&["push", b.to_str().unwrap(), reference, "--json"]))).unwrap()
+}
+
+fn skopeo_raw(reference: &str) -> serde_json::Value {
+    serde_json::from_str(&tool("skopeo", &["inspect", "--raw", "--tls-verify=false", reference])).unwrap()
+}
+
+fn rootfs_of(bundle_dir_tar: &Path, p: &Path) -> Vec<u8> {
+    let d = p.join("unpacked");
+    std::fs::create_dir_all(&d).unwrap();
+    tool("tar", &["-xf", bundle_dir_tar.to_str().unwrap(), "-C", d.to_str().unwrap()]);
+    common::delta::layer_blob(&d, common::delta::MT_ROOTFS).map(|b| std::fs::read(b).unwrap()).unwrap()
+}
+
+#[test]
+fn a_signed_release_is_pushed_read_by_skopeo_and_pulled_by_tag_fetching_only_what_the_disk_lacks() {
+    let reg = TestRegistry::start(None);
+    let fx = fixture();
+    let p = fx.path();
+    let key = keygen(&p.join("keys"), "release");
+    release(&fx, "1.4.0", noise(2_000_000, 1));
+    let disk = p.join("disk.img");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layouts().join("demo.yaml").to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    let v1 = p.join("v1.tar");
+    bundle(&fx, &v1, Some(&key));
+    let repo = format!("docker://{}/appliance", reg.host());
+    let s1 = push(&v1, &format!("{repo}:1.4.0"));
+    assert_eq!(s1["packs_uploaded"], s1["packs"], "a first push uploads every pack: {s1}");
+    assert_eq!(s1["referrers"], "tag", "docker-registry has no referrers API: {s1}");
+    // v2: 64 KiB of the service's 2 MB changed.
+    let mut payload = noise(2_000_000, 1);
+    payload[1_000_000..1_065_536].copy_from_slice(&noise(65_536, 9));
+    release(&fx, "1.5.0", payload);
+    let v2 = p.join("v2.tar");
+    bundle(&fx, &v2, Some(&key));
+    let s2 = push(&v2, &format!("{repo}:1.5.0"));
+    let (packs, up) = (s2["packs"].as_u64().unwrap(), s2["packs_uploaded"].as_u64().unwrap());
+    assert!(up >= 1 && up < packs, "only the packs with changed chunks are uploaded: {s2}");
+    assert_eq!(push(&v2, &format!("{repo}:1.5.0"))["packs_uploaded"], 0, "a second push of the same release uploads no pack");
+
+    // skopeo reads the artifact and the referrers tag naming its signature.
+    let m = skopeo_raw(&format!("{repo}:1.5.0"));
+    assert_eq!(m["artifactType"], "application/vnd.slotforge.release.v1", "{m}");
+    assert_eq!(m["config"]["mediaType"], "application/vnd.slotforge.bundle.config.v1+json");
+    let md = s2["manifest_digest"].as_str().unwrap();
+    let refs = skopeo_raw(&format!("{repo}:sha256-{}", md.trim_start_matches("sha256:")));
+    let sig = &refs["manifests"][0];
+    assert_eq!(sig["artifactType"], "application/vnd.slotforge.bundle.signature.v1", "{refs}");
+    let sm = skopeo_raw(&format!("{repo}@{}", sig["digest"].as_str().unwrap()));
+    assert_eq!(sm["subject"]["digest"], md, "the signature's subject is the release manifest");
+
+    // The disk (running 1.4.0) pulls 1.5.0 by tag through a logging proxy: the manifest and the
+    // referrers decide before any blob is asked for; then only packs' ranges, one per pack.
+    let log = RequestLog::start(reg.port);
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), &format!("docker://127.0.0.1:{}/appliance:1.5.0", log.port), "--json"]))).unwrap();
+    let lines = log.take();
+    let first_blob = lines.iter().position(|l| l.contains("/blobs/")).unwrap();
+    assert!(first_blob <= 3 && lines[..first_blob].iter().all(|l| l.contains("/manifests/") || l.contains("/referrers/")), "metadata first, at most 3 requests: {lines:?}");
+    let pulled = &r["pulled"];
+    assert_eq!(pulled["requests"].as_u64().unwrap() as usize, lines.len(), "the report counts what the registry saw: {lines:?}");
+    let (chunks, fetched) = (pulled["chunks"].as_u64().unwrap(), pulled["chunks_fetched"].as_u64().unwrap());
+    assert!(fetched >= 1 && fetched * 4 < chunks, "only the changed chunks travel: {pulled}");
+    let pack_requests = lines.iter().filter(|l| l.contains("/blobs/") && !l.contains(r["pulled"]["manifest_digest"].as_str().unwrap())).count();
+    assert!(pack_requests <= 3 + packs as usize, "{lines:?}");
+    assert_eq!(r["version"], "1.5.0");
+    assert_eq!(r["signature"]["state"], "signed", "{r}");
+    assert_eq!(r["delta"]["from_store"].as_u64().unwrap(), fetched, "{r}");
+    // Slot b holds 1.5.0's rootfs byte for byte, and the disk verifies.
+    let slot_b = p.join("slot-b.img");
+    extract_partition(&disk, "rootfs_b", &slot_b);
+    let want = rootfs_of(&v2, p);
+    assert!(std::fs::read(&slot_b).unwrap().starts_with(&want), "slot b holds the pushed rootfs");
+    let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", disk.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn a_foreign_or_unsigned_release_is_refused_before_any_content_and_a_cut_pull_resumes() {
+    let reg = TestRegistry::start(None);
+    let fx = fixture();
+    let p = fx.path();
+    let key = keygen(&p.join("keys"), "release");
+    let other = keygen(&p.join("other"), "other");
+    release(&fx, "1.4.0", noise(2_000_000, 1));
+    let disk = p.join("disk.img");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layouts().join("demo.yaml").to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    let before = sha256_file(&disk);
+    release(&fx, "1.5.0", noise(2_000_000, 2));
+    let repo = format!("{}/appliance", reg.host());
+    let log = RequestLog::start(reg.port);
+    let via_log = format!("docker://127.0.0.1:{}/appliance:1.5.0", log.port);
+    for (name, k) in [("foreign", Some(other.as_path())), ("unsigned", None)] {
+        // The tag moved to a release signed by another key, then to an unsigned one.
+        let b = p.join(format!("{name}.tar"));
+        bundle(&fx, &b, k);
+        push(&b, &format!("{repo}:1.5.0"));
+        log.take();
+        let o = slotforge(&["upgrade", disk.to_str().unwrap(), &via_log]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("refused") && e.contains("nothing was fetched"), "{name}: {e}");
+        let lines = log.take();
+        assert!(!lines.iter().any(|l| l.contains("/blobs/")), "{name}: no content byte asked for: {lines:?}");
+        assert_eq!(sha256_file(&disk), before, "{name}: disk unchanged");
+    }
+    // Signed by the trusted key; the connection cut after 300 KB each time: the pull fails, keeps
+    // every chunk that arrived whole; the rerun straight to the registry fetches only the rest.
+    let good = p.join("good.tar");
+    bundle(&fx, &good, Some(&key));
+    push(&good, &format!("{repo}:1.5.0"));
+    let cut = CuttingProxy::start(reg.port, usize::MAX, 300_000);
+    let scratch = p.join("scratch");
+    let o = slotforge(&["upgrade", disk.to_str().unwrap(), &format!("docker://127.0.0.1:{}/appliance:1.5.0", cut.port), "--scratch", scratch.to_str().unwrap()]);
+    assert!(!o.status.success(), "every connection is cut");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a rerun goes on"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256_file(&disk), before, "a cut pull changes nothing");
+    let kept = walk_files(&scratch.join(std::fs::read_dir(&scratch).unwrap().next().unwrap().unwrap().file_name()).join("chunks"));
+    assert!(kept > 0, "chunks that arrived whole are kept");
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), &format!("docker://{repo}:1.5.0"), "--scratch", scratch.to_str().unwrap(), "--json"]))).unwrap();
+    let pulled = &r["pulled"];
+    assert!(pulled["chunks_fetched"].as_u64().unwrap() + kept as u64 <= pulled["chunks"].as_u64().unwrap(), "{pulled}");
+    assert!(pulled["chunks_local"].as_u64().unwrap() >= kept as u64, "the kept chunks count as local: {pulled}");
+    assert_eq!(r["version"], "1.5.0");
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "a finished pull leaves no work behind");
+}
+
+fn walk_files(d: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(d) else { return 0 };
+    rd.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { walk_files(&p) } else { 1 }).sum()
+}
