@@ -84,14 +84,6 @@ pub fn fetch(t: &mut dyn Target, r: Resolved, dir: &Path, on_bytes: &dyn Fn(u64)
     put(&r.parsed.caibx)?;
     let (table, locs) = PackTable::parse(&r.parsed.table, &index).with_context(|| r.reference.clone())?;
     let mut bytes_fetched = 0u64;
-    // Boot files (a kernel the ESP has is still fetched: small, and the apply wants it whole).
-    let cache = crate::base::cache::Cache::open_layout(dir)?;
-    for f in &r.parsed.files {
-        if !cache.has(&f.blob.digest) {
-            r.reg.fetch_blob(&r.repo, &f.blob.digest, f.blob.size, &cache, on_bytes)?;
-            bytes_fetched += f.blob.size;
-        }
-    }
     // Which chunks are here already: the running slot's (chunked), the store's.
     let store = dir.join(crate::format::bundle::CHUNK_STORE);
     let layout = t.layout()?;
@@ -157,6 +149,28 @@ pub fn fetch(t: &mut dyn Target, r: Resolved, dir: &Path, on_bytes: &dyn Fn(u64)
                 }
                 Err(e) => return Err(e.context(format!("fetching chunks of {} (what arrived is kept; a rerun goes on from there)", r.reference))),
             }
+        }
+    }
+    // Boot files: a kernel or initrd one of the slots boots already is copied from the ESP
+    // (checked by digest), the others fetched.
+    let cache = crate::base::cache::Cache::open_layout(dir)?;
+    for f in &r.parsed.files {
+        let name = match f.media_type.as_str() {
+            crate::format::bundle::MT_KERNEL => Some("vmlinuz"),
+            crate::format::bundle::MT_INITRD => Some("initrd.img"),
+            _ => None,
+        };
+        for slot in [running, running.other()] {
+            let Some(name) = name.filter(|_| !cache.has(&f.blob.digest)) else { break };
+            let tmp = dir.join(format!(".esp-{name}"));
+            if t.esp_copy_out(&format!("{}/{name}", slot.name()), &tmp)? {
+                let _ = cache.put(std::fs::File::open(&tmp)?, &f.blob.digest, f.blob.size, name);
+            }
+            let _ = std::fs::remove_file(&tmp);
+        }
+        if !cache.has(&f.blob.digest) {
+            r.reg.fetch_blob(&r.repo, &f.blob.digest, f.blob.size, &cache, on_bytes)?;
+            bytes_fetched += f.blob.size;
         }
     }
     let mut b = Bundle::from_parts(dir, r.parsed.config.clone(), r.signatures.clone(), Some(dir))?;
