@@ -83,6 +83,8 @@ fn a_signed_release_is_pushed_read_by_skopeo_and_pulled_by_tag_fetching_only_wha
     let sm = skopeo_raw(&format!("{repo}@{}", sig["digest"].as_str().unwrap()));
     assert_eq!(sm["subject"]["digest"], md, "the signature's subject is the release manifest");
 
+    let stick_disk = p.join("stick-disk.img");
+    std::fs::copy(&disk, &stick_disk).unwrap();
     // The disk (running 1.4.0) pulls 1.5.0 by tag through a logging proxy: the manifest and the
     // referrers decide before any blob is asked for; then only packs' ranges, one per pack.
     let log = RequestLog::start(reg.port);
@@ -109,6 +111,19 @@ fn a_signed_release_is_pushed_read_by_skopeo_and_pulled_by_tag_fetching_only_wha
     assert!(std::fs::read(&slot_b).unwrap().starts_with(&want), "slot b holds the pushed rootfs");
     let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", disk.to_str().unwrap(), "--json"]))).unwrap();
     assert_eq!(v["ok"], true, "{v}");
+
+    // skopeo copies the release and its referrers tag into an OCI layout (a USB stick); the
+    // offline upgrade applies it the same way, signature included.
+    let stick = p.join("stick");
+    let hex = md.trim_start_matches("sha256:");
+    for t in ["1.5.0".to_string(), format!("sha256-{hex}")] {
+        tool("skopeo", &["copy", "-q", "--all", "--src-tls-verify=false", &format!("{repo}:{t}"), &format!("oci:{}:{t}", stick.display())]);
+    }
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", stick_disk.to_str().unwrap(), stick.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!((r["version"].as_str(), r["signature"]["state"].as_str()), (Some("1.5.0"), Some("signed")), "{r}");
+    let stick_b = p.join("stick-b.img");
+    extract_partition(&stick_disk, "rootfs_b", &stick_b);
+    assert_eq!(sha256_file(&stick_b), sha256_file(&slot_b), "the stick's release wrote the same slot");
 }
 
 #[test]

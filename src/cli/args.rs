@@ -80,6 +80,9 @@ pub struct BundleArgs {
     /// base holds; a device holding none of the bases refuses it.
     #[arg(long, value_name = "BASE")]
     pub delta_from: Vec<PathBuf>,
+    /// Then publish the bundle to a registry as `slotforge push` does (`[docker://]HOST/REPO:TAG`).
+    #[arg(long, value_name = "REF", conflicts_with = "delta_from")]
+    pub push: Option<String>,
     #[command(flatten)]
     pub src: SourceArgs,
     #[command(flatten)]

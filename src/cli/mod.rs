@@ -216,7 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Push { bundle, reference, json } => {
-            let s = crate::builder::push::push(&bundle, &reference, &[], &mut |_, _| {})?;
+            let s = push_with_bar(&bundle, &reference, json)?;
             show(json, &s, print::push)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -256,8 +256,30 @@ fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
     if s.signed_by.is_empty() {
         eprintln!("warning: the bundle is unsigned; devices whose rootfs trusts an update key will refuse it (sign with --sign KEY)");
     }
-    show(a.out.json, &s, print::bundle)?;
+    match &a.push {
+        None => show(a.out.json, &s, print::bundle)?,
+        Some(r) => {
+            let p = push_with_bar(&s.output, r, a.out.json)?;
+            show(a.out.json, &serde_json::json!({"bundle": s, "push": p}), |_| {
+                print::bundle(&s);
+                print::push(&p);
+            })?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `push`, with a bar over the packs (drawn once their number is known).
+fn push_with_bar(bundle: &std::path::Path, reference: &str, quiet: bool) -> anyhow::Result<crate::builder::push::PushSummary> {
+    let progress = Progress::new(quiet);
+    let mut bar = None;
+    let s = crate::builder::push::push(bundle, reference, &[], &mut |done, total| {
+        bar.get_or_insert_with(|| progress.bar("push", total as u64, false)).set_position(done as u64);
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(s)
 }
 
 fn test(a: TestArgs) -> anyhow::Result<ExitCode> {

@@ -27,6 +27,8 @@ pub const MT_MINISIG: &str = "application/vnd.minisign.signature.v1";
 pub const MT_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 /// The rootfs blob's chunk index: casync's `.caibx` (docs/upgrade-protocol.md#chunks-and-delta-bundles).
 pub const MT_CAIBX: &str = "application/vnd.slotforge.rootfs.caibx";
+/// The `artifactType` of a release pushed to a registry (format::published).
+pub const MT_RELEASE: &str = "application/vnd.slotforge.release.v1";
 /// Where a delta's base holds the new rootfs's chunks (`casync::seed_offsets`).
 pub const MT_SEED_OFFSETS: &str = "application/vnd.slotforge.seed-offsets.v1+zstd";
 /// Where a bundle keeps its chunks: a casync store (`xxxx/<id>.cacnk`) beside the OCI layout.
@@ -150,7 +152,10 @@ pub struct Bundle {
     /// slot holds the chunks), used like a delta's bases; not signed, and needing no trust: every
     /// chunk is checked against its id.
     pub hints: Vec<BaseBuild>,
+    /// The chunk store when it is not the bundle's `chunks/` (a release layout's packs, unpacked).
+    store: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
+    _store_tmp: Option<tempfile::TempDir>,
 }
 
 impl Bundle {
@@ -214,8 +219,21 @@ impl Bundle {
         if config.format != FORMAT {
             bail!("bundle format {} is not supported (this slotforge reads {FORMAT})", config.format);
         }
+        // Signature artifacts: listed in index.json (a bundle), or in a referrers index listed
+        // there (a release copied from a registry with its `sha256-<hex>` tag, e.g. by skopeo).
+        let mut listed: Vec<serde_json::Value> = Vec::new();
+        for d in idx["manifests"].as_array().into_iter().flatten() {
+            if d["mediaType"] == crate::oci::image::MT_OCI_INDEX {
+                let Ok(nd) = Digest::parse(d["digest"].as_str().unwrap_or("")) else { continue };
+                let Ok(nb) = read_verified(&dir, &nd, d["size"].as_u64().unwrap_or(0)) else { continue };
+                let Ok(n) = serde_json::from_slice::<serde_json::Value>(&nb) else { continue };
+                listed.extend(n["manifests"].as_array().into_iter().flatten().cloned());
+            } else {
+                listed.push(d.clone());
+            }
+        }
         let mut signatures = Vec::new();
-        for d in idx["manifests"].as_array().into_iter().flatten().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT) {
+        for d in listed.iter().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT) {
             // A damaged signature artifact is skipped: the decision then rests on the others.
             let Ok(sd) = Digest::parse(d["digest"].as_str().unwrap_or("")) else { continue };
             let Ok(sb) = read_verified(&dir, &sd, d["size"].as_u64().unwrap_or(0)) else { continue };
@@ -230,7 +248,26 @@ impl Bundle {
                 }
             }
         }
-        Ok(Self { dir, config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], _tmp: tmp })
+        // A release copied out of a registry: its rootfs is in chunk packs; unpack them into a
+        // casync store (under `scratch`) for the assembly, which checks every chunk by its id.
+        let (store, store_tmp) = if man["artifactType"] == MT_RELEASE {
+            let (dir_, t) = match scratch {
+                Some(s) => {
+                    std::fs::create_dir_all(s)?;
+                    let t = tempfile::Builder::new().prefix("release-chunks-").tempdir_in(s)?;
+                    (t.path().to_path_buf(), t)
+                }
+                None => {
+                    let t = tempfile::Builder::new().prefix("slotforge-release-chunks-").tempdir()?;
+                    (t.path().to_path_buf(), t)
+                }
+            };
+            unpack_packs(&dir, &man, &dir_).context("unpacking the release's chunk packs")?;
+            (Some(dir_), Some(t))
+        } else {
+            (None, None)
+        };
+        Ok(Self { dir, config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], store, _tmp: tmp, _store_tmp: store_tmp })
     }
 
     /// A bundle whose parts were fetched into `dir` (`blobs/sha256/`, `chunks/`): the config's
@@ -240,7 +277,7 @@ impl Bundle {
         if config.format != FORMAT {
             bail!("bundle format {} is not supported (this slotforge reads {FORMAT})", config.format);
         }
-        Ok(Self { dir: dir.to_path_buf(), config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], _tmp: None })
+        Ok(Self { dir: dir.to_path_buf(), config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], store: None, _tmp: None, _store_tmp: None })
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -249,7 +286,7 @@ impl Bundle {
 
     /// The bundle's chunk store (casync's layout).
     pub fn chunk_store(&self) -> PathBuf {
-        self.dir.join(CHUNK_STORE)
+        self.store.clone().unwrap_or_else(|| self.dir.join(CHUNK_STORE))
     }
 
     /// The rootfs blob's chunks, read from the index blob (its size bounded by what the rootfs
@@ -308,6 +345,18 @@ impl Bundle {
         }
         Ok(e)
     }
+}
+
+/// Every chunk a release layout's packs hold (as its pack table says), written into the casync
+/// store `store` as it is in the pack (compressed; checked when the assembly reads it).
+fn unpack_packs(dir: &Path, man: &serde_json::Value, store: &Path) -> anyhow::Result<()> {
+    let layer = |mt: &str| -> anyhow::Result<Vec<u8>> {
+        let l = man["layers"].as_array().and_then(|a| a.iter().find(|l| l["mediaType"] == mt)).with_context(|| format!("release without a {mt} layer"))?;
+        let d = Digest::parse(l["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
+        read_verified(dir, &d, l["size"].as_u64().unwrap_or(0))
+    };
+    let index = crate::format::casync::parse_index(&layer(MT_CAIBX)?)?;
+    crate::format::packs::unpack(&dir.join("blobs/sha256"), &layer(crate::format::packs::MT_PACK_TABLE)?, &index, store)
 }
 
 /// JSON documents and signatures of a bundle are small; a larger claim is refused before

@@ -136,6 +136,27 @@ pub fn ranges(locs: &[Location], want: impl IntoIterator<Item = usize>) -> Vec<(
     per.into_iter().map(|(p, (a, b))| (p, a, b)).collect()
 }
 
+/// Copy every chunk the packs in `blobs` (a layout's `blobs/sha256/`) hold, as `table` places
+/// them for `index`, into the casync store `store`, compressed as it is (the assembly checks
+/// each chunk by its id when it reads it).
+pub fn unpack(blobs: &std::path::Path, table: &[u8], index: &[Entry], store: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (t, locs) = PackTable::parse(table, index)?;
+    let packs: Vec<std::fs::File> = t.packs.iter().map(|p| std::fs::File::open(blobs.join(p.digest.hex())).with_context(|| format!("pack {} missing", p.digest))).collect::<anyhow::Result<_>>()?;
+    for (e, l) in index.iter().zip(&locs) {
+        let dest = crate::format::casync::chunk_path(store, &e.hex());
+        // A compressed chunk is never much over its raw size (256 KiB at most).
+        if dest.exists() || l.len > 2 * crate::format::casync::MAX {
+            continue;
+        }
+        let mut buf = vec![0u8; l.len as usize];
+        packs[l.pack].read_exact_at(&mut buf, l.offset)?;
+        std::fs::create_dir_all(dest.parent().unwrap())?;
+        std::fs::write(&dest, &buf)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

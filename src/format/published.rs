@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 /// The release manifest's `artifactType`.
-pub const ARTIFACT_TYPE: &str = "application/vnd.slotforge.release.v1";
+pub const ARTIFACT_TYPE: &str = crate::format::bundle::MT_RELEASE;
 /// On a signature artifact (and so on its descriptor in a referrers list): the `.minisig` text.
 pub const ANN_MINISIG: &str = "io.slotforge.signature.minisig";
 const TITLE: &str = "org.opencontainers.image.title";
