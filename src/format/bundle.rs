@@ -233,12 +233,13 @@ impl Bundle {
             }
         }
         let mut signatures = Vec::new();
-        for d in listed.iter().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT) {
+        // (A copy may drop `artifactType` from the descriptors: then the manifest says.)
+        for d in listed.iter().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT || (d.get("artifactType").is_none() && d["mediaType"] == MT_OCI_MANIFEST && d["digest"] != m["digest"])) {
             // A damaged signature artifact is skipped: the decision then rests on the others.
             let Ok(sd) = Digest::parse(d["digest"].as_str().unwrap_or("")) else { continue };
             let Ok(sb) = read_verified(&dir, &sd, d["size"].as_u64().unwrap_or(0)) else { continue };
             let Ok(sm) = serde_json::from_slice::<serde_json::Value>(&sb) else { continue };
-            if sm["subject"]["digest"].as_str() != Some(md.as_str()) {
+            if sm["subject"]["digest"].as_str() != Some(md.as_str()) || sm["artifactType"] != MT_SIGNATURE_ARTIFACT {
                 continue;
             }
             for l in sm["layers"].as_array().into_iter().flatten().filter(|l| l["mediaType"] == MT_MINISIG) {

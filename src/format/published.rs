@@ -88,7 +88,9 @@ pub fn with_referrer(list: Option<&[u8]>, add: &[u8]) -> anyhow::Result<Vec<u8>>
 /// The `.minisig` texts a referrers list carries for the release.
 pub fn signatures(list: &[u8]) -> Vec<String> {
     let Ok(v) = serde_json::from_slice::<Value>(list) else { return vec![] };
-    v["manifests"].as_array().into_iter().flatten().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT).filter_map(|d| d["annotations"][ANN_MINISIG].as_str().map(str::to_string)).collect()
+    // A list copied by a tool that drops `artifactType` keeps the annotations; the texts are
+    // checked against the config in any case.
+    v["manifests"].as_array().into_iter().flatten().filter(|d| d["artifactType"] == MT_SIGNATURE_ARTIFACT || d.get("artifactType").is_none()).filter_map(|d| d["annotations"][ANN_MINISIG].as_str().map(str::to_string)).collect()
 }
 
 /// What a device reads out of a release manifest: the config bytes (checked against their
