@@ -20,11 +20,6 @@ if [ "${DELTA_REPORT_ONLY:-}" = 1 ]; then
 else
 bench_setup /tmp/slotforge-delta
 rows="$w/rows"; : > "$rows"; rm -f "$w"/apply-*
-# Random bytes from a seeded generator (AES-CTR over zeros): the same inputs, so the same chunk
-# boundaries and numbers, on every run.
-prng() { # SEED BYTES
-  openssl enc -aes-128-ctr -nosalt -K "$(printf '%032x' "$1")" -iv 0 < /dev/zero 2>/dev/null | head -c "$2" || true
-}
 mkdir -p "$w/src/base/usr/lib" "$w/src/svc/opt" "$w/src/ext/opt" "$w/src/kernel"
 cp -a /usr/lib/python3.11 /usr/lib/gcc "$w/src/base/usr/lib/"
 prng 1 20000000 > "$w/src/svc/opt/blob"
@@ -48,24 +43,44 @@ yml() { # VERSION SVC EXT
 }
 yml 1.0.0 1 1 > "$w/v1.yml"; yml 1.0.1 2 1 > "$w/a.yml"; yml 1.1.0 3 1 > "$w/b.yml"; yml 1.0.1 1 2 > "$w/c.yml"
 L="$repo/layouts/edge-v2.yaml"
+# The example (examples/demo, its images as build.sh made them): the same three changes.
+[ -d "$repo/out/demo-work/images/base" ] || bash "$repo/examples/demo/build.sh" >/dev/null
+cp -a "$repo/out/demo-work/images" "$w/eximg"
+addfile() { # LAYOUT FROM TO PATH CONTENT: image TO = image FROM with one file written
+  rm -rf "$w/bundle"; umoci unpack --rootless --image "$1:$2" "$w/bundle" >/dev/null
+  mkdir -p "$(dirname "$w/bundle/rootfs/$4")"; printf '%s' "$5" > "$w/bundle/rootfs/$4"
+  umoci repack --image "$1:$3" "$w/bundle"; rm -rf "$w/bundle"
+}
+addfile "$w/eximg/hello" 1 2 etc/motd "release 2"; printf 'release 2' | zstd -3 -q -c | wc -c > "$w/change-ea"
+mkdir -p "$w/src/hello3/opt"; prng 5 3000000 > "$w/src/hello3/opt/blob"; mkimage "$w/eximg/hello" 3 "$w/src/hello3"
+zstd -3 -q -c "$w/src/hello3/opt/blob" | wc -c > "$w/change-eb"
+addfile "$w/eximg/bigsvc" 1 2 opt/big/conf "2"; printf '2' | zstd -3 -q -c | wc -c > "$w/change-ec"
+exyml() { # VERSION HELLO BIGSVC
+  sed -e "s|^version: .*|version: $1|" -e "s|oci:images/hello:1|oci:eximg/hello:$2|" -e "s|oci:images/bigsvc:1|oci:eximg/bigsvc:$3|" -e "s|oci:images/|oci:eximg/|" "$repo/examples/demo/system.yml"
+}
+exyml 0.1.0 1 1 > "$w/ex-v1.yml"; exyml 0.1.1 2 1 > "$w/ea.yml"; exyml 0.2.0 3 1 > "$w/eb.yml"; exyml 0.1.1 1 2 > "$w/ec.yml"
+EL="$repo/layouts/demo.yaml"
 cd "$w"
 "$sf" build v1.yml --layout "$L" -o v1.img -q --cache cache 2>/dev/null
 "$sf" bundle v1.yml --layout "$L" -o v1.tar --json --cache cache > v1.json 2>/dev/null
+"$sf" build ex-v1.yml --layout "$EL" -o ex-v1.img -q --cache cache 2>/dev/null
+"$sf" bundle ex-v1.yml --layout "$EL" -o ex-v1.tar --json --cache cache > ex-v1.json 2>/dev/null
 apply() { # DISK BUNDLE -> "wall rss"
-  cp --sparse=always v1.img "$w/t.img"
+  cp --sparse=always "$1" "$w/t.img"
   # faketime: the apply stamps FAT times from the clock; fixed, both disks can be compared whole.
   /usr/bin/time -f "%e %M" -o "$w/m" faketime -f '2026-01-01 00:00:00' "$sf" upgrade "$w/t.img" "$2" --json > "$w/r.json" 2>"$w/err" || { cat "$w/err"; exit 1; }
   sha256sum "$w/t.img" | cut -d' ' -f1 > "$w/sha-$(basename "$2")"
   rm -f "$w/t.img"
   cat "$w/m"
 }
-for c in a b c; do
-  "$sf" bundle $c.yml --layout "$L" -o full-$c.tar --json --cache cache > full-$c.json 2>/dev/null
-  "$sf" bundle $c.yml --layout "$L" -o delta-$c.tar --json --cache cache --delta-from v1.tar > delta-$c.json 2>/dev/null
+for c in a b c ea eb ec; do
+  case $c in e*) base=ex-v1; lay="$EL" ;; *) base=v1; lay="$L" ;; esac
+  "$sf" bundle $c.yml --layout "$lay" -o full-$c.tar --json --cache cache > full-$c.json 2>/dev/null
+  "$sf" bundle $c.yml --layout "$lay" -o delta-$c.tar --json --cache cache --delta-from $base.tar > delta-$c.json 2>/dev/null
   # Three applies of each, alternating (the page cache warm for both); the median is reported.
   for i in 1 2 3; do
-    apply v1.img full-$c.tar >> "$w/apply-full-$c"
-    apply v1.img delta-$c.tar >> "$w/apply-delta-$c"; cp r.json applied-$c.json
+    apply $base.img full-$c.tar >> "$w/apply-full-$c"
+    apply $base.img delta-$c.tar >> "$w/apply-delta-$c"; cp r.json applied-$c.json
   done
   # The slot the delta assembled must be the full bundle's: compare the applied disks' slot b.
   python3 - "$w" "$c" <<'PY' >> "$rows"
@@ -83,12 +98,14 @@ import json, sys, os, datetime, tarfile
 w = sys.argv[1]
 rows = [l.strip().split("|") for l in open(f"{w}/rows")]
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip()
-what = {"a": "(a) one file of the on-disk service", "b": "(b) the on-disk service replaced", "c": "(c) the external image bumped"}
+what = {"a": "bench (a) one file of the on-disk service", "b": "bench (b) the on-disk service replaced", "c": "bench (c) the external image bumped",
+        "ea": "example (a) one file added to `hello`", "eb": "example (b) `hello` replaced (3 MB)", "ec": "example (c) `bigsvc` bumped (one file added)"}
 print("## Delta bundles: what an update carries\n")
 print(f"Run on {datetime.date.today()}, {os.cpu_count()} cores, {cpu}: `bash bench/delta.sh`. Base image: the build bench's")
 print("tree (Python 3.11 stdlib + GCC libraries); a 40 MB on-disk service (20 MB random, 20 MB text; random bytes from a")
 print("seeded generator, so every run has the same inputs); a 64 MB")
-print("external image (sealed); layout `edge-v2`. Each change's full bundle and its delta `--delta-from` v1's")
+print("external image (sealed); layout `edge-v2`. The example: examples/demo's images (build.sh), layout `demo`, the same")
+print("three changes to its on-disk service `hello` and its sealed external `bigsvc`. Each change's full bundle and its delta `--delta-from` v1's")
 print("bundle, same run; *change, compressed*: zstd -3 of the changed files; *apply*: offline `slotforge upgrade` of")
 print("a copy of v1's disk under a fixed clock (FAT times), three times each, alternating: the median wall time and the")
 print("largest peak RSS; the disk's bytes after the full and after the delta apply are compared whole (*same disk*).\n")

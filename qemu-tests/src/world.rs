@@ -24,7 +24,7 @@ pub const IMAGES: &[(&str, &str, usize, u64, bool)] = &[
     ("big", "1", 50_000_000, 2, true),
     ("svc-c", "1", 5_000_000, 3, true),
     ("svc-c", "2", 5_000_000, 4, true),
-    ("fat", "1", 44_000_000, 5, false),
+    ("fat", "1", 42_000_000, 5, false),
     ("huge", "1", 70_000_000, 6, false),
 ];
 
@@ -34,7 +34,10 @@ pub fn variants_dir() -> PathBuf {
 
 impl World {
     pub fn new(bin: &Path, fx: &'static Fixtures) -> Self {
-        let dir = tempfile::Builder::new().prefix("slotforge-world-").tempdir().unwrap();
+        let mut dir = tempfile::Builder::new().prefix("slotforge-world-").tempdir().unwrap();
+        if std::env::var_os("SLOTFORGE_KEEP_WORLD").is_some() {
+            dir.disable_cleanup(true);
+        }
         let reg = TestRegistry::start(None);
         let images = dir.path().join("images");
         for (name, tag, size, seed, external) in IMAGES {
