@@ -298,6 +298,13 @@ pub fn compare(expect: &Expect, observed: &Value) -> Vec<String> {
     if let Some(r) = expect.refused {
         want("refused", json!(r));
     }
+    // A refusal the step did not expect is named, so its reason is in the report, not only its
+    // effect (the device staying on its build).
+    if !bad.is_empty() && expect.refused != Some(true) {
+        if let Some(why) = observed["refusal"].as_str() {
+            bad.push(format!("refused: {why}"));
+        }
+    }
     if observed["slot"].is_null() {
         bad.push("the guest never reported its status (no `status` event)".into());
     }
@@ -591,6 +598,10 @@ mod tests {
         let bad = compare(&e, &obs);
         assert_eq!(bad, vec!["expected slot = \"b\", observed \"a\"".to_string(), "expected variant = \"v2\", observed \"v1\"".to_string()]);
         assert!(compare(&Expect::default(), &json!({"slot": null}))[0].contains("never reported"));
+        // An unexpected refusal is named with its reason; an expected one is not a problem.
+        let obs = json!({"slot": "a", "variant": "v1", "rolled_back": false, "refused": true, "refusal": "rootfs 1 byte over the cap"});
+        assert_eq!(compare(&e, &obs).last().unwrap(), "refused: rootfs 1 byte over the cap");
+        assert!(compare(&Expect { refused: Some(true), ..Default::default() }, &obs).is_empty());
     }
 
     #[test]
