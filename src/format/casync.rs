@@ -478,12 +478,15 @@ pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::F
     Ok(r)
 }
 
+/// Threads finding and checking chunks in [`assemble_at`].
+const FINDERS: usize = 2;
+
 /// [`assemble`] into `out` from byte `offset` (a slot inside a disk, or a partition), of which
-/// the first `have` bytes may hold an earlier run's work: chunks there are checked in order and
-/// kept up to the first that does not match (writes go in order, so what follows is redone).
-/// `progress` is told the bytes done after each chunk written. Does not sync. Two stages on two
-/// threads: one finds and checks chunks (SHA-512/256 of each), the other writes them and hashes
-/// the whole (SHA-256); at most four chunks wait between them.
+/// the first `have` bytes may hold an earlier run's work: a chunk there whose bytes are its id's
+/// is kept (each finder thread stops looking after its first miss: writes go in order, so little
+/// beyond is done). `progress` is told the bytes done after each chunk written. Does not sync.
+/// Two stages: two threads find and check chunks (SHA-512/256 of each, the costly part), the
+/// caller's writes them in order and hashes the whole (SHA-256); at most four chunks wait.
 pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File, offset: u64, have: u64, progress: &mut dyn FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<(Assembled, crate::base::hash::Digest)> {
     use std::os::unix::fs::FileExt;
     #[derive(PartialEq)]
@@ -492,11 +495,14 @@ pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs
         Seed,
         Store,
     }
-    // Stage 1: each chunk's bytes, from where they are, checked against its id.
-    let find = |tx: std::sync::mpsc::SyncSender<anyhow::Result<(From, Vec<u8>)>>| {
-        let mut start = 0u64;
+    // Stage 1, on two threads (chunk i on thread i % 2): each chunk's bytes, from where they are,
+    // checked against its id. A chunk already in place is kept whatever its neighbours hold (its
+    // bytes are its id's); each thread stops looking in `out` at its first miss.
+    let starts: Vec<u64> = std::iter::once(0).chain(entries.iter().map(|e| e.end)).collect();
+    let find = |w: usize, tx: std::sync::mpsc::SyncSender<anyhow::Result<(From, Vec<u8>)>>| {
         let mut resuming = true;
-        for e in entries {
+        for (i, e) in entries.iter().enumerate().skip(w).step_by(FINDERS) {
+            let start = starts[i];
             let len = (e.end - start) as usize;
             let mut got = None;
             if resuming && e.end <= have {
@@ -520,18 +526,22 @@ pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs
             if tx.send(item).is_err() || failed {
                 return;
             }
-            start = e.end;
         }
     };
     std::thread::scope(|sc| {
-        let (tx, rx) = std::sync::mpsc::sync_channel(4);
-        sc.spawn(move || find(tx));
+        let mut rxs = Vec::new();
+        for w in 0..FINDERS {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let find = &find;
+            sc.spawn(move || find(w, tx));
+            rxs.push(rx);
+        }
         // Stage 2: written in order, hashed on the way.
         let mut a = Assembled::default();
         let mut whole = sha2::Sha256::new();
         let mut start = 0u64;
-        for e in entries {
-            let (from, data) = rx.recv().map_err(|_| anyhow::anyhow!("chunk reader stopped"))??;
+        for (i, e) in entries.iter().enumerate() {
+            let (from, data) = rxs[i % FINDERS].recv().map_err(|_| anyhow::anyhow!("chunk reader stopped"))??;
             let len = data.len() as u64;
             match from {
                 From::Out => a.resumed += 1,
