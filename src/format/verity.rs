@@ -251,10 +251,8 @@ pub fn append_with(path: &Path, params: impl FnOnce(u64) -> Params) -> anyhow::R
     Ok(tree.info(&p))
 }
 
-/// The root hash the tree stored at `hash_offset` claims — SHA-256(salt ‖ its top block) —
-/// read without the data (two blocks). It names the data only where the data is known to match
-/// the tree (a slot dm-verity runs from); used to recognise a build, never to trust bytes.
-pub fn stored_root<R: Read + Seek>(dev: &mut R, hash_offset: u64) -> anyhow::Result<String> {
+/// The parameters of the superblock at `hash_offset`, which must cover the data before it.
+fn read_superblock<R: Read + Seek>(dev: &mut R, hash_offset: u64) -> anyhow::Result<Params> {
     dev.seek(SeekFrom::Start(hash_offset))?;
     let mut sb = [0u8; SUPERBLOCK_LEN];
     dev.read_exact(&mut sb)?;
@@ -262,6 +260,14 @@ pub fn stored_root<R: Read + Seek>(dev: &mut R, hash_offset: u64) -> anyhow::Res
     if p.hash_offset() != hash_offset {
         anyhow::bail!("verity superblock at byte {hash_offset} covers {} data blocks, which end at byte {}", p.data_blocks, p.hash_offset());
     }
+    Ok(p)
+}
+
+/// The root hash the tree stored at `hash_offset` claims — SHA-256(salt ‖ its top block) —
+/// read without the data (two blocks). It names the data only where the data is known to match
+/// the tree (a slot dm-verity runs from); used to recognise a build, never to trust bytes.
+pub fn stored_root<R: Read + Seek>(dev: &mut R, hash_offset: u64) -> anyhow::Result<String> {
+    let p = read_superblock(dev, hash_offset)?;
     let mut top = vec![0u8; BLOCK as usize];
     dev.seek(SeekFrom::Start(hash_offset + BLOCK))?;
     dev.read_exact(&mut top)?;
@@ -271,13 +277,7 @@ pub fn stored_root<R: Read + Seek>(dev: &mut R, hash_offset: u64) -> anyhow::Res
 /// Check the hash area stored at `hash_offset` of `dev` (a partition or a slot image) against
 /// the data before it and, when given, the expected root hash. Returns the recomputed info.
 pub fn check<R: Read + Seek>(dev: &mut R, hash_offset: u64, expected_root: Option<&str>) -> anyhow::Result<VerityInfo> {
-    dev.seek(SeekFrom::Start(hash_offset))?;
-    let mut sb = [0u8; SUPERBLOCK_LEN];
-    dev.read_exact(&mut sb)?;
-    let p = parse_superblock(&sb, hash_offset)?;
-    if p.hash_offset() != hash_offset {
-        anyhow::bail!("verity superblock at byte {hash_offset} covers {} data blocks, which end at byte {}", p.data_blocks, p.hash_offset());
-    }
+    let p = read_superblock(dev, hash_offset)?;
     dev.seek(SeekFrom::Start(0))?;
     let tree = build(std::io::BufReader::new(&mut *dev).take(hash_offset), &p)?;
     dev.seek(SeekFrom::Start(hash_offset))?;
