@@ -2,6 +2,8 @@
 //! rollback after a broken rootfs (the scenario tests/qemu_upgrade.rs used to drive by hand),
 //! a power cut mid-apply then a completed upgrade (then the crash states of the next one), a thin bundle whose images come from the
 //! registry (then a corrupted blob repaired from it; and the same without network: degraded),
+//! a release pushed to the registry and pulled by tag by the guest's agent with the connection
+//! cut half-way (the next boot goes on from what the first kept),
 //! a bundle signed by an untrusted key then a trusted one, an install through the USB
 //! installer, an upgrade from a build with unsealed images to sealed ones and back, a third
 //! build's upgrade recorded write by write whose crash states are checked offline and four
@@ -79,6 +81,13 @@ paths:
         supply: registry
         fault: network-down
         expect: {{slot: b, variant: large, state: degraded}}
+  - name: by-tag
+    install: {{variant: small, layout: gen2}}
+    steps:
+      - upgrade: large
+        supply: registry-bundle
+        fault: network-cut
+        expect: {{slot: b, variant: large, state: ok}}
   - name: delta
     install: {{variant: small, layout: gen2}}
     steps:
@@ -117,16 +126,25 @@ paths:
     std::fs::write(&m, matrix).unwrap();
     let junit = d.join("report.xml");
     let keep = d.join("keep");
+    // SLOTFORGE_MATRIX_ONLY=GLOB runs only those paths (while working on one).
+    let only = std::env::var("SLOTFORGE_MATRIX_ONLY").ok();
     let o = Command::new(bin())
         .args(["test", m.to_str().unwrap(), "--json", "--junit", junit.to_str().unwrap(), "--keep", keep.to_str().unwrap(), "--jobs", "2", "--cache", d.join("cache").to_str().unwrap()])
+        .args(only.iter().flat_map(|o| ["--only", o.as_str()]))
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&o.stderr);
+    if only.is_some() {
+        // A developer's run of some paths: their table is the result.
+        assert_eq!(o.status.code(), Some(0), "{table}");
+        eprintln!("{table}");
+        return;
+    }
     assert_eq!(o.status.code(), Some(2), "one path fails on purpose:\n{table}");
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("by-tag", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -137,6 +155,16 @@ paths:
     assert_eq!(result("power-cut", 1)["observed"]["outcomes"][0], "Killed", "the first boot of the step is the cut");
     assert!(result("keys", 1)["observed"]["refusal"].as_str().unwrap().contains("nothing was changed"), "{}", result("keys", 1)["observed"]);
     assert_eq!(result("usb", 0)["boots"], 2, "the installer's boot, then the target's");
+    // By tag, the connection cut half-way: the first boot's pull failed (kept what arrived), the
+    // next boot's pull went on from there — fewer chunks than a clean pull of the same disk —
+    // and the new slot booted; the failed first pull is not a refusal.
+    let tag = &result("by-tag", 1)["observed"];
+    assert_eq!(tag["refused"], false, "{tag}");
+    let cut = &tag["network_cut"];
+    let (resumed, clean) = (cut["resumed_chunks_fetched"].as_u64().unwrap(), cut["clean_chunks_fetched"].as_u64().unwrap());
+    assert!(resumed > 0 && resumed < clean, "{cut}");
+    assert!(tag["pulled"]["chunks_local"].as_u64().unwrap() > 0 && tag["pulled"]["reference"].as_str().unwrap().starts_with("10.0.2.100:5000/slotforge-test/by-tag:"), "{tag}");
+    assert_eq!(tag["pulled"]["requests_before_decision"], 3, "{tag}");
     // The deliberately wrong expectation: reported as a failure, with what was observed.
     let bad = result("wrong-expectation", 0);
     assert_eq!(bad["result"], "fail");
@@ -150,12 +178,12 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(20), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(22), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"22\" failures=\"1\" skipped=\"1\""), "{x}");
-    assert_eq!(x.matches("<testsuite ").count(), 9);
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"24\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 10);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Reference init for slotforge test appliances (docs/boot.md): mount, network, agent boot,
-# services; if a bundle disk is attached (/dev/vdb), apply it and reboot; else power off.
+# services; if a bundle disk is attached (/dev/vdb), apply it (or pull the release it names)
+# and reboot; else power off.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -48,7 +49,14 @@ next=poweroff
 if [ -b /dev/vdb ]; then
   pause=""
   [ -b /dev/vdc ] && pause=$(head -c 32 /dev/vdc | tr -d '\000\n ')
-  if /usr/bin/slotforge agent apply /dev/vdb ${pause:+--pause-at $pause}; then
+  # The second disk holds a bundle, or one line `docker://HOST/REPO:TAG` naming a release
+  # to pull by tag (`supply: registry-bundle`).
+  ref=$(head -c 512 /dev/vdb | tr -d '\000' | head -n 1)
+  case "$ref" in
+    docker://*) cmd="update ${ref#docker://}" ;;
+    *) cmd="apply /dev/vdb" ;;
+  esac
+  if /usr/bin/slotforge agent $cmd ${pause:+--pause-at $pause}; then
     next=reboot
   fi
 fi

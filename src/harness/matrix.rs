@@ -109,6 +109,10 @@ pub enum Fault {
     CorruptImage,
     /// The guest's network is cut for the step's boots (pull-on-miss cannot reach the registry).
     NetworkDown,
+    /// `supply: registry-bundle` only: the guest's connection to the registry drops half-way
+    /// through the release's download and stays down for that boot; the next boot, with the
+    /// network back, must go on from the chunks the first one kept.
+    NetworkCut,
     /// Record the apply and the first boot of the new slot (boot counting, mark-good, GC) with
     /// every write logged; check every crash state a power cut could leave offline, and boot
     /// this many of them (default 2) in QEMU — an apply's states then re-run the apply.
@@ -122,6 +126,7 @@ impl Fault {
             "wrong-key" => Fault::WrongKey,
             "corrupt-image" => Fault::CorruptImage,
             "network-down" => Fault::NetworkDown,
+            "network-cut" => Fault::NetworkCut,
             "crash-states" => Fault::CrashStates(None),
             _ if s.starts_with("crash-states:") => match s["crash-states:".len()..].parse() {
                 Ok(n) => Fault::CrashStates(Some(n)),
@@ -132,7 +137,7 @@ impl Fault {
                     Ok(st) => Fault::PowerCut(st),
                     Err(_) => return Err(format!("power-cut at unknown apply step {step:?} (one of {})", ApplyStep::VARIANTS.iter().map(|v| v.name()).collect::<Vec<_>>().join(", "))),
                 },
-                None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image, network-down, crash-states[:N])")),
+                None => return Err(format!("unknown fault {s:?} (power-cut:STEP, bad-rootfs, wrong-key, corrupt-image, network-down, network-cut, crash-states[:N])")),
             },
         })
     }
@@ -143,6 +148,7 @@ impl Fault {
             Fault::WrongKey => "wrong-key".into(),
             Fault::CorruptImage => "corrupt-image".into(),
             Fault::NetworkDown => "network-down".into(),
+            Fault::NetworkCut => "network-cut".into(),
             Fault::CrashStates(None) => "crash-states".into(),
             Fault::CrashStates(Some(n)) => format!("crash-states:{n}"),
         }
@@ -211,15 +217,22 @@ fn check(file: &Path, m: &Matrix) -> Result<(), InputError> {
             if let Some(sp) = &st.supply {
                 match sp.value.as_str() {
                     "disk" | "delta" => {}
-                    "registry" if m.registry.is_some() => {}
-                    "registry" => return Err(err(sp, "supply: registry needs the matrix's `registry: HOST:PORT`".into())),
-                    other => return Err(err(sp, format!("supply {other:?}: `disk`, `delta` or `registry`"))),
+                    "registry" | "registry-bundle" if m.registry.is_some() => {}
+                    "registry" | "registry-bundle" => return Err(err(sp, format!("supply: {} needs the matrix's `registry: HOST:PORT`", sp.value))),
+                    other => return Err(err(sp, format!("supply {other:?}: `disk`, `delta`, `registry` or `registry-bundle`"))),
                 }
             }
             if let Some(f) = &st.fault {
                 let fault = Fault::parse(&f.value).map_err(|e| err(f, e))?;
                 if st.boot && !matches!(fault, Fault::CorruptImage | Fault::NetworkDown) {
                     return Err(err(f, format!("fault {} needs an upgrade step", f.value)));
+                }
+                let by_tag = st.supply.as_ref().is_some_and(|s| s.value == "registry-bundle");
+                if fault == Fault::NetworkCut && !by_tag {
+                    return Err(err(f, "fault network-cut cuts the download of a release: it needs `supply: registry-bundle`".into()));
+                }
+                if by_tag && matches!(fault, Fault::CrashStates(_)) {
+                    return Err(err(f, format!("fault {} is not available with `supply: registry-bundle` yet", f.value)));
                 }
             }
         }
@@ -278,5 +291,14 @@ paths:
         assert!(e.message.contains("expct"), "{e}");
         let e = bad("layout: gen1}", "layout: gen9}");
         assert!(e.message.contains("unknown layout"), "{e}");
+        let e = bad("fault: power-cut:slot-written", "fault: network-cut");
+        assert!(e.message.contains("needs `supply: registry-bundle`"), "{e}");
+        let e = bad("fault: power-cut:slot-written", "supply: registry-bundle");
+        assert!(e.message.contains("needs the matrix's `registry"), "{e}");
+        let with_registry = format!("registry: 127.0.0.1:5000\n{M}");
+        let l = parse(Path::new("m.yaml"), &with_registry.replace("fault: power-cut:slot-written", "supply: registry-bundle\n        fault: network-cut")).unwrap();
+        assert_eq!(Fault::parse(&l.matrix.paths[0].steps[1].value.fault.as_ref().unwrap().value).unwrap(), Fault::NetworkCut);
+        let e = parse(Path::new("m.yaml"), &with_registry.replace("fault: power-cut:slot-written", "supply: registry-bundle\n        fault: crash-states")).unwrap_err();
+        assert!(e.message.contains("not available with `supply: registry-bundle`"), "{e}");
     }
 }

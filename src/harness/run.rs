@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use crate::format::agent::{ApplyStep, Event, Kind};
 
+mod by_tag;
 mod crash_step;
 
 pub use super::report::{junit, Report, StepOutcome, StepResult};
@@ -206,6 +207,10 @@ struct Device<'a> {
     builds: BTreeMap<String, String>,
     /// The host port the guest's 10.0.2.100:5000 reaches, while the network is up.
     network: Option<u16>,
+    /// Steps run so far (names what a step builds or publishes for this path alone).
+    steps: usize,
+    /// What the step found besides the guest's events (merged into its `observed`).
+    extra: serde_json::Map<String, Value>,
 }
 
 impl Device<'_> {
@@ -255,7 +260,11 @@ impl Device<'_> {
         // repairing a sealed image dm-verity found corrupt).
         let status = boots.iter().rev().find_map(|b| b.status());
         let rolled_back = boots.iter().any(|b| b.has(Kind::RolledBack));
-        let apply_failed = boots.iter().find_map(|b| b.apply_failed()).map(str::to_string);
+        // A failed apply a later boot of the step completed (a pull cut off, then resumed) is
+        // not a refusal.
+        let last_apply = boots.iter().rev().find(|b| b.apply_failed().is_some() || b.applied().is_some());
+        let apply_failed = last_apply.and_then(|b| b.apply_failed()).map(str::to_string);
+        let pulled = boots.iter().rev().find_map(|b| b.applied().and_then(|a| a.pulled.clone()));
         let refusal = refused.or(apply_failed);
         let build = status.map(|s| s.build_id.as_str()).unwrap_or("");
         let variant = self.builds.iter().find(|(_, b)| b.as_str() == build).map(|(v, _)| v.clone());
@@ -271,6 +280,7 @@ impl Device<'_> {
             "refusal": refusal,
             "boots": boots.len(),
             "outcomes": boots.iter().map(|b| format!("{:?}", b.outcome)).collect::<Vec<_>>(),
+            "pulled": pulled,
         })
     }
 }
@@ -338,7 +348,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
     let port = sh.m.matrix.registry.as_ref().and_then(|r| super::matrix::registry_port(&r.value).ok());
-    let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new(), network: port };
+    let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new(), network: port, steps: 0, extra: Default::default() };
     let mut failed: Option<String> = None;
     for (i, label) in labels.iter().enumerate().take(last + 1) {
         let step = if i == 0 { None } else { Some(&p.steps[i - 1].value) };
@@ -367,6 +377,7 @@ impl Device<'_> {
     /// Run one step of `p` (`None`: the install) on this device. `Ok(Some(reason))`: the update
     /// was refused (by the builder, for a stated reason).
     fn run_step(&mut self, p: &super::matrix::PathSpec, step: Option<&Step>, opts: &Options, boots: &mut Vec<Boot>, crash: &mut Option<crash_step::CrashStep>) -> anyhow::Result<Option<String>> {
+        self.extra.clear();
         let layout = p.install.layout.value.clone();
         let port = self.sh.m.matrix.registry.as_ref().and_then(|r| super::matrix::registry_port(&r.value).ok());
         let Some(step) = step else {
@@ -405,17 +416,24 @@ impl Device<'_> {
         };
         let compat: Vec<String> = step.compat.iter().map(|c| c.value.clone()).collect();
         let thin = step.supply.as_ref().is_some_and(|s| s.value == "registry");
-        let delta_tag = format!("{}-{}", self.dir.file_name().unwrap_or_default().to_string_lossy(), boots.len());
+        let by_tag = step.supply.as_ref().is_some_and(|s| s.value == "registry-bundle");
+        self.steps += 1;
+        let delta_tag = format!("{}-{}", self.dir.file_name().unwrap_or_default().to_string_lossy(), self.steps);
         let delta = step.supply.as_ref().is_some_and(|s| s.value == "delta").then_some((self.disk.as_path(), delta_tag.as_str()));
         let bundle = match self.sh.bundle(&v.value, &layout, &compat, fault == Some(Fault::WrongKey), thin, delta) {
             Ok((b, id)) => {
                 // The variant's build id: what the device reports once it runs it.
                 self.builds.insert(v.value.clone(), id);
-                // Each VM gets its own copy: QEMU locks a disk image for writing, and paths
-                // running in parallel may attach the same bundle.
                 let own = self.dir.join("bundle.disk");
-                std::fs::copy(&b, &own).with_context(|| format!("copying {}", b.display()))?;
-                own
+                if by_tag {
+                    // Pushed to the path's registry; the second disk names its tag.
+                    self.publish(&b, &own)?
+                } else {
+                    // Each VM gets its own copy: QEMU locks a disk image for writing, and paths
+                    // running in parallel may attach the same bundle.
+                    std::fs::copy(&b, &own).with_context(|| format!("copying {}", b.display()))?;
+                    own
+                }
             }
             Err(BuildError::Refused(e)) => {
                 // Refused by the builder for a stated reason (over a slot's cap): the
@@ -437,6 +455,7 @@ impl Device<'_> {
                 cut.map_err(anyhow::Error::msg)?;
                 self.boot_until_status(boots)?;
             }
+            Some(Fault::NetworkCut) => self.network_cut(&bundle, boots)?,
             Some(Fault::BadRootfs) => {
                 let b = self.boot(&[bundle], None)?;
                 let applied = b.applied().map(|a| a.slot.clone());
@@ -465,6 +484,9 @@ impl Device<'_> {
             Err(e) => (StepOutcome::Fail, Value::Null, format!("{e:#}")),
             Ok(refused) => {
                 let mut obs = self.observe(boots, refused);
+                for (k, v) in &self.extra {
+                    obs[k] = v.clone();
+                }
                 let mut bad = compare(expect, &obs);
                 if let Some(c) = crash {
                     bad.extend(c.problems.iter().cloned());

@@ -8,6 +8,9 @@ use crate::format::agent::{ApplyReport, ApplyStep, Event, GcReport};
 use crate::format::bundle::Bundle;
 use std::path::Path;
 
+/// Where `agent update` keeps the chunks of a release it is pulling, on the images partition.
+pub const PULLS: &str = ".pulls";
+
 /// How long `--pause-at` holds an apply: far longer than any test needs to cut the power.
 const PAUSE: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -21,12 +24,12 @@ pub fn apply(cfg: &AgentConfig, src: &Path, pause_at: Option<ApplyStep>) -> anyh
 
 /// `agent update REF`: the release pulled from a registry — its signatures decided with the
 /// running slot's keys and its layout checked before any content is fetched, then only the
-/// chunks the running slot lacks, kept in `.partial/` of the images partition so a pull cut off
-/// goes on where it stopped — and applied like any bundle. `--check`: print what the tag names
+/// chunks the running slot lacks, kept in `.pulls/` of the images partition so a pull cut off
+/// goes on where it stopped (at the next boot too) — and applied like any bundle. `--check`: print what the tag names
 /// and whether the device would take it (JSON), fetching no content.
 pub fn update(cfg: &AgentConfig, reference: &str, check: bool, pause_at: Option<ApplyStep>) -> anyhow::Result<()> {
     let mut t = DeviceTarget { cfg: cfg.clone() };
-    let r = match upgrade::pull::resolve(&mut t, reference, &cfg.insecure) {
+    let r = match upgrade::pull::resolve_via(&mut t, reference, &cfg.insecure, &|h, r, d| super::fetch::endpoints(cfg, h, r, d)) {
         Ok(r) => r,
         Err(e) if check => {
             println!("{}", serde_json::json!({"reference": reference, "available": false, "error": format!("{e:#}")}));
@@ -46,7 +49,15 @@ pub fn update(cfg: &AgentConfig, reference: &str, check: bool, pause_at: Option<
         );
         return Ok(());
     }
-    let dir = upgrade::pull::work_dir(&cfg.images.join(".partial"), &r.manifest);
+    // Kept across boots (GC clears `.partial/` after every good boot, `.pulls/` it leaves):
+    // only the release being pulled now keeps its chunks there.
+    let pulls = cfg.images.join(PULLS);
+    let dir = upgrade::pull::work_dir(&pulls, &r.manifest);
+    for e in std::fs::read_dir(&pulls).into_iter().flatten().flatten() {
+        if e.path() != dir {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let (b, pulled) = match upgrade::pull::fetch(&mut t, r, &dir, &|_| {}) {
         Ok(v) => v,
         Err(e) => {

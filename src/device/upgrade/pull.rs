@@ -12,6 +12,7 @@ use crate::format::bundle::{BaseBuild, Blob, Bundle};
 use crate::format::casync::{self, Entry, Seeds};
 use crate::format::packs::PackTable;
 use crate::format::published;
+use crate::oci::mirrors::Endpoint;
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::Registry;
 use anyhow::{bail, Context};
@@ -25,6 +26,8 @@ pub struct Resolved {
     reg: Registry,
     repo: String,
     pub reference: String,
+    /// `HOST/REPO` that served it (the reference's own, or a mirror).
+    pub served_by: String,
     pub manifest: Digest,
     parsed: published::Parsed,
     pub signatures: Vec<String>,
@@ -34,15 +37,38 @@ pub struct Resolved {
     pub requests: usize,
 }
 
-/// Resolve `reference` (`[docker://]HOST/REPO:TAG` or `@sha256:…`), read its signatures and decide
-/// them with `t`'s keys, check `t`'s layout: all before any content.
+/// Resolve `reference` (`[docker://]HOST/REPO:TAG` or `@sha256:…`) at its own registry, read its
+/// signatures and decide them with `t`'s keys, check `t`'s layout: all before any content.
 pub fn resolve(t: &mut dyn Target, reference: &str, insecure: &[String]) -> anyhow::Result<Resolved> {
-    let ImageRef::Registry { host, repo, tag, digest } = ImageRef::parse(reference, Path::new("/")).map_err(|e| anyhow::anyhow!(e))? else {
+    resolve_via(t, reference, insecure, &|host, repo, _| Ok(vec![Endpoint { host: host.into(), repo: repo.into(), insecure: false, mirror: false }]))
+}
+
+/// [`resolve`], the release read from the first of `endpoints(host, repo, by_digest)` that
+/// serves its manifest (a mirror first, as registries.conf orders them). A mirror is trusted no
+/// more than the registry: the signatures decide.
+pub fn resolve_via(t: &mut dyn Target, reference: &str, insecure: &[String], endpoints: &dyn Fn(&str, &str, bool) -> anyhow::Result<Vec<Endpoint>>) -> anyhow::Result<Resolved> {
+    let ImageRef::Registry { host, repo: asked_repo, tag, digest } = ImageRef::parse(reference, Path::new("/")).map_err(|e| anyhow::anyhow!(e))? else {
         bail!("{reference:?} is not a registry reference ([docker://]HOST/REPO:TAG)");
     };
-    let reg = Registry::new(&host, insecure)?;
     let at = digest.clone().or(tag.clone()).unwrap_or_else(|| "latest".into());
-    let (bytes, _) = reg.manifest(&repo, &at)?;
+    let mut errors = Vec::new();
+    let mut served = None;
+    for ep in endpoints(&host, &asked_repo, digest.is_some())? {
+        let mut insecure = insecure.to_vec();
+        if ep.insecure {
+            insecure.push(ep.host.clone());
+        }
+        let reg = Registry::new(&ep.host, &insecure)?;
+        match reg.manifest(&ep.repo, &at) {
+            Ok((bytes, _)) => {
+                served = Some((reg, ep, bytes));
+                break;
+            }
+            Err(e) => errors.push(format!("{}/{}: {e:#}", ep.host, ep.repo)),
+        }
+    }
+    let Some((reg, ep, bytes)) = served else { bail!("{reference}: {}", errors.join("; ")) };
+    let repo = ep.repo.clone();
     let md = Digest::of_bytes(&bytes);
     if digest.as_deref().is_some_and(|d| d != md.as_str()) {
         bail!("{reference}: the registry's manifest is {md}, not the digest asked for");
@@ -62,7 +88,7 @@ pub fn resolve(t: &mut dyn Target, reference: &str, insecure: &[String]) -> anyh
         bail!("release {reference} ({}) is not for this device's layout {} generation {}; nothing was fetched or changed", config.build_id, layout.name, layout.generation);
     }
     let requests = reg.requests();
-    Ok(Resolved { reg, reference: format!("{host}/{repo}:{at}"), repo, manifest: md, parsed, signatures, config, decision, requests })
+    Ok(Resolved { reg, reference: format!("{host}/{asked_repo}:{at}"), served_by: format!("{}/{}", ep.host, ep.repo), repo, manifest: md, parsed, signatures, config, decision, requests })
 }
 
 /// Fetch what the apply of `r` needs into `dir` (kept between runs: what is there is not
@@ -177,6 +203,7 @@ pub fn fetch(t: &mut dyn Target, r: Resolved, dir: &Path, on_bytes: &dyn Fn(u64)
     b.hints.extend(hint);
     let report = PullReport {
         reference: r.reference.clone(),
+        served_by: r.served_by.clone(),
         manifest_digest: r.manifest.to_string(),
         build_id: r.config.build_id.clone(),
         version: r.config.version.clone(),

@@ -180,6 +180,10 @@ pub struct ApplyReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PullReport {
     pub reference: String,
+    /// `HOST/REPO` the release was read from: the reference's own, or a mirror (agent.json's
+    /// `mirror`, registries.conf).
+    #[serde(default)]
+    pub served_by: String,
     pub manifest_digest: String,
     pub build_id: String,
     pub version: String,
