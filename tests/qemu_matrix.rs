@@ -137,7 +137,7 @@ paths:
     if only.is_some() {
         // A developer's run of some paths: their table is the result.
         assert_eq!(o.status.code(), Some(0), "{table}");
-        eprintln!("{table}");
+        eprintln!("{table}\n{}", String::from_utf8_lossy(&o.stdout));
         return;
     }
     assert_eq!(o.status.code(), Some(2), "one path fails on purpose:\n{table}");
