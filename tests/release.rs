@@ -3,7 +3,9 @@
 //! `sha256-<hex>` tag, as this registry has no referrers API); skopeo reads the artifact and its
 //! referrers; `slotforge upgrade DISK docker://…` decides the signature before it fetches any
 //! content, fetches only the chunks the disk's running slot lacks, resumes a pull cut off, and
-//! refuses a tag moved to an unsigned or foreign-signed release with the disk unchanged.
+//! refuses a tag moved to an unsigned or foreign-signed release with the disk unchanged; a
+//! release carries its sealed external images (the sealed artifact a referrer of its image) and
+//! a bumped one travels as the chunks the device's earlier sealed image lacks.
 
 mod common;
 use common::*;
@@ -195,6 +197,98 @@ fn a_foreign_or_unsigned_release_is_refused_before_any_content_and_a_cut_pull_re
     assert!(pulled["chunks_local"].as_u64().unwrap() >= kept as u64, "the kept chunks count as local: {pulled}");
     assert!(pulled["chunks_fetched"].as_u64().unwrap() + kept as u64 <= pulled["chunks"].as_u64().unwrap(), "{pulled}");
     assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "a finished pull leaves no work behind");
+}
+
+/// edgeview as an 8 MB image, its binary changed in 17 bytes at `change` (if any).
+fn edgeview(fx: &Fixture, tag: &str, change: bool) {
+    let mut bin = noise(8_000_000, 7);
+    if change {
+        bin[4_000_000..4_000_017].copy_from_slice(b"a one-line change");
+    }
+    oci_image(&fx.path().join("images/edgeview"), tag, vec![(layer(&[E::File("lib/libshared.so", noise(300_000, 6), 0o644)]), Comp::Gzip), (layer(&[E::File("bin/edgeview", bin, 0o755)]), Comp::Zstd)], &["/bin/edgeview"]);
+}
+
+#[test]
+fn a_release_carries_its_sealed_images_and_a_bumped_one_travels_as_the_chunks_the_device_lacks() {
+    let reg = TestRegistry::start(None);
+    let fx = fixture();
+    let p = fx.path();
+    let layout = layouts().join("demo.yaml");
+    edgeview(&fx, "1.2", false);
+    let disk = p.join("disk.img");
+    ok(&slotforge(&["build", fx.manifest().to_str().unwrap(), "--layout", layout.to_str().unwrap(), "-o", disk.to_str().unwrap(), "-q"]));
+    // 1.5.0: edgeview bumped to 1.3 (17 bytes of its 8 MB binary changed); a full bundle.
+    edgeview(&fx, "1.3", true);
+    std::fs::write(fx.manifest(), MANIFEST.replace("version: 1.4.0", "version: 1.5.0").replace("edgeview:1.2", "edgeview:1.3")).unwrap();
+    let v2 = p.join("v2.tar");
+    let m = fx.manifest();
+    let b: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["bundle", m.to_str().unwrap(), "--layout", layout.to_str().unwrap(), "-o", v2.to_str().unwrap(), "--json"]))).unwrap();
+    let repo = format!("{}/appliance", reg.host());
+    let s = push(&v2, &format!("docker://{repo}:1.5.0"));
+    assert_eq!((s["sealed_images"].as_u64(), s["sealed_uploaded"].as_u64()), (Some(1), Some(1)), "edgeview is sealed, analytics is not: {s}");
+    assert_eq!(push(&v2, &format!("docker://{repo}:1.5.0"))["sealed_uploaded"], 0, "pushed again: the sealed blob is there");
+
+    // The sealed artifact is a referrer of edgeview 1.3's manifest (the referrers tag here),
+    // exactly the artifact the images partition holds, and skopeo reads it.
+    let cfg: serde_json::Value = {
+        let d = p.join("v2-dir");
+        std::fs::create_dir_all(&d).unwrap();
+        tool("tar", &["-xf", v2.to_str().unwrap(), "-C", d.to_str().unwrap()]);
+        let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("index.json")).unwrap()).unwrap();
+        let blob = |x: &str| std::fs::read(d.join("blobs/sha256").join(x.trim_start_matches("sha256:"))).unwrap();
+        let man: serde_json::Value = serde_json::from_slice(&blob(idx["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+        serde_json::from_slice(&blob(man["config"]["digest"].as_str().unwrap())).unwrap()
+    };
+    assert_eq!(cfg["build_id"], b["build_id"]);
+    let ev = cfg["images"].as_array().unwrap().iter().find(|i| i["name"] == "edgeview").unwrap();
+    let image = ev["digest"].as_str().unwrap();
+    let refs = skopeo_raw(&format!("docker://{repo}:sha256-{}", image.trim_start_matches("sha256:")));
+    assert_eq!(refs["manifests"][0]["artifactType"], "application/vnd.slotforge.sealed-image.v1", "{refs}");
+    assert_eq!(refs["manifests"][0]["digest"], ev["sealed"]["artifact"], "{refs}");
+    let art = skopeo_raw(&format!("docker://{repo}@{}", ev["sealed"]["artifact"].as_str().unwrap()));
+    assert_eq!(art["subject"]["digest"], image, "{art}");
+    assert_eq!(art["layers"][0]["digest"], ev["sealed"]["digest"], "{art}");
+
+    // Pulled by tag onto the 1.4.0 disk through a logging proxy: the sealed image is assembled
+    // from edgeview 1.2's sealed image on the disk plus the chunks it lacks, read by range.
+    let full_disk = p.join("full.img");
+    std::fs::copy(&disk, &full_disk).unwrap();
+    let log = RequestLog::start(reg.port);
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), &format!("docker://127.0.0.1:{}/appliance:1.5.0", log.port), "--json"]))).unwrap();
+    let lines = log.take();
+    assert_eq!(r["images_to_pull"], serde_json::json!([]), "nothing is left to pull at first boot (analytics, unsealed and unchanged, is on the disk): {r}");
+    let img = &r["pulled"]["images"][0];
+    assert_eq!(img["name"], "edgeview", "{r}");
+    let (chunks, fetched, local) = (img["chunks"].as_u64().unwrap(), img["chunks_fetched"].as_u64().unwrap(), img["chunks_local"].as_u64().unwrap());
+    assert!(fetched >= 1 && fetched * 4 < chunks && fetched + local == chunks, "only the changed chunks of the sealed image travel: {img}");
+    assert!(img["bytes_fetched"].as_u64().unwrap() < ev["sealed"]["size"].as_u64().unwrap() / 4, "{img}");
+    let sealed_hex = ev["sealed"]["digest"].as_str().unwrap().trim_start_matches("sha256:");
+    let ranges = lines.iter().filter(|l| l.contains(sealed_hex)).count();
+    assert!(ranges >= 1 && ranges as u64 <= fetched, "one range request per run of missing chunks: {lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", disk.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    // The same as applying the whole bundle: byte for byte.
+    ok(&slotforge(&["upgrade", full_disk.to_str().unwrap(), v2.to_str().unwrap()]));
+    // The same as applying the whole bundle: the slots byte for byte; the ESP and the images
+    // partition file for file (their entries carry the time of the offline write).
+    let part = |d: &Path, name: &str| {
+        let out = p.join(format!("{}-{name}", d.file_stem().unwrap().to_string_lossy()));
+        extract_partition(d, name, &out);
+        out
+    };
+    for slot in ["rootfs_a", "rootfs_b"] {
+        assert_eq!(sha256_file(&part(&disk, slot)), sha256_file(&part(&full_disk, slot)), "pulled by tag or applied whole: {slot} differs");
+    }
+    let files = |d: &Path| {
+        let (esp, images) = (part(d, "esp"), part(d, "images"));
+        let out = p.join(format!("{}-files", d.file_stem().unwrap().to_string_lossy()));
+        std::fs::create_dir_all(out.join("images")).unwrap();
+        tool("mcopy", &["-s", "-n", "-i", esp.to_str().unwrap(), "::/", out.join("esp").to_str().unwrap()]);
+        tool("debugfs", &["-R", &format!("rdump / {}", out.join("images").display()), images.to_str().unwrap()]);
+        assert!(std::fs::read_dir(out.join("images/blobs/sha256")).unwrap().count() > 5 && out.join("esp/loader").is_dir(), "both file systems were read");
+        out
+    };
+    tool("diff", &["-r", files(&disk).to_str().unwrap(), files(&full_disk).to_str().unwrap()]);
 }
 
 fn walk_files(d: &Path) -> usize {

@@ -1,6 +1,7 @@
 //! `slotforge push BUNDLE REF`: a bundle published as a release in an OCI registry
 //! (format::published): its rootfs cut into casync chunks and packed (format::packs), so a
 //! registry that holds an earlier release receives only the packs that changed; its boot files;
+//! its sealed external images (the sealed blob whole, its artifact a referrer of the image);
 //! its signatures as referrers of the release manifest — through the referrers API where the
 //! registry has it, else the referrers tag `sha256-<hex>`.
 
@@ -25,8 +26,12 @@ pub struct PushSummary {
     pub packs: usize,
     /// Packs the registry did not have (the rest an earlier release pushed already).
     pub packs_uploaded: usize,
-    /// Bytes of every blob uploaded (packs, boot files, metadata).
+    /// Bytes of every blob uploaded (packs, boot files, sealed images, metadata).
     pub bytes_uploaded: u64,
+    /// Sealed external images published with the release, and of those the ones whose sealed
+    /// blob the registry did not have.
+    pub sealed_images: usize,
+    pub sealed_uploaded: usize,
     pub signatures: usize,
     /// `api` (the registry indexed the signatures' subject) or `tag` (`sha256-<hex>`).
     pub referrers: String,
@@ -44,11 +49,11 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], on_pack: &mut dyn 
         bail!("push to {reference:?}: give a registry reference with a tag, [docker://]HOST/REPO:TAG");
     };
     let reg = Registry::new(&host, insecure)?;
-    let mut bytes_uploaded = 0u64;
+    let bytes_uploaded = std::cell::Cell::new(0u64);
     let mut put = |d: &Digest, bytes: &[u8]| -> anyhow::Result<bool> {
         let up = reg.push_blob(&repo, d, bytes)?;
         if up {
-            bytes_uploaded += bytes.len() as u64;
+            bytes_uploaded.set(bytes_uploaded.get() + bytes.len() as u64);
         }
         Ok(up)
     };
@@ -94,12 +99,14 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], on_pack: &mut dyn 
     for bytes in [&b.config_bytes, &caibx, &table_bytes] {
         put(&Digest::of_bytes(bytes), bytes)?;
     }
-    let manifest = published::manifest(&b.config_bytes, &caibx, &table, &files);
+    put(&Digest::of_bytes(b"{}"), b"{}")?;
+    let mut referrers = "api";
+    let (sealed, sealed_uploaded, sealed_bytes) = push_sealed(&reg, &repo, &b, &mut put, &mut referrers)?;
+    bytes_uploaded.set(bytes_uploaded.get() + sealed_bytes);
+    let manifest = published::manifest(&b.config_bytes, &caibx, &table, &files, &sealed);
     let md = Digest::of_bytes(&manifest);
     reg.put_manifest(&repo, &tag, &manifest, MT_OCI_MANIFEST)?;
     // Signatures: referrers of the release manifest.
-    let mut referrers = "api";
-    put(&Digest::of_bytes(b"{}"), b"{}")?;
     for text in &b.signatures {
         let sig = Blob { digest: Digest::of_bytes(text.as_bytes()), size: text.len() as u64 };
         put(&sig.digest, text.as_bytes())?;
@@ -122,8 +129,67 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], on_pack: &mut dyn 
         chunks: index.len(),
         packs: table.packs.len(),
         packs_uploaded,
-        bytes_uploaded,
+        bytes_uploaded: bytes_uploaded.get(),
+        sealed_images: sealed.len(),
+        sealed_uploaded,
         signatures: b.signatures.len(),
         referrers: if b.signatures.is_empty() { "none".into() } else { referrers.into() },
     })
+}
+
+/// The sealed external images the bundle carries, published: the sealed blob whole (if the
+/// registry lacks it), the small blobs, and the sealed artifact manifest as a referrer of the
+/// image's manifest (referrers API, else the tag `sha256-<hex of the image manifest>`). An image
+/// whose layers are kept (`keep-layers`), or a bundle without images, leaves the device to pull
+/// it at first boot. Returns the images for the release manifest and how many sealed blobs were
+/// uploaded.
+fn push_sealed(reg: &Registry, repo: &str, b: &Bundle, put: &mut dyn FnMut(&Digest, &[u8]) -> anyhow::Result<bool>, referrers: &mut &str) -> anyhow::Result<(Vec<published::SealedImage>, usize, u64)> {
+    let mut out = Vec::new();
+    let (mut uploaded, mut bytes) = (0, 0);
+    if !b.config.images_included {
+        return Ok((out, 0, 0));
+    }
+    let parse = |s: &str| Digest::parse(s).map_err(|e| anyhow::anyhow!(e));
+    for e in &b.config.images {
+        let Some(s) = e.sealed.as_ref().filter(|_| !e.keep_layers) else { continue };
+        let sd = parse(&s.digest)?;
+        let path = b.blob_path(&sd);
+        if !path.exists() {
+            continue;
+        }
+        let read = |d: &Digest, what: &str| std::fs::read(b.blob_path(d)).with_context(|| format!("bundle blob {d} ({} {what})", e.name));
+        let md = parse(&e.digest)?;
+        let manifest = read(&md, "manifest")?;
+        let mv: serde_json::Value = serde_json::from_slice(&manifest).with_context(|| format!("{} manifest", e.name))?;
+        let config = read(&parse(mv["config"]["digest"].as_str().unwrap_or(""))?, "config")?;
+        let artifact = read(&parse(&s.artifact)?, "sealed artifact")?;
+        let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&path)?))?;
+        let caibx = casync::index_bytes(&index);
+        if reg.push_blob_file(repo, &sd, &path, s.size)? {
+            uploaded += 1;
+            bytes += s.size;
+        }
+        for bytes in [&manifest, &config, &artifact, &caibx] {
+            put(&Digest::of_bytes(bytes), bytes)?;
+        }
+        // The sealed artifact as it is in the images partition: a referrer of the image.
+        let ad = Digest::of_bytes(&artifact);
+        if !reg.put_manifest(repo, ad.as_str(), &artifact, MT_OCI_MANIFEST)? {
+            *referrers = "tag";
+            let rt = published::referrers_tag(&md);
+            let existing = reg.try_manifest(repo, &rt)?.map(|(b, _)| b);
+            reg.put_manifest(repo, &rt, &published::with_referrer(existing.as_deref(), &artifact)?, MT_OCI_INDEX)?;
+        }
+        out.push(published::SealedImage {
+            name: e.name.clone(),
+            manifest_media_type: e.media_type.clone(),
+            manifest,
+            config_media_type: mv["config"]["mediaType"].as_str().unwrap_or("application/vnd.oci.image.config.v1+json").to_string(),
+            config,
+            artifact,
+            caibx,
+            blob: Blob { digest: sd, size: s.size },
+        });
+    }
+    Ok((out, uploaded, bytes))
 }

@@ -152,6 +152,11 @@ pub struct Bundle {
     /// slot holds the chunks), used like a delta's bases; not signed, and needing no trust: every
     /// chunk is checked against its id.
     pub hints: Vec<BaseBuild>,
+    /// Sealed images the device fetched as chunks itself (a release pulled from a registry), by
+    /// sealed blob digest: the index it read and the seeds it found. As unsigned as `hints`: each
+    /// chunk is checked against its id and the assembled image against the digest the config
+    /// pins.
+    pub sealed_hints: std::collections::BTreeMap<String, SealedChunks>,
     /// The chunk store when it is not the bundle's `chunks/` (a release layout's packs, unpacked).
     store: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
@@ -268,7 +273,7 @@ impl Bundle {
         } else {
             (None, None)
         };
-        Ok(Self { dir, config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], store, _tmp: tmp, _store_tmp: store_tmp })
+        Ok(Self { dir, config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], sealed_hints: Default::default(), store, _tmp: tmp, _store_tmp: store_tmp })
     }
 
     /// A bundle whose parts were fetched into `dir` (`blobs/sha256/`, `chunks/`): the config's
@@ -278,7 +283,7 @@ impl Bundle {
         if config.format != FORMAT {
             bail!("bundle format {} is not supported (this slotforge reads {FORMAT})", config.format);
         }
-        Ok(Self { dir: dir.to_path_buf(), config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], store: None, _tmp: None, _store_tmp: None })
+        Ok(Self { dir: dir.to_path_buf(), config, config_bytes, signatures, scratch: scratch.map(Path::to_path_buf), hints: vec![], sealed_hints: Default::default(), store: None, _tmp: None, _store_tmp: None })
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -300,7 +305,7 @@ impl Bundle {
     /// The chunks of a sealed image the bundle carries as chunks (bounded and checked as the
     /// rootfs's), and the seeds it names.
     pub fn sealed_index(&self, sealed: &Digest, size: u64) -> anyhow::Result<Option<(Vec<crate::format::casync::Entry>, &SealedChunks)>> {
-        let Some(sc) = self.config.chunks.as_ref().and_then(|c| c.sealed.get(sealed.as_str())) else { return Ok(None) };
+        let Some(sc) = self.config.chunks.as_ref().and_then(|c| c.sealed.get(sealed.as_str())).or_else(|| self.sealed_hints.get(sealed.as_str())) else { return Ok(None) };
         Ok(Some((self.read_index(&sc.index, size, &format!("sealed image {sealed}"))?, sc)))
     }
 

@@ -5,7 +5,10 @@
 //! manifest, carrying the `.minisig` as a layer and as an annotation, so the referrers list alone
 //! is enough to decide. The metadata a device needs before it fetches any content is thus two or
 //! three requests: the manifest, the referrers API (404 on registries without it), the referrers
-//! tag `sha256-<hex>`. Format: docs/upgrade-protocol.md#releases-in-a-registry.
+//! tag `sha256-<hex>`. Sealed external images travel with the release: their small blobs and
+//! the sealed blob's chunk index inline, the sealed blob whole in the repository (read by range),
+//! the sealed artifact a referrer of the image's manifest. Format:
+//! docs/upgrade-protocol.md#releases-in-a-registry.
 
 use crate::base::hash::Digest;
 use crate::format::bundle::{Blob, ANN_KEY_ID, MT_CAIBX, MT_CONFIG, MT_EMPTY, MT_MINISIG, MT_SIGNATURE_ARTIFACT};
@@ -32,12 +35,51 @@ pub struct File {
     pub title: String,
 }
 
+/// On a layer that belongs to a sealed external image: which part of it (`manifest`, `config`,
+/// `artifact`, `caibx`, `sealed`); `io.slotforge.sealed-for` names the image.
+pub const ANN_PART: &str = "io.slotforge.sealed-part";
+/// The casync index of a sealed image's blob.
+pub const MT_SEALED_CAIBX: &str = "application/vnd.slotforge.sealed-image.caibx";
+
+/// A sealed external image published with the release: what the device stores besides the
+/// sealed blob — the image's manifest and config, the sealed artifact manifest — and the blob's
+/// casync index, all inline; the sealed blob itself is in the repository (pushed whole, read by
+/// range: only the chunks the device lacks), and the artifact manifest is pushed too, as a
+/// referrer of the image's manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedImage {
+    pub name: String,
+    pub manifest_media_type: String,
+    pub manifest: Vec<u8>,
+    pub config_media_type: String,
+    pub config: Vec<u8>,
+    pub artifact: Vec<u8>,
+    pub caibx: Vec<u8>,
+    pub blob: Blob,
+}
+
+fn inline(mt: &str, b: &[u8], title: &str) -> Value {
+    json!({"mediaType": mt, "digest": Digest::of_bytes(b).to_string(), "size": b.len(), "data": b64(b), "annotations": {TITLE: title}})
+}
+
 /// The release manifest.
-pub fn manifest(config: &[u8], caibx: &[u8], table: &PackTable, files: &[File]) -> Vec<u8> {
+pub fn manifest(config: &[u8], caibx: &[u8], table: &PackTable, files: &[File], sealed: &[SealedImage]) -> Vec<u8> {
     let table_bytes = serde_json::to_vec(table).expect("serialisable");
-    let inline = |mt: &str, b: &[u8], title: &str| json!({"mediaType": mt, "digest": Digest::of_bytes(b).to_string(), "size": b.len(), "data": b64(b), "annotations": {TITLE: title}});
     let mut layers = vec![inline(MT_CAIBX, caibx, "rootfs.caibx"), inline(MT_PACK_TABLE, &table_bytes, "packs.json")];
     layers.extend(files.iter().map(|f| json!({"mediaType": f.media_type, "digest": f.blob.digest, "size": f.blob.size, "annotations": {TITLE: f.title}})));
+    for si in sealed {
+        let n = &si.name;
+        let part = |mut l: Value, p: &str| {
+            l["annotations"][ANN_PART] = p.into();
+            l["annotations"][crate::format::sealed::ANN_SEALED_FOR] = n.as_str().into();
+            l
+        };
+        layers.push(part(inline(&si.manifest_media_type, &si.manifest, &format!("{n}.manifest.json")), "manifest"));
+        layers.push(part(inline(&si.config_media_type, &si.config, &format!("{n}.config.json")), "config"));
+        layers.push(part(inline(MT_OCI_MANIFEST, &si.artifact, &format!("{n}.sealed.json")), "artifact"));
+        layers.push(part(inline(MT_SEALED_CAIBX, &si.caibx, &format!("{n}.caibx")), "caibx"));
+        layers.push(part(json!({"mediaType": crate::format::sealed::MT_SEALED, "digest": si.blob.digest, "size": si.blob.size, "annotations": {TITLE: format!("{n}.sealed")}}), "sealed"));
+    }
     layers.extend(table.packs.iter().enumerate().map(|(i, p)| json!({"mediaType": MT_PACK, "digest": p.digest, "size": p.size, "annotations": {TITLE: format!("pack-{i}")}})));
     serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
@@ -100,6 +142,7 @@ pub struct Parsed {
     pub caibx: Vec<u8>,
     pub table: Vec<u8>,
     pub files: Vec<File>,
+    pub sealed: Vec<SealedImage>,
 }
 
 pub fn parse(bytes: &[u8]) -> anyhow::Result<Parsed> {
@@ -123,12 +166,37 @@ pub fn parse(bytes: &[u8]) -> anyhow::Result<Parsed> {
     let find = |mt: &str| layers.iter().find(|l| l["mediaType"] == mt).with_context(|| format!("release manifest has no {mt} layer"));
     let caibx = data(find(MT_CAIBX)?, "rootfs index")?;
     let table = data(find(MT_PACK_TABLE)?, "pack table")?;
-    let mut files = Vec::new();
-    for l in layers.iter().filter(|l| ![MT_CAIBX, MT_PACK_TABLE, MT_PACK].contains(&l["mediaType"].as_str().unwrap_or(""))) {
+    let blob = |l: &Value| -> anyhow::Result<Blob> {
         let digest = Digest::parse(l["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!("release manifest: {e}"))?;
-        files.push(File { media_type: l["mediaType"].as_str().unwrap_or("").into(), blob: Blob { digest, size: l["size"].as_u64().unwrap_or(0) }, title: l["annotations"][TITLE].as_str().unwrap_or("").into() });
+        Ok(Blob { digest, size: l["size"].as_u64().unwrap_or(0) })
+    };
+    let mut files = Vec::new();
+    let mut parts: std::collections::BTreeMap<String, std::collections::BTreeMap<String, &Value>> = Default::default();
+    for l in layers.iter().filter(|l| ![MT_CAIBX, MT_PACK_TABLE, MT_PACK].contains(&l["mediaType"].as_str().unwrap_or(""))) {
+        if let (Some(name), Some(part)) = (l["annotations"][crate::format::sealed::ANN_SEALED_FOR].as_str(), l["annotations"][ANN_PART].as_str()) {
+            if parts.entry(name.into()).or_default().insert(part.into(), l).is_some() {
+                bail!("release manifest: sealed image {name} has two {part} layers");
+            }
+            continue;
+        }
+        files.push(File { media_type: l["mediaType"].as_str().unwrap_or("").into(), blob: blob(l)?, title: l["annotations"][TITLE].as_str().unwrap_or("").into() });
     }
-    Ok(Parsed { config, caibx, table, files })
+    let mut sealed = Vec::new();
+    for (name, p) in parts {
+        let get = |k: &str| p.get(k).copied().with_context(|| format!("release manifest: sealed image {name} has no {k} layer"));
+        let mt = |l: &Value| l["mediaType"].as_str().unwrap_or("").to_string();
+        sealed.push(SealedImage {
+            manifest_media_type: mt(get("manifest")?),
+            manifest: data(get("manifest")?, "image manifest")?,
+            config_media_type: mt(get("config")?),
+            config: data(get("config")?, "image config")?,
+            artifact: data(get("artifact")?, "sealed artifact")?,
+            caibx: data(get("caibx")?, "sealed index")?,
+            blob: blob(get("sealed")?)?,
+            name,
+        });
+    }
+    Ok(Parsed { config, caibx, table, files, sealed })
 }
 
 #[cfg(test)]
@@ -140,8 +208,10 @@ mod tests {
     fn a_release_manifest_reads_back_and_lies_are_refused() {
         let table = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"p"), size: 1, chunks: 1 }], lengths: vec![1] };
         let kernel = File { media_type: "application/vnd.slotforge.kernel".into(), blob: Blob { digest: Digest::of_bytes(b"k"), size: 1 }, title: "vmlinuz".into() };
-        let m = manifest(b"{\"c\":1}", b"caibx", &table, &[kernel]);
+        let si = SealedImage { name: "svc".into(), manifest_media_type: MT_OCI_MANIFEST.into(), manifest: b"{\"m\":1}".to_vec(), config_media_type: "application/vnd.oci.image.config.v1+json".into(), config: b"{}".to_vec(), artifact: b"{\"a\":1}".to_vec(), caibx: b"ix".to_vec(), blob: Blob { digest: Digest::of_bytes(b"sealed"), size: 6 } };
+        let m = manifest(b"{\"c\":1}", b"caibx", &table, &[kernel], std::slice::from_ref(&si));
         let p = parse(&m).unwrap();
+        assert_eq!(p.sealed, vec![si], "the sealed image reads back, and is not a boot file");
         assert_eq!((p.config.as_slice(), p.caibx.as_slice()), (&b"{\"c\":1}"[..], &b"caibx"[..]));
         assert_eq!(serde_json::from_slice::<PackTable>(&p.table).unwrap(), table);
         assert_eq!(p.files.len(), 1);

@@ -37,6 +37,13 @@ fn is_loopback(host: &str) -> bool {
     h == "localhost" || h == "::1" || h.starts_with("127.")
 }
 
+/// A request body: bytes at hand, or a file streamed.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Bytes(&'a [u8]),
+    File(&'a std::path::Path, u64),
+}
+
 impl Registry {
     pub fn new(host: &str, insecure: &[String]) -> anyhow::Result<Self> {
         let api_host = if host == "docker.io" { "registry-1.docker.io" } else { host };
@@ -60,7 +67,7 @@ impl Registry {
 
     /// `method` `url` with `headers` and `body`, answering auth challenges and retrying transient
     /// failures (a body is sent again on a retry).
-    fn send(&self, method: &str, url: &str, headers: &[(&str, String)], body: Option<&[u8]>, repo: &str) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+    fn send(&self, method: &str, url: &str, headers: &[(&str, String)], body: Option<Payload>, repo: &str) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
         let mut authed_after_challenge = false;
         let mut attempt = 0;
         loop {
@@ -82,8 +89,15 @@ impl Registry {
             let result = match method {
                 "GET" => with_headers!(self.agent.get(url)).call(),
                 "HEAD" => with_headers!(self.agent.head(url)).call(),
-                "POST" => with_headers!(self.agent.post(url)).send(body.unwrap_or_default()),
-                "PUT" => with_headers!(self.agent.put(url)).send(body.unwrap_or_default()),
+                "POST" | "PUT" => {
+                    let r = if method == "POST" { self.agent.post(url) } else { self.agent.put(url) };
+                    match body {
+                        None => with_headers!(r).send(&[][..]),
+                        Some(Payload::Bytes(b)) => with_headers!(r).send(b),
+                        // Streamed from the file (opened again for a retry), its length known.
+                        Some(Payload::File(p, len)) => with_headers!(r).header("Content-Length", len.to_string()).send(std::fs::File::open(p)?),
+                    }
+                }
                 m => bail!("unsupported method {m}"),
             };
             match result {
@@ -124,16 +138,25 @@ impl Registry {
     /// Upload a blob unless the repository has it (monolithic: POST, then PUT with the digest);
     /// true if it was uploaded.
     pub fn push_blob(&self, repo: &str, d: &Digest, bytes: &[u8]) -> anyhow::Result<bool> {
+        self.upload(repo, d, Payload::Bytes(bytes))
+    }
+
+    /// [`push_blob`](Self::push_blob) streamed from a file of `len` bytes (a sealed image).
+    pub fn push_blob_file(&self, repo: &str, d: &Digest, path: &std::path::Path, len: u64) -> anyhow::Result<bool> {
+        self.upload(repo, d, Payload::File(path, len))
+    }
+
+    fn upload(&self, repo: &str, d: &Digest, body: Payload) -> anyhow::Result<bool> {
         if self.has_blob(repo, d)? {
             return Ok(false);
         }
         let what = format!("{}/{repo}: uploading blob {d}", self.host);
-        let mut resp = self.send("POST", &format!("{}/{repo}/blobs/uploads/", self.base), &[], Some(&[]), repo)?;
+        let mut resp = self.send("POST", &format!("{}/{repo}/blobs/uploads/", self.base), &[], None, repo)?;
         self.check(&mut resp, &what)?;
         let loc = resp.headers().get("location").and_then(|v| v.to_str().ok()).ok_or_else(|| anyhow!("{what}: no upload location"))?.to_string();
         let loc = if loc.starts_with('/') { format!("{}{loc}", self.base.trim_end_matches("/v2")) } else { loc };
         let url = format!("{loc}{}digest={}", if loc.contains('?') { '&' } else { '?' }, encode(d.as_str()));
-        let mut resp = self.send("PUT", &url, &[("Content-Type", "application/octet-stream".into())], Some(bytes), repo)?;
+        let mut resp = self.send("PUT", &url, &[("Content-Type", "application/octet-stream".into())], Some(body), repo)?;
         self.check(&mut resp, &what)?;
         Ok(true)
     }
@@ -143,7 +166,7 @@ impl Registry {
     /// it serves the referrers API, so no referrers tag is needed).
     pub fn put_manifest(&self, repo: &str, reference: &str, bytes: &[u8], media_type: &str) -> anyhow::Result<bool> {
         let what = format!("{}/{repo}:{reference}: putting manifest", self.host);
-        let mut resp = self.send("PUT", &format!("{}/{repo}/manifests/{reference}", self.base), &[("Content-Type", media_type.into())], Some(bytes), repo)?;
+        let mut resp = self.send("PUT", &format!("{}/{repo}/manifests/{reference}", self.base), &[("Content-Type", media_type.into())], Some(Payload::Bytes(bytes)), repo)?;
         self.check(&mut resp, &what)?;
         Ok(resp.headers().get("oci-subject").is_some())
     }

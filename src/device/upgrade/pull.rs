@@ -8,7 +8,7 @@
 
 use super::Target;
 use crate::base::hash::Digest;
-use crate::format::bundle::{BaseBuild, Blob, Bundle};
+use crate::format::bundle::{BaseBuild, Blob, Bundle, SealedChunks};
 use crate::format::casync::{self, Entry, Seeds};
 use crate::format::packs::PackTable;
 use crate::format::published;
@@ -19,7 +19,8 @@ use anyhow::{bail, Context};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-pub use crate::format::agent::PullReport;
+pub use crate::format::agent::{PullReport, PulledImage};
+use std::collections::BTreeMap;
 
 /// A release resolved and trusted, nothing of its content fetched yet.
 pub struct Resolved {
@@ -199,8 +200,10 @@ pub fn fetch(t: &mut dyn Target, r: Resolved, dir: &Path, on_bytes: &dyn Fn(u64)
             bytes_fetched += f.blob.size;
         }
     }
+    let (sealed_hints, images) = fetch_sealed(t, &r, &store, &put, &mut bytes_fetched, on_bytes)?;
     let mut b = Bundle::from_parts(dir, r.parsed.config.clone(), r.signatures.clone(), Some(dir))?;
     b.hints.extend(hint);
+    b.sealed_hints = sealed_hints;
     let report = PullReport {
         reference: r.reference.clone(),
         served_by: r.served_by.clone(),
@@ -214,8 +217,157 @@ pub fn fetch(t: &mut dyn Target, r: Resolved, dir: &Path, on_bytes: &dyn Fn(u64)
         bytes_fetched,
         requests: r.reg.requests(),
         requests_before_decision: r.requests,
+        images,
     };
     Ok((b, report))
+}
+
+/// The sealed blobs the device holds, by service name: every image set's sealed artifacts
+/// (`io.slotforge.sealed-for`), read from the images partition.
+fn sealed_by_name(t: &mut dyn Target) -> anyhow::Result<BTreeMap<String, Vec<Digest>>> {
+    let mut out: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+    let Some(idx) = t.images_index()? else { return Ok(out) };
+    for b in super::builds_of(&idx)? {
+        let Ok(nested) = t.images_read(&b.index_digest) else { continue };
+        let v: serde_json::Value = serde_json::from_slice(&nested).unwrap_or_default();
+        for m in v["manifests"].as_array().into_iter().flatten() {
+            let Some(name) = m["annotations"][crate::format::sealed::ANN_SEALED_FOR].as_str() else { continue };
+            let Ok(ad) = Digest::parse(m["digest"].as_str().unwrap_or("")) else { continue };
+            let Some(a) = t.images_read(&ad).ok().and_then(|b| crate::format::sealed::parse_artifact(&b)) else { continue };
+            if let Ok(d) = Digest::parse(&a.blob) {
+                let list = out.entry(name.to_string()).or_default();
+                if !list.contains(&d) {
+                    list.push(d);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sealed external images the release carries and the device lacks: their small blobs (inline
+/// in the manifest, checked against what the config pins) stored with the bundle; the sealed
+/// blob's chunks found in the device's sealed images of the same service (chunked here; where
+/// they are is handed to the apply) or read by range from the sealed blob in the registry —
+/// one request per run of missing chunks — each checked against its id and kept. The apply
+/// assembles each image and checks it against the digest the config pins.
+fn fetch_sealed(t: &mut dyn Target, r: &Resolved, store: &Path, put: &dyn Fn(&[u8]) -> anyhow::Result<Blob>, bytes_fetched: &mut u64, on_bytes: &dyn Fn(u64)) -> anyhow::Result<(BTreeMap<String, SealedChunks>, Vec<PulledImage>)> {
+    let mut hints = BTreeMap::new();
+    let mut report = Vec::new();
+    if r.parsed.sealed.is_empty() {
+        return Ok((hints, report));
+    }
+    let on_device = sealed_by_name(t)?;
+    let lie = |name: &str, what: &str| anyhow::anyhow!("release {}: the {what} of sealed image {name} is not the one its config pins; nothing was changed", r.reference);
+    for si in &r.parsed.sealed {
+        let e = r.config.images.iter().find(|e| e.name == si.name).ok_or_else(|| lie(&si.name, "image"))?;
+        let s = e.sealed.as_ref().ok_or_else(|| lie(&si.name, "sealed blob"))?;
+        if si.blob.digest.as_str() != s.digest || si.blob.size != s.size {
+            return Err(lie(&si.name, "sealed blob"));
+        }
+        if t.images_has(&si.blob.digest)? {
+            continue;
+        }
+        if Digest::of_bytes(&si.manifest).as_str() != e.digest {
+            return Err(lie(&si.name, "manifest"));
+        }
+        if Digest::of_bytes(&si.artifact).as_str() != s.artifact {
+            return Err(lie(&si.name, "sealed artifact"));
+        }
+        let mv: serde_json::Value = serde_json::from_slice(&si.manifest)?;
+        if mv["config"]["digest"].as_str() != Some(Digest::of_bytes(&si.config).as_str()) {
+            return Err(lie(&si.name, "config"));
+        }
+        for b in [&si.manifest, &si.config, &si.artifact] {
+            put(b)?;
+        }
+        put(crate::format::sealed::EMPTY_JSON)?;
+        let index = casync::parse_index(&si.caibx).with_context(|| format!("release {}: index of sealed image {}", r.reference, si.name))?;
+        if index.last().map(|e| e.end) != Some(s.size) || index.len() as u64 > s.size / casync::MIN + 1 {
+            return Err(lie(&si.name, "chunk index"));
+        }
+        let index_blob = put(&si.caibx)?;
+        // The device's earlier sealed images of this service: chunked once here, their chunks'
+        // places handed to the apply.
+        let mut seeds = Seeds::default();
+        let mut sc = SealedChunks { index: index_blob, seeds: vec![], seed_offsets: vec![] };
+        for sd in on_device.get(&si.name).into_iter().flatten() {
+            let Some(f) = t.images_seed(sd)? else { continue };
+            let len = f.metadata()?.len();
+            let seed_index = casync::index_of(std::io::BufReader::new(crate::base::window::Window::new(f.try_clone()?, 0, len)))?;
+            seeds.add_at(&format!("sealed image {sd}"), f, 0, &index, &casync::offsets_of(&index, &seed_index));
+            sc.seeds.push(sd.clone());
+            sc.seed_offsets.push(put(&casync::seed_offsets(&index, &seed_index))?);
+        }
+        let starts: Vec<u64> = std::iter::once(0).chain(index.iter().map(|e| e.end)).collect();
+        let mut seen = std::collections::HashSet::new();
+        // Missing: neither in a seed nor kept by an interrupted pull (each id once).
+        let missing: Vec<usize> = (0..index.len()).filter(|&i| !seeds.has(&index[i].id) && !casync::chunk_path(store, &index[i].hex()).exists() && seen.insert(index[i].id)).collect();
+        let local = index.iter().filter(|e| !seen.contains(&e.id)).count();
+        let mut pi = PulledImage { name: si.name.clone(), chunks: index.len(), chunks_local: local, chunks_fetched: 0, bytes_fetched: 0 };
+        for run in runs(&missing, &starts, RUN_GAP) {
+            let mut attempts = 0;
+            loop {
+                let todo: Vec<usize> = run.iter().copied().filter(|&i| !casync::chunk_path(store, &index[i].hex()).exists()).collect();
+                let (Some(&first), Some(&last)) = (todo.first(), todo.last()) else { break };
+                attempts += 1;
+                let res = (|| -> anyhow::Result<()> {
+                    let mut rd = r.reg.blob_range(&r.repo, &si.blob.digest, starts[first], starts[last + 1])?;
+                    let mut pos = starts[first];
+                    for &i in &todo {
+                        std::io::copy(&mut Read::take(&mut rd, starts[i] - pos), &mut std::io::sink())?;
+                        let mut c = vec![0u8; (starts[i + 1] - starts[i]) as usize];
+                        rd.read_exact(&mut c).with_context(|| format!("sealed image {} bytes {}..{}", si.name, starts[i], starts[i + 1]))?;
+                        pos = starts[i + 1];
+                        keep_raw_chunk(store, &index[i], &c)?;
+                        pi.chunks_fetched += 1;
+                        pi.bytes_fetched += c.len() as u64;
+                        *bytes_fetched += c.len() as u64;
+                        on_bytes(c.len() as u64);
+                    }
+                    Ok(())
+                })();
+                match res {
+                    Ok(()) => break,
+                    Err(_) if attempts < 4 => std::thread::sleep(std::time::Duration::from_millis(250 * attempts)),
+                    Err(e) => return Err(e.context(format!("fetching sealed image {} of {} (what arrived is kept; a rerun goes on from there)", si.name, r.reference))),
+                }
+            }
+        }
+        hints.insert(s.digest.clone(), sc);
+        report.push(pi);
+    }
+    Ok((hints, report))
+}
+
+/// Bytes of unneeded data a range read may carry to join two runs of missing chunks into one
+/// request.
+const RUN_GAP: u64 = 256 << 10;
+
+/// Runs of the chunks `missing` (index order) that one range request fetches: neighbours, or
+/// apart by at most `gap` bytes of chunks not needed.
+pub fn runs(missing: &[usize], starts: &[u64], gap: u64) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for &i in missing {
+        match out.last_mut() {
+            Some(run) if starts[i] - starts[*run.last().unwrap() + 1] <= gap => run.push(i),
+            _ => out.push(vec![i]),
+        }
+    }
+    out
+}
+
+/// Check a chunk's bytes against its id and store them compressed, as casync does.
+fn keep_raw_chunk(store: &Path, e: &Entry, raw: &[u8]) -> anyhow::Result<()> {
+    if casync::chunk_id(raw) != e.id {
+        bail!("chunk {} from the registry does not match its id; refused", e.hex());
+    }
+    let p = casync::chunk_path(store, &e.hex());
+    std::fs::create_dir_all(p.parent().unwrap())?;
+    let mut tmp = tempfile::NamedTempFile::new_in(p.parent().unwrap())?;
+    std::io::Write::write_all(tmp.as_file_mut(), &zstd::bulk::compress(raw, 1)?)?;
+    tmp.persist(&p).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Check a chunk's compressed bytes (bounded decode, its id) and store them as casync does.

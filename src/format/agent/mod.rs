@@ -12,4 +12,4 @@ pub mod status;
 pub const API_VERSION: u32 = 1;
 
 pub use events::{Event, Kind, Received};
-pub use status::{ApplyReport, ApplyStep, PullReport, BootState, GcReport, ImageState, ImageStatus, RootDevice, SealedState, SlotState, Status, StatusState};
+pub use status::{ApplyReport, ApplyStep, PullReport, PulledImage, BootState, GcReport, ImageState, ImageStatus, RootDevice, SealedState, SlotState, Status, StatusState};

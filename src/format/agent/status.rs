@@ -198,4 +198,19 @@ pub struct PullReport {
     pub requests: usize,
     /// Of those, before the signature was decided (manifest, referrers).
     pub requests_before_decision: usize,
+    /// Sealed external images the release carried that the device lacked (their bytes are in
+    /// `bytes_fetched` too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<PulledImage>,
+}
+
+/// One sealed image of a pulled release: its chunks, found on the device (its earlier sealed
+/// images of the service, an interrupted pull) or fetched by range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PulledImage {
+    pub name: String,
+    pub chunks: usize,
+    pub chunks_local: usize,
+    pub chunks_fetched: usize,
+    pub bytes_fetched: u64,
 }
