@@ -3,7 +3,8 @@
 //! a power cut mid-apply then a completed upgrade (then the crash states of the next one), a thin bundle whose images come from the
 //! registry (then a corrupted blob repaired from it; and the same without network: degraded),
 //! a release pushed to the registry and pulled by tag by the guest's agent with the connection
-//! cut half-way (the next boot goes on from what the first kept),
+//! cut half-way (the next boot goes on from what the first kept), a 500 MB sealed image missing at
+//! first boot started lazily from the registry (its service runs before the image is complete),
 //! a bundle signed by an untrusted key then a trusted one, an install through the USB
 //! installer, an upgrade from a build with unsealed images to sealed ones and back, a third
 //! build's upgrade recorded write by write whose crash states are checked offline and four
@@ -28,7 +29,7 @@ fn fx() -> &'static Fixtures {
 
 #[test]
 fn a_matrix_runs_through_slotforge_test_with_junit_and_json_reports() {
-    let w = World::new(bin(), fx());
+    let w = World::new(bin(), fx()).with_bulk();
     let d = w.dir.path();
     let matrix = format!(
         r#"variants:
@@ -38,8 +39,10 @@ fn a_matrix_runs_through_slotforge_test_with_junit_and_json_reports() {
   signed2: {{manifest: {signed2}, key: {release}}}
   unsealed: {{manifest: {unsealed}}}
   small2: {{manifest: {small2}}}
+  bulk: {{manifest: {bulk}}}
 layouts:
   gen2: {gen2}
+  gen3: {gen3}
 registry: 127.0.0.1:{port}
 paths:
   # First: the longest path (its last step records and replays crash states), so the other job
@@ -81,6 +84,12 @@ paths:
         supply: registry
         fault: network-down
         expect: {{slot: b, variant: large, state: degraded}}
+  - name: lazy
+    install: {{variant: small, layout: gen3}}
+    steps:
+      - upgrade: bulk
+        supply: registry
+        expect: {{slot: b, variant: bulk, state: ok, lazy: true}}
   - name: by-tag
     install: {{variant: small, layout: gen2}}
     steps:
@@ -118,6 +127,8 @@ paths:
         signed2 = w.manifest("signed2").display(),
         unsealed = w.manifest("unsealed").display(),
         small2 = w.manifest("small2").display(),
+        bulk = w.manifest("bulk").display(),
+        gen3 = World::layout(3).display(),
         release = w.key("release").display(),
         port = w.reg.port,
         gen2 = World::layout(2).display(),
@@ -144,7 +155,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("by-tag", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("lazy", 2), ("by-tag", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -165,6 +176,15 @@ paths:
     assert!(resumed > 0 && resumed < clean, "{cut}");
     assert!(tag["pulled"]["chunks_local"].as_u64().unwrap() > 0 && tag["pulled"]["reference"].as_str().unwrap().starts_with("10.0.2.100:5000/slotforge-test/by-tag:"), "{tag}");
     assert_eq!(tag["pulled"]["requests_before_decision"], 3, "{tag}");
+    // Lazy: the 500 MB sealed image, missing at the new slot's first boot, was exposed from the
+    // registry at once and its service (reading its first megabyte through dm-verity) ran before
+    // the image was complete; the boot was marked good.
+    let lazy = &result("lazy", 1)["observed"];
+    let l = &lazy["lazy_images"][0];
+    assert_eq!((l["name"].as_str(), l["service_before_filled"].as_bool()), (Some("bulk"), Some(true)), "{lazy}");
+    let waited = l["service_started_at"].as_f64().unwrap() - l["found_missing_at"].as_f64().unwrap();
+    assert!(waited > 0.0 && l["seconds"].as_f64().unwrap() < 30.0, "{l}");
+    assert!(lazy["images"].as_array().unwrap().iter().any(|i| i["name"] == "bulk" && (i["state"] == "lazy" || i["state"] == "verified")), "{lazy}");
     // The deliberately wrong expectation: reported as a failure, with what was observed.
     let bad = result("wrong-expectation", 0);
     assert_eq!(bad["result"], "fail");
@@ -178,12 +198,12 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(22), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(24), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"24\" failures=\"1\" skipped=\"1\""), "{x}");
-    assert_eq!(x.matches("<testsuite ").count(), 10);
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"26\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert_eq!(x.matches("<testsuite ").count(), 11);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
     assert!(keep.join("builds/small-gen2.img").exists());

@@ -16,7 +16,7 @@ use std::process::Command;
 pub const MODULES: &[&str] = &[
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk", "squashfs", "fat", "vfat", "nls_cp437",
     "nls_iso8859-1", "nls_ascii", "nls_utf8", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4", "failover", "net_failover", "virtio_net", "efivarfs",
-    "reed_solomon", "dm-mod", "dm-bufio", "dm-verity", "overlay", "loop",
+    "reed_solomon", "dm-mod", "dm-bufio", "dm-verity", "overlay", "loop", "nbd",
 ];
 /// Debian's veritysetup (cryptsetup-bin): the reference initramfs opens dm-verity roots with it,
 /// and the agent sealed external images.

@@ -28,6 +28,10 @@ pub const IMAGES: &[(&str, &str, usize, u64, bool)] = &[
     ("huge", "1", 70_000_000, 6, false),
 ];
 
+/// The 500 MB external image of the `bulk` variant: made only by a world that asks for it
+/// ([`World::with_bulk`]).
+pub const BULK: (&str, &str, usize, u64) = ("bulk", "1", 500_000_000, 7);
+
 pub fn variants_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("variants")
 }
@@ -57,6 +61,15 @@ impl World {
         let o = Command::new("openssl").args(["rsa", "-passin", "pass:snakeoil", "-in", "/usr/share/ovmf/PkKek-1-snakeoil.key", "-out"]).arg(keys.join("db.key")).output().unwrap();
         assert!(o.status.success(), "openssl: {}", String::from_utf8_lossy(&o.stderr));
         World { dir, reg, bin: bin.into(), fx, images }
+    }
+
+    /// Make and push the `bulk` variant's 500 MB external image.
+    pub fn with_bulk(self) -> Self {
+        let (name, tag, size, seed) = BULK;
+        let layout = self.images.join(name);
+        fixtures::service_image(&layout, tag, size, seed).unwrap();
+        self.reg.push(&layout, tag, &format!("{name}:{tag}"));
+        self
     }
 
     /// A secret key made for this world (`release` or `rogue`).

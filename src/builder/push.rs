@@ -32,13 +32,16 @@ pub struct PushSummary {
     /// blob the registry did not have.
     pub sealed_images: usize,
     pub sealed_uploaded: usize,
+    /// `--next-to-images`: the image repositories (`HOST/REPO`) that received a sealed artifact.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub next_to_images: Vec<String>,
     pub signatures: usize,
     /// `api` (the registry indexed the signatures' subject) or `tag` (`sha256-<hex>`).
     pub referrers: String,
 }
 
 /// Push the bundle at `src` (directory or tar; a full bundle) to `reference` (`[docker://]HOST/REPO:TAG`).
-pub fn push(src: &Path, reference: &str, insecure: &[String], on_pack: &mut dyn FnMut(usize, usize)) -> anyhow::Result<PushSummary> {
+pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bool, on_pack: &mut dyn FnMut(usize, usize)) -> anyhow::Result<PushSummary> {
     let b = Bundle::open(src, None).with_context(|| format!("opening bundle {}", src.display()))?;
     let cfg = &b.config;
     let rootfs = b.blob_path(&cfg.rootfs.digest);
@@ -102,6 +105,7 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], on_pack: &mut dyn 
     put(&Digest::of_bytes(b"{}"), b"{}")?;
     let mut referrers = "api";
     let (sealed, sealed_uploaded, sealed_bytes) = push_sealed(&reg, &repo, &b, &mut put, &mut referrers)?;
+    let next_to = if next_to_images { publish_next_to_images(&reg, &host, &b)? } else { vec![] };
     bytes_uploaded.set(bytes_uploaded.get() + sealed_bytes);
     let manifest = published::manifest(&b.config_bytes, &caibx, &table, &files, &sealed);
     let md = Digest::of_bytes(&manifest);
@@ -132,6 +136,7 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], on_pack: &mut dyn 
         bytes_uploaded: bytes_uploaded.get(),
         sealed_images: sealed.len(),
         sealed_uploaded,
+        next_to_images: next_to,
         signatures: b.signatures.len(),
         referrers: if b.signatures.is_empty() { "none".into() } else { referrers.into() },
     })
@@ -192,4 +197,34 @@ fn push_sealed(reg: &Registry, repo: &str, b: &Bundle, put: &mut dyn FnMut(&Dige
         });
     }
     Ok((out, uploaded, bytes))
+}
+
+/// `--next-to-images`: each sealed image the bundle carries, published in its image's own
+/// repository when that is on `host` (the registry pushed to): the sealed blob, the empty config
+/// and the artifact manifest, a referrer of the image's manifest there. Returns the repositories.
+fn publish_next_to_images(reg: &Registry, host: &str, b: &Bundle) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in &b.config.images {
+        let Some(s) = e.sealed.as_ref() else { continue };
+        let sd = Digest::parse(&s.digest).map_err(|e| anyhow::anyhow!(e))?;
+        let (path, artifact) = (b.blob_path(&sd), b.blob_path(&Digest::parse(&s.artifact).map_err(|e| anyhow::anyhow!(e))?));
+        if !path.exists() || !artifact.exists() {
+            continue;
+        }
+        let Ok(ImageRef::Registry { host: ih, repo, .. }) = ImageRef::parse(&e.reference, Path::new(".")) else { continue };
+        if ih != host {
+            continue;
+        }
+        reg.push_blob_file(&repo, &sd, &path, s.size)?;
+        reg.push_blob(&repo, &Digest::of_bytes(crate::format::sealed::EMPTY_JSON), crate::format::sealed::EMPTY_JSON)?;
+        let bytes = std::fs::read(&artifact)?;
+        if !reg.put_manifest(&repo, &s.artifact, &bytes, MT_OCI_MANIFEST)? {
+            let md = Digest::parse(&e.digest).map_err(|e| anyhow::anyhow!(e))?;
+            let rt = published::referrers_tag(&md);
+            let existing = reg.try_manifest(&repo, &rt)?.map(|(b, _)| b);
+            reg.put_manifest(&repo, &rt, &published::with_referrer(existing.as_deref(), &bytes)?, MT_OCI_INDEX)?;
+        }
+        out.push(format!("{host}/{repo}"));
+    }
+    Ok(out)
 }

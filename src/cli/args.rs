@@ -232,6 +232,9 @@ pub enum AgentCmd {
     Gc,
     /// (Booted from an installer) write the payload to the first other disk.
     Install,
+    /// Serve a lazily started sealed image to the kernel's NBD client (started by `agent boot`).
+    #[command(hide = true)]
+    LazyServe { job: PathBuf },
 }
 
 #[derive(Subcommand)]

@@ -106,6 +106,12 @@ enum Cmd {
         bundle: PathBuf,
         /// `[docker://]HOST/REPO:TAG`
         reference: String,
+        /// Also publish each sealed image next to its image — the sealed blob and its artifact,
+        /// a referrer of the image's manifest, in the image's own repository — when that
+        /// repository is on the registry pushed to: a device missing the image at boot then
+        /// finds it there (and can start it before it has arrived).
+        #[arg(long)]
+        next_to_images: bool,
         #[arg(long)]
         json: bool,
     },
@@ -215,8 +221,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             show(json, &r, print::upgrade)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Push { bundle, reference, json } => {
-            let s = push_with_bar(&bundle, &reference, json)?;
+        Cmd::Push { bundle, reference, next_to_images, json } => {
+            let s = push_with_bar(&bundle, &reference, next_to_images, json)?;
             show(json, &s, print::push)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -259,7 +265,7 @@ fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
     match &a.push {
         None => show(a.out.json, &s, print::bundle)?,
         Some(r) => {
-            let p = push_with_bar(&s.output, r, a.out.json)?;
+            let p = push_with_bar(&s.output, r, false, a.out.json)?;
             show(a.out.json, &serde_json::json!({"bundle": s, "push": p}), |_| {
                 print::bundle(&s);
                 print::push(&p);
@@ -270,10 +276,10 @@ fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `push`, with a bar over the packs (drawn once their number is known).
-fn push_with_bar(bundle: &std::path::Path, reference: &str, quiet: bool) -> anyhow::Result<crate::builder::push::PushSummary> {
+fn push_with_bar(bundle: &std::path::Path, reference: &str, next_to_images: bool, quiet: bool) -> anyhow::Result<crate::builder::push::PushSummary> {
     let progress = Progress::new(quiet);
     let mut bar = None;
-    let s = crate::builder::push::push(bundle, reference, &[], &mut |done, total| {
+    let s = crate::builder::push::push(bundle, reference, &[], next_to_images, &mut |done, total| {
         bar.get_or_insert_with(|| progress.bar("push", total as u64, false)).set_position(done as u64);
     })?;
     if let Some(b) = bar {
@@ -342,6 +348,7 @@ fn agent(cmd: AgentCmd, cfg: crate::device::AgentConfig) -> anyhow::Result<ExitC
         AgentCmd::Update { reference, check, pause_at } => agent::update::update(&cfg, &reference, check, pause_at)?,
         AgentCmd::Gc => drop(agent::update::gc(&cfg)?),
         AgentCmd::Install => crate::device::install::install_to_other_disk(&cfg)?,
+        AgentCmd::LazyServe { job } => agent::lazy::serve(&job)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,10 @@ pub struct AgentConfig {
     pub insecure: Vec<String>,
     /// Never use the network.
     pub offline: bool,
+    /// A sealed image missing at boot whose sealed artifact its registry has is started at once
+    /// from the registry (network block device, dm-verity) and filled in the background
+    /// (default); `false`: fetched whole before its service starts.
+    pub lazy: bool,
     /// A directory whose entries are the partitions by GPT name (tests); default: sysfs lookup.
     pub devices: Option<PathBuf>,
 }
@@ -41,6 +45,7 @@ impl Default for AgentConfig {
             mirror: None,
             insecure: vec![],
             offline: false,
+            lazy: true,
             devices: None,
         }
     }

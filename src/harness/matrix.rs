@@ -94,6 +94,11 @@ pub struct Expect {
     /// The update was refused (by `slotforge bundle`, or by the device: `apply-failed`), and
     /// the device kept running what it ran.
     pub refused: Option<bool>,
+    /// A sealed image missing at boot was started lazily from its registry, and its service ran
+    /// before the image was complete on the device (`image-lazy`, then `service-started` before
+    /// `image-filled`). With `supply: registry`, the harness first publishes the variant's
+    /// sealed images next to their images (`slotforge push --next-to-images`).
+    pub lazy: Option<bool>,
 }
 
 /// Faults a step can inject.

@@ -265,6 +265,7 @@ impl Device<'_> {
         let last_apply = boots.iter().rev().find(|b| b.apply_failed().is_some() || b.applied().is_some());
         let apply_failed = last_apply.and_then(|b| b.apply_failed()).map(str::to_string);
         let pulled = boots.iter().rev().find_map(|b| b.applied().and_then(|a| a.pulled.clone()));
+        let lazy = boots.iter().flat_map(lazy_starts).collect::<Vec<_>>();
         let refusal = refused.or(apply_failed);
         let build = status.map(|s| s.build_id.as_str()).unwrap_or("");
         let variant = self.builds.iter().find(|(_, b)| b.as_str() == build).map(|(v, _)| v.clone());
@@ -281,8 +282,40 @@ impl Device<'_> {
             "boots": boots.len(),
             "outcomes": boots.iter().map(|b| format!("{:?}", b.outcome)).collect::<Vec<_>>(),
             "pulled": pulled,
+            "lazy": lazy.iter().any(|l| l["service_before_filled"] == true),
+            "lazy_images": lazy,
         })
     }
+}
+
+/// The images a boot started lazily, in event order: when each was exposed, whether its service
+/// started before the image was complete (`image-filled` not yet seen), and the fill's outcome.
+pub fn lazy_starts(b: &Boot) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut checked: BTreeMap<String, Value> = BTreeMap::new();
+    for r in &b.events {
+        let Some(e) = &r.event else { continue };
+        let at = r.json.get("uptime").cloned().unwrap_or(Value::Null);
+        match e {
+            Event::ImageCheck { name, .. } => {
+                checked.insert(name.clone(), at);
+            }
+            Event::ImageLazy { name, seconds, from, .. } => out.push(json!({"name": name, "from": from, "seconds": seconds, "found_missing_at": checked.get(name), "exposed_at": at, "service_started_at": null, "service_before_filled": false, "filled": null})),
+            Event::ServiceStarted { name, .. } => {
+                for l in out.iter_mut().filter(|l| l["name"] == json!(name) && l["filled"].is_null()) {
+                    l["service_before_filled"] = json!(true);
+                    l["service_started_at"] = at.clone();
+                }
+            }
+            Event::ImageFilled { name, seconds, bytes_fetched } => {
+                for l in out.iter_mut().filter(|l| l["name"] == json!(name)) {
+                    l["filled"] = json!({"seconds": seconds, "bytes_fetched": bytes_fetched});
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Unmet expectations, one per line.
@@ -307,6 +340,9 @@ pub fn compare(expect: &Expect, observed: &Value) -> Vec<String> {
     }
     if let Some(r) = expect.refused {
         want("refused", json!(r));
+    }
+    if let Some(l) = expect.lazy {
+        want("lazy", json!(l));
     }
     // A refusal the step did not expect is named, so its reason is in the report, not only its
     // effect (the device staying on its build).
@@ -444,6 +480,11 @@ impl Device<'_> {
             // Any other build error is an error of the run, not a refusal.
             Err(e) => return Err(anyhow::Error::new(e).context(format!("building the bundle of {}", v.value))),
         };
+        if thin && step.expect.as_ref().and_then(|e| e.lazy) == Some(true) {
+            // Lazy start needs the sealed images next to their images in the registry.
+            let (full, _) = self.sh.bundle(&v.value, &layout, &compat, false, false, None).map_err(anyhow::Error::new)?;
+            self.publish_sealed(&full)?;
+        }
         match &fault {
             Some(Fault::CrashStates(budget)) => {
                 *crash = Some(self.crash_states(&bundle, *budget, opts, boots)?);

@@ -1,5 +1,6 @@
 //! The agent's boot sequence: check → pull what is missing or corrupt → make verified images
-//! ready → mark the boot good (only if every image verified) → report. The containers are then
+//! ready (a missing sealed one started lazily from its registry) → mark the boot good (only if
+//! every image is verified or lazily served) → report. The containers are then
 //! run by `runner`.
 
 use super::status::{check_image, read_release, writable, ImageState};
@@ -82,6 +83,23 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
         let t = std::time::Instant::now();
         let mut st = check_image(&cfg.images, &ext.build_id, img);
         emit(Event::ImageCheck { name: img.name.clone(), digest: img.digest.clone(), state: st.state.clone(), detail: st.detail.clone(), bytes: st.bytes.clone(), seconds: t.elapsed().as_secs_f64() });
+        // A sealed image that is missing (not corrupt) starts at once from its registry, if the
+        // registry has its sealed artifact; else it is fetched whole first.
+        if st.state == ImageStatus::Missing && cfg.lazy && !cfg.offline {
+            if let Some(s) = &img.sealed {
+                match super::lazy::start(cfg, &ext.build_id, &rel.version, img, s) {
+                    Ok((sealed, _)) => {
+                        st.state = ImageStatus::Lazy;
+                        st.detail = None;
+                        emit(Event::ImageReady { name: img.name.clone(), path: super::sealed::mount_point(cfg, img), sealed: Some(sealed.clone()), seconds: t.elapsed().as_secs_f64() });
+                        st.sealed = Some(sealed);
+                        states.push(st);
+                        continue;
+                    }
+                    Err(e) => emit(Event::ImagePullSkipped { name: img.name.clone(), reason: "lazy start unavailable; fetching it whole".into(), error: format!("{e:#}") }),
+                }
+            }
+        }
         if st.state != ImageStatus::Verified {
             st = fix(cfg, &ext.build_id, &rel.version, img, st);
         }
@@ -101,8 +119,8 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
         states.push(st);
     }
     // From the first check to the last image ready (or given up on): what the services wait for.
-    emit(Event::ImagesReady { images: states.len(), ready: states.iter().filter(|s| s.state == ImageStatus::Verified).count(), seconds: started.elapsed().as_secs_f64() });
-    let bad: Vec<&str> = states.iter().filter(|s| s.state != ImageStatus::Verified).map(|s| s.name.as_str()).collect();
+    emit(Event::ImagesReady { images: states.len(), ready: states.iter().filter(|s| s.state.ready()).count(), seconds: started.elapsed().as_secs_f64() });
+    let bad: Vec<&str> = states.iter().filter(|s| !s.state.ready()).map(|s| s.name.as_str()).collect();
     if bad.is_empty() {
         match mark_good(cfg) {
             Ok(entry) => {

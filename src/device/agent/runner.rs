@@ -271,7 +271,9 @@ fn settle(running: Vec<(String, PathBuf, i32)>, deadline: Instant) -> Vec<(Strin
 /// Read every open sealed image through dm-verity (`image-scrubbed` per image).
 fn scrub_all(cfg: &AgentConfig) -> anyhow::Result<()> {
     let (_, ext) = super::status::read_release(&cfg.root)?;
-    for img in ext.images.iter().filter(|i| i.sealed.is_some()) {
+    // A lazily served image is checked block by block as it is read and filled; a scrub would
+    // fetch all of it before the boot could go on.
+    for img in ext.images.iter().filter(|i| i.sealed.is_some() && super::lazy::active(cfg, i).is_none()) {
         let t = Instant::now();
         let r = super::sealed::scrub(img);
         emit(Event::ImageScrubbed { name: img.name.clone(), ok: r.is_ok(), bytes: r.as_ref().ok().copied(), error: r.as_ref().err().map(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64() });
@@ -434,5 +436,7 @@ fn release(cfg: &AgentConfig) {
             open.push(img.name.clone());
         }
     }
+    // The servers of lazily started images hold files on the images partition.
+    super::lazy::stop_all(cfg);
     emit(Event::Released { sealed_still_open: open });
 }

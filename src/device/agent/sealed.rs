@@ -61,12 +61,16 @@ pub fn close(cfg: &AgentConfig, img: &ExternalImage) {
 
 /// Open `img`'s sealed blob with dm-verity under the pinned root hash and mount it read-only.
 pub fn open(cfg: &AgentConfig, img: &ExternalImage, s: &Sealed) -> anyhow::Result<SealedState> {
+    open_on(cfg, img, s, &blob_path(cfg, s))
+}
+
+/// [`open`] over `file`: the sealed blob, or a block device serving it (a lazily started image).
+pub fn open_on(cfg: &AgentConfig, img: &ExternalImage, s: &Sealed, file: &Path) -> anyhow::Result<SealedState> {
     close(cfg, img);
-    let file = blob_path(cfg, s);
     let name = dm_name(img);
     // veritysetup reads the superblock at hash-offset and the tree after it; every block it
     // hands the kernel is checked up to the root hash, which comes from the verified rootfs.
-    run(Command::new(veritysetup()).arg("open").arg(&file).arg(&name).arg(&file).arg(&s.root_hash).arg(format!("--hash-offset={}", s.hash_offset)))
+    run(Command::new(veritysetup()).arg("open").arg(file).arg(&name).arg(file).arg(&s.root_hash).arg(format!("--hash-offset={}", s.hash_offset)))
         .with_context(|| format!("{}: dm-verity refused the sealed image", img.name))?;
     let dev = Path::new("/dev/mapper").join(&name);
     let at = mount_point(cfg, img);

@@ -147,6 +147,10 @@ pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
             let mut st = check_image(&cfg.images, &ext.build_id, i);
             if let Some(s) = &i.sealed {
                 let live = super::sealed::state(cfg, i, s);
+                if st.state == ImageStatus::Missing && live.mounted.is_some() && super::lazy::active(cfg, i).is_some() {
+                    st.state = ImageStatus::Lazy;
+                    st.detail = Some("served from its registry while it is filled in".into());
+                }
                 if live.verity.as_deref() == Some("corrupted") || super::sealed::marked_corrupt(cfg, i) {
                     st.state = ImageStatus::Corrupt;
                     st.detail = Some("dm-verity found a block that does not match the pinned root hash".into());
@@ -160,11 +164,12 @@ pub fn status(cfg: &AgentConfig) -> anyhow::Result<Status> {
 }
 
 /// The status with image states already known (the boot sequence's, which include what
-/// happened after the check: a failed pull or a failed prepare). `ok` only if all are verified.
+/// happened after the check: a failed pull or a failed prepare). `ok` only if all are verified
+/// (or lazily served).
 pub fn status_with(cfg: &AgentConfig, images: Vec<ImageState>) -> anyhow::Result<Status> {
     let (rel, _) = read_release(&cfg.root)?;
     let cmdline = std::fs::read_to_string(&cfg.cmdline).unwrap_or_default();
-    let state = if images.iter().all(|i| i.state == ImageStatus::Verified) { StatusState::Ok } else { StatusState::Degraded };
+    let state = if images.iter().all(|i| i.state.ready()) { StatusState::Ok } else { StatusState::Degraded };
     Ok(Status {
         slot: crate::format::cmdline::value(&cmdline, "slotforge.slot"),
         version: rel.version,

@@ -63,5 +63,13 @@ pub fn gc(images: &Path, keep: &BTreeSet<String>) -> anyhow::Result<GcReport> {
         }
     }
     let _ = std::fs::remove_dir_all(images.join(".partial"));
+    // Blocks of lazily started images no kept set needs any more.
+    for e in std::fs::read_dir(images.join(".lazy")).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let hex = name.split('.').next().unwrap_or("");
+        if !live.contains(hex) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     Ok(report)
 }

@@ -33,6 +33,15 @@ pub enum Event {
     /// A sealed image rebuilt from layers the device holds (no network).
     ImageResealed { name: String, root_hash: String, bytes: u64, from: String },
     ImageResealFailed { name: String, error: String },
+    /// A missing sealed image exposed at once from its registry (`from`: `HOST/REPO`) as the
+    /// network block device `device`, opened with dm-verity under the pinned root hash: blocks
+    /// are fetched as they are read and kept, and the rest is filled in the background.
+    ImageLazy { name: String, device: String, from: String, seconds: f64 },
+    /// A lazily started image is complete on the images partition (whole digest checked):
+    /// `bytes_fetched` over the whole fill, `seconds` since it was exposed.
+    ImageFilled { name: String, bytes_fetched: u64, seconds: f64 },
+    /// The background fill stopped (the image stays exposed; what arrived is kept).
+    ImageFillFailed { name: String, error: String },
     /// Made ready for its container: a sealed image opened and mounted, an unsealed one unpacked.
     ImageReady { name: String, path: PathBuf, sealed: Option<SealedState>, seconds: f64 },
     ImagePrepareFailed { name: String, error: String },
@@ -174,6 +183,16 @@ pub fn line(e: &Event) -> String {
     format!("{MARKER}{}\n", serde_json::to_string(e).expect("serialisable"))
 }
 
+/// [`line`] with `uptime`: the device's seconds since boot when it was emitted (readers that
+/// time a boot — lazy start — use it; the others ignore it).
+pub fn line_at(e: &Event, uptime: f64) -> String {
+    let mut v = serde_json::to_value(e).expect("serialisable");
+    if let Some(o) = v.as_object_mut() {
+        o.insert("uptime".into(), serde_json::json!((uptime * 1000.0).round() / 1000.0));
+    }
+    format!("{MARKER}{v}\n")
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
@@ -258,6 +277,8 @@ mod tests {
             Event::Applied(ApplyReport { slot: "b".into(), build_id: "x".into(), version: "2".into(), install_number: 2, entry: "slot-b+3.conf".into(), blobs_present: 1, blobs_written: 2, image_bytes_written: 3, rootfs_bytes: 4, images_to_pull: vec![], signature: Decision::Unchecked, root_hash: None, delta: None, pulled: None }),
             Event::Gc(GcReport::default()),
             Event::ServiceStarted { name: "s".into(), external: true, pid: 7, restart: None },
+            Event::ImageLazy { name: "s".into(), device: "/dev/nbd0".into(), from: "r/s".into(), seconds: 0.5 },
+            Event::ImageFilled { name: "s".into(), bytes_fetched: 9, seconds: 3.0 },
             Event::Poweroff,
         ];
         for e in samples {
@@ -265,6 +286,9 @@ mod tests {
             let v: Value = serde_json::from_str(l.trim_start_matches(MARKER).trim()).unwrap();
             assert_eq!(v["event"], e.name(), "{l}");
             assert_eq!(parse(&l)[0].event.as_ref(), Some(&e), "{l}");
+            // As the device emits it: with its uptime, which readers of the event ignore.
+            let at = parse(&line_at(&e, 12.3456));
+            assert_eq!((at[0].event.as_ref(), &at[0].json["uptime"]), (Some(&e), &serde_json::json!(12.346)));
         }
         // The wire forms the docs show.
         assert_eq!(Kind::ApplyFailed.name(), "apply-failed");

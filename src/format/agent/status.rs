@@ -35,6 +35,16 @@ pub enum ImageStatus {
     Verified,
     Missing,
     Corrupt,
+    /// A sealed image served from its registry while it is filled in (every block read is
+    /// checked by dm-verity under the pinned root hash); ready for its service.
+    Lazy,
+}
+
+impl ImageStatus {
+    /// Whether the image's service can run on it.
+    pub fn ready(&self) -> bool {
+        matches!(self, ImageStatus::Verified | ImageStatus::Lazy)
+    }
 }
 
 /// What the status reports about a sealed image.

@@ -1,7 +1,9 @@
 //! `supply: registry-bundle`: the step's bundle is pushed to the matrix's registry under a tag of
 //! its own, and the guest's second disk carries only the reference (the appliance's init runs
 //! `slotforge agent update` with it); `fault: network-cut` drops the guest's connection half-way
-//! through that release's download and requires the next boot to go on from what it kept.
+//! through that release's download and requires the next boot to go on from what it kept. A
+//! `supply: registry` step expecting `lazy: true` publishes the variant's sealed images next to
+//! their images first.
 
 use super::super::netcut::Cut;
 use super::super::vm::{Boot, GUEST_REGISTRY};
@@ -56,6 +58,16 @@ impl Device<'_> {
         data.resize(4096, 0);
         std::fs::write(disk, data)?;
         Ok(disk.to_path_buf())
+    }
+
+    /// Publish the sealed images of `bundle` (a full one) next to their images in the matrix's
+    /// registry (`slotforge push --next-to-images`, the release itself under this step's tag).
+    pub(super) fn publish_sealed(&mut self, bundle: &Path) -> anyhow::Result<()> {
+        let host_ref = format!("127.0.0.1:{}/{}-images", self.registry_port()?, self.release_name());
+        let out = self.sh.slotforge(&["push", &bundle.to_string_lossy(), &host_ref, "--next-to-images", "--json"]).map_err(anyhow::Error::new).with_context(|| format!("publishing the sealed images ({host_ref})"))?;
+        let pushed: serde_json::Value = serde_json::from_str(&out).context("push summary")?;
+        self.extra.insert("sealed_published".into(), pushed["next_to_images"].clone());
+        Ok(())
     }
 
     /// What a clean pull of this step's release fetches on the device's disk as it is now: the
