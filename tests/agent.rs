@@ -219,3 +219,35 @@ fn a_missing_sealed_image_is_rebuilt_from_the_pulled_image_bit_identically() {
     let raw = tool("skopeo", &["inspect", "--raw", &format!("oci:{}:{}", dev.images.display(), rel["build_id"].as_str().unwrap())]);
     assert!(raw.contains(pinned["artifact"].as_str().unwrap()), "{raw}");
 }
+
+#[test]
+fn a_missing_sealed_image_is_fetched_as_its_sealed_artifact_where_the_registry_has_it() {
+    let fx = fixture();
+    let reg = TestRegistry::start(None);
+    reg.push(&fx.path().join("images/edgeview"), "1.2", "edgeview:1.2");
+    let manifest = MANIFEST.replace("oci:images/edgeview:1.2", &format!("{}/edgeview:1.2", reg.host()));
+    // Lazy start off: this test is about the whole fetch (the QEMU tests start images lazily).
+    std::fs::write(fx.manifest(), manifest.replace("files:\n", "files:\n  - path: etc/slotforge/agent.json\n    contents: '{\"lazy\": false}'\n")).unwrap();
+    // The release published with its sealed images next to their images.
+    let tar = fx.path().join("v.tar");
+    let (mf, l) = (fx.manifest(), layouts().join("demo.yaml"));
+    ok(&slotforge(&["bundle", mf.to_str().unwrap(), "--layout", l.to_str().unwrap(), "-o", tar.to_str().unwrap(), "-q", "--cache", fx.path().join("cache").to_str().unwrap()]));
+    let pushed: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["push", tar.to_str().unwrap(), &format!("{}/releases:1", reg.host()), "--next-to-images", "--json"]))).unwrap();
+    assert_eq!(pushed["next_to_images"], serde_json::json!([format!("{}/edgeview", reg.host())]), "{pushed}");
+    let disk = build(&fx, &["--no-prefill", "edgeview"]);
+    let dev = device(&fx, &disk);
+    let ext: serde_json::Value = serde_json::from_slice(&std::fs::read(dev.root.join("etc/slotforge/external-images.json")).unwrap()).unwrap();
+    let pinned = ext["images"].as_array().unwrap().iter().find(|i| i["name"] == "edgeview").unwrap()["sealed"].clone();
+    let sealed_blob = dev.images.join("blobs/sha256").join(pinned["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    assert!(!sealed_blob.exists());
+    let (_, events, all) = agent(&dev, &["boot"]);
+    let pulled = ev(&events, "image-pulled").into_iter().find(|e| e["name"] == "edgeview").unwrap_or_else(|| panic!("{all}"));
+    assert_eq!(pulled["state"], "verified", "{all}");
+    assert_eq!(sha256_file(&sealed_blob), pinned["digest"].as_str().unwrap());
+    assert!(ev(&events, "image-resealed").is_empty(), "not rebuilt: {all}");
+    // Not one of its layers travelled: only the manifest, config, artifact and sealed blob.
+    let man: serde_json::Value = serde_json::from_slice(&std::fs::read(dev.images.join("blobs/sha256").join(reg.digest("edgeview:1.2").trim_start_matches("sha256:"))).unwrap()).unwrap();
+    let own_layer = dev.images.join("blobs/sha256").join(man["layers"][1]["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    assert!(!own_layer.exists(), "edgeview's layer was not fetched");
+    assert!(dev.images.join("blobs/sha256").join(pinned["artifact"].as_str().unwrap().trim_start_matches("sha256:")).exists());
+}

@@ -96,7 +96,7 @@ pub fn boot(cfg: &AgentConfig) -> anyhow::Result<super::status::Status> {
                         states.push(st);
                         continue;
                     }
-                    Err(e) => emit(Event::ImagePullSkipped { name: img.name.clone(), reason: "lazy start unavailable; fetching it whole".into(), error: format!("{e:#}") }),
+                    Err(e) => emit(Event::ImageLazyUnavailable { name: img.name.clone(), error: format!("{e:#}") }),
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! Getting an external image the booted build pins onto the device: pulled by digest (mirror,
-//! registries.conf, or its own registry), rebuilt from what the partition holds, corrupt blobs
+//! registries.conf, or its own registry; a sealed one as its sealed artifact where the registry
+//! has it), rebuilt from what the partition holds, corrupt blobs
 //! set aside and put back if the repair fails; an unsealed image unpacked for the runtime.
 
 use crate::device::{emit, AgentConfig};
@@ -64,6 +65,14 @@ pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &Extern
         bail!("{}: {}", img.reference, errors.join("; "));
     };
     store.put(&bytes[..], &digest, bytes.len() as u64, "manifest")?;
+    // A sealed image whose sealed artifact the registry has (`slotforge push --next-to-images`)
+    // is fetched as it is — the sealed blob, checked against the pinned digest — not rebuilt.
+    if let Some(s) = img.sealed.as_ref().filter(|_| !img.keep_layers) {
+        if let Some(n) = fetch_sealed_artifact(&registry, &repo, &store, img, s, &bytes)? {
+            add_to_build(&cfg.images, build_id, version, IndexEntry { media_type: media_type_of(&bytes).unwrap_or(mt), ..IndexEntry::pinned(img, bytes.len() as u64)? })?;
+            return Ok(n + bytes.len() as u64);
+        }
+    }
     let src: Arc<dyn BlobSource> = Arc::new(RegistrySource { registry, repo, cache: store.clone(), offline: false, name: format!("{host}/{}", img.name) });
     let platform: Platform = img.platform.parse().unwrap_or_default();
     let resolved = resolve_digest(&img.reference, src.clone(), &digest, bytes.len() as u64, &mt, &platform)?;
@@ -81,6 +90,35 @@ pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &Extern
     }
     add_to_build(&cfg.images, build_id, version, IndexEntry { media_type: media_type_of(&bytes).unwrap_or(mt), ..IndexEntry::pinned(img, bytes.len() as u64)? })?;
     Ok(fetched + bytes.len() as u64 + resolved.config_bytes.len() as u64)
+}
+
+/// The sealed artifact of `img` from `repo`, if the registry has it under its pinned digest:
+/// the config and sealed blobs fetched (each checked against its digest), the artifact and the
+/// empty config stored. Returns the bytes fetched; `None` if the registry lacks the artifact.
+fn fetch_sealed_artifact(reg: &Registry, repo: &str, store: &Cache, img: &ExternalImage, s: &crate::format::sealed::Sealed, manifest: &[u8]) -> anyhow::Result<Option<u64>> {
+    let Some((artifact, _)) = reg.try_manifest(repo, &s.artifact)? else { return Ok(None) };
+    let ad = Digest::of_bytes(&artifact);
+    let a = crate::format::sealed::parse_artifact(&artifact);
+    if ad.as_str() != s.artifact || a.as_ref().is_none_or(|a| a.blob != s.digest || a.blob_size != s.size || a.subject != img.digest) {
+        return Ok(None);
+    }
+    let mv: serde_json::Value = serde_json::from_slice(manifest)?;
+    let cd = Digest::parse(mv["config"]["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
+    let mut n = 0;
+    if !store.has(&cd) {
+        let size = mv["config"]["size"].as_u64().unwrap_or(0);
+        reg.fetch_blob(repo, &cd, size, store, &|_| {})?;
+        n += size;
+    }
+    let sd = Digest::parse(&s.digest).map_err(|e| anyhow::anyhow!(e))?;
+    if !store.has(&sd) {
+        reg.fetch_blob(repo, &sd, s.size, store, &|_| {})?;
+        n += s.size;
+    }
+    store.put(&artifact[..], &ad, artifact.len() as u64, "sealed artifact")?;
+    let empty = crate::format::sealed::EMPTY_JSON;
+    store.put(empty, &Digest::of_bytes(empty), empty.len() as u64, "empty")?;
+    Ok(Some(n + artifact.len() as u64))
 }
 
 /// Make a missing or corrupt image whole again: a sealed image whose layers are all here

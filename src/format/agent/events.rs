@@ -37,6 +37,9 @@ pub enum Event {
     /// network block device `device`, opened with dm-verity under the pinned root hash: blocks
     /// are fetched as they are read and kept, and the rest is filled in the background.
     ImageLazy { name: String, device: String, from: String, seconds: f64 },
+    /// A missing sealed image could not be started lazily (no registry has its sealed artifact,
+    /// no NBD device, ...): it is fetched whole before its service starts.
+    ImageLazyUnavailable { name: String, error: String },
     /// A lazily started image is complete on the images partition (whole digest checked):
     /// `bytes_fetched` over the whole fill, `seconds` since it was exposed.
     ImageFilled { name: String, bytes_fetched: u64, seconds: f64 },
