@@ -90,6 +90,8 @@ paths:
       - upgrade: bulk
         supply: registry
         expect: {{slot: b, variant: bulk, state: ok, lazy: true}}
+      - boot: true
+        expect: {{slot: b, variant: bulk, state: ok}}
   - name: by-tag
     install: {{variant: small, layout: gen2}}
     steps:
@@ -155,7 +157,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("lazy", 2), ("by-tag", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("lazy", 3), ("by-tag", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -185,6 +187,12 @@ paths:
     let waited = l["service_started_at"].as_f64().unwrap() - l["found_missing_at"].as_f64().unwrap();
     assert!(waited > 0.0 && l["seconds"].as_f64().unwrap() < 30.0, "{l}");
     assert!(lazy["images"].as_array().unwrap().iter().any(|i| i["name"] == "bulk" && (i["state"] == "lazy" || i["state"] == "verified")), "{lazy}");
+    // svc-c:2 (5 MB) was filled in during that boot and put in place: the next boot finds it
+    // whole and verified, like any image of the partition.
+    let tools = lazy["lazy_images"].as_array().unwrap().iter().find(|l| l["name"] == "tools").unwrap_or_else(|| panic!("{lazy}"));
+    assert!(tools["filled"]["bytes_fetched"].as_u64().unwrap() > 4_000_000, "{tools}");
+    let next = &result("lazy", 2)["observed"];
+    assert!(next["images"].as_array().unwrap().iter().any(|i| i["name"] == "tools" && i["state"] == "verified"), "{next}");
     // The deliberately wrong expectation: reported as a failure, with what was observed.
     let bad = result("wrong-expectation", 0);
     assert_eq!(bad["result"], "fail");
@@ -198,11 +206,11 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(24), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(25), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"26\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"27\" failures=\"1\" skipped=\"1\""), "{x}");
     assert_eq!(x.matches("<testsuite ").count(), 11);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.
