@@ -54,6 +54,22 @@ impl Default for AgentConfig {
 pub const CONFIG_PATH: &str = "etc/slotforge/agent.json";
 
 impl AgentConfig {
+    /// Where the agent fetches `host/repo` from, in order: agent.json's `mirror` if set, else the
+    /// rootfs's (or the environment's) containers-registries.conf, else the reference's own
+    /// registry. Images and releases alike.
+    pub fn endpoints(&self, host: &str, repo: &str, by_digest: bool) -> anyhow::Result<Vec<crate::oci::mirrors::Endpoint>> {
+        Ok(match &self.mirror {
+            Some(m) => vec![crate::oci::mirrors::Endpoint { host: m.clone(), repo: repo.to_string(), insecure: false, mirror: true }],
+            None => {
+                let conf = match std::env::var_os("CONTAINERS_REGISTRIES_CONF") {
+                    Some(p) => crate::oci::mirrors::Mirrors::load_from(std::path::Path::new(&p), true)?,
+                    None => crate::oci::mirrors::Mirrors::load_from(&self.root.join(crate::oci::mirrors::DEFAULT_PATH.trim_start_matches('/')), false)?,
+                };
+                conf.endpoints(host, repo, by_digest).map_err(|e| anyhow::anyhow!(e))?
+            }
+        })
+    }
+
     /// Defaults, then `<root>/etc/slotforge/agent.json` if present.
     pub fn load(root: &std::path::Path) -> anyhow::Result<Self> {
         let p = root.join(CONFIG_PATH);

@@ -19,22 +19,6 @@ use crate::oci::registry::{media_type_of, Registry, RegistrySource};
 use crate::oci::{BlobSource, ImageRef, Platform};
 use crate::format::tree::{materialize, Spill, Tree};
 use crate::format::agent::Event;
-/// Where the agent fetches `host/repo` from, in order: agent.json's `mirror` if set, else the
-/// rootfs's (or the environment's) containers-registries.conf, else the reference's own
-/// registry. Images and releases alike.
-pub fn endpoints(cfg: &AgentConfig, host: &str, repo: &str, by_digest: bool) -> anyhow::Result<Vec<crate::oci::mirrors::Endpoint>> {
-    Ok(match &cfg.mirror {
-        Some(m) => vec![crate::oci::mirrors::Endpoint { host: m.clone(), repo: repo.to_string(), insecure: false, mirror: true }],
-        None => {
-            let conf = match std::env::var_os("CONTAINERS_REGISTRIES_CONF") {
-                Some(p) => crate::oci::mirrors::Mirrors::load_from(Path::new(&p), true)?,
-                None => crate::oci::mirrors::Mirrors::load_from(&cfg.root.join(crate::oci::mirrors::DEFAULT_PATH.trim_start_matches('/')), false)?,
-            };
-            conf.endpoints(host, repo, by_digest).map_err(|e| anyhow::anyhow!(e))?
-        }
-    })
-}
-
 /// Fetch `img` by digest into the images partition and list it in `build_id`'s set.
 pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalImage) -> anyhow::Result<u64> {
     let r = ImageRef::parse(&img.reference, Path::new("/")).map_err(|e| anyhow::anyhow!(e))?;
@@ -43,7 +27,7 @@ pub fn pull_image(cfg: &AgentConfig, build_id: &str, version: &str, img: &Extern
     };
     let store = Arc::new(Cache::open_layout(&cfg.images)?);
     let digest = Digest::parse(&img.digest).map_err(|e| anyhow::anyhow!(e))?;
-    let endpoints = endpoints(cfg, &host, &repo, true)?;
+    let endpoints = cfg.endpoints(&host, &repo, true)?;
     let mut errors = Vec::new();
     let mut served = None;
     for ep in &endpoints {

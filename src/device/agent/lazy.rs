@@ -81,7 +81,7 @@ pub fn start(cfg: &AgentConfig, build_id: &str, version: &str, img: &ExternalIma
     };
     let mut errors = Vec::new();
     let mut found = None;
-    for ep in super::fetch::endpoints(cfg, &host, &repo, true)? {
+    for ep in cfg.endpoints(&host, &repo, true)? {
         let mut insecure = cfg.insecure.clone();
         if ep.insecure {
             insecure.push(ep.host.clone());

@@ -29,7 +29,7 @@ pub fn apply(cfg: &AgentConfig, src: &Path, pause_at: Option<ApplyStep>) -> anyh
 /// and whether the device would take it (JSON), fetching no content.
 pub fn update(cfg: &AgentConfig, reference: &str, check: bool, pause_at: Option<ApplyStep>) -> anyhow::Result<()> {
     let mut t = DeviceTarget { cfg: cfg.clone() };
-    let r = match upgrade::pull::resolve_via(&mut t, reference, &cfg.insecure, &|h, r, d| super::fetch::endpoints(cfg, h, r, d)) {
+    let r = match upgrade::pull::resolve_via(&mut t, reference, &cfg.insecure, &|h, r, d| cfg.endpoints(h, r, d)) {
         Ok(r) => r,
         Err(e) if check => {
             println!("{}", serde_json::json!({"reference": reference, "available": false, "error": format!("{e:#}")}));
