@@ -56,7 +56,7 @@ done
 # fetched whole (its sealed artifact, agent.json "lazy": false) — and a one-service update
 # (external `hello` 1 → 2) pulled by tag by the guest's agent. --jobs 1: the lazy path publishes
 # the sealed images next to their images before the whole path needs them.
-cargo build --release --quiet -p slotforge-qemu-tests --bin slotforge-vm
+(cd "$repo" && cargo build --release --quiet -p slotforge-qemu-tests --bin slotforge-vm)
 vm="$w/vm"; mkdir -p "$vm"
 "$repo/target/release/slotforge-vm" images "$vm/images" --agent "$sf" >/dev/null
 mkdir -p "$w/src/hello/bin" "$w/src/bulk/bin" "$w/src/bulk/data"

@@ -151,19 +151,28 @@ mod tests {
         assert_eq!(allowed(5000, 100, 1000), 0);
     }
 
-    #[test]
-    fn a_relay_passes_bytes_until_the_cut_then_refuses_every_connection() {
-        // An upstream that answers every connection with 10 000 bytes.
+    /// An upstream on 127.0.0.1 that answers every connection with `bytes` bytes, then closes it
+    /// (or, with `hold`, keeps it open a while, as a registry keeps a connection alive).
+    fn upstream(bytes: usize, hold: bool) -> u16 {
         let up = TcpListener::bind("127.0.0.1:0").unwrap();
-        let up_port = up.local_addr().unwrap().port();
+        let port = up.local_addr().unwrap().port();
         std::thread::spawn(move || {
             for c in up.incoming() {
                 let Ok(mut c) = c else { continue };
                 std::thread::spawn(move || {
-                    let _ = c.write_all(&[7u8; 10_000]);
+                    let _ = c.write_all(&vec![7u8; bytes]);
+                    if hold {
+                        std::thread::sleep(std::time::Duration::from_secs(30));
+                    }
                 });
             }
         });
+        port
+    }
+
+    #[test]
+    fn a_relay_passes_bytes_until_the_cut_then_refuses_every_connection() {
+        let up_port = upstream(10_000, false);
         let cut = Cut::start(up_port, 15_000).unwrap();
         // Bytes read until the end of the stream or a reset.
         let read_all = || {
@@ -193,17 +202,7 @@ mod tests {
         // QEMU's guestfwd runs `nc 127.0.0.1 PORT` per guest connection, its stdin and stdout
         // one socket to the guest. A relay's cut must end that socket (nc exits), or the guest
         // waits on a connection that is gone.
-        let up = TcpListener::bind("127.0.0.1:0").unwrap();
-        let up_port = up.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for c in up.incoming() {
-                let Ok(mut c) = c else { continue };
-                std::thread::spawn(move || {
-                    let _ = c.write_all(&[7u8; 100_000]);
-                    std::thread::sleep(std::time::Duration::from_secs(30));
-                });
-            }
-        });
+        let up_port = upstream(100_000, true);
         let cut = Cut::start(up_port, 40_000).unwrap();
         let (mut guest, nc_side) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd: std::os::fd::OwnedFd = nc_side.into();
