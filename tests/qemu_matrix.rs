@@ -5,7 +5,7 @@
 //! a release pushed to the registry and pulled by tag by the guest's agent with the connection
 //! cut half-way (the next boot goes on from what the first kept), a 500 MB sealed image missing at
 //! first boot started lazily from the registry (its service runs before the image is complete),
-//! a bundle signed by an untrusted key then a trusted one, an install through the USB
+//! a bundle signed by an untrusted key (on a disk, then pushed and pulled by tag) then a trusted one, an install through the USB
 //! installer, an upgrade from a build with unsealed images to sealed ones and back, a third
 //! build's upgrade recorded write by write whose crash states are checked offline and four
 //! booted (three of the apply: the last on the old slot, the first on probation, one whose ESP
@@ -112,6 +112,10 @@ paths:
         fault: wrong-key
         expect: {{refused: true, slot: a, variant: signed}}
       - upgrade: signed2
+        supply: registry-bundle
+        fault: wrong-key
+        expect: {{refused: true, slot: a, variant: signed}}
+      - upgrade: signed2
         expect: {{slot: b, variant: signed2}}
   - name: usb
     install: {{variant: small, layout: gen2, via: installer}}
@@ -157,7 +161,7 @@ paths:
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {table}"));
     let steps = r["steps"].as_array().unwrap();
     let result = |path: &str, i: usize| steps.iter().find(|s| s["path"] == path && s["index"] == i).unwrap_or_else(|| panic!("{path}/{i} missing:\n{table}"));
-    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("lazy", 3), ("by-tag", 2), ("delta", 2), ("keys", 3), ("usb", 1), ("seal", 3)] {
+    for (p, n) in [("rollback", 2), ("power-cut", 4), ("thin", 3), ("thin-offline", 2), ("lazy", 3), ("by-tag", 2), ("delta", 2), ("keys", 4), ("usb", 1), ("seal", 3)] {
         for i in 0..n {
             assert_eq!(result(p, i)["result"], "pass", "{p}/{i}: {}\n{table}", result(p, i)["message"]);
         }
@@ -167,6 +171,10 @@ paths:
     assert_eq!(result("rollback", 1)["observed"]["outcomes"], serde_json::json!(["Exited", "Exited", "Exited", "Exited", "Exited"]));
     assert_eq!(result("power-cut", 1)["observed"]["outcomes"][0], "Killed", "the first boot of the step is the cut");
     assert!(result("keys", 1)["observed"]["refusal"].as_str().unwrap().contains("nothing was changed"), "{}", result("keys", 1)["observed"]);
+    // The same bundle pushed and pulled by tag in the guest: refused on its signature before
+    // any content was fetched.
+    let by_tag = result("keys", 2)["observed"]["refusal"].as_str().unwrap().to_string();
+    assert!(by_tag.contains("refused") && by_tag.contains("nothing was fetched or changed"), "{by_tag}");
     assert_eq!(result("usb", 0)["boots"], 2, "the installer's boot, then the target's");
     // By tag, the connection cut half-way: the first boot's pull failed (kept what arrived), the
     // next boot's pull went on from there — fewer chunks than a clean pull of the same disk —
@@ -206,11 +214,11 @@ paths:
     assert!(seal(0)["sealed"].is_null(), "unsealed build runs its image unpacked: {}", seal(0));
     assert_eq!(seal(1)["sealed"]["verity"], "verified", "{}", seal(1));
     assert!(seal(2)["sealed"].is_null(), "{}", seal(2));
-    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(25), Some(1), Some(1)), "{table}");
+    assert_eq!((r["passed"].as_u64(), r["failed"].as_u64(), r["skipped"].as_u64()), (Some(26), Some(1), Some(1)), "{table}");
     assert!(table.contains("rollback") && table.contains("1 failed"), "{table}");
     // JUnit read back: three suites, one failure, one skipped.
     let x = std::fs::read_to_string(&junit).unwrap();
-    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"27\" failures=\"1\" skipped=\"1\""), "{x}");
+    assert!(x.starts_with("<?xml") && x.contains("<testsuites name=\"slotforge test\" tests=\"28\" failures=\"1\" skipped=\"1\""), "{x}");
     assert_eq!(x.matches("<testsuite ").count(), 11);
     assert!(x.contains("<failure message=\"expected slot = &quot;b&quot;, observed &quot;a&quot;\">"), "{x}");
     // --keep: the builds (each variant built once) and every path's serial logs are there.

@@ -253,6 +253,8 @@ fn a_release_carries_its_sealed_images_and_a_bumped_one_travels_as_the_chunks_th
     // from edgeview 1.2's sealed image on the disk plus the chunks it lacks, read by range.
     let full_disk = p.join("full.img");
     std::fs::copy(&disk, &full_disk).unwrap();
+    let stick_disk = p.join("stick-disk.img");
+    std::fs::copy(&disk, &stick_disk).unwrap();
     let log = RequestLog::start(reg.port);
     let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), &format!("docker://127.0.0.1:{}/appliance:1.5.0", log.port), "--json"]))).unwrap();
     let lines = log.take();
@@ -288,7 +290,14 @@ fn a_release_carries_its_sealed_images_and_a_bumped_one_travels_as_the_chunks_th
         assert!(std::fs::read_dir(out.join("images/blobs/sha256")).unwrap().count() > 5 && out.join("esp/loader").is_dir(), "both file systems were read");
         out
     };
-    tool("diff", &["-r", files(&disk).to_str().unwrap(), files(&full_disk).to_str().unwrap()]);
+    let pulled_files = files(&disk);
+    tool("diff", &["-r", pulled_files.to_str().unwrap(), files(&full_disk).to_str().unwrap()]);
+    // skopeo copies the release (its sealed blob a layer) onto a stick; applied offline, the same.
+    let stick = p.join("stick");
+    tool("skopeo", &["copy", "-q", "--all", "--src-tls-verify=false", &format!("docker://{repo}:1.5.0"), &format!("oci:{}:1.5.0", stick.display())]);
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", stick_disk.to_str().unwrap(), stick.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(r["images_to_pull"], serde_json::json!([]), "{r}");
+    tool("diff", &["-r", pulled_files.to_str().unwrap(), files(&stick_disk).to_str().unwrap()]);
 }
 
 fn walk_files(d: &Path) -> usize {

@@ -80,6 +80,12 @@ pub fn upgrade(r: &crate::format::agent::ApplyReport) {
 
 pub fn push(s: &crate::builder::push::PushSummary) {
     println!("pushed {} ({}) to {} as {}: {} chunks in {} packs, {} uploaded ({} in all), {} signature(s) as referrers ({})", s.version, s.build_id, s.reference, s.manifest_digest, s.chunks, s.packs, s.packs_uploaded, mib(s.bytes_uploaded), s.signatures, s.referrers);
+    if s.sealed_images > 0 {
+        println!("  {} sealed image(s) with the release, {} new to the registry", s.sealed_images, s.sealed_uploaded);
+    }
+    if !s.next_to_images.is_empty() {
+        println!("  sealed images next to their images: {}", s.next_to_images.join(", "));
+    }
 }
 
 pub fn key(v: &serde_json::Value) {

@@ -337,3 +337,41 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A registry that has nothing: every request answered 404.
+    fn empty_registry() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_block_the_registry_cannot_deliver_is_an_io_error_and_one_here_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 2 * BLOCK;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("part")).unwrap();
+        file.set_len(size).unwrap();
+        let data: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8).collect();
+        file.write_all_at(&data, 0).unwrap();
+        let map_file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("map")).unwrap();
+        let port = empty_registry();
+        let b = Blocks { file, map_file, present: Mutex::new(vec![1, 0]), reg: Registry::new(&format!("127.0.0.1:{port}"), &[]).unwrap(), repo: "r".into(), digest: Digest::of_bytes(b"x"), size, fetched: Default::default() };
+        assert_eq!(b.read(4096, 4096).unwrap(), data[4096..8192], "a block here is served from the cache");
+        assert_eq!(b.read(BLOCK, 4096), Err(nbd::EIO), "a block the registry cannot deliver is an I/O error");
+        assert_eq!(b.present.lock().unwrap()[1], 0, "and is not marked present");
+        assert_eq!(b.read(size - 4096, 8192), Err(nbd::EINVAL), "past the end");
+    }
+}

@@ -235,6 +235,7 @@ fn stage_images(t: &mut dyn Target, b: &Bundle, assembled: &std::collections::BT
     let (mut present, mut written, mut bytes) = (0, 0, 0u64);
     let mut entries = Vec::new();
     let mut to_pull = Vec::new();
+    let mut temps = Vec::new();
     for e in &cfg.images {
         let md = Digest::parse(&e.digest).map_err(|x| anyhow::anyhow!(x))?;
         let mpath = b.blob_path(&md);
@@ -268,8 +269,18 @@ fn stage_images(t: &mut dyn Target, b: &Bundle, assembled: &std::collections::BT
                 continue;
             }
             // An assembled sealed image was hashed whole as it was assembled; a bundle blob now.
+            // The empty config of a sealed artifact is known bytes: a release copied from a
+            // registry may not carry it as a blob.
+            let empty = Digest::of_bytes(crate::format::sealed::EMPTY_JSON);
             let src = match assembled.get(&d) {
                 Some(p) => p.clone(),
+                None if d == empty && !b.blob_path(&d).exists() => {
+                    let t = tempfile::NamedTempFile::new()?;
+                    std::fs::write(t.path(), crate::format::sealed::EMPTY_JSON)?;
+                    let p = t.path().to_path_buf();
+                    temps.push(t);
+                    p
+                }
                 None => {
                     let p = b.blob_path(&d);
                     let (got, n) = crate::base::hash::digest_reader(std::fs::File::open(&p).with_context(|| format!("bundle lacks blob {d} of {}", e.name))?)?;
