@@ -133,7 +133,7 @@ print("The delta leaves out the rootfs chunks v1's bundle holds, every external 
 print("kernel; a bumped sealed image travels as the chunks v1's sealed image of the same service lacks, and for v1 it")
 print("says where v1's rootfs holds each chunk (seed offsets, ~1 byte a chunk compressed). The device recognises its")
 print("running slot as v1 (length and stored dm-verity root), copies those chunks from it straight into the inactive")
-print("slot with the store's (every chunk checked against its id, the whole hashed on the way), then checks the slot's")
+print("slot with the store's (every chunk checked against its id in the signed index, not hashed whole again), then checks the slot's")
 print("dm-verity tree, which reads it back; the sealed image is assembled from its predecessor (tests/delta.rs). A full")
 print("apply reads the bundle's rootfs three times (digest, tree, copy) and the slot once (read-back). The goal's")
 print("*change, compressed* counts the changed files only; every delta also carries the new rootfs's index (40 bytes a")

@@ -219,8 +219,8 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
 
 /// Assemble the rootfs straight into the inactive slot `part` (its entry is gone already):
 /// chunks already in place — an interrupted run's — are kept up to the first that is not,
-/// `slot-half-written` is passed halfway (synced first), the whole is checked against the
-/// signed digest, and the caller then checks its dm-verity tree on the slot. If the running
+/// `slot-half-written` is passed halfway (synced first), every chunk is checked against its id in
+/// the signed index, and the caller then checks the slot read back (its dm-verity tree). If the running
 /// slot is not what the base index said, it is chunked and the assembly goes on.
 pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partition, d: Direct, step: &dyn Fn(ApplyStep)) -> anyhow::Result<Assembled> {
     let cfg = &b.config;
@@ -236,17 +236,20 @@ pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partitio
         Ok(())
     };
     let store = b.chunk_store();
-    let mut r = crate::format::casync::assemble_at(&d.index, &d.seeds, &store, &out, start, cfg.rootfs.size, &mut progress);
+    // The index is the one the config pins (Bundle::rootfs_index) and every chunk is checked
+    // against its id: the whole is the signed rootfs without hashing it again; the caller reads
+    // the slot back (its dm-verity tree, or its digest) before any entry names it.
+    let mut r = crate::format::casync::assemble_at(&d.index, &d.seeds, &store, &out, start, cfg.rootfs.size, false, &mut progress);
     if r.is_err() && d.indexed {
         let (f, s, len) = d.running;
         let mut scanned = Seeds::default();
         scanned.add("running slot", f, s, len)?;
-        r = crate::format::casync::assemble_at(&d.index, &scanned, &store, &out, start, cfg.rootfs.size, &mut progress);
+        r = crate::format::casync::assemble_at(&d.index, &scanned, &store, &out, start, cfg.rootfs.size, false, &mut progress);
     }
-    let (a, digest) = r.map_err(|e| anyhow::anyhow!("bundle {}: assembling slot {}: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
+    let (a, _) = r.map_err(|e| anyhow::anyhow!("bundle {}: assembling slot {}: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
     out.sync_all()?;
-    if digest != cfg.rootfs.digest || a.bytes != cfg.rootfs.size {
-        bail!("bundle {}: slot {} was assembled as {digest}, not {}; the running slot is untouched", cfg.build_id, part.name, cfg.rootfs.digest);
+    if a.bytes != cfg.rootfs.size {
+        bail!("bundle {}: slot {} was assembled from {} bytes of chunks, not {}; the running slot is untouched", cfg.build_id, part.name, a.bytes, cfg.rootfs.size);
     }
     Ok(a)
 }
