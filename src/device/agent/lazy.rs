@@ -184,12 +184,18 @@ fn disconnect(device: &str) {
     }
 }
 
-/// The blocks of one image: the cache file, which blocks it holds (one byte each, persisted
-/// after the block's data is durable), and the registry they come from.
+/// Blocks fetched between two syncs of the cache (the map records them after the sync).
+const SYNC_EVERY: usize = 16;
+
+/// The blocks of one image: the cache file, which blocks it holds (in memory as soon as they are
+/// written; in the map file, one byte each, only once their data is durable), and the registry
+/// they come from.
 struct Blocks {
     file: std::fs::File,
     map_file: std::fs::File,
     present: Mutex<Vec<u8>>,
+    /// Written but not yet synced (not yet in the map file).
+    unsynced: Mutex<Vec<u64>>,
     reg: Registry,
     repo: String,
     digest: Digest,
@@ -227,10 +233,23 @@ impl Blocks {
             return Err(e);
         }
         self.file.write_all_at(&buf, start)?;
-        self.file.sync_data()?;
         present[b as usize] = 1;
-        self.map_file.write_all_at(&[1], b)?;
+        self.unsynced.lock().unwrap().push(b);
         self.fetched.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Make the blocks written so far durable, then record them in the map file (a cut before
+    /// that costs their fetch again, never a block the map claims but the file lacks).
+    fn persist(&self) -> anyhow::Result<()> {
+        let blocks: Vec<u64> = std::mem::take(&mut *self.unsynced.lock().unwrap());
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        for b in blocks {
+            self.map_file.write_all_at(&[1], b)?;
+        }
         Ok(())
     }
 
@@ -265,7 +284,7 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
     let mut present = std::fs::read(&map).unwrap_or_default();
     present.resize(n, 0);
     let map_file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&map)?;
-    let blocks = std::sync::Arc::new(Blocks { file, map_file, present: Mutex::new(present), reg: Registry::new(&j.host, &j.insecure)?, repo: j.repo.clone(), digest: digest.clone(), size: j.size, fetched: Default::default() });
+    let blocks = std::sync::Arc::new(Blocks { file, map_file, present: Mutex::new(present), unsynced: Default::default(), reg: Registry::new(&j.host, &j.insecure)?, repo: j.repo.clone(), digest: digest.clone(), size: j.size, fetched: Default::default() });
 
     let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let dev = std::fs::OpenOptions::new().read(true).write(true).open(&j.device).with_context(|| j.device.clone())?;
@@ -285,10 +304,18 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
         let b = blocks.clone();
         let (name, images) = (j.name.clone(), j.images.clone());
         std::thread::spawn(move || {
+            // The fill yields to everything else on the device (SCHED_IDLE): the services the
+            // boot is starting, and the reads they make through the server.
+            // SAFETY: sched_setscheduler on the calling thread (0) with a valid sched_param.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &libc::sched_param { sched_priority: 0 }) };
             let r = (|| -> anyhow::Result<()> {
                 for i in 0..b.count() {
                     b.ensure(i)?;
+                    if b.unsynced.lock().unwrap().len() >= SYNC_EVERY {
+                        b.persist()?;
+                    }
                 }
+                b.persist()?;
                 let (got, _) = crate::base::hash::digest_reader(std::fs::File::open(&part)?)?;
                 if got != b.digest {
                     // Served blocks were checked by dm-verity as they were read; the cache as a
@@ -335,7 +362,8 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
             _ => ours.write_all(&nbd::reply(r.handle, nbd::EINVAL))?,
         }
     }
-    Ok(())
+    // Disconnected (shutdown): what the reads fetched is kept for the next boot.
+    blocks.persist()
 }
 
 #[cfg(test)]
@@ -368,7 +396,7 @@ mod tests {
         file.write_all_at(&data, 0).unwrap();
         let map_file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("map")).unwrap();
         let port = empty_registry();
-        let b = Blocks { file, map_file, present: Mutex::new(vec![1, 0]), reg: Registry::new(&format!("127.0.0.1:{port}"), &[]).unwrap(), repo: "r".into(), digest: Digest::of_bytes(b"x"), size, fetched: Default::default() };
+        let b = Blocks { file, map_file, present: Mutex::new(vec![1, 0]), unsynced: Default::default(), reg: Registry::new(&format!("127.0.0.1:{port}"), &[]).unwrap(), repo: "r".into(), digest: Digest::of_bytes(b"x"), size, fetched: Default::default() };
         assert_eq!(b.read(4096, 4096).unwrap(), data[4096..8192], "a block here is served from the cache");
         assert_eq!(b.read(BLOCK, 4096), Err(nbd::EIO), "a block the registry cannot deliver is an I/O error");
         assert_eq!(b.present.lock().unwrap()[1], 0, "and is not marked present");
