@@ -1,6 +1,7 @@
 //! `slotforge push BUNDLE REF`: a bundle published as a release in an OCI registry
-//! (format::published): its rootfs cut into casync chunks and packed (format::packs), so a
-//! registry that holds an earlier release receives only the packs that changed; its boot files;
+//! (format::published): its rootfs cut into casync chunks, those the repository's earlier
+//! releases hold pointed at in their packs and only the others packed and uploaded
+//! (format::packs); its boot files;
 //! its sealed external images (the sealed blob whole, its artifact a referrer of the image);
 //! its signatures as referrers of the release manifest — through the referrers API where the
 //! registry has it, else the referrers tag `sha256-<hex>`.
@@ -23,9 +24,15 @@ pub struct PushSummary {
     pub build_id: String,
     pub version: String,
     pub chunks: usize,
+    /// Packs the release's chunks are in, and of those the ones uploaded (new chunks; the rest
+    /// are earlier releases' packs, pointed at).
     pub packs: usize,
-    /// Packs the registry did not have (the rest an earlier release pushed already).
     pub packs_uploaded: usize,
+    /// Distinct chunks found in packs of the releases the repository holds (`releases_seen` of
+    /// them), and those packed anew.
+    pub chunks_reused: usize,
+    pub chunks_new: usize,
+    pub releases_seen: usize,
     /// Bytes of every blob uploaded (packs, boot files, sealed images, metadata).
     pub bytes_uploaded: u64,
     /// Sealed external images published with the release, and of those the ones whose sealed
@@ -41,7 +48,7 @@ pub struct PushSummary {
 }
 
 /// Push the bundle at `src` (directory or tar; a full bundle) to `reference` (`[docker://]HOST/REPO:TAG`).
-pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bool, on_pack: &mut dyn FnMut(usize, usize)) -> anyhow::Result<PushSummary> {
+pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bool, on_chunk: &mut dyn FnMut(usize, usize)) -> anyhow::Result<PushSummary> {
     let b = Bundle::open(src, None).with_context(|| format!("opening bundle {}", src.display()))?;
     let cfg = &b.config;
     let rootfs = b.blob_path(&cfg.rootfs.digest);
@@ -60,34 +67,31 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
         }
         Ok(up)
     };
-    // The rootfs's chunks, packed in index order (a chunk seen before is stored once).
+    // The rootfs's chunks: those in packs of releases the repository holds pointed at there,
+    // the others packed anew.
     let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&rootfs)?))?;
     let f = std::fs::File::open(&rootfs)?;
     let starts: Vec<u64> = std::iter::once(0).chain(index.iter().map(|e| e.end)).collect();
-    let mut seen = std::collections::HashSet::new();
+    let (known, releases_seen) = known_chunks(&reg, &repo)?;
     let mut packs_uploaded = 0;
-    let total = crate::format::packs::plan(&index).len();
-    let mut done = 0;
-    let table = crate::format::packs::pack(
+    let packed = crate::format::packs::pack(
         &index,
+        &known,
         |i| {
-            if !seen.insert(index[i].id) {
-                return Ok(None);
-            }
             let mut buf = vec![0u8; (index[i].end - starts[i]) as usize];
             std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, starts[i])?;
-            Ok(Some(zstd::bulk::compress(&buf, 3)?))
+            Ok(zstd::bulk::compress(&buf, 3)?)
         },
         |pack| {
             let d = Digest::of_bytes(pack);
             if put(&d, pack)? {
                 packs_uploaded += 1;
             }
-            done += 1;
-            on_pack(done, total);
             Ok(d)
         },
+        |done, total| on_chunk(done, total),
     )?;
+    let table = packed.table;
     // Boot files, then the inline metadata (registries want every layer's blob).
     let mut files = vec![published::File { media_type: MT_KERNEL.into(), blob: cfg.kernel.clone(), title: "vmlinuz".into() }];
     files.extend(cfg.initrd.iter().map(|i| published::File { media_type: MT_INITRD.into(), blob: i.clone(), title: "initrd.img".into() }));
@@ -133,6 +137,9 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
         chunks: index.len(),
         packs: table.packs.len(),
         packs_uploaded,
+        chunks_reused: packed.reused,
+        chunks_new: packed.fresh,
+        releases_seen,
         bytes_uploaded: bytes_uploaded.get(),
         sealed_images: sealed.len(),
         sealed_uploaded,
@@ -140,6 +147,34 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
         signatures: b.signatures.len(),
         referrers: if b.signatures.is_empty() { "none".into() } else { referrers.into() },
     })
+}
+
+/// How many releases a push reads for chunks it need not upload again.
+const MAX_RELEASES_SEEN: usize = 256;
+
+/// The chunks already in packs of the releases the repository holds (its tags other than
+/// referrers tags, sorted, at most [`MAX_RELEASES_SEEN`]; a tag that is not a release, or whose
+/// table does not read, is passed over), and how many releases that was.
+fn known_chunks(reg: &Registry, repo: &str) -> anyhow::Result<(crate::format::packs::Known, usize)> {
+    let mut known = crate::format::packs::Known::default();
+    let mut tags: Vec<String> = reg.tags(repo, 4096)?.into_iter().filter(|t| !t.starts_with("sha256-")).collect();
+    tags.sort();
+    let (mut seen, mut releases) = (std::collections::HashSet::new(), 0);
+    for tag in tags {
+        if releases >= MAX_RELEASES_SEEN {
+            break;
+        }
+        let Some((bytes, _)) = reg.try_manifest(repo, &tag)? else { continue };
+        if !seen.insert(Digest::of_bytes(&bytes)) {
+            continue;
+        }
+        let Ok(p) = published::parse(&bytes) else { continue };
+        let Ok(index) = casync::parse_index(&p.caibx) else { continue };
+        if known.add(&p.table, &index).is_ok() {
+            releases += 1;
+        }
+    }
+    Ok((known, releases))
 }
 
 /// The sealed external images the bundle carries, published: the sealed blob whole (if the

@@ -275,7 +275,7 @@ fn bundle(a: BundleArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `push`, with a bar over the packs (drawn once their number is known).
+/// `push`, with a bar over the new chunks (drawn once their number is known).
 fn push_with_bar(bundle: &std::path::Path, reference: &str, next_to_images: bool, quiet: bool) -> anyhow::Result<crate::builder::push::PushSummary> {
     let progress = Progress::new(quiet);
     let mut bar = None;

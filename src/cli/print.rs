@@ -79,7 +79,8 @@ pub fn upgrade(r: &crate::format::agent::ApplyReport) {
 }
 
 pub fn push(s: &crate::builder::push::PushSummary) {
-    println!("pushed {} ({}) to {} as {}: {} chunks in {} packs, {} uploaded ({} in all), {} signature(s) as referrers ({})", s.version, s.build_id, s.reference, s.manifest_digest, s.chunks, s.packs, s.packs_uploaded, mib(s.bytes_uploaded), s.signatures, s.referrers);
+    println!("pushed {} ({}) to {} as {}: {} chunks in {} packs, {} new packs uploaded ({} in all), {} signature(s) as referrers ({})", s.version, s.build_id, s.reference, s.manifest_digest, s.chunks, s.packs, s.packs_uploaded, mib(s.bytes_uploaded), s.signatures, s.referrers);
+    println!("  {} chunks found in {} earlier release(s) in the repository, {} new", s.chunks_reused, s.releases_seen, s.chunks_new);
     if s.sealed_images > 0 {
         println!("  {} sealed image(s) with the release, {} new to the registry", s.sealed_images, s.sealed_uploaded);
     }

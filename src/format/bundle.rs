@@ -356,13 +356,13 @@ impl Bundle {
 /// Every chunk a release layout's packs hold (as its pack table says), written into the casync
 /// store `store` as it is in the pack (compressed; checked when the assembly reads it).
 fn unpack_packs(dir: &Path, man: &serde_json::Value, store: &Path) -> anyhow::Result<()> {
-    let layer = |mt: &str| -> anyhow::Result<Vec<u8>> {
-        let l = man["layers"].as_array().and_then(|a| a.iter().find(|l| l["mediaType"] == mt)).with_context(|| format!("release without a {mt} layer"))?;
+    let layer = |is: &dyn Fn(&str) -> bool, what: &str| -> anyhow::Result<Vec<u8>> {
+        let l = man["layers"].as_array().and_then(|a| a.iter().find(|l| is(l["mediaType"].as_str().unwrap_or("")))).with_context(|| format!("release without a {what} layer"))?;
         let d = Digest::parse(l["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?;
         read_verified(dir, &d, l["size"].as_u64().unwrap_or(0))
     };
-    let index = crate::format::casync::parse_index(&layer(MT_CAIBX)?)?;
-    crate::format::packs::unpack(&dir.join("blobs/sha256"), &layer(crate::format::packs::MT_PACK_TABLE)?, &index, store)
+    let index = crate::format::casync::parse_index(&layer(&|mt| mt == MT_CAIBX, MT_CAIBX)?)?;
+    crate::format::packs::unpack(&dir.join("blobs/sha256"), &layer(&crate::format::packs::is_table, "pack table")?, &index, store)
 }
 
 /// JSON documents and signatures of a bundle are small; a larger claim is refused before

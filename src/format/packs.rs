@@ -1,34 +1,38 @@
 //! Chunk packs: how a release's casync chunks travel through an OCI registry, which stores blobs,
-//! not millions of small files. Consecutive chunks of the rootfs index are grouped into packs
-//! (blobs: the chunks' `.cacnk` files, one after the other) at content-defined points — after a
-//! chunk whose id's first two bytes fall under a threshold — so an unchanged stretch of the image
-//! gives the same pack, byte for byte, in every release: a push uploads only the packs the
-//! registry lacks, and a device fetches only the ranges of packs holding chunks it lacks. The
-//! pack table says where each chunk is. Format: docs/upgrade-protocol.md#releases-in-a-registry.
+//! not millions of small files. A push finds which of the rootfs's chunks are already in packs of
+//! the releases the repository holds and points at them there; the chunks no earlier release has
+//! go, in index order, into new packs of about 4 MiB. So a push uploads only new chunks, and a
+//! device one release behind fetches one range request per 4 MiB of new chunks. The pack table
+//! says where each chunk is (any pack the release lists, at any offset). Format:
+//! docs/upgrade-protocol.md#releases-in-a-registry.
 
 use crate::base::hash::Digest;
 use crate::format::casync::Entry;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// The pack table's media type (a layer of the release manifest, its bytes inline).
-pub const MT_PACK_TABLE: &str = "application/vnd.slotforge.chunk-packs.v1+json";
+pub const MT_PACK_TABLE: &str = "application/vnd.slotforge.chunk-packs.v2+json";
+/// The first format's table (packs covering consecutive stretches of the index), still read.
+pub const MT_PACK_TABLE_V1: &str = "application/vnd.slotforge.chunk-packs.v1+json";
+/// Whether a layer of this media type is a pack table (either format).
+pub fn is_table(media_type: &str) -> bool {
+    media_type == MT_PACK_TABLE || media_type == MT_PACK_TABLE_V1
+}
+
 /// A pack's media type.
 pub const MT_PACK: &str = "application/vnd.slotforge.chunk-pack.v1";
-/// A pack ends after a chunk whose id starts with a 16-bit number under this (1 in 64: about 4
-/// MiB of 64 KiB chunks) ...
-const CUT_BELOW: u16 = (65536 / 64) as u16;
-/// ... or after this many chunks (at most 32 MiB of 256 KiB chunks).
-const MAX_CHUNKS: usize = 128;
+/// New chunks go into one pack until it holds this many compressed bytes.
+pub const PACK_TARGET: u64 = 4 << 20;
 
 /// Where each chunk of an index is, in which pack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PackTable {
     pub packs: Vec<Pack>,
-    /// Per chunk of the index, in order: its compressed length in its pack, or 0 for a chunk
-    /// whose id came earlier in the index (stored once, where it first came).
-    pub lengths: Vec<u64>,
+    /// Per chunk of the index, in order: `[pack, offset, length]` of its compressed bytes.
+    pub chunks: Vec<[u64; 3]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,8 +40,6 @@ pub struct PackTable {
 pub struct Pack {
     pub digest: Digest,
     pub size: u64,
-    /// How many chunks of the index, from where the previous pack's end, this pack covers.
-    pub chunks: usize,
 }
 
 /// Where one chunk's compressed bytes are.
@@ -48,79 +50,178 @@ pub struct Location {
     pub len: u64,
 }
 
-/// The index split into packs: the number of chunks of each, in order.
-pub fn plan(index: &[Entry]) -> Vec<usize> {
-    let mut out = Vec::new();
-    let mut n = 0;
-    for (i, e) in index.iter().enumerate() {
-        n += 1;
-        if u16::from_be_bytes([e.id[0], e.id[1]]) < CUT_BELOW || n == MAX_CHUNKS || i + 1 == index.len() {
-            out.push(n);
-            n = 0;
-        }
-    }
-    out
+/// The first format: packs cover consecutive stretches of the index (`chunks` of them each), a
+/// chunk's `lengths` entry 0 where its id came earlier.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableV1 {
+    packs: Vec<PackV1>,
+    lengths: Vec<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackV1 {
+    digest: Digest,
+    size: u64,
+    chunks: usize,
 }
 
 impl PackTable {
-    /// Parse and check a table against the index it is for: one length per chunk, the packs
-    /// covering exactly the index, every chunk inside its pack, a duplicate only after its first.
+    /// Parse and check a table (either format) against the index it is for: one location per
+    /// chunk, each inside a pack the table lists and no longer than a compressed chunk can be.
+    /// The bytes there are checked against the chunk's id when they are read.
     pub fn parse(bytes: &[u8], index: &[Entry]) -> anyhow::Result<(Self, Vec<Location>)> {
-        let t: PackTable = serde_json::from_slice(bytes).context("pack table")?;
-        if t.lengths.len() != index.len() || t.packs.iter().map(|p| p.chunks).sum::<usize>() != index.len() {
-            bail!("pack table: {} lengths in {} packs for an index of {} chunks", t.lengths.len(), t.packs.len(), index.len());
+        let t = match serde_json::from_slice::<PackTable>(bytes) {
+            Ok(t) => t,
+            Err(e) => match serde_json::from_slice::<TableV1>(bytes) {
+                Ok(v1) => from_v1(v1, index)?,
+                Err(_) => return Err(anyhow::Error::new(e).context("pack table")),
+            },
+        };
+        if t.chunks.len() != index.len() {
+            bail!("pack table: {} chunks for an index of {} chunks", t.chunks.len(), index.len());
         }
-        let locs = t.locate(index)?;
-        Ok((t, locs))
-    }
-
-    /// Every chunk's location (a duplicate: where its id first came).
-    fn locate(&self, index: &[Entry]) -> anyhow::Result<Vec<Location>> {
-        let mut first = std::collections::HashMap::new();
-        let mut out = Vec::with_capacity(index.len());
-        let mut i = 0;
-        for (p, pack) in self.packs.iter().enumerate() {
-            let mut offset = 0u64;
-            for _ in 0..pack.chunks {
-                let (e, len) = (&index[i], self.lengths[i]);
-                let loc = if len == 0 {
-                    *first.get(&e.id).with_context(|| format!("pack table: chunk {i} is said to come earlier, but its id does not"))?
-                } else {
-                    let l = Location { pack: p, offset, len };
-                    offset = offset.checked_add(len).filter(|o| *o <= pack.size).with_context(|| format!("pack table: chunk {i} runs past pack {p}"))?;
-                    first.entry(e.id).or_insert(l);
-                    l
-                };
-                out.push(loc);
-                i += 1;
+        let mut locs = Vec::with_capacity(index.len());
+        for (i, &[p, offset, len]) in t.chunks.iter().enumerate() {
+            let pack = t.packs.get(p as usize).with_context(|| format!("pack table: chunk {i} is in pack {p}, which the table does not list"))?;
+            if len == 0 || len > 2 * crate::format::casync::MAX || offset.checked_add(len).is_none_or(|e| e > pack.size) {
+                bail!("pack table: chunk {i} ({len} bytes at {offset}) does not fit pack {p} ({} bytes)", pack.size);
             }
+            locs.push(Location { pack: p as usize, offset, len });
         }
-        Ok(out)
+        Ok((t, locs))
     }
 }
 
-/// Group `chunks` (index order, each with its compressed bytes; `None` for one whose id came
-/// earlier) into packs as [`plan`] says, calling `write(pack bytes)` for each pack, which
-/// returns its digest; returns the table.
-pub fn pack(index: &[Entry], mut compressed: impl FnMut(usize) -> anyhow::Result<Option<Vec<u8>>>, mut write: impl FnMut(&[u8]) -> anyhow::Result<Digest>) -> anyhow::Result<PackTable> {
-    let mut t = PackTable { packs: Vec::new(), lengths: Vec::with_capacity(index.len()) };
+/// A first-format table as locations.
+fn from_v1(t: TableV1, index: &[Entry]) -> anyhow::Result<PackTable> {
+    if t.lengths.len() != index.len() || t.packs.iter().map(|p| p.chunks).sum::<usize>() != index.len() {
+        bail!("pack table: {} lengths in {} packs for an index of {} chunks", t.lengths.len(), t.packs.len(), index.len());
+    }
+    let mut first = HashMap::new();
+    let mut chunks = Vec::with_capacity(index.len());
     let mut i = 0;
-    for n in plan(index) {
-        let mut buf = Vec::new();
-        for _ in 0..n {
-            match compressed(i)? {
-                Some(c) => {
-                    t.lengths.push(c.len() as u64);
-                    buf.extend_from_slice(&c);
-                }
-                None => t.lengths.push(0),
-            }
+    for (p, pack) in t.packs.iter().enumerate() {
+        let mut offset = 0u64;
+        for _ in 0..pack.chunks {
+            let (e, len) = (&index[i], t.lengths[i]);
+            let loc = if len == 0 {
+                *first.get(&e.id).with_context(|| format!("pack table: chunk {i} is said to come earlier, but its id does not"))?
+            } else {
+                let l = [p as u64, offset, len];
+                offset = offset.checked_add(len).filter(|o| *o <= pack.size).with_context(|| format!("pack table: chunk {i} runs past pack {p}"))?;
+                first.entry(e.id).or_insert(l);
+                l
+            };
+            chunks.push(loc);
             i += 1;
         }
-        let digest = write(&buf)?;
-        t.packs.push(Pack { digest, size: buf.len() as u64, chunks: n });
     }
-    Ok(t)
+    Ok(PackTable { packs: t.packs.into_iter().map(|p| Pack { digest: p.digest, size: p.size }).collect(), chunks })
+}
+
+/// Chunks already in a registry's packs: those of the releases a push found there.
+#[derive(Default)]
+pub struct Known {
+    packs: Vec<Pack>,
+    by_digest: HashMap<Digest, usize>,
+    at: HashMap<[u8; 32], Vec<Location>>,
+}
+
+impl Known {
+    /// Add a release's table (checked against its index) to what is known.
+    pub fn add(&mut self, table: &[u8], index: &[Entry]) -> anyhow::Result<()> {
+        let (t, locs) = PackTable::parse(table, index)?;
+        for (e, l) in index.iter().zip(locs) {
+            let p = &t.packs[l.pack];
+            let k = *self.by_digest.entry(p.digest.clone()).or_insert_with(|| {
+                self.packs.push(p.clone());
+                self.packs.len() - 1
+            });
+            let at = self.at.entry(e.id).or_default();
+            let l = Location { pack: k, ..l };
+            if !at.contains(&l) {
+                at.push(l);
+            }
+        }
+        Ok(())
+    }
+
+    /// How many distinct chunks are known.
+    pub fn chunks(&self) -> usize {
+        self.at.len()
+    }
+}
+
+/// A release's table, and how many of its packs are new.
+pub struct Packed {
+    pub table: PackTable,
+    pub new_packs: usize,
+    /// Distinct chunks found in known packs, and those packed anew.
+    pub reused: usize,
+    pub fresh: usize,
+}
+
+/// The table for `index`: a chunk `known` holds is pointed at where it is (in the known pack
+/// that holds the most of the index's chunks, so a device fetches from few packs); the others,
+/// once each, in index order, are packed anew — `compressed(i)` gives chunk `i`'s compressed
+/// bytes, `write(pack)` stores a new pack and returns its digest, a pack is closed once it holds
+/// [`PACK_TARGET`] bytes. `on_chunk(done, total)` counts the new chunks.
+pub fn pack(index: &[Entry], known: &Known, mut compressed: impl FnMut(usize) -> anyhow::Result<Vec<u8>>, mut write: impl FnMut(&[u8]) -> anyhow::Result<Digest>, mut on_chunk: impl FnMut(usize, usize)) -> anyhow::Result<Packed> {
+    enum Place {
+        Known(Location),
+        Fresh(Location),
+    }
+    // How many of the index's distinct chunks each known pack holds.
+    let mut cover: HashMap<usize, usize> = HashMap::new();
+    let mut firsts = Vec::new();
+    let mut place: HashMap<[u8; 32], Option<Place>> = HashMap::new();
+    for (i, e) in index.iter().enumerate() {
+        if place.insert(e.id, None).is_none() {
+            firsts.push(i);
+            for l in known.at.get(&e.id).into_iter().flatten() {
+                *cover.entry(l.pack).or_default() += 1;
+            }
+        }
+    }
+    let fresh: Vec<usize> = firsts.iter().copied().filter(|&i| !known.at.contains_key(&index[i].id)).collect();
+    let (mut buf, mut fresh_packs) = (Vec::new(), Vec::<(Digest, u64)>::new());
+    for (n, &i) in fresh.iter().enumerate() {
+        let c = compressed(i)?;
+        place.insert(index[i].id, Some(Place::Fresh(Location { pack: fresh_packs.len(), offset: buf.len() as u64, len: c.len() as u64 })));
+        buf.extend_from_slice(&c);
+        if buf.len() as u64 >= PACK_TARGET || n + 1 == fresh.len() {
+            fresh_packs.push((write(&buf)?, buf.len() as u64));
+            buf.clear();
+        }
+        on_chunk(n + 1, fresh.len());
+    }
+    for &i in &firsts {
+        let id = index[i].id;
+        if let Some(cands) = known.at.get(&id) {
+            let best = cands.iter().max_by_key(|l| (cover[&l.pack], std::cmp::Reverse(l.pack))).expect("a known chunk has a place");
+            place.insert(id, Some(Place::Known(*best)));
+        }
+    }
+    // The table's packs in the order the index first uses them.
+    let mut t = PackTable { packs: Vec::new(), chunks: Vec::with_capacity(index.len()) };
+    let (mut known_no, mut fresh_no) = (HashMap::new(), HashMap::new());
+    for e in index {
+        let (l, no) = match place[&e.id].as_ref().expect("every chunk placed") {
+            Place::Known(l) => (l, known_no.entry(l.pack).or_insert_with(|| {
+                t.packs.push(known.packs[l.pack].clone());
+                t.packs.len() - 1
+            })),
+            Place::Fresh(l) => (l, fresh_no.entry(l.pack).or_insert_with(|| {
+                let (digest, size) = fresh_packs[l.pack].clone();
+                t.packs.push(Pack { digest, size });
+                t.packs.len() - 1
+            })),
+        };
+        t.chunks.push([*no as u64, l.offset, l.len]);
+    }
+    Ok(Packed { new_packs: fresh_packs.len(), reused: firsts.len() - fresh.len(), fresh: fresh.len(), table: t })
 }
 
 /// The byte ranges of packs to fetch for the chunks `want` (indexes into the index): per pack,
@@ -165,36 +266,85 @@ mod tests {
         ids.iter().enumerate().map(|(i, b)| Entry { end: (i as u64 + 1) * 100, id: [*b; 32] }).collect()
     }
 
-    #[test]
-    fn packs_cut_by_content_and_a_table_locates_every_chunk() {
-        // 0x00.. ids cut; 0xff.. ids do not: [ff ff 00] [ff 00] [ff]
-        let idx = index(&[0xff, 0xff, 0x00, 0xff, 0x00, 0xff]);
-        assert_eq!(plan(&idx), vec![3, 2, 1]);
-        // The same stretch after an insertion packs the same way from the first cut on.
-        let shifted = index(&[0x01, 0xff, 0xff, 0x00, 0xff, 0x00, 0xff]);
-        assert_eq!(plan(&shifted), vec![1, 3, 2, 1]);
-        // Chunk 3 (0xff) repeats an earlier id: stored once.
-        let mut seen = std::collections::HashSet::new();
-        let mut packs = Vec::new();
-        let t = pack(&idx, |i| Ok(seen.insert(idx[i].id).then(|| vec![i as u8; 10 + i])), |b| {
+    /// Pack `idx` against `known`, chunk `i` compressing to `i+10` bytes of `i`.
+    fn packed(idx: &[Entry], known: &Known, packs: &mut Vec<Vec<u8>>) -> Packed {
+        pack(idx, known, |i| Ok(vec![idx[i].id[0]; 10 + i]), |b| {
             packs.push(b.to_vec());
             Ok(Digest::of_bytes(b))
-        })
+        }, |_, _| {})
+        .unwrap()
+    }
+
+    #[test]
+    fn new_chunks_go_into_new_packs_and_known_ones_are_pointed_at_where_they_are() {
+        // A first release: everything new, one pack (far under 4 MiB); a repeated id stored once.
+        let v1 = index(&[1, 2, 3, 2, 4]);
+        let mut packs = Vec::new();
+        let p1 = packed(&v1, &Known::default(), &mut packs);
+        assert_eq!((p1.new_packs, p1.fresh, p1.reused), (1, 4, 0));
+        assert_eq!(p1.table.chunks, vec![[0, 0, 10], [0, 10, 11], [0, 21, 12], [0, 10, 11], [0, 33, 14]]);
+        let bytes = serde_json::to_vec(&p1.table).unwrap();
+        let (_, locs) = PackTable::parse(&bytes, &v1).unwrap();
+        assert_eq!(ranges(&locs, [1, 2]), vec![(0, 10, 33)]);
+        // The next release changes chunk 3 and adds one: only those two are packed, after the
+        // known pack in the table; the known chunks keep their places.
+        let mut known = Known::default();
+        known.add(&bytes, &v1).unwrap();
+        let v2 = index(&[1, 2, 9, 2, 4, 8]);
+        let p2 = packed(&v2, &known, &mut packs);
+        assert_eq!((p2.new_packs, p2.fresh, p2.reused), (1, 2, 3));
+        assert_eq!(p2.table.packs[0], p1.table.packs[0]);
+        assert_eq!(p2.table.chunks, vec![[0, 0, 10], [0, 10, 11], [1, 0, 12], [0, 10, 11], [0, 33, 14], [1, 12, 15]]);
+        assert_eq!(packs[1], [vec![9u8; 12], vec![8u8; 15]].concat());
+        // Pushed again: nothing new.
+        known.add(&serde_json::to_vec(&p2.table).unwrap(), &v2).unwrap();
+        let p3 = packed(&v2, &known, &mut packs);
+        assert_eq!((p3.new_packs, p3.table.chunks.clone()), (0, p2.table.chunks.clone()));
+    }
+
+    #[test]
+    fn a_chunk_in_several_known_packs_is_taken_from_the_one_holding_most_of_the_release() {
+        let mut known = Known::default();
+        let a = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"a"), size: 100 }], chunks: vec![[0, 0, 10]] };
+        let b = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"b"), size: 100 }], chunks: vec![[0, 0, 10], [0, 10, 10], [0, 20, 10]] };
+        known.add(&serde_json::to_vec(&a).unwrap(), &index(&[1])).unwrap();
+        known.add(&serde_json::to_vec(&b).unwrap(), &index(&[2, 1, 3])).unwrap();
+        let p = packed(&index(&[1, 3]), &known, &mut Vec::new());
+        assert_eq!(p.table.packs, b.packs);
+        assert_eq!(p.table.chunks, vec![[0, 10, 10], [0, 20, 10]]);
+    }
+
+    #[test]
+    fn new_packs_close_at_the_target_size() {
+        let idx: Vec<Entry> = (0..20u8).map(|i| Entry { end: (i as u64 + 1) * 100, id: [i; 32] }).collect();
+        let mut n = 0;
+        let p = pack(&idx, &Known::default(), |_| Ok(vec![0u8; (PACK_TARGET / 8) as usize + 1]), |b| {
+            n += 1;
+            Ok(Digest::of_bytes(b))
+        }, |_, _| {})
         .unwrap();
-        assert_eq!(t.lengths, vec![10, 0, 12, 0, 0, 0]);
-        let bytes = serde_json::to_vec(&t).unwrap();
-        let (_, locs) = PackTable::parse(&bytes, &idx).unwrap();
-        assert_eq!(locs[1], locs[0], "a repeated id is found where it first came");
-        assert_eq!(locs[2], Location { pack: 0, offset: 10, len: 12 });
-        assert_eq!(ranges(&locs, [1, 2]), vec![(0, 0, 22)]);
-        // Lies are refused: a length past its pack, a duplicate before its first, a count off.
-        let mut bad = t.clone();
-        bad.lengths[2] = 1000;
-        assert!(PackTable::parse(&serde_json::to_vec(&bad).unwrap(), &idx).is_err());
-        let mut bad = t.clone();
-        bad.lengths[0] = 0;
-        assert!(PackTable::parse(&serde_json::to_vec(&bad).unwrap(), &idx).is_err());
-        assert!(PackTable::parse(&bytes, &idx[..5]).is_err());
-        assert!(PackTable::parse(br#"{"packs":[],"lengths":[],"x":1}"#, &[]).is_err());
+        // 8 chunks of just over an eighth fill a pack: 8 + 8 + 4.
+        assert_eq!((p.new_packs, n), (3, 3));
+        assert_eq!(p.table.chunks.iter().filter(|c| c[0] == 2).count(), 4);
+    }
+
+    #[test]
+    fn a_first_format_table_reads_as_locations_and_lies_are_refused() {
+        let idx = index(&[1, 2, 1]);
+        let d = Digest::of_bytes(b"p");
+        let v1 = format!(r#"{{"packs":[{{"digest":"{d}","size":30,"chunks":3}}],"lengths":[10,20,0]}}"#);
+        let (t, locs) = PackTable::parse(v1.as_bytes(), &idx).unwrap();
+        assert_eq!(t.chunks, vec![[0, 0, 10], [0, 10, 20], [0, 0, 10]]);
+        assert_eq!(locs[2], Location { pack: 0, offset: 0, len: 10 });
+        let bad_v1 = format!(r#"{{"packs":[{{"digest":"{d}","size":30,"chunks":3}}],"lengths":[0,20,10]}}"#);
+        assert!(PackTable::parse(bad_v1.as_bytes(), &idx).is_err(), "a repeat before its first");
+        let ok = PackTable { packs: vec![Pack { digest: d, size: 30 }], chunks: vec![[0, 0, 10], [0, 10, 20], [0, 0, 10]] };
+        for (i, bad) in [[0, 25, 10], [1, 0, 10], [0, 0, 0]].into_iter().enumerate() {
+            let mut t = ok.clone();
+            t.chunks[i] = bad;
+            assert!(PackTable::parse(&serde_json::to_vec(&t).unwrap(), &idx).is_err(), "{bad:?}");
+        }
+        assert!(PackTable::parse(&serde_json::to_vec(&ok).unwrap(), &idx[..2]).is_err(), "a count off");
+        assert!(PackTable::parse(br#"{"packs":[],"chunks":[],"x":1}"#, &[]).is_err(), "an unknown key");
     }
 }

@@ -12,7 +12,7 @@
 
 use crate::base::hash::Digest;
 use crate::format::bundle::{Blob, ANN_KEY_ID, MT_CAIBX, MT_CONFIG, MT_EMPTY, MT_MINISIG, MT_SIGNATURE_ARTIFACT};
-use crate::format::packs::{PackTable, MT_PACK, MT_PACK_TABLE};
+use crate::format::packs::{PackTable, MT_PACK, MT_PACK_TABLE, MT_PACK_TABLE_V1};
 use crate::oci::image::{MT_OCI_INDEX, MT_OCI_MANIFEST};
 use anyhow::{bail, Context};
 use base64::Engine as _;
@@ -165,14 +165,14 @@ pub fn parse(bytes: &[u8]) -> anyhow::Result<Parsed> {
     let layers = m["layers"].as_array().context("release manifest without layers")?;
     let find = |mt: &str| layers.iter().find(|l| l["mediaType"] == mt).with_context(|| format!("release manifest has no {mt} layer"));
     let caibx = data(find(MT_CAIBX)?, "rootfs index")?;
-    let table = data(find(MT_PACK_TABLE)?, "pack table")?;
+    let table = data(layers.iter().find(|l| crate::format::packs::is_table(l["mediaType"].as_str().unwrap_or(""))).context("release manifest has no pack table layer")?, "pack table")?;
     let blob = |l: &Value| -> anyhow::Result<Blob> {
         let digest = Digest::parse(l["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!("release manifest: {e}"))?;
         Ok(Blob { digest, size: l["size"].as_u64().unwrap_or(0) })
     };
     let mut files = Vec::new();
     let mut parts: std::collections::BTreeMap<String, std::collections::BTreeMap<String, &Value>> = Default::default();
-    for l in layers.iter().filter(|l| ![MT_CAIBX, MT_PACK_TABLE, MT_PACK].contains(&l["mediaType"].as_str().unwrap_or(""))) {
+    for l in layers.iter().filter(|l| ![MT_CAIBX, MT_PACK_TABLE, MT_PACK_TABLE_V1, MT_PACK].contains(&l["mediaType"].as_str().unwrap_or(""))) {
         if let (Some(name), Some(part)) = (l["annotations"][crate::format::sealed::ANN_SEALED_FOR].as_str(), l["annotations"][ANN_PART].as_str()) {
             if parts.entry(name.into()).or_default().insert(part.into(), l).is_some() {
                 bail!("release manifest: sealed image {name} has two {part} layers");
@@ -206,7 +206,7 @@ mod tests {
 
     #[test]
     fn a_release_manifest_reads_back_and_lies_are_refused() {
-        let table = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"p"), size: 1, chunks: 1 }], lengths: vec![1] };
+        let table = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"p"), size: 1 }], chunks: vec![[0, 0, 1]] };
         let kernel = File { media_type: "application/vnd.slotforge.kernel".into(), blob: Blob { digest: Digest::of_bytes(b"k"), size: 1 }, title: "vmlinuz".into() };
         let si = SealedImage { name: "svc".into(), manifest_media_type: MT_OCI_MANIFEST.into(), manifest: b"{\"m\":1}".to_vec(), config_media_type: "application/vnd.oci.image.config.v1+json".into(), config: b"{}".to_vec(), artifact: b"{\"a\":1}".to_vec(), caibx: b"ix".to_vec(), blob: Blob { digest: Digest::of_bytes(b"sealed"), size: 6 } };
         let m = manifest(b"{\"c\":1}", b"caibx", &table, &[kernel], std::slice::from_ref(&si));

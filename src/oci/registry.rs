@@ -197,6 +197,30 @@ impl Registry {
         Ok(Box::new(r.take(end - start)))
     }
 
+    /// The repository's tags (the tag list API, followed through its `Link` pages; a repository
+    /// the registry does not know has none), at most `limit`.
+    pub fn tags(&self, repo: &str, limit: usize) -> anyhow::Result<Vec<String>> {
+        let what = format!("{}/{repo}: listing tags", self.host);
+        let mut url = format!("{}/{repo}/tags/list?n=1000", self.base);
+        let mut out = Vec::new();
+        loop {
+            let mut resp = self.get(&url, None, repo)?;
+            if resp.status() == StatusCode::NOT_FOUND {
+                return Ok(out);
+            }
+            self.check(&mut resp, &what)?;
+            let next = resp.headers().get("link").and_then(|v| v.to_str().ok()).and_then(|l| l.split(';').next()).map(|u| u.trim().trim_start_matches('<').trim_end_matches('>').to_string());
+            let v: serde_json::Value = serde_json::from_slice(&resp.body_mut().with_config().limit(8 << 20).read_to_vec()?).map_err(|e| anyhow!("{what}: {e}"))?;
+            out.extend(v["tags"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(str::to_string)));
+            match next {
+                Some(n) if out.len() < limit => url = if n.starts_with('/') { format!("{}{n}", self.base.trim_end_matches("/v2")) } else { n },
+                _ => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// Requests sent so far (retries and auth round trips included).
     pub fn requests(&self) -> usize {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)
