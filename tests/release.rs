@@ -259,11 +259,13 @@ fn a_release_carries_its_sealed_images_and_a_bumped_one_travels_as_the_chunks_th
     assert_eq!(art["layers"][0]["digest"], ev["sealed"]["digest"], "{art}");
 
     // Pulled by tag onto the 1.4.0 disk through a logging proxy: the sealed image is assembled
-    // from edgeview 1.2's sealed image on the disk plus the chunks it lacks, read by range.
+    // from edgeview 1.2's sealed image on the disk plus the chunks it lacks.
     let full_disk = p.join("full.img");
     std::fs::copy(&disk, &full_disk).unwrap();
     let stick_disk = p.join("stick-disk.img");
     std::fs::copy(&disk, &stick_disk).unwrap();
+    let legacy_disk = p.join("legacy-disk.img");
+    std::fs::copy(&disk, &legacy_disk).unwrap();
     let log = RequestLog::start(reg.port);
     let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", disk.to_str().unwrap(), &format!("docker://127.0.0.1:{}/appliance:1.5.0", log.port), "--json"]))).unwrap();
     let lines = log.take();
@@ -274,8 +276,11 @@ fn a_release_carries_its_sealed_images_and_a_bumped_one_travels_as_the_chunks_th
     assert!(fetched >= 1 && fetched * 4 < chunks && fetched + local == chunks, "only the changed chunks of the sealed image travel: {img}");
     assert!(img["bytes_fetched"].as_u64().unwrap() < ev["sealed"]["size"].as_u64().unwrap() / 4, "{img}");
     let sealed_hex = ev["sealed"]["digest"].as_str().unwrap().trim_start_matches("sha256:");
-    let ranges = lines.iter().filter(|l| l.contains(sealed_hex)).count();
-    assert!(ranges >= 1 && ranges as u64 <= fetched, "one range request per run of missing chunks: {lines:?}");
+    // Its chunks are in the release's packs with the rootfs's: one range request per pack
+    // holding some chunk the disk lacks, none to the sealed blob.
+    assert_eq!(lines.iter().filter(|l| l.contains(sealed_hex)).count(), 0, "{lines:?}");
+    let blob_requests = lines.iter().filter(|l| l.contains("/blobs/")).count();
+    assert!(blob_requests >= 1 && blob_requests as u64 <= s["packs"].as_u64().unwrap() && lines.len() == 3 + blob_requests, "{lines:?}");
     let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", disk.to_str().unwrap(), "--json"]))).unwrap();
     assert_eq!(v["ok"], true, "{v}");
     // The same as applying the whole bundle: byte for byte.
@@ -307,6 +312,21 @@ fn a_release_carries_its_sealed_images_and_a_bumped_one_travels_as_the_chunks_th
     let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", stick_disk.to_str().unwrap(), stick.to_str().unwrap(), "--json"]))).unwrap();
     assert_eq!(r["images_to_pull"], serde_json::json!([]), "{r}");
     tool("diff", &["-r", pulled_files.to_str().unwrap(), files(&stick_disk).to_str().unwrap()]);
+
+    // A release pushed before sealed images' chunks went into the packs (no `packs` part): the
+    // missing chunks are read from the sealed blob by range instead, and the slot is the same.
+    let mut old = skopeo_raw(&format!("docker://{repo}:1.5.0"));
+    old["layers"].as_array_mut().unwrap().retain(|l| l["annotations"]["io.slotforge.sealed-part"] != "packs");
+    let client = slotforge::oci::registry::Registry::new(&reg.host(), &[reg.host()]).unwrap();
+    client.put_manifest("appliance", "legacy", &serde_json::to_vec(&old).unwrap(), "application/vnd.oci.image.manifest.v1+json").unwrap();
+    let log = RequestLog::start(reg.port);
+    let r: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["upgrade", legacy_disk.to_str().unwrap(), &format!("docker://127.0.0.1:{}/appliance:legacy", log.port), "--json"]))).unwrap();
+    let lines = log.take();
+    assert!(r["pulled"]["images"][0]["chunks_fetched"].as_u64().unwrap() >= 1, "{r}");
+    assert!(lines.iter().any(|l| l.contains(sealed_hex)), "{lines:?}");
+    assert_eq!(sha256_file(&part(&legacy_disk, "rootfs_b")), sha256_file(&part(&full_disk, "rootfs_b")));
+    let v: serde_json::Value = serde_json::from_str(&ok(&slotforge(&["verify", legacy_disk.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
 }
 
 fn walk_files(d: &Path) -> usize {

@@ -67,19 +67,24 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
         }
         Ok(up)
     };
-    // The rootfs's chunks: those in packs of releases the repository holds pointed at there,
-    // the others packed anew.
+    // The chunks of the rootfs and of the sealed images the release carries: those in packs of
+    // releases the repository holds pointed at there, the others packed anew, together.
     let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&rootfs)?))?;
-    let f = std::fs::File::open(&rootfs)?;
-    let starts: Vec<u64> = std::iter::once(0).chain(index.iter().map(|e| e.end)).collect();
+    let sources = sealed_sources(&b)?;
+    let mut blobs = vec![(std::fs::File::open(&rootfs)?, starts_of(&index))];
+    for s in &sources {
+        blobs.push((std::fs::File::open(&s.path)?, starts_of(&s.index)));
+    }
+    let indexes: Vec<&[casync::Entry]> = std::iter::once(index.as_slice()).chain(sources.iter().map(|s| s.index.as_slice())).collect();
     let (known, releases_seen) = known_chunks(&reg, &repo)?;
     let mut packs_uploaded = 0;
     let packed = crate::format::packs::pack(
-        &index,
+        &indexes,
         &known,
-        |i| {
-            let mut buf = vec![0u8; (index[i].end - starts[i]) as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, starts[i])?;
+        |k, i| {
+            let (f, starts) = &blobs[k];
+            let mut buf = vec![0u8; (starts[i + 1] - starts[i]) as usize];
+            std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, starts[i])?;
             Ok(zstd::bulk::compress(&buf, 3)?)
         },
         |pack| {
@@ -91,7 +96,9 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
         },
         |done, total| on_chunk(done, total),
     )?;
-    let table = packed.table;
+    let all_packs = packed.tables.iter().flat_map(|t| t.packs.iter().map(|p| &p.digest)).collect::<std::collections::HashSet<_>>().len();
+    let mut tables = packed.tables.into_iter();
+    let table = tables.next().expect("the rootfs's table");
     // Boot files, then the inline metadata (registries want every layer's blob).
     let mut files = vec![published::File { media_type: MT_KERNEL.into(), blob: cfg.kernel.clone(), title: "vmlinuz".into() }];
     files.extend(cfg.initrd.iter().map(|i| published::File { media_type: MT_INITRD.into(), blob: i.clone(), title: "initrd.img".into() }));
@@ -108,7 +115,7 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
     }
     put(&Digest::of_bytes(b"{}"), b"{}")?;
     let mut referrers = "api";
-    let (sealed, sealed_uploaded, sealed_bytes) = push_sealed(&reg, &repo, &b, &mut put, &mut referrers)?;
+    let (sealed, sealed_uploaded, sealed_bytes) = push_sealed(&reg, &repo, sources, tables.collect(), &mut put, &mut referrers)?;
     let next_to = if next_to_images { publish_next_to_images(&reg, &host, &b)? } else { vec![] };
     bytes_uploaded.set(bytes_uploaded.get() + sealed_bytes);
     let manifest = published::manifest(&b.config_bytes, &caibx, &table, &files, &sealed);
@@ -135,7 +142,7 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
         build_id: cfg.build_id.clone(),
         version: cfg.version.clone(),
         chunks: index.len(),
-        packs: table.packs.len(),
+        packs: all_packs,
         packs_uploaded,
         chunks_reused: packed.reused,
         chunks_new: packed.fresh,
@@ -173,21 +180,39 @@ fn known_chunks(reg: &Registry, repo: &str) -> anyhow::Result<(crate::format::pa
         if known.add(&p.table, &index).is_ok() {
             releases += 1;
         }
+        for si in &p.sealed {
+            if let (Some(t), Ok(index)) = (&si.table, casync::parse_index(&si.caibx)) {
+                let _ = known.add(t, &index);
+            }
+        }
     }
     Ok((known, releases))
 }
 
-/// The sealed external images the bundle carries, published: the sealed blob whole (if the
-/// registry lacks it), the small blobs, and the sealed artifact manifest as a referrer of the
-/// image's manifest (referrers API, else the tag `sha256-<hex of the image manifest>`). An image
-/// whose layers are kept (`keep-layers`), or a bundle without images, leaves the device to pull
-/// it at first boot. Returns the images for the release manifest and how many sealed blobs were
-/// uploaded.
-fn push_sealed(reg: &Registry, repo: &str, b: &Bundle, put: &mut dyn FnMut(&Digest, &[u8]) -> anyhow::Result<bool>, referrers: &mut &str) -> anyhow::Result<(Vec<published::SealedImage>, usize, u64)> {
+/// Where each chunk of an index starts, and the end.
+fn starts_of(index: &[casync::Entry]) -> Vec<u64> {
+    std::iter::once(0).chain(index.iter().map(|e| e.end)).collect()
+}
+
+/// A sealed external image the bundle carries, to publish with the release.
+struct SealedSource {
+    name: String,
+    media_type: String,
+    blob: Blob,
+    path: std::path::PathBuf,
+    manifest: Vec<u8>,
+    config: Vec<u8>,
+    config_media_type: String,
+    artifact: Vec<u8>,
+    index: Vec<casync::Entry>,
+}
+
+/// The sealed external images the bundle carries (with its images; not one whose layers are
+/// kept, `keep-layers`): a bundle without them leaves the device to pull them at first boot.
+fn sealed_sources(b: &Bundle) -> anyhow::Result<Vec<SealedSource>> {
     let mut out = Vec::new();
-    let (mut uploaded, mut bytes) = (0, 0);
     if !b.config.images_included {
-        return Ok((out, 0, 0));
+        return Ok(out);
     }
     let parse = |s: &str| Digest::parse(s).map_err(|e| anyhow::anyhow!(e));
     for e in &b.config.images {
@@ -198,37 +223,63 @@ fn push_sealed(reg: &Registry, repo: &str, b: &Bundle, put: &mut dyn FnMut(&Dige
             continue;
         }
         let read = |d: &Digest, what: &str| std::fs::read(b.blob_path(d)).with_context(|| format!("bundle blob {d} ({} {what})", e.name));
-        let md = parse(&e.digest)?;
-        let manifest = read(&md, "manifest")?;
+        let manifest = read(&parse(&e.digest)?, "manifest")?;
         let mv: serde_json::Value = serde_json::from_slice(&manifest).with_context(|| format!("{} manifest", e.name))?;
         let config = read(&parse(mv["config"]["digest"].as_str().unwrap_or(""))?, "config")?;
         let artifact = read(&parse(&s.artifact)?, "sealed artifact")?;
         let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&path)?))?;
-        let caibx = casync::index_bytes(&index);
-        if reg.push_blob_file(repo, &sd, &path, s.size)? {
+        out.push(SealedSource {
+            name: e.name.clone(),
+            media_type: e.media_type.clone(),
+            blob: Blob { digest: sd, size: s.size },
+            path,
+            config_media_type: mv["config"]["mediaType"].as_str().unwrap_or("application/vnd.oci.image.config.v1+json").to_string(),
+            manifest,
+            config,
+            artifact,
+            index,
+        });
+    }
+    Ok(out)
+}
+
+/// The sealed images published: the sealed blob whole (if the registry lacks it: the sealed
+/// artifact needs it), the small blobs, and the sealed artifact manifest as a referrer of the
+/// image's manifest (referrers API, else the tag `sha256-<hex of the image manifest>`); their
+/// chunks are in the release's packs too (`tables`, one per image). Returns the images for the
+/// release manifest, how many sealed blobs were uploaded and their bytes.
+fn push_sealed(reg: &Registry, repo: &str, sources: Vec<SealedSource>, tables: Vec<crate::format::packs::PackTable>, put: &mut dyn FnMut(&Digest, &[u8]) -> anyhow::Result<bool>, referrers: &mut &str) -> anyhow::Result<(Vec<published::SealedImage>, usize, u64)> {
+    let mut out = Vec::new();
+    let (mut uploaded, mut bytes) = (0, 0);
+    for (s, table) in sources.into_iter().zip(tables) {
+        let caibx = casync::index_bytes(&s.index);
+        let table = serde_json::to_vec(&table)?;
+        if reg.push_blob_file(repo, &s.blob.digest, &s.path, s.blob.size)? {
             uploaded += 1;
-            bytes += s.size;
+            bytes += s.blob.size;
         }
-        for bytes in [&manifest, &config, &artifact, &caibx] {
+        // Inline layers too: registries want every layer's blob.
+        for bytes in [&s.manifest, &s.config, &s.artifact, &caibx, &table] {
             put(&Digest::of_bytes(bytes), bytes)?;
         }
         // The sealed artifact as it is in the images partition: a referrer of the image.
-        let ad = Digest::of_bytes(&artifact);
-        if !reg.put_manifest(repo, ad.as_str(), &artifact, MT_OCI_MANIFEST)? {
+        let (md, ad) = (Digest::of_bytes(&s.manifest), Digest::of_bytes(&s.artifact));
+        if !reg.put_manifest(repo, ad.as_str(), &s.artifact, MT_OCI_MANIFEST)? {
             *referrers = "tag";
             let rt = published::referrers_tag(&md);
             let existing = reg.try_manifest(repo, &rt)?.map(|(b, _)| b);
-            reg.put_manifest(repo, &rt, &published::with_referrer(existing.as_deref(), &artifact)?, MT_OCI_INDEX)?;
+            reg.put_manifest(repo, &rt, &published::with_referrer(existing.as_deref(), &s.artifact)?, MT_OCI_INDEX)?;
         }
         out.push(published::SealedImage {
-            name: e.name.clone(),
-            manifest_media_type: e.media_type.clone(),
-            manifest,
-            config_media_type: mv["config"]["mediaType"].as_str().unwrap_or("application/vnd.oci.image.config.v1+json").to_string(),
-            config,
-            artifact,
+            name: s.name,
+            manifest_media_type: s.media_type,
+            manifest: s.manifest,
+            config_media_type: s.config_media_type,
+            config: s.config,
+            artifact: s.artifact,
             caibx,
-            blob: Blob { digest: sd, size: s.size },
+            blob: s.blob,
+            table: Some(table),
         });
     }
     Ok((out, uploaded, bytes))

@@ -154,42 +154,46 @@ impl Known {
     }
 }
 
-/// A release's table, and how many of its packs are new.
+/// A release's tables (one per index), and how many of their packs are new.
 pub struct Packed {
-    pub table: PackTable,
+    pub tables: Vec<PackTable>,
     pub new_packs: usize,
     /// Distinct chunks found in known packs, and those packed anew.
     pub reused: usize,
     pub fresh: usize,
 }
 
-/// The table for `index`: a chunk `known` holds is pointed at where it is (in the known pack
-/// that holds the most of the index's chunks, so a device fetches from few packs); the others,
-/// once each, in index order, are packed anew — `compressed(i)` gives chunk `i`'s compressed
-/// bytes, `write(pack)` stores a new pack and returns its digest, a pack is closed once it holds
-/// [`PACK_TARGET`] bytes. `on_chunk(done, total)` counts the new chunks.
-pub fn pack(index: &[Entry], known: &Known, mut compressed: impl FnMut(usize) -> anyhow::Result<Vec<u8>>, mut write: impl FnMut(&[u8]) -> anyhow::Result<Digest>, mut on_chunk: impl FnMut(usize, usize)) -> anyhow::Result<Packed> {
+/// The tables for `indexes` (the rootfs's, then the sealed images'): a chunk `known` holds is
+/// pointed at where it is (in the known pack that holds the most of the release's chunks, so a
+/// device fetches from few packs); the others, once each, in order, are packed anew —
+/// `compressed(k, i)` gives chunk `i` of index `k` compressed, `write(pack)` stores a new pack
+/// and returns its digest, a pack is closed once it holds [`PACK_TARGET`] bytes — so the new
+/// chunks of every index share packs. `on_chunk(done, total)` counts the new chunks.
+pub fn pack(indexes: &[&[Entry]], known: &Known, mut compressed: impl FnMut(usize, usize) -> anyhow::Result<Vec<u8>>, mut write: impl FnMut(&[u8]) -> anyhow::Result<Digest>, mut on_chunk: impl FnMut(usize, usize)) -> anyhow::Result<Packed> {
+    #[derive(Clone, Copy)]
     enum Place {
         Known(Location),
         Fresh(Location),
     }
-    // How many of the index's distinct chunks each known pack holds.
+    // How many of the release's distinct chunks each known pack holds.
     let mut cover: HashMap<usize, usize> = HashMap::new();
     let mut firsts = Vec::new();
     let mut place: HashMap<[u8; 32], Option<Place>> = HashMap::new();
-    for (i, e) in index.iter().enumerate() {
-        if place.insert(e.id, None).is_none() {
-            firsts.push(i);
-            for l in known.at.get(&e.id).into_iter().flatten() {
-                *cover.entry(l.pack).or_default() += 1;
+    for (k, index) in indexes.iter().enumerate() {
+        for (i, e) in index.iter().enumerate() {
+            if place.insert(e.id, None).is_none() {
+                firsts.push((k, i));
+                for l in known.at.get(&e.id).into_iter().flatten() {
+                    *cover.entry(l.pack).or_default() += 1;
+                }
             }
         }
     }
-    let fresh: Vec<usize> = firsts.iter().copied().filter(|&i| !known.at.contains_key(&index[i].id)).collect();
+    let fresh: Vec<(usize, usize)> = firsts.iter().copied().filter(|&(k, i)| !known.at.contains_key(&indexes[k][i].id)).collect();
     let (mut buf, mut fresh_packs) = (Vec::new(), Vec::<(Digest, u64)>::new());
-    for (n, &i) in fresh.iter().enumerate() {
-        let c = compressed(i)?;
-        place.insert(index[i].id, Some(Place::Fresh(Location { pack: fresh_packs.len(), offset: buf.len() as u64, len: c.len() as u64 })));
+    for (n, &(k, i)) in fresh.iter().enumerate() {
+        let c = compressed(k, i)?;
+        place.insert(indexes[k][i].id, Some(Place::Fresh(Location { pack: fresh_packs.len(), offset: buf.len() as u64, len: c.len() as u64 })));
         buf.extend_from_slice(&c);
         if buf.len() as u64 >= PACK_TARGET || n + 1 == fresh.len() {
             fresh_packs.push((write(&buf)?, buf.len() as u64));
@@ -197,31 +201,37 @@ pub fn pack(index: &[Entry], known: &Known, mut compressed: impl FnMut(usize) ->
         }
         on_chunk(n + 1, fresh.len());
     }
-    for &i in &firsts {
-        let id = index[i].id;
+    for &(k, i) in &firsts {
+        let id = indexes[k][i].id;
         if let Some(cands) = known.at.get(&id) {
             let best = cands.iter().max_by_key(|l| (cover[&l.pack], std::cmp::Reverse(l.pack))).expect("a known chunk has a place");
             place.insert(id, Some(Place::Known(*best)));
         }
     }
-    // The table's packs in the order the index first uses them.
-    let mut t = PackTable { packs: Vec::new(), chunks: Vec::with_capacity(index.len()) };
-    let (mut known_no, mut fresh_no) = (HashMap::new(), HashMap::new());
-    for e in index {
-        let (l, no) = match place[&e.id].as_ref().expect("every chunk placed") {
-            Place::Known(l) => (l, known_no.entry(l.pack).or_insert_with(|| {
-                t.packs.push(known.packs[l.pack].clone());
-                t.packs.len() - 1
-            })),
-            Place::Fresh(l) => (l, fresh_no.entry(l.pack).or_insert_with(|| {
-                let (digest, size) = fresh_packs[l.pack].clone();
-                t.packs.push(Pack { digest, size });
-                t.packs.len() - 1
-            })),
-        };
-        t.chunks.push([*no as u64, l.offset, l.len]);
-    }
-    Ok(Packed { new_packs: fresh_packs.len(), reused: firsts.len() - fresh.len(), fresh: fresh.len(), table: t })
+    // Each table's packs in the order its index first uses them.
+    let tables = indexes
+        .iter()
+        .map(|index| {
+            let mut t = PackTable { packs: Vec::new(), chunks: Vec::with_capacity(index.len()) };
+            let (mut known_no, mut fresh_no) = (HashMap::new(), HashMap::new());
+            for e in index.iter() {
+                let (l, no) = match place[&e.id].expect("every chunk placed") {
+                    Place::Known(l) => (l, *known_no.entry(l.pack).or_insert_with(|| {
+                        t.packs.push(known.packs[l.pack].clone());
+                        t.packs.len() - 1
+                    })),
+                    Place::Fresh(l) => (l, *fresh_no.entry(l.pack).or_insert_with(|| {
+                        let (digest, size) = fresh_packs[l.pack].clone();
+                        t.packs.push(Pack { digest, size });
+                        t.packs.len() - 1
+                    })),
+                };
+                t.chunks.push([no as u64, l.offset, l.len]);
+            }
+            t
+        })
+        .collect();
+    Ok(Packed { tables, new_packs: fresh_packs.len(), reused: firsts.len() - fresh.len(), fresh: fresh.len() })
 }
 
 /// The byte ranges of packs to fetch for the chunks `want` (indexes into the index): per pack,
@@ -267,12 +277,14 @@ mod tests {
     }
 
     /// Pack `idx` against `known`, chunk `i` compressing to `i+10` bytes of `i`.
-    fn packed(idx: &[Entry], known: &Known, packs: &mut Vec<Vec<u8>>) -> Packed {
-        pack(idx, known, |i| Ok(vec![idx[i].id[0]; 10 + i]), |b| {
+    fn packed(idx: &[Entry], known: &Known, packs: &mut Vec<Vec<u8>>) -> (Packed, PackTable) {
+        let p = pack(&[idx], known, |_, i| Ok(vec![idx[i].id[0]; 10 + i]), |b| {
             packs.push(b.to_vec());
             Ok(Digest::of_bytes(b))
         }, |_, _| {})
-        .unwrap()
+        .unwrap();
+        let t = p.tables[0].clone();
+        (p, t)
     }
 
     #[test]
@@ -280,10 +292,10 @@ mod tests {
         // A first release: everything new, one pack (far under 4 MiB); a repeated id stored once.
         let v1 = index(&[1, 2, 3, 2, 4]);
         let mut packs = Vec::new();
-        let p1 = packed(&v1, &Known::default(), &mut packs);
+        let (p1, t1) = packed(&v1, &Known::default(), &mut packs);
         assert_eq!((p1.new_packs, p1.fresh, p1.reused), (1, 4, 0));
-        assert_eq!(p1.table.chunks, vec![[0, 0, 10], [0, 10, 11], [0, 21, 12], [0, 10, 11], [0, 33, 14]]);
-        let bytes = serde_json::to_vec(&p1.table).unwrap();
+        assert_eq!(t1.chunks, vec![[0, 0, 10], [0, 10, 11], [0, 21, 12], [0, 10, 11], [0, 33, 14]]);
+        let bytes = serde_json::to_vec(&t1).unwrap();
         let (_, locs) = PackTable::parse(&bytes, &v1).unwrap();
         assert_eq!(ranges(&locs, [1, 2]), vec![(0, 10, 33)]);
         // The next release changes chunk 3 and adds one: only those two are packed, after the
@@ -291,15 +303,25 @@ mod tests {
         let mut known = Known::default();
         known.add(&bytes, &v1).unwrap();
         let v2 = index(&[1, 2, 9, 2, 4, 8]);
-        let p2 = packed(&v2, &known, &mut packs);
+        let (p2, t2) = packed(&v2, &known, &mut packs);
         assert_eq!((p2.new_packs, p2.fresh, p2.reused), (1, 2, 3));
-        assert_eq!(p2.table.packs[0], p1.table.packs[0]);
-        assert_eq!(p2.table.chunks, vec![[0, 0, 10], [0, 10, 11], [1, 0, 12], [0, 10, 11], [0, 33, 14], [1, 12, 15]]);
+        assert_eq!(t2.packs[0], t1.packs[0]);
+        assert_eq!(t2.chunks, vec![[0, 0, 10], [0, 10, 11], [1, 0, 12], [0, 10, 11], [0, 33, 14], [1, 12, 15]]);
         assert_eq!(packs[1], [vec![9u8; 12], vec![8u8; 15]].concat());
         // Pushed again: nothing new.
-        known.add(&serde_json::to_vec(&p2.table).unwrap(), &v2).unwrap();
-        let p3 = packed(&v2, &known, &mut packs);
-        assert_eq!((p3.new_packs, p3.table.chunks.clone()), (0, p2.table.chunks.clone()));
+        known.add(&serde_json::to_vec(&t2).unwrap(), &v2).unwrap();
+        let (p3, t3) = packed(&v2, &known, &mut packs);
+        assert_eq!((p3.new_packs, t3.chunks.clone()), (0, t2.chunks.clone()));
+    }
+
+    #[test]
+    fn the_new_chunks_of_several_indexes_share_packs_each_table_listing_its_own() {
+        let (rootfs, sealed) = (index(&[1, 2]), index(&[2, 3]));
+        let p = pack(&[&rootfs, &sealed], &Known::default(), |k, i| Ok(vec![k as u8; 10 + i]), |b| Ok(Digest::of_bytes(b)), |_, _| {}).unwrap();
+        assert_eq!((p.new_packs, p.fresh), (1, 3), "chunk 2 stored once, all in one pack");
+        assert_eq!(p.tables[0].chunks, vec![[0, 0, 10], [0, 10, 11]]);
+        assert_eq!(p.tables[1].chunks, vec![[0, 10, 11], [0, 21, 11]]);
+        assert_eq!(p.tables[0].packs, p.tables[1].packs);
     }
 
     #[test]
@@ -309,23 +331,23 @@ mod tests {
         let b = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"b"), size: 100 }], chunks: vec![[0, 0, 10], [0, 10, 10], [0, 20, 10]] };
         known.add(&serde_json::to_vec(&a).unwrap(), &index(&[1])).unwrap();
         known.add(&serde_json::to_vec(&b).unwrap(), &index(&[2, 1, 3])).unwrap();
-        let p = packed(&index(&[1, 3]), &known, &mut Vec::new());
-        assert_eq!(p.table.packs, b.packs);
-        assert_eq!(p.table.chunks, vec![[0, 10, 10], [0, 20, 10]]);
+        let (_, t) = packed(&index(&[1, 3]), &known, &mut Vec::new());
+        assert_eq!(t.packs, b.packs);
+        assert_eq!(t.chunks, vec![[0, 10, 10], [0, 20, 10]]);
     }
 
     #[test]
     fn new_packs_close_at_the_target_size() {
         let idx: Vec<Entry> = (0..20u8).map(|i| Entry { end: (i as u64 + 1) * 100, id: [i; 32] }).collect();
         let mut n = 0;
-        let p = pack(&idx, &Known::default(), |_| Ok(vec![0u8; (PACK_TARGET / 8) as usize + 1]), |b| {
+        let p = pack(&[&idx], &Known::default(), |_, _| Ok(vec![0u8; (PACK_TARGET / 8) as usize + 1]), |b| {
             n += 1;
             Ok(Digest::of_bytes(b))
         }, |_, _| {})
         .unwrap();
         // 8 chunks of just over an eighth fill a pack: 8 + 8 + 4.
         assert_eq!((p.new_packs, n), (3, 3));
-        assert_eq!(p.table.chunks.iter().filter(|c| c[0] == 2).count(), 4);
+        assert_eq!(p.tables[0].chunks.iter().filter(|c| c[0] == 2).count(), 4);
     }
 
     #[test]

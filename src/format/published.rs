@@ -56,6 +56,11 @@ pub struct SealedImage {
     pub artifact: Vec<u8>,
     pub caibx: Vec<u8>,
     pub blob: Blob,
+    /// Where the sealed blob's chunks are in the release's packs (a pack table, v2): the
+    /// chunks new to the repository share packs with the rootfs's, so a device fetches a
+    /// one-service update in one range request. A release without it (older pushes) is read
+    /// from the sealed blob by range.
+    pub table: Option<Vec<u8>>,
 }
 
 fn inline(mt: &str, b: &[u8], title: &str) -> Value {
@@ -79,8 +84,20 @@ pub fn manifest(config: &[u8], caibx: &[u8], table: &PackTable, files: &[File], 
         layers.push(part(inline(MT_OCI_MANIFEST, &si.artifact, &format!("{n}.sealed.json")), "artifact"));
         layers.push(part(inline(MT_SEALED_CAIBX, &si.caibx, &format!("{n}.caibx")), "caibx"));
         layers.push(part(json!({"mediaType": crate::format::sealed::MT_SEALED, "digest": si.blob.digest, "size": si.blob.size, "annotations": {TITLE: format!("{n}.sealed")}}), "sealed"));
+        if let Some(t) = &si.table {
+            layers.push(part(inline(MT_PACK_TABLE, t, &format!("{n}.packs.json")), "packs"));
+        }
     }
-    layers.extend(table.packs.iter().enumerate().map(|(i, p)| json!({"mediaType": MT_PACK, "digest": p.digest, "size": p.size, "annotations": {TITLE: format!("pack-{i}")}})));
+    // Every pack a table points into, once.
+    let mut packs: Vec<crate::format::packs::Pack> = table.packs.clone();
+    for t in sealed.iter().filter_map(|si| si.table.as_deref()) {
+        for p in serde_json::from_slice::<PackTable>(t).map(|t| t.packs).unwrap_or_default() {
+            if !packs.iter().any(|q| q.digest == p.digest) {
+                packs.push(p);
+            }
+        }
+    }
+    layers.extend(packs.iter().enumerate().map(|(i, p)| json!({"mediaType": MT_PACK, "digest": p.digest, "size": p.size, "annotations": {TITLE: format!("pack-{i}")}})));
     serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
         "config": {"mediaType": MT_CONFIG, "digest": Digest::of_bytes(config).to_string(), "size": config.len(), "data": b64(config)},
@@ -165,14 +182,15 @@ pub fn parse(bytes: &[u8]) -> anyhow::Result<Parsed> {
     let layers = m["layers"].as_array().context("release manifest without layers")?;
     let find = |mt: &str| layers.iter().find(|l| l["mediaType"] == mt).with_context(|| format!("release manifest has no {mt} layer"));
     let caibx = data(find(MT_CAIBX)?, "rootfs index")?;
-    let table = data(layers.iter().find(|l| crate::format::packs::is_table(l["mediaType"].as_str().unwrap_or(""))).context("release manifest has no pack table layer")?, "pack table")?;
+    let sealed_part = |l: &Value| l["annotations"][crate::format::sealed::ANN_SEALED_FOR].is_string();
+    let table = data(layers.iter().find(|l| !sealed_part(l) && crate::format::packs::is_table(l["mediaType"].as_str().unwrap_or(""))).context("release manifest has no pack table layer")?, "pack table")?;
     let blob = |l: &Value| -> anyhow::Result<Blob> {
         let digest = Digest::parse(l["digest"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!("release manifest: {e}"))?;
         Ok(Blob { digest, size: l["size"].as_u64().unwrap_or(0) })
     };
     let mut files = Vec::new();
     let mut parts: std::collections::BTreeMap<String, std::collections::BTreeMap<String, &Value>> = Default::default();
-    for l in layers.iter().filter(|l| ![MT_CAIBX, MT_PACK_TABLE, MT_PACK_TABLE_V1, MT_PACK].contains(&l["mediaType"].as_str().unwrap_or(""))) {
+    for l in layers.iter().filter(|l| sealed_part(l) || ![MT_CAIBX, MT_PACK_TABLE, MT_PACK_TABLE_V1, MT_PACK].contains(&l["mediaType"].as_str().unwrap_or(""))) {
         if let (Some(name), Some(part)) = (l["annotations"][crate::format::sealed::ANN_SEALED_FOR].as_str(), l["annotations"][ANN_PART].as_str()) {
             if parts.entry(name.into()).or_default().insert(part.into(), l).is_some() {
                 bail!("release manifest: sealed image {name} has two {part} layers");
@@ -193,6 +211,7 @@ pub fn parse(bytes: &[u8]) -> anyhow::Result<Parsed> {
             artifact: data(get("artifact")?, "sealed artifact")?,
             caibx: data(get("caibx")?, "sealed index")?,
             blob: blob(get("sealed")?)?,
+            table: p.get("packs").map(|l| data(l, "sealed image pack table")).transpose()?,
             name,
         });
     }
@@ -208,13 +227,15 @@ mod tests {
     fn a_release_manifest_reads_back_and_lies_are_refused() {
         let table = PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"p"), size: 1 }], chunks: vec![[0, 0, 1]] };
         let kernel = File { media_type: "application/vnd.slotforge.kernel".into(), blob: Blob { digest: Digest::of_bytes(b"k"), size: 1 }, title: "vmlinuz".into() };
-        let si = SealedImage { name: "svc".into(), manifest_media_type: MT_OCI_MANIFEST.into(), manifest: b"{\"m\":1}".to_vec(), config_media_type: "application/vnd.oci.image.config.v1+json".into(), config: b"{}".to_vec(), artifact: b"{\"a\":1}".to_vec(), caibx: b"ix".to_vec(), blob: Blob { digest: Digest::of_bytes(b"sealed"), size: 6 } };
+        let si = SealedImage { name: "svc".into(), manifest_media_type: MT_OCI_MANIFEST.into(), manifest: b"{\"m\":1}".to_vec(), config_media_type: "application/vnd.oci.image.config.v1+json".into(), config: b"{}".to_vec(), artifact: b"{\"a\":1}".to_vec(), caibx: b"ix".to_vec(), blob: Blob { digest: Digest::of_bytes(b"sealed"), size: 6 }, table: Some(serde_json::to_vec(&PackTable { packs: vec![Pack { digest: Digest::of_bytes(b"q"), size: 1 }], chunks: vec![[0, 0, 1]] }).unwrap()) };
         let m = manifest(b"{\"c\":1}", b"caibx", &table, &[kernel], std::slice::from_ref(&si));
         let p = parse(&m).unwrap();
         assert_eq!(p.sealed, vec![si], "the sealed image reads back, and is not a boot file");
         assert_eq!((p.config.as_slice(), p.caibx.as_slice()), (&b"{\"c\":1}"[..], &b"caibx"[..]));
         assert_eq!(serde_json::from_slice::<PackTable>(&p.table).unwrap(), table);
         assert_eq!(p.files.len(), 1);
+        let packs = serde_json::from_slice::<Value>(&m).unwrap()["layers"].as_array().unwrap().iter().filter(|l| l["mediaType"] == MT_PACK).count();
+        assert_eq!(packs, 2, "the rootfs's pack and the sealed image's, each listed once");
         assert_eq!(p.files[0].title, "vmlinuz");
         // Inline bytes that are not their descriptor's blob.
         let mut v: Value = serde_json::from_slice(&m).unwrap();

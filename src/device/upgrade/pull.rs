@@ -140,42 +140,22 @@ pub fn fetch(t: &mut dyn Target, r: Resolved, dir: &Path, on_bytes: &dyn Fn(u64)
             want.push(i);
         }
     }
-    // One range request per pack holding wanted chunks; each chunk checked and kept as it comes.
+    // The wanted chunks by pack; the sealed images' join them (or, for a release without their
+    // pack tables, are read from their sealed blobs by range).
     let starts: Vec<u64> = std::iter::once(0).chain(index.iter().map(|e| e.end)).collect();
-    let mut fetched = 0;
-    for (p, _, _) in crate::format::packs::ranges(&locs, want.iter().copied()) {
-        let mut attempts = 0;
-        loop {
-            let missing: Vec<usize> = want.iter().copied().filter(|&i| locs[i].pack == p && !casync::chunk_path(&store, &index[i].hex()).exists()).collect();
-            let Some(&(_, a, b)) = crate::format::packs::ranges(&locs, missing.iter().copied()).first() else { break };
-            attempts += 1;
-            let pack = &table.packs[p];
-            let res = (|| -> anyhow::Result<()> {
-                let mut rd = r.reg.blob_range(&r.repo, &pack.digest, a, b)?;
-                let mut order = missing.clone();
-                order.sort_by_key(|&i| locs[i].offset);
-                let mut pos = a;
-                for i in order {
-                    let l = locs[i];
-                    std::io::copy(&mut Read::take(&mut rd, l.offset - pos), &mut std::io::sink())?;
-                    let mut c = vec![0u8; l.len as usize];
-                    rd.read_exact(&mut c).with_context(|| format!("pack {} bytes {}..{}", pack.digest, l.offset, l.offset + l.len))?;
-                    pos = l.offset + l.len;
-                    keep_chunk(&store, &index[i], (index[i].end - starts[i]) as usize, &c)?;
-                    fetched += 1;
-                    bytes_fetched += l.len;
-                    on_bytes(l.len);
-                }
-                Ok(())
-            })();
-            match res {
-                Ok(()) => break,
-                Err(e) if attempts < 4 => {
-                    let _ = e;
-                    std::thread::sleep(std::time::Duration::from_millis(250 * attempts));
-                }
-                Err(e) => return Err(e.context(format!("fetching chunks of {} (what arrived is kept; a rerun goes on from there)", r.reference))),
-            }
+    let mut wants = PackWants::default();
+    for &i in &want {
+        let l = locs[i];
+        wants.add(&table.packs[l.pack], PackWant { owner: 0, entry: index[i].clone(), raw_len: (index[i].end - starts[i]) as usize, offset: l.offset, len: l.len });
+    }
+    let (sealed_hints, mut images) = fetch_sealed(t, &r, &store, &put, &mut wants, &mut bytes_fetched, on_bytes)?;
+    let tally = fetch_packs(&r, &store, &wants, images.len() + 1, on_bytes)?;
+    let fetched = tally[0].0;
+    for (k, (n, b)) in tally.iter().enumerate() {
+        bytes_fetched += b;
+        if k > 0 {
+            images[k - 1].chunks_fetched += n;
+            images[k - 1].bytes_fetched += b;
         }
     }
     // Boot files: a kernel or initrd one of the slots boots already is copied from the ESP
@@ -200,7 +180,6 @@ pub fn fetch(t: &mut dyn Target, r: Resolved, dir: &Path, on_bytes: &dyn Fn(u64)
             bytes_fetched += f.blob.size;
         }
     }
-    let (sealed_hints, images) = fetch_sealed(t, &r, &store, &put, &mut bytes_fetched, on_bytes)?;
     let mut b = Bundle::from_parts(dir, r.parsed.config.clone(), r.signatures.clone(), Some(dir))?;
     b.hints.extend(hint);
     b.sealed_hints = sealed_hints;
@@ -251,7 +230,7 @@ fn sealed_by_name(t: &mut dyn Target) -> anyhow::Result<BTreeMap<String, Vec<Dig
 /// they are is handed to the apply) or read by range from the sealed blob in the registry —
 /// one request per run of missing chunks — each checked against its id and kept. The apply
 /// assembles each image and checks it against the digest the config pins.
-fn fetch_sealed(t: &mut dyn Target, r: &Resolved, store: &Path, put: &dyn Fn(&[u8]) -> anyhow::Result<Blob>, bytes_fetched: &mut u64, on_bytes: &dyn Fn(u64)) -> anyhow::Result<(BTreeMap<String, SealedChunks>, Vec<PulledImage>)> {
+fn fetch_sealed(t: &mut dyn Target, r: &Resolved, store: &Path, put: &dyn Fn(&[u8]) -> anyhow::Result<Blob>, wants: &mut PackWants, bytes_fetched: &mut u64, on_bytes: &dyn Fn(u64)) -> anyhow::Result<(BTreeMap<String, SealedChunks>, Vec<PulledImage>)> {
     let mut hints = BTreeMap::new();
     let mut report = Vec::new();
     if r.parsed.sealed.is_empty() {
@@ -305,6 +284,17 @@ fn fetch_sealed(t: &mut dyn Target, r: &Resolved, store: &Path, put: &dyn Fn(&[u
         let missing: Vec<usize> = (0..index.len()).filter(|&i| !seeds.has(&index[i].id) && !casync::chunk_path(store, &index[i].hex()).exists() && seen.insert(index[i].id)).collect();
         let local = index.iter().filter(|e| !seen.contains(&e.id)).count();
         let mut pi = PulledImage { name: si.name.clone(), chunks: index.len(), chunks_local: local, chunks_fetched: 0, bytes_fetched: 0 };
+        // In the release's packs: fetched with the rootfs's chunks, one request per pack.
+        if let Some(tb) = &si.table {
+            let (table, locs) = PackTable::parse(tb, &index).with_context(|| format!("release {}: pack table of sealed image {}", r.reference, si.name))?;
+            for &i in &missing {
+                let l = locs[i];
+                wants.add(&table.packs[l.pack], PackWant { owner: report.len() + 1, entry: index[i].clone(), raw_len: (starts[i + 1] - starts[i]) as usize, offset: l.offset, len: l.len });
+            }
+            hints.insert(s.digest.clone(), sc);
+            report.push(pi);
+            continue;
+        }
         for run in runs(&missing, &starts, RUN_GAP) {
             let mut attempts = 0;
             loop {
@@ -338,6 +328,72 @@ fn fetch_sealed(t: &mut dyn Target, r: &Resolved, store: &Path, put: &dyn Fn(&[u
         report.push(pi);
     }
     Ok((hints, report))
+}
+
+/// A chunk to fetch from a pack: for whom (0: the rootfs; k: the k-th sealed image fetched),
+/// which, its raw length, where in the pack.
+struct PackWant {
+    owner: usize,
+    entry: Entry,
+    raw_len: usize,
+    offset: u64,
+    len: u64,
+}
+
+/// The chunks to fetch, by pack (each id once).
+#[derive(Default)]
+struct PackWants {
+    packs: BTreeMap<Digest, Vec<PackWant>>,
+    ids: std::collections::HashSet<[u8; 32]>,
+}
+
+impl PackWants {
+    fn add(&mut self, pack: &crate::format::packs::Pack, w: PackWant) {
+        if self.ids.insert(w.entry.id) {
+            self.packs.entry(pack.digest.clone()).or_default().push(w);
+        }
+    }
+}
+
+/// Fetch `wants`: per pack, one range request from the first chunk still missing to the last,
+/// each chunk checked (bounded zstd decode, its id) and kept as it arrives; a dropped connection
+/// is retried from the first chunk still missing (3 more times). Returns, per owner, the chunks
+/// and bytes fetched.
+fn fetch_packs(r: &Resolved, store: &Path, wants: &PackWants, owners: usize, on_bytes: &dyn Fn(u64)) -> anyhow::Result<Vec<(usize, u64)>> {
+    let mut tally = vec![(0usize, 0u64); owners];
+    for (digest, list) in &wants.packs {
+        let mut attempts = 0;
+        loop {
+            let mut missing: Vec<&PackWant> = list.iter().filter(|w| !casync::chunk_path(store, &w.entry.hex()).exists()).collect();
+            missing.sort_by_key(|w| w.offset);
+            let (Some(first), Some(end)) = (missing.first().map(|w| w.offset), missing.iter().map(|w| w.offset + w.len).max()) else { break };
+            attempts += 1;
+            let res = (|| -> anyhow::Result<()> {
+                let mut rd = r.reg.blob_range(&r.repo, digest, first, end)?;
+                let mut pos = first;
+                for w in &missing {
+                    if w.offset < pos {
+                        bail!("pack {digest}: chunks overlap at {}", w.offset);
+                    }
+                    std::io::copy(&mut Read::take(&mut rd, w.offset - pos), &mut std::io::sink())?;
+                    let mut c = vec![0u8; w.len as usize];
+                    rd.read_exact(&mut c).with_context(|| format!("pack {digest} bytes {}..{}", w.offset, w.offset + w.len))?;
+                    pos = w.offset + w.len;
+                    keep_chunk(store, &w.entry, w.raw_len, &c)?;
+                    tally[w.owner].0 += 1;
+                    tally[w.owner].1 += w.len;
+                    on_bytes(w.len);
+                }
+                Ok(())
+            })();
+            match res {
+                Ok(()) => break,
+                Err(_) if attempts < 4 => std::thread::sleep(std::time::Duration::from_millis(250 * attempts)),
+                Err(e) => return Err(e.context(format!("fetching chunks of {} (what arrived is kept; a rerun goes on from there)", r.reference))),
+            }
+        }
+    }
+    Ok(tally)
 }
 
 /// Bytes of unneeded data a range read may carry to join two runs of missing chunks into one
