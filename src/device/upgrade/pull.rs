@@ -227,9 +227,10 @@ fn sealed_by_name(t: &mut dyn Target) -> anyhow::Result<BTreeMap<String, Vec<Dig
 /// Sealed external images the release carries and the device lacks: their small blobs (inline
 /// in the manifest, checked against what the config pins) stored with the bundle; the sealed
 /// blob's chunks found in the device's sealed images of the same service (chunked here; where
-/// they are is handed to the apply) or read by range from the sealed blob in the registry —
-/// one request per run of missing chunks — each checked against its id and kept. The apply
-/// assembles each image and checks it against the digest the config pins.
+/// they are is handed to the apply); the others added to `wants` (in the release's packs,
+/// fetched with the rootfs's) or, for a release without the image's pack table, read by range
+/// from the sealed blob — one request per run of missing chunks — each checked against its id
+/// and kept. The apply assembles each image and checks it against the digest the config pins.
 fn fetch_sealed(t: &mut dyn Target, r: &Resolved, store: &Path, put: &dyn Fn(&[u8]) -> anyhow::Result<Blob>, wants: &mut PackWants, bytes_fetched: &mut u64, on_bytes: &dyn Fn(u64)) -> anyhow::Result<(BTreeMap<String, SealedChunks>, Vec<PulledImage>)> {
     let mut hints = BTreeMap::new();
     let mut report = Vec::new();
