@@ -88,13 +88,19 @@ pub fn state(cfg: &AgentConfig, img: &ExternalImage, s: &Sealed) -> SealedState 
     let dev = Path::new("/dev/mapper").join(&name);
     let open = dev.exists();
     let at = mount_point(cfg, img);
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo").ok().is_some_and(|mi| mi.lines().any(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap_or(""))));
+    let mounted = is_mounted(cfg, img);
     SealedState {
         root_hash: s.root_hash.clone(),
         device: open.then(|| dev.display().to_string()),
         mounted: mounted.then(|| at.display().to_string()),
         verity: if open { verity_status(&name) } else { None },
     }
+}
+
+/// Whether `img`'s sealed filesystem is mounted (without asking veritysetup: a process start).
+pub fn is_mounted(cfg: &AgentConfig, img: &ExternalImage) -> bool {
+    let at = mount_point(cfg, img);
+    std::fs::read_to_string("/proc/self/mountinfo").ok().is_some_and(|mi| mi.lines().any(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap_or(""))))
 }
 
 /// Rebuild `img`'s sealed image from its OCI image in the images partition (its layers must be
