@@ -42,7 +42,8 @@ fi
 run_kb=$(/bin/busybox du -skx /run | /bin/busybox cut -f1)
 shmem_kb=$(sed -n 's/^Shmem: *\([0-9]*\) kB/\1/p' /proc/meminfo)
 sealed=$(grep -c ' - squashfs /dev/mapper/slotforge-' /proc/self/mountinfo)
-echo "@slotforge {\"event\":\"memory\",\"run_kb\":$run_kb,\"shmem_kb\":$shmem_kb,\"sealed_mounts\":$sealed}"
+read up _ < /proc/uptime
+echo "@slotforge {\"event\":\"memory\",\"run_kb\":$run_kb,\"shmem_kb\":$shmem_kb,\"sealed_mounts\":$sealed,\"uptime\":$up}"
 echo "@slotforge {\"event\":\"host-ns\",\"net\":\"$(readlink /proc/self/ns/net)\",\"pid\":\"$(readlink /proc/self/ns/pid)\",\"uts\":\"$(readlink /proc/self/ns/uts)\",\"cgroup\":\"$(readlink /proc/self/ns/cgroup)\"}"
 /usr/bin/slotforge agent run --scrub
 next=poweroff

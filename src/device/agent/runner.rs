@@ -371,6 +371,7 @@ fn repair_corrupt(cfg: &AgentConfig, running: &mut Vec<(String, PathBuf, i32)>, 
 pub fn run(cfg: &AgentConfig, settle: Duration, scrub_images: bool) -> anyhow::Result<()> {
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    emit(Event::RunStart { onboot: bundles(&cfg.root, Section::Onboot).len(), services: bundles(&cfg.root, Section::Services).len() });
     let ready = mount_external(cfg)?;
     super::volumes::mount_all(&cfg.root);
     let pid_dir = cfg.run_dir.join("pids");

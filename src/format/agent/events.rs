@@ -62,6 +62,8 @@ pub enum Event {
     Status(Status),
     // -- containers --
     /// A LinuxKit volume made ready at `/containers/volumes/NAME/merged` before the onboot
+    /// `agent run` began: its onboot containers and services to start.
+    RunStart { onboot: usize, services: usize },
     /// containers: an overlay with a tmpfs upper layer, or (read-only) its contents bound read-only.
     VolumeMounted { name: String, readonly: bool },
     VolumeFailed { name: String, error: String },
