@@ -211,6 +211,8 @@ struct Device<'a> {
     steps: usize,
     /// What the step found besides the guest's events (merged into its `observed`).
     extra: serde_json::Map<String, Value>,
+    /// The variant the device last reported running (`observed.variant` of the last step).
+    running: Option<String>,
 }
 
 impl Device<'_> {
@@ -384,7 +386,7 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
     let port = sh.m.matrix.registry.as_ref().and_then(|r| super::matrix::registry_port(&r.value).ok());
-    let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new(), network: port, steps: 0, extra: Default::default() };
+    let mut dev = Device { sh, dir: dir.clone(), disk: dir.join("disk.img"), builds: BTreeMap::new(), network: port, steps: 0, extra: Default::default(), running: None };
     let mut failed: Option<String> = None;
     for (i, label) in labels.iter().enumerate().take(last + 1) {
         let step = if i == 0 { None } else { Some(&p.steps[i - 1].value) };
@@ -402,6 +404,9 @@ fn run_path(sh: &Shared, index: usize, opts: &Options, out: &Mutex<Vec<StepResul
         let mut crash: Option<crash_step::CrashStep> = None;
         let r = dev.run_step(p, step, opts, &mut boots, &mut crash);
         let (result, observed, message, serial) = dev.judge(r, &expect, &boots, crash.as_ref());
+        if let Some(v) = observed["variant"].as_str() {
+            dev.running = Some(v.to_string());
+        }
         if result == StepOutcome::Fail {
             failed = Some(if selected[i] { label.clone() } else { format!("{label} (run to reach the selected steps): {}", message.lines().next().unwrap_or("")) });
         }
@@ -462,8 +467,13 @@ impl Device<'_> {
                 self.builds.insert(v.value.clone(), id);
                 let own = self.dir.join("bundle.disk");
                 if by_tag {
-                    // Pushed to the path's registry; the second disk names its tag.
-                    self.publish(&b, &own)?
+                    // Pushed to the path's registry, after the release the device runs (as a
+                    // fleet's registry holds it); the second disk names the step's tag.
+                    let base = match self.running.clone().filter(|r| r != &v.value) {
+                        Some(r) => Some(self.sh.bundle(&r, &layout, &compat, false, false, None).map_err(|e| anyhow::anyhow!("building the running variant's release {r}: {e:?}"))?.0),
+                        None => None,
+                    };
+                    self.publish(&b, &own, base.as_deref())?
                 } else {
                     // Each VM gets its own copy: QEMU locks a disk image for writing, and paths
                     // running in parallel may attach the same bundle.

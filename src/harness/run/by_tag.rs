@@ -1,5 +1,5 @@
 //! `supply: registry-bundle`: the step's bundle is pushed to the matrix's registry under a tag of
-//! its own, and the guest's second disk carries only the reference (the appliance's init runs
+//! its own (after the release the device runs, which the step's points into), and the guest's second disk carries only the reference (the appliance's init runs
 //! `slotforge agent update` with it); `fault: network-cut` drops the guest's connection half-way
 //! through that release's download and requires the next boot to go on from what it kept. A
 //! `supply: registry` step expecting `lazy: true` publishes the variant's sealed images next to
@@ -45,11 +45,16 @@ impl Device<'_> {
         format!("slotforge-test/{}:step-{}", repo_name(&self.dir.file_name().unwrap_or_default().to_string_lossy()), self.steps)
     }
 
-    /// Push `bundle` as this step's release and write the second disk naming it as the guest
-    /// reaches it. Returns the disk.
-    pub(super) fn publish(&mut self, bundle: &Path, disk: &Path) -> anyhow::Result<std::path::PathBuf> {
+    /// Push `bundle` as this step's release — after `base`, the release the device runs, under
+    /// `step-N-base`, so the step's release points at its chunks as a fleet's would — and write
+    /// the second disk naming it as the guest reaches it. Returns the disk.
+    pub(super) fn publish(&mut self, bundle: &Path, disk: &Path, base: Option<&Path>) -> anyhow::Result<std::path::PathBuf> {
         let port = self.registry_port()?;
         let name = self.release_name();
+        if let Some(base) = base {
+            let base_ref = format!("127.0.0.1:{port}/{name}-base");
+            self.sh.slotforge(&["push", &base.to_string_lossy(), &base_ref, "--json"]).map_err(anyhow::Error::new).with_context(|| format!("pushing the running release to {base_ref}"))?;
+        }
         let host_ref = format!("127.0.0.1:{port}/{name}");
         let out = self.sh.slotforge(&["push", &bundle.to_string_lossy(), &host_ref, "--json"]).map_err(anyhow::Error::new).with_context(|| format!("pushing the release to {host_ref}"))?;
         let pushed: serde_json::Value = serde_json::from_str(&out).context("push summary")?;
