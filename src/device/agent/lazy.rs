@@ -208,10 +208,12 @@ impl Blocks {
         self.size.div_ceil(BLOCK)
     }
 
-    /// Block `b` here, fetched if it is not (one range request, retried).
+    /// Block `b` here, fetched if it is not (one range request, retried). The lock is not held
+    /// while fetching: a read the kernel is waiting for must not wait for the background fill
+    /// (which runs at SCHED_IDLE: holding the lock there would make the service wait for idle
+    /// time). Both may fetch the same block; the second write is the same bytes.
     fn ensure(&self, b: u64) -> anyhow::Result<()> {
-        let mut present = self.present.lock().unwrap();
-        if present[b as usize] == 1 {
+        if self.present.lock().unwrap()[b as usize] == 1 {
             return Ok(());
         }
         let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(self.size));
@@ -231,6 +233,10 @@ impl Blocks {
         }
         if let Some(e) = last {
             return Err(e);
+        }
+        let mut present = self.present.lock().unwrap();
+        if present[b as usize] == 1 {
+            return Ok(());
         }
         self.file.write_all_at(&buf, start)?;
         present[b as usize] = 1;
