@@ -81,6 +81,7 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
     let packed = crate::format::packs::pack(
         &indexes,
         &known,
+        crate::format::packs::MIN_REUSE,
         |k, i| {
             let (f, starts) = &blobs[k];
             let mut buf = vec![0u8; (starts[i + 1] - starts[i]) as usize];

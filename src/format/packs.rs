@@ -25,6 +25,10 @@ pub fn is_table(media_type: &str) -> bool {
 pub const MT_PACK: &str = "application/vnd.slotforge.chunk-pack.v1";
 /// New chunks go into one pack until it holds this many compressed bytes.
 pub const PACK_TARGET: u64 = 4 << 20;
+/// A known pack the release would take at most this many bytes from — and less than half of
+/// it — is not worth a request of its own to a device that lacks them: its chunks are packed
+/// anew instead (uploaded again).
+pub const MIN_REUSE: u64 = 256 << 10;
 
 /// Where each chunk of an index is, in which pack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,8 +172,11 @@ pub struct Packed {
 /// device fetches from few packs); the others, once each, in order, are packed anew —
 /// `compressed(k, i)` gives chunk `i` of index `k` compressed, `write(pack)` stores a new pack
 /// and returns its digest, a pack is closed once it holds [`PACK_TARGET`] bytes — so the new
-/// chunks of every index share packs. `on_chunk(done, total)` counts the new chunks.
-pub fn pack(indexes: &[&[Entry]], known: &Known, mut compressed: impl FnMut(usize, usize) -> anyhow::Result<Vec<u8>>, mut write: impl FnMut(&[u8]) -> anyhow::Result<Digest>, mut on_chunk: impl FnMut(usize, usize)) -> anyhow::Result<Packed> {
+/// chunks of every index share packs. A known pack the release would take at most `min_reuse`
+/// bytes from is passed over: its chunks are packed anew (a device one release behind would
+/// otherwise spend a request on a release it skipped). `on_chunk(done, total)` counts the new
+/// chunks.
+pub fn pack(indexes: &[&[Entry]], known: &Known, min_reuse: u64, mut compressed: impl FnMut(usize, usize) -> anyhow::Result<Vec<u8>>, mut write: impl FnMut(&[u8]) -> anyhow::Result<Digest>, mut on_chunk: impl FnMut(usize, usize)) -> anyhow::Result<Packed> {
     #[derive(Clone, Copy)]
     enum Place {
         Known(Location),
@@ -189,7 +196,19 @@ pub fn pack(indexes: &[&[Entry]], known: &Known, mut compressed: impl FnMut(usiz
             }
         }
     }
-    let fresh: Vec<(usize, usize)> = firsts.iter().copied().filter(|&(k, i)| !known.at.contains_key(&indexes[k][i].id)).collect();
+    // Each known chunk's best place; the bytes the release would take from each known pack.
+    let mut best: HashMap<[u8; 32], Location> = HashMap::new();
+    let mut used: HashMap<usize, u64> = HashMap::new();
+    for &(k, i) in &firsts {
+        let id = indexes[k][i].id;
+        if let Some(cands) = known.at.get(&id) {
+            let l = *cands.iter().max_by_key(|l| (cover[&l.pack], std::cmp::Reverse(l.pack))).expect("a known chunk has a place");
+            *used.entry(l.pack).or_default() += l.len;
+            best.insert(id, l);
+        }
+    }
+    best.retain(|_, l| used[&l.pack] > min_reuse || used[&l.pack] * 2 >= known.packs[l.pack].size);
+    let fresh: Vec<(usize, usize)> = firsts.iter().copied().filter(|&(k, i)| !best.contains_key(&indexes[k][i].id)).collect();
     let (mut buf, mut fresh_packs) = (Vec::new(), Vec::<(Digest, u64)>::new());
     for (n, &(k, i)) in fresh.iter().enumerate() {
         let c = compressed(k, i)?;
@@ -201,12 +220,8 @@ pub fn pack(indexes: &[&[Entry]], known: &Known, mut compressed: impl FnMut(usiz
         }
         on_chunk(n + 1, fresh.len());
     }
-    for &(k, i) in &firsts {
-        let id = indexes[k][i].id;
-        if let Some(cands) = known.at.get(&id) {
-            let best = cands.iter().max_by_key(|l| (cover[&l.pack], std::cmp::Reverse(l.pack))).expect("a known chunk has a place");
-            place.insert(id, Some(Place::Known(*best)));
-        }
+    for (id, l) in best {
+        place.insert(id, Some(Place::Known(l)));
     }
     // Each table's packs in the order its index first uses them.
     let tables = indexes
@@ -278,7 +293,7 @@ mod tests {
 
     /// Pack `idx` against `known`, chunk `i` compressing to `i+10` bytes of `i`.
     fn packed(idx: &[Entry], known: &Known, packs: &mut Vec<Vec<u8>>) -> (Packed, PackTable) {
-        let p = pack(&[idx], known, |_, i| Ok(vec![idx[i].id[0]; 10 + i]), |b| {
+        let p = pack(&[idx], known, 0, |_, i| Ok(vec![idx[i].id[0]; 10 + i]), |b| {
             packs.push(b.to_vec());
             Ok(Digest::of_bytes(b))
         }, |_, _| {})
@@ -317,7 +332,7 @@ mod tests {
     #[test]
     fn the_new_chunks_of_several_indexes_share_packs_each_table_listing_its_own() {
         let (rootfs, sealed) = (index(&[1, 2]), index(&[2, 3]));
-        let p = pack(&[&rootfs, &sealed], &Known::default(), |k, i| Ok(vec![k as u8; 10 + i]), |b| Ok(Digest::of_bytes(b)), |_, _| {}).unwrap();
+        let p = pack(&[&rootfs, &sealed], &Known::default(), 0, |k, i| Ok(vec![k as u8; 10 + i]), |b| Ok(Digest::of_bytes(b)), |_, _| {}).unwrap();
         assert_eq!((p.new_packs, p.fresh), (1, 3), "chunk 2 stored once, all in one pack");
         assert_eq!(p.tables[0].chunks, vec![[0, 0, 10], [0, 10, 11]]);
         assert_eq!(p.tables[1].chunks, vec![[0, 10, 11], [0, 21, 11]]);
@@ -337,10 +352,31 @@ mod tests {
     }
 
     #[test]
+    fn a_known_pack_the_release_takes_little_from_is_passed_over() {
+        // v1's pack holds 1, 2, 3; a's pack holds 4 (a release the device may have skipped).
+        let mut known = Known::default();
+        let t = |d: &[u8], chunks: Vec<[u64; 3]>| serde_json::to_vec(&PackTable { packs: vec![Pack { digest: Digest::of_bytes(d), size: 300 }], chunks }).unwrap();
+        known.add(&t(b"v1", vec![[0, 0, 100], [0, 100, 100], [0, 200, 100]]), &index(&[1, 2, 3])).unwrap();
+        known.add(&t(b"a", vec![[0, 0, 100]]), &index(&[4])).unwrap();
+        let b = index(&[1, 2, 4, 5]);
+        let p = pack(&[&b], &known, 150, |_, i| Ok(vec![i as u8; 10]), |x| Ok(Digest::of_bytes(x)), |_, _| {}).unwrap();
+        // 200 bytes from v1's pack: pointed at; 100 of a's 300: chunk 4 packed anew with 5.
+        assert_eq!((p.reused, p.fresh, p.new_packs), (2, 2, 1));
+        assert_eq!(p.tables[0].chunks, vec![[0, 0, 100], [0, 100, 100], [1, 0, 10], [1, 10, 10]]);
+        assert_eq!(p.tables[0].packs[0].digest, Digest::of_bytes(b"v1"));
+        // A small pack the release takes half of or more is still pointed at.
+        let p = pack(&[&index(&[3, 6])], &known, 150, |_, i| Ok(vec![i as u8; 10]), |x| Ok(Digest::of_bytes(x)), |_, _| {}).unwrap();
+        assert_eq!((p.reused, p.fresh), (0, 2), "100 of v1's 300 bytes: packed anew");
+        known.add(&t(b"c", vec![[0, 0, 100], [0, 100, 100]]), &index(&[6, 7])).unwrap();
+        let p = pack(&[&index(&[6, 7, 8])], &known, 250, |_, i| Ok(vec![i as u8; 10]), |x| Ok(Digest::of_bytes(x)), |_, _| {}).unwrap();
+        assert_eq!((p.reused, p.fresh), (2, 1), "200 of c's 300 bytes: pointed at");
+    }
+
+    #[test]
     fn new_packs_close_at_the_target_size() {
         let idx: Vec<Entry> = (0..20u8).map(|i| Entry { end: (i as u64 + 1) * 100, id: [i; 32] }).collect();
         let mut n = 0;
-        let p = pack(&[&idx], &Known::default(), |_, _| Ok(vec![0u8; (PACK_TARGET / 8) as usize + 1]), |b| {
+        let p = pack(&[&idx], &Known::default(), 0, |_, _| Ok(vec![0u8; (PACK_TARGET / 8) as usize + 1]), |b| {
             n += 1;
             Ok(Digest::of_bytes(b))
         }, |_, _| {})
