@@ -161,8 +161,9 @@ met = (l["exposed_at"] - l["found_missing_at"]) <= 2.0
 print(f"Goal: a lazily started service runs within 2 s of the image being found missing, whatever its size. The image was")
 print(f"ready for its service {l['exposed_at'] - l['found_missing_at']:.1f} s after the check that found it missing ({'met' if met else 'not met'}); the service itself started")
 print(f"{l['service_started_at'] - l['found_missing_at']:.1f} s after it, when `agent run` started the services — after `agent boot` had checked and readied every")
+svc_met = (l["service_started_at"] - l["found_missing_at"]) <= 2.0
 print("image, marked the boot good and reported (the reference init's order, the same for both rows), so measured to the")
-print("service's start the goal is not met. Fetched whole, the service waits for all 500 MB to arrive and be checked; the")
+print(f"service's start the goal is {'met' if svc_met else 'not met'}. Fetched whole, the service waits for all 500 MB to arrive and be checked; the")
 print("lazily started one reads its first megabyte through dm-verity while the rest arrives.\n")
 bt = step("by-tag")
 pl = bt["observed"]["pulled"]
