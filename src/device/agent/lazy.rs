@@ -186,6 +186,9 @@ fn disconnect(device: &str) {
 
 /// Blocks fetched between two syncs of the cache (the map records them after the sync).
 const SYNC_EVERY: usize = 16;
+/// The background fill fetches up to this many missing blocks (4 MiB) in one request: under TCG
+/// a request costs more than its bytes.
+const FILL_RUN: u64 = 16;
 
 /// The blocks of one image: the cache file, which blocks it holds (in memory as soon as they are
 /// written; in the map file, one byte each, only once their data is durable), and the registry
@@ -213,10 +216,20 @@ impl Blocks {
     /// (which runs at SCHED_IDLE: holding the lock there would make the service wait for idle
     /// time). Both may fetch the same block; the second write is the same bytes.
     fn ensure(&self, b: u64) -> anyhow::Result<()> {
-        if self.present.lock().unwrap()[b as usize] == 1 {
+        self.ensure_run(b, 1)
+    }
+
+    /// Blocks `b..b + n` here: the missing ones from `b` on, up to the first present one,
+    /// fetched in one range request (retried).
+    fn ensure_run(&self, b: u64, n: u64) -> anyhow::Result<()> {
+        let n = {
+            let present = self.present.lock().unwrap();
+            (b..(b + n).min(self.count())).take_while(|&i| present[i as usize] == 0).count() as u64
+        };
+        if n == 0 {
             return Ok(());
         }
-        let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(self.size));
+        let (start, end) = (b * BLOCK, ((b + n) * BLOCK).min(self.size));
         let mut buf = vec![0u8; (end - start) as usize];
         let mut last = None;
         for attempt in 0..3u32 {
@@ -235,13 +248,17 @@ impl Blocks {
             return Err(e);
         }
         let mut present = self.present.lock().unwrap();
-        if present[b as usize] == 1 {
-            return Ok(());
+        for i in b..b + n {
+            if present[i as usize] == 1 {
+                continue;
+            }
+            let at = (i - b) * BLOCK;
+            let block = &buf[at as usize..((at + BLOCK) as usize).min(buf.len())];
+            self.file.write_all_at(block, i * BLOCK)?;
+            present[i as usize] = 1;
+            self.unsynced.lock().unwrap().push(i);
+            self.fetched.fetch_add(block.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        self.file.write_all_at(&buf, start)?;
-        present[b as usize] = 1;
-        self.unsynced.lock().unwrap().push(b);
-        self.fetched.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -315,8 +332,9 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
             // SAFETY: sched_setscheduler on the calling thread (0) with a valid sched_param.
             unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &libc::sched_param { sched_priority: 0 }) };
             let r = (|| -> anyhow::Result<()> {
+                // Runs of up to FILL_RUN missing blocks, one request each.
                 for i in 0..b.count() {
-                    b.ensure(i)?;
+                    b.ensure_run(i, FILL_RUN)?;
                     if b.unsynced.lock().unwrap().len() >= SYNC_EVERY {
                         b.persist()?;
                     }
