@@ -159,15 +159,27 @@ pub fn stop_all(cfg: &AgentConfig) {
     let Ok(rd) = std::fs::read_dir(cfg.run_dir.join("lazy")) else { return };
     for e in rd.flatten() {
         let Ok(j) = serde_json::from_slice::<Job>(&std::fs::read(e.path()).unwrap_or_default()) else { continue };
+        let deadline = Instant::now() + Duration::from_secs(10);
         if connected(&j.device) {
             disconnect(&j.device);
-            let deadline = Instant::now() + Duration::from_secs(10);
             while connected(&j.device) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // A server whose image has every block finishes it (hash, put in place) before it
+        // exits: wait for it, within the same bound.
+        while server_running(&e.path()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = std::fs::remove_file(e.path());
     }
+}
+
+/// Whether an `agent lazy-serve` of the job file `job` is running (its command line names it).
+fn server_running(job: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    let want = job.as_os_str().as_encoded_bytes();
+    rd.flatten().filter(|e| e.file_name().to_string_lossy().bytes().all(|c| c.is_ascii_digit())).any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == want)))
 }
 
 fn ioctl(fd: &impl AsRawFd, req: u64, arg: u64) -> std::io::Result<()> {
@@ -323,7 +335,7 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
         drop(theirs);
     });
     // The background fill, then the blob put in place.
-    {
+    let fill = {
         let b = blocks.clone();
         let (name, images) = (j.name.clone(), j.images.clone());
         std::thread::spawn(move || {
@@ -340,6 +352,9 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
                     }
                 }
                 b.persist()?;
+                // Every block is here: finishing it is short, and a shutdown waits for it.
+                // SAFETY: sched_setscheduler on the calling thread (0) with a valid sched_param.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &libc::sched_param { sched_priority: 0 }) };
                 let (got, _) = crate::base::hash::digest_reader(std::fs::File::open(&part)?)?;
                 if got != b.digest {
                     // Served blocks were checked by dm-verity as they were read; the cache as a
@@ -360,8 +375,8 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
                 Ok(()) => emit(Event::ImageFilled { name, bytes_fetched: b.fetched.load(std::sync::atomic::Ordering::Relaxed), seconds: t.elapsed().as_secs_f64() }),
                 Err(e) => emit(Event::ImageFillFailed { name, error: format!("{e:#}") }),
             }
-        });
-    }
+        })
+    };
     // The kernel's requests, one at a time.
     let mut req = [0u8; nbd::REQUEST_LEN];
     while ours.read_exact(&mut req).is_ok() {
@@ -386,8 +401,13 @@ pub fn serve(job: &Path) -> anyhow::Result<()> {
             _ => ours.write_all(&nbd::reply(r.handle, nbd::EINVAL))?,
         }
     }
-    // Disconnected (shutdown): what the reads fetched is kept for the next boot.
-    blocks.persist()
+    // Disconnected (shutdown): what the reads fetched is kept for the next boot; an image whose
+    // blocks are all here is finished first (`agent shutdown` waits for this process).
+    blocks.persist()?;
+    if blocks.present.lock().unwrap().iter().all(|&p| p == 1) {
+        let _ = fill.join();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
