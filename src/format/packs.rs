@@ -151,11 +151,6 @@ impl Known {
         }
         Ok(())
     }
-
-    /// How many distinct chunks are known.
-    pub fn chunks(&self) -> usize {
-        self.at.len()
-    }
 }
 
 /// A release's tables (one per index), and how many of their packs are new.
@@ -249,19 +244,6 @@ pub fn pack(indexes: &[&[Entry]], known: &Known, min_reuse: u64, mut compressed:
     Ok(Packed { tables, new_packs: fresh_packs.len(), reused: firsts.len() - fresh.len(), fresh: fresh.len() })
 }
 
-/// The byte ranges of packs to fetch for the chunks `want` (indexes into the index): per pack,
-/// one range from the first wanted chunk's start to the last one's end — one request per pack.
-pub fn ranges(locs: &[Location], want: impl IntoIterator<Item = usize>) -> Vec<(usize, u64, u64)> {
-    let mut per: std::collections::BTreeMap<usize, (u64, u64)> = Default::default();
-    for i in want {
-        let l = locs[i];
-        let r = per.entry(l.pack).or_insert((l.offset, l.offset + l.len));
-        r.0 = r.0.min(l.offset);
-        r.1 = r.1.max(l.offset + l.len);
-    }
-    per.into_iter().map(|(p, (a, b))| (p, a, b)).collect()
-}
-
 /// Copy every chunk the packs in `blobs` (a layout's `blobs/sha256/`) hold, as `table` places
 /// them for `index`, into the casync store `store`, compressed as it is (the assembly checks
 /// each chunk by its id when it reads it).
@@ -312,7 +294,7 @@ mod tests {
         assert_eq!(t1.chunks, vec![[0, 0, 10], [0, 10, 11], [0, 21, 12], [0, 10, 11], [0, 33, 14]]);
         let bytes = serde_json::to_vec(&t1).unwrap();
         let (_, locs) = PackTable::parse(&bytes, &v1).unwrap();
-        assert_eq!(ranges(&locs, [1, 2]), vec![(0, 10, 33)]);
+        assert_eq!((locs[1], locs[2]), (Location { pack: 0, offset: 10, len: 11 }, Location { pack: 0, offset: 21, len: 12 }));
         // The next release changes chunk 3 and adds one: only those two are packed, after the
         // known pack in the table; the known chunks keep their places.
         let mut known = Known::default();
