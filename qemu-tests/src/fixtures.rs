@@ -18,8 +18,7 @@ pub const MODULES: &[&str] = &[
     "nls_iso8859-1", "nls_ascii", "nls_utf8", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4", "failover", "net_failover", "virtio_net", "efivarfs",
     "reed_solomon", "dm-mod", "dm-bufio", "dm-verity", "overlay", "loop", "nbd",
 ];
-/// Debian's veritysetup (cryptsetup-bin): the reference initramfs opens dm-verity roots with it,
-/// and the agent sealed external images.
+/// Debian's veritysetup (cryptsetup-bin): the reference initramfs opens dm-verity roots with it.
 pub const VERITYSETUP: &str = "/sbin/veritysetup";
 pub const BUSYBOX: &str = "/bin/busybox";
 /// Debian's fsck.fat (dosfstools): the reference init repairs the ESP with it before mounting.
@@ -203,8 +202,8 @@ pub fn build(agent: &Path) -> anyhow::Result<Fixtures> {
     }
     copy_with_libs(agent, &b.join("usr/bin/slotforge"), &b)?;
     copy_with_libs(Path::new(RUNC), &b.join("usr/sbin/runc"), &b).context("runc is needed (apt-get install runc)")?;
-    // The agent opens sealed external images with dm-verity (docs/agent.md).
-    copy_with_libs(Path::new(VERITYSETUP), &b.join("usr/sbin/veritysetup"), &b).context("veritysetup is needed (apt-get install cryptsetup-bin)")?;
+    // No veritysetup: the agent opens sealed external images with dm-verity by ioctl
+    // (docs/agent.md#opening-a-sealed-image); only the initramfs has it, for the slot.
     // The reference init repairs the ESP before mounting it (a power cut tears FAT).
     copy_with_libs(Path::new(FSCK_FAT), &b.join("usr/sbin/fsck.fat"), &b).context("fsck.fat is needed (apt-get install dosfstools)")?;
     let _ = Command::new("strip").arg(b.join("usr/bin/slotforge")).status();

@@ -2,7 +2,7 @@
 //! when or where: the disk layout and GPT, FAT and the ESP, boot entries and UKIs, the kernel
 //! command line, filesystem trees and squashfs, dm-verity, sealed images, the images partition's
 //! OCI layout, the rootfs's own metadata, update bundles and their signatures, the installer
-//! payload, bmap, dm-log-writes logs, the NBD transmission protocol, and the agent's event protocol. `inspect` reads a whole
+//! payload, bmap, dm-log-writes logs, device-mapper's verity requests and the loop driver's attach request, the NBD transmission protocol, and the agent's event protocol. `inspect` reads a whole
 //! disk back through them. Formats import only `base` and the `oci` library — never a wing.
 
 pub mod bmap;
@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod casync;
 pub mod cmdline;
 pub mod disk;
+pub mod dm;
 pub mod entries;
 pub mod esp;
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod inspect;
 pub mod installer;
 pub mod layout;
 pub mod logwrites;
+pub mod loopdev;
 pub mod nbd;
 pub mod packs;
 pub mod published;

@@ -7,6 +7,7 @@
 //! every state change as one JSON line (`@slotforge {...}`) on the console. Schema: docs/agent.md.
 
 pub mod boot;
+pub mod dmverity;
 pub mod fetch;
 pub mod lazy;
 pub mod mount;

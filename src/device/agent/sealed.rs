@@ -1,5 +1,5 @@
 //! Sealed external images on the device: open the sealed blob with dm-verity under the root hash
-//! the verified rootfs pins (`veritysetup`, which attaches the file to a read-only loop device),
+//! the verified rootfs pins (device::agent::dmverity: a read-only loop device under a verity table),
 //! mount the squashfs read-only where the runner binds a container's image from, read dm-verity's
 //! verdict back (`corrupted` after a failed read), and rebuild a missing or corrupt sealed image
 //! from its OCI image, bit-identically, before accepting it. Nothing is unpacked and no image
@@ -14,14 +14,8 @@ use crate::format::release::ExternalImage;
 use crate::format::sealed::Sealed;
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 pub use crate::format::agent::SealedState;
-
-/// Debian's veritysetup (cryptsetup-bin).
-fn veritysetup() -> PathBuf {
-    ["/usr/sbin/veritysetup", "/sbin/veritysetup"].iter().map(PathBuf::from).find(|p| p.exists()).unwrap_or_else(|| "veritysetup".into())
-}
 
 /// The device-mapper name of an external image's sealed filesystem.
 pub fn dm_name(img: &ExternalImage) -> String {
@@ -37,25 +31,17 @@ pub fn blob_path(cfg: &AgentConfig, s: &Sealed) -> PathBuf {
     cfg.images.join("blobs/sha256").join(s.digest.trim_start_matches("sha256:"))
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let o = cmd.env("DM_DISABLE_UDEV", "1").output().with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !o.status.success() {
-        bail!("{:?} {:?}: {}", cmd.get_program(), cmd.get_args().collect::<Vec<_>>(), String::from_utf8_lossy(&o.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-/// dm-verity's verdict on an open device (`veritysetup status`'s `status:` line).
+/// dm-verity's verdict on an open device, as `veritysetup status` words it (`verified`,
+/// `corrupted`).
 pub fn verity_status(name: &str) -> Option<String> {
-    let out = Command::new(veritysetup()).args(["status", name]).env("DM_DISABLE_UDEV", "1").output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| l.trim().strip_prefix("status:").map(|s| s.trim().to_string()))
+    super::dmverity::status(name)
 }
 
 /// Unmount and close an image's sealed filesystem (best effort; nothing open is fine).
 pub fn close(cfg: &AgentConfig, img: &ExternalImage) {
     super::mount::umount(&mount_point(cfg, img));
     if Path::new("/dev/mapper").join(dm_name(img)).exists() {
-        let _ = run(Command::new(veritysetup()).args(["close", &dm_name(img)]));
+        let _ = super::dmverity::remove(&dm_name(img));
     }
 }
 
@@ -68,15 +54,13 @@ pub fn open(cfg: &AgentConfig, img: &ExternalImage, s: &Sealed) -> anyhow::Resul
 pub fn open_on(cfg: &AgentConfig, img: &ExternalImage, s: &Sealed, file: &Path) -> anyhow::Result<SealedState> {
     close(cfg, img);
     let name = dm_name(img);
-    // veritysetup reads the superblock at hash-offset and the tree after it; every block it
-    // hands the kernel is checked up to the root hash, which comes from the verified rootfs.
-    run(Command::new(veritysetup()).arg("open").arg(file).arg(&name).arg(file).arg(&s.root_hash).arg(format!("--hash-offset={}", s.hash_offset)))
-        .with_context(|| format!("{}: dm-verity refused the sealed image", img.name))?;
-    let dev = Path::new("/dev/mapper").join(&name);
+    // Every block the kernel hands up is checked against the tree up to the root hash, which
+    // (like every other parameter of the table) comes from the verified rootfs.
+    let dev = super::dmverity::open(&name, file, s).with_context(|| format!("{}: dm-verity refused the sealed image", img.name))?;
     let at = mount_point(cfg, img);
     std::fs::create_dir_all(&at)?;
     if let Err(e) = super::mount::mount(&dev, &at, Some(&s.filesystem), libc::MS_RDONLY | libc::MS_NODEV, None) {
-        let _ = run(Command::new(veritysetup()).args(["close", &name]));
+        let _ = super::dmverity::remove(&name);
         return Err(e.context(format!("{}: mounting the sealed image", img.name)));
     }
     Ok(SealedState { root_hash: s.root_hash.clone(), device: Some(dev.display().to_string()), mounted: Some(at.display().to_string()), verity: verity_status(&name) })
@@ -97,7 +81,7 @@ pub fn state(cfg: &AgentConfig, img: &ExternalImage, s: &Sealed) -> SealedState 
     }
 }
 
-/// Whether `img`'s sealed filesystem is mounted (without asking veritysetup: a process start).
+/// Whether `img`'s sealed filesystem is mounted (from the mount table, without a process start).
 pub fn is_mounted(cfg: &AgentConfig, img: &ExternalImage) -> bool {
     let at = mount_point(cfg, img);
     std::fs::read_to_string("/proc/self/mountinfo").ok().is_some_and(|mi| mi.lines().any(|l| l.split(' ').nth(4) == Some(at.to_str().unwrap_or(""))))
