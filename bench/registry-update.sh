@@ -85,6 +85,8 @@ registry: 127.0.0.1:$port
 boot_timeout: 900
 paths:
   - {name: lazy, install: {variant: v1, layout: l}, steps: [{upgrade: lazy, supply: registry, expect: {slot: b, variant: lazy, state: ok, lazy: true}}]}
+  - {name: lazy-2, install: {variant: v1, layout: l}, steps: [{upgrade: lazy, supply: registry, expect: {slot: b, variant: lazy, state: ok, lazy: true}}]}
+  - {name: lazy-3, install: {variant: v1, layout: l}, steps: [{upgrade: lazy, supply: registry, expect: {slot: b, variant: lazy, state: ok, lazy: true}}]}
   - {name: whole, install: {variant: v1, layout: l}, steps: [{upgrade: whole, supply: registry, expect: {slot: b, variant: whole, state: ok}}]}
   - {name: by-tag, install: {variant: v1, layout: l}, steps: [{upgrade: v2, supply: registry-bundle, expect: {slot: b, variant: v2, state: ok}}]}
 YML
@@ -145,9 +147,13 @@ print("upgrade); its service reads its first megabyte. Times are the agent's `up
 print("found the image missing to its service's start.\n")
 print("| missing 500 MB image | boot → found missing s | → ready for its service s | → service started s | fetched before the service started |")
 print("|---|---|---|---|---|")
-lz = step("lazy")
-l = next(x for x in lz["observed"]["lazy_images"] if x["name"] == "bulk")
-print(f"| lazy start (NBD from the registry, dm-verity) | {l['found_missing_at']:.1f} | {l['exposed_at']:.1f} (+{l['exposed_at'] - l['found_missing_at']:.1f}) | {l['service_started_at']:.1f} (+{l['service_started_at'] - l['found_missing_at']:.1f}) | the blocks read (256 KiB each); the rest fills in the background |")
+runs = []
+for p in ("lazy", "lazy-2", "lazy-3"):
+    l = next(x for x in step(p)["observed"]["lazy_images"] if x["name"] == "bulk")
+    runs.append((l["exposed_at"] - l["found_missing_at"], l["service_started_at"] - l["found_missing_at"], l))
+runs.sort(key=lambda r: r[1])
+ready_med, svc_med, l = runs[1]
+print(f"| lazy start (NBD from the registry, dm-verity), the median of 3 boots | {l['found_missing_at']:.1f} | {l['exposed_at']:.1f} (+{ready_med:.2f}) | {l['service_started_at']:.1f} (+{svc_med:.2f}) | the blocks read (256 KiB each); the rest fills in the background |")
 ev = events("whole")
 i = next((k for k, (_, e) in enumerate(ev) if e.get("event") == "image-check" and e.get("name") == "bulk" and e.get("state") == "missing"), None)
 after = [e for _, e in ev[i:]] if i is not None else []
@@ -157,14 +163,14 @@ rdy, svc, pulled = later("image-ready"), later("service-started"), later("image-
 at = lambda e: f"{e['uptime']:.1f} (+{e['uptime'] - chk['uptime']:.1f})" if e and chk else "—"
 print(f"| fetched whole first (its sealed artifact; agent.json `lazy: false`) | {chk['uptime']:.1f} | {at(rdy)} | {at(svc)} | {mib(pulled['bytes']) if pulled else '—'} |")
 print()
-met = (l["exposed_at"] - l["found_missing_at"]) <= 2.0
-print(f"Goal: a lazily started service runs within 2 s of the image being found missing, whatever its size. The image was")
-print(f"ready for its service {l['exposed_at'] - l['found_missing_at']:.1f} s after the check that found it missing ({'met' if met else 'not met'}); the service itself started")
-print(f"{l['service_started_at'] - l['found_missing_at']:.1f} s after it, when `agent run` started the services — after `agent boot` had checked and readied every")
-svc_met = (l["service_started_at"] - l["found_missing_at"]) <= 2.0
-print("image, marked the boot good and reported (the reference init's order, the same for both rows), so measured to the")
-print(f"service's start the goal is {'met' if svc_met else 'not met'}. Fetched whole, the service waits for all 500 MB to arrive and be checked; the")
-print("lazily started one reads its first megabyte through dm-verity while the rest arrives.\n")
+met = sum(1 for r in runs if r[1] <= 2.0)
+print("Goal: a lazily started service runs within 2 s of the image being found missing, whatever its size. Three boots")
+print("of the same upgrade (paths `lazy`, `lazy-2`, `lazy-3`), times from the check that found the image missing: ready for")
+print(f"its service +{', +'.join(f'{r[0]:.2f}' for r in runs)} s; service started +{', +'.join(f'{r[1]:.2f}' for r in runs)} s — within 2 s in {met} of 3")
+print(f"({'met' if met == 3 else 'not met in every boot'}). Between the two: the other image readied, the boot marked good and reported,")
+print("`agent run` started, and runc's start of the container, the first of the boot (under TCG most of it). Fetched whole,")
+print("the service waits for all 500 MB to arrive and be checked; the lazily started one reads its first megabyte through")
+print("dm-verity while the rest arrives.\n")
 bt = step("by-tag")
 pl = bt["observed"]["pulled"]
 full = os.path.getsize(f"{vm}/test/builds/v2-l.oci.tar")
