@@ -7,7 +7,7 @@ use crate::format::entries::EntryReport;
 use crate::base::hash::{digest_reader, Digest};
 use crate::format::inspect::ReadOnly;
 use crate::format::layout::{Layout, Partition, Slot};
-use crate::base::window::Window;
+use crate::base::window::{CachedWindow, Window};
 use anyhow::{bail, Context};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -23,7 +23,7 @@ fn now() -> u64 {
 pub struct FileTarget {
     path: PathBuf,
     layout: Layout,
-    esp: fatfs::FileSystem<Window<File>>,
+    esp: fatfs::FileSystem<CachedWindow>,
 }
 
 impl FileTarget {
@@ -50,7 +50,8 @@ impl FileTarget {
             }
         };
         check_record(&layout, &gpt)?;
-        w.seek(SeekFrom::Start(0))?;
+        drop(w);
+        let w = CachedWindow::new(std::fs::OpenOptions::new().read(true).write(true).open(path)?, esp.start, esp.size);
         let esp = fatfs::FileSystem::new(w, crate::format::esp::options(now()))?;
         Ok(Self { path: path.into(), layout, esp })
     }
@@ -182,7 +183,8 @@ impl Target for FileTarget {
     fn finish(&mut self) -> anyhow::Result<()> {
         let esp = self.layout.esp().clone();
         // Unmount by replacing the file system with a fresh read of the same window.
-        let w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, esp.start, esp.size);
+        // The stand-in never reads past its boot sector: the old one's unmount writes after it.
+        let w = CachedWindow::new(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, esp.start, esp.size);
         let old = std::mem::replace(&mut self.esp, fatfs::FileSystem::new(w, crate::format::esp::options(now()))?);
         old.unmount()?;
         let mut w = Window::new(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?, esp.start, esp.size);
