@@ -55,17 +55,23 @@ impl<F: Write + Seek> Write for Window<F> {
     }
 }
 
+/// Where a seek `to` lands in a window of `len` bytes now at `pos` (past the end is allowed, as
+/// for a file; before the start is an error).
+fn seek_to(pos: u64, len: u64, to: SeekFrom) -> io::Result<u64> {
+    let new = match to {
+        SeekFrom::Start(o) => o as i128,
+        SeekFrom::End(o) => len as i128 + o as i128,
+        SeekFrom::Current(o) => pos as i128 + o as i128,
+    };
+    if new < 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the partition"));
+    }
+    Ok(new as u64)
+}
+
 impl<F: Seek> Seek for Window<F> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let new = match to {
-            SeekFrom::Start(o) => o as i128,
-            SeekFrom::End(o) => self.len as i128 + o as i128,
-            SeekFrom::Current(o) => self.pos as i128 + o as i128,
-        };
-        if new < 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the partition"));
-        }
-        self.pos = new as u64;
+        self.pos = seek_to(self.pos, self.len, to)?;
         Ok(self.pos)
     }
 }
@@ -173,15 +179,7 @@ impl Write for CachedWindow {
 
 impl Seek for CachedWindow {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let new = match to {
-            SeekFrom::Start(o) => o as i128,
-            SeekFrom::End(o) => self.len as i128 + o as i128,
-            SeekFrom::Current(o) => self.pos as i128 + o as i128,
-        };
-        if new < 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the partition"));
-        }
-        self.pos = new as u64;
+        self.pos = seek_to(self.pos, self.len, to)?;
         Ok(self.pos)
     }
 }
