@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 
 /// Changes whenever sealing could produce other bytes for the same inputs: every slotforge
 /// version is its own recipe (the squashfs library, compressor settings, tree rules).
-const RECIPE: &str = concat!("slotforge-seal/", env!("CARGO_PKG_VERSION"), "/format-", "2");
+/// What a cached sealed image was made by: the tool's version and the sealing recipe's.
+fn recipe() -> String {
+    format!("slotforge-seal/{}/format-{}", env!("CARGO_PKG_VERSION"), crate::format::sealed::FORMAT)
+}
 
 /// Default bound on the build cache's entries (`SLOTFORGE_BUILD_CACHE_MAX` bytes overrides).
 pub const DEFAULT_MAX_BYTES: u64 = 8 << 30;
@@ -94,7 +97,7 @@ pub struct Stats {
 }
 
 fn key(image: &Digest, mkdirs: &[String], salt: &[u8; 32]) -> String {
-    let k = serde_json::json!({"recipe": RECIPE, "image": image.as_str(), "mkdirs": mkdirs, "salt": crate::base::hash::hex(salt)});
+    let k = serde_json::json!({"recipe": recipe(), "image": image.as_str(), "mkdirs": mkdirs, "salt": crate::base::hash::hex(salt)});
     Digest::of_bytes(&serde_json::to_vec(&k).expect("serialisable")).hex().to_string()
 }
 
@@ -140,7 +143,7 @@ impl BuildCache {
 
     fn check_out(&self, bytes: &[u8], img: &ResolvedImage, mkdirs: &[String], salt: &[u8; 32], out: &Path) -> anyhow::Result<(Sealed, Vec<u8>)> {
         let r: Record = serde_json::from_slice(bytes)?;
-        anyhow::ensure!(r.recipe == RECIPE && r.image == img.manifest_digest.as_str() && r.mkdirs == mkdirs && r.sealed.salt == crate::base::hash::hex(salt), "record for other inputs");
+        anyhow::ensure!(r.recipe == recipe() && r.image == img.manifest_digest.as_str() && r.mkdirs == mkdirs && r.sealed.salt == crate::base::hash::hex(salt), "record for other inputs");
         anyhow::ensure!(Digest::of_bytes(r.artifact.as_bytes()).as_str() == r.sealed.artifact, "artifact digest");
         let d = Digest::parse(&r.sealed.digest).map_err(|e| anyhow::anyhow!(e))?;
         let mut src = VerifyingReader::new(self.blobs.open_blob(&d)?, d, r.sealed.size, "cached sealed image");
@@ -152,7 +155,7 @@ impl BuildCache {
     pub fn put_sealed(&self, img: &ResolvedImage, mkdirs: &[String], salt: &[u8; 32], file: &Path, sealed: &Sealed, artifact: &[u8]) -> anyhow::Result<()> {
         let d = Digest::parse(&sealed.digest).map_err(|e| anyhow::anyhow!(e))?;
         self.blobs.put(std::fs::File::open(file)?, &d, sealed.size, "sealed image")?;
-        let r = Record { recipe: RECIPE.into(), image: img.manifest_digest.to_string(), mkdirs: mkdirs.to_vec(), sealed: sealed.clone(), artifact: String::from_utf8(artifact.to_vec())? };
+        let r = Record { recipe: recipe(), image: img.manifest_digest.to_string(), mkdirs: mkdirs.to_vec(), sealed: sealed.clone(), artifact: String::from_utf8(artifact.to_vec())? };
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
         serde_json::to_writer(&mut tmp, &r)?;
         tmp.persist(self.record_path(&key(&img.manifest_digest, mkdirs, salt))).map_err(|e| e.error)?;

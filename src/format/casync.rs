@@ -18,6 +18,12 @@ pub const MIN: u64 = 16 << 10;
 pub const AVG: u64 = 64 << 10;
 pub const MAX: u64 = 256 << 10;
 
+/// A cut mark: 48 bytes whose buzhash meets casync's cut test for the default sizes, so a chunk
+/// at least [`MIN`] long ends right after them, whatever came before. An image writer puts one
+/// before each stretch it wants chunked on its own (a file's data, a fragment block, the tables),
+/// so a change there does not spill into the chunks of its neighbours (docs/formats.md#squashfs).
+pub const CUT_MARK: [u8; WINDOW] = *b"slotforge: a chunk ends here (casync cut) 66023\n";
+
 const FORMAT_INDEX: u64 = 0x9682_4d9c_7b12_9ff9;
 const FORMAT_TABLE: u64 = 0xe75b_9e11_2f17_417d;
 const TABLE_TAIL_MARKER: u64 = 0x4b4f_050e_5549_ecd1;
@@ -594,6 +600,24 @@ mod tests {
     fn noise(n: usize) -> Vec<u8> {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         (0..n).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; (x >> 24) as u8 }).collect()
+    }
+
+    #[test]
+    fn a_cut_mark_ends_a_chunk_of_at_least_the_minimum() {
+        // After any bytes, a chunk of MIN or more ends right after the mark; a shorter one does not.
+        for (lead, at) in [(MIN as usize - WINDOW, Some(MIN as usize)), (40_000, Some(40_000 + WINDOW)), (1_000, None)] {
+            let mut d = noise(lead);
+            d.extend_from_slice(&CUT_MARK);
+            let got = cuts(&d, 777).first().copied();
+            match at {
+                Some(at) => assert_eq!(got, Some(at), "a cut at the mark's end after {lead} bytes"),
+                None => assert!(got.is_none_or(|c| c > d.len()), "no cut before the minimum"),
+            }
+        }
+        // Noise before the mark may cut on its own first; the mark still cuts once MIN is reached.
+        let mut d = noise(100_000);
+        d.extend_from_slice(&CUT_MARK);
+        assert_eq!(cuts(&d, 4096).last().copied(), Some(d.len()));
     }
 
     #[test]

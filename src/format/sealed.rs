@@ -18,7 +18,7 @@ use serde_json::json;
 
 /// Version of the sealing recipe (flattener + fix-ups + squashfs options + verity parameters).
 /// A change that alters the bytes of a sealed image must bump it.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 /// The artifact manifest's `artifactType`.
 pub const ARTIFACT_TYPE: &str = "application/vnd.slotforge.sealed-image.v1";
 /// The sealed blob: squashfs, zero-padded to 4 KiB, then the dm-verity hash area.

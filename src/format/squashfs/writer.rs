@@ -5,8 +5,14 @@
 //! and still writes the same bytes a cold build writes. Layout (as mksquashfs and the kernel
 //! expect): superblock, data blocks, fragment blocks, inode table, directory table, fragment table,
 //! id table, xattr tables; padded to 4 KiB. Inodes are numbered in post-order, the root last.
+//! For delta updates the bytes are laid out so casync's chunks keep a change local: the data
+//! begin at 16 KiB (the superblock, which every change rewrites, is a chunk of its own, mostly
+//! zeros); a cut mark ([`CUT_MARK`]) precedes each file's data, each fragment block and the
+//! tables; generated files (inline content: the build's metadata) are packed last, next to the
+//! tables that change with any change (docs/formats.md#squashfs).
 
 use crate::base::hash::Digest;
+use crate::format::casync::CUT_MARK;
 use crate::format::tree::{Content, Kind, Node, Tree};
 use anyhow::{bail, Context};
 use std::collections::{BTreeMap, HashMap};
@@ -21,6 +27,8 @@ const UNCOMPRESSED_BLOCK: u32 = 1 << 24;
 const NO_FRAGMENT: u32 = u32::MAX;
 const NO_XATTR: u32 = u32::MAX;
 const INVALID: u64 = u64::MAX;
+/// Where the data begin: the superblock's chunk is [0, DATA_START) (casync's minimum chunk).
+pub const DATA_START: u64 = crate::format::casync::MIN;
 /// Bytes of raw data compressed per batch: what the writer holds in memory at most, twice.
 const BATCH: usize = 32 << 20;
 
@@ -277,12 +285,16 @@ impl<'t, W: Write> DataWriter<'t, W> {
                 Some(idx) => {
                     let e = self.data.entry(self.list[idx] as *const Node).or_insert_with(|| FileData { fragment: NO_FRAGMENT, ..Default::default() });
                     if d.first {
+                        self.out.write_all(&CUT_MARK)?;
+                        self.pos += CUT_MARK.len() as u64;
                         e.start = self.pos;
                     }
                     e.sizes.extend_from_slice(&d.sizes);
                 }
                 None => {
                     let index = (self.frag_table.len() / 16) as u32;
+                    self.frags.write_all(&CUT_MARK)?;
+                    self.frags_len += CUT_MARK.len() as u64;
                     self.frag_table.extend_from_slice(&self.frags_len.to_le_bytes());
                     self.frag_table.extend_from_slice(&d.sizes[0].to_le_bytes());
                     self.frag_table.extend_from_slice(&0u32.to_le_bytes());
@@ -301,6 +313,28 @@ impl<'t, W: Write> DataWriter<'t, W> {
         Ok(())
     }
 
+    /// Pack a small file (`bytes`, of `me`) into the fragment being filled, ending it first if
+    /// the file would not fit and after it if the file's bytes say so ([`ends_fragment`]).
+    fn add_small(&mut self, me: *const Node, bytes: &[u8], raw: &mut Vec<u8>, members: &mut Vec<*const Node>) {
+        if raw.len() + bytes.len() > BLOCK_SIZE as usize {
+            self.end_fragment(raw, members);
+        }
+        self.data.get_mut(&me).expect("small file recorded").frag_offset = raw.len() as u32;
+        raw.extend_from_slice(bytes);
+        members.push(me);
+        if ends_fragment(bytes) {
+            self.end_fragment(raw, members);
+        }
+    }
+
+    /// Queue the fragment being filled, if it holds anything.
+    fn end_fragment(&mut self, raw: &mut Vec<u8>, members: &mut Vec<*const Node>) {
+        if !raw.is_empty() {
+            self.jobs.push(Job::Fragment { raw: std::mem::take(raw) });
+            self.pending.push(std::mem::take(members));
+        }
+    }
+
     /// After the last data block: the spooled fragment blocks, and their table entries made
     /// absolute.
     fn finish_fragments(&mut self) -> anyhow::Result<()> {
@@ -316,13 +350,15 @@ impl<'t, W: Write> DataWriter<'t, W> {
     }
 }
 
-/// Write the data and fragment blocks of every regular file, from byte 96 of `out`. Files of a
-/// block or more get data blocks (their last one short); smaller ones go into fragment blocks.
+/// Write the data and fragment blocks of every regular file, from [`DATA_START`] of `out`, each
+/// after a cut mark. Files of a block or more get data blocks (their last one short); smaller
+/// ones go into fragment blocks, the generated ones last.
 fn write_data<W: Write>(t: &Tree, out: W, store: Option<&dyn BlockStore>) -> anyhow::Result<(HashMap<*const Node, FileData>, Vec<u8>, u64, WriteStats, W)> {
     let list = files(t);
-    let mut w = DataWriter { out, list: list.clone(), store, data: HashMap::new(), frag_table: Vec::new(), pos: super::SUPERBLOCK_LEN as u64, jobs: Vec::new(), pending: Vec::new(), frags: tempfile::tempfile()?, frags_len: 0, stats: WriteStats::default() };
+    let mut w = DataWriter { out, list: list.clone(), store, data: HashMap::new(), frag_table: Vec::new(), pos: DATA_START - CUT_MARK.len() as u64, jobs: Vec::new(), pending: Vec::new(), frags: tempfile::tempfile()?, frags_len: 0, stats: WriteStats::default() };
     let mut frag_raw: Vec<u8> = Vec::new();
     let mut frag_members: Vec<*const Node> = Vec::new();
+    let mut generated: Vec<usize> = Vec::new();
     let mut batch_bytes = 0u64;
     for (idx, node) in list.iter().enumerate() {
         let Kind::File { content, size, .. } = &node.kind else { unreachable!() };
@@ -347,28 +383,24 @@ fn write_data<W: Write>(t: &Tree, out: W, store: Option<&dyn BlockStore>) -> any
         if *size == 0 {
             continue;
         }
-        if frag_raw.len() + *size as usize > BLOCK_SIZE as usize {
-            w.jobs.push(Job::Fragment { raw: std::mem::take(&mut frag_raw) });
-            w.pending.push(std::mem::take(&mut frag_members));
+        if matches!(content, Content::Inline(_)) {
+            generated.push(idx);
+            continue;
         }
-        let bytes = read_range(content, 0, *size as usize)?;
-        w.data.get_mut(&me).unwrap().frag_offset = frag_raw.len() as u32;
-        frag_raw.extend_from_slice(&bytes);
-        frag_members.push(me);
+        w.add_small(me, &read_range(content, 0, *size as usize)?, &mut frag_raw, &mut frag_members);
         batch_bytes += *size;
-        if ends_fragment(&bytes) {
-            w.jobs.push(Job::Fragment { raw: std::mem::take(&mut frag_raw) });
-            w.pending.push(std::mem::take(&mut frag_members));
-        }
         if batch_bytes >= BATCH as u64 {
             w.flush()?;
             batch_bytes = 0;
         }
     }
-    if !frag_raw.is_empty() {
-        w.jobs.push(Job::Fragment { raw: frag_raw });
-        w.pending.push(frag_members);
+    // The generated files last, in fragment blocks of their own, next to the tables.
+    w.end_fragment(&mut frag_raw, &mut frag_members);
+    for idx in generated {
+        let Kind::File { content, size, .. } = &list[idx].kind else { unreachable!() };
+        w.add_small(list[idx] as *const Node, &read_range(content, 0, *size as usize)?, &mut frag_raw, &mut frag_members);
     }
+    w.end_fragment(&mut frag_raw, &mut frag_members);
     w.flush()?;
     w.finish_fragments()?;
     Ok((w.data, w.frag_table, w.pos, w.stats, w.out))
@@ -626,7 +658,7 @@ impl Meta<'_> {
 pub fn write(tree: &Tree, out: &Path, mkfs_time: u32, store: Option<&dyn BlockStore>, on_node: &mut dyn FnMut()) -> anyhow::Result<WriteStats> {
     let f = std::fs::File::create(out).with_context(|| format!("creating squashfs {}", out.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    w.write_all(&[0u8; super::SUPERBLOCK_LEN])?;
+    w.write_all(&vec![0u8; DATA_START as usize - CUT_MARK.len()])?;
     let (data, frag_entries, mut pos, mut stats, mut w) = write_data(tree, w, store)?;
     let (mut numbers, mut links, mut nlinks) = (HashMap::new(), HashMap::new(), HashMap::new());
     let mut next = 1;
@@ -635,6 +667,8 @@ pub fn write(tree: &Tree, out: &Path, mkfs_time: u32, store: Option<&dyn BlockSt
     let mut m = Meta { inodes: MetaWriter::new(), dirs: MetaWriter::new(), ids: Ids::default(), xattrs: Xattrs::default(), numbers, links: HashMap::new(), nlinks, data: &data, on_node };
     let root = m.write(&tree.root, inode_count + 1)?;
     let Meta { inodes, dirs, ids, xattrs, .. } = m;
+    w.write_all(&CUT_MARK)?;
+    pos += CUT_MARK.len() as u64;
     let mut put = |bytes: &[u8], pos: &mut u64| -> std::io::Result<u64> {
         let at = *pos;
         w.write_all(bytes)?;
