@@ -50,8 +50,11 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
     assert_eq!(from_disk["delta"]["bases"][0]["build_id"], s1["build_id"]);
     assert_eq!(from_disk["delta"]["boot_files_left_out"], serde_json::json!(["vmlinuz", "initrd.img"]), "the disk's ESP has the same kernel: {from_disk}");
 
-    // casync rebuilds the new slot byte for byte from the delta's store seeded with the old one.
+    // casync rebuilds the new slot's data byte for byte from the delta's store seeded with the
+    // old one; veritysetup, given the config's parameters, the hash area (the device's way too).
     let v2_rootfs = layer_blob(&full, MT_ROOTFS).unwrap();
+    let v = bundle_config(&delta)["verity"].clone();
+    let hash_offset = v["hash_offset"].as_u64().unwrap();
     let out = p.join("casync-out.img");
     // casync wants the index under a .caibx name.
     let caibx = p.join("rootfs.caibx");
@@ -61,7 +64,16 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
         .output()
         .expect("casync (apt-get install casync)");
     assert!(o.status.success(), "casync extract: {}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(sha256_file(&out), sha256_file(&v2_rootfs), "casync extract of the delta + seed");
+    let want = std::fs::read(&v2_rootfs).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), want[..hash_offset as usize], "casync extract of the delta + seed: the squashfs, to the hash offset");
+    let o = Command::new("veritysetup")
+        .args(["format", "--hash-offset", &hash_offset.to_string(), "--data-blocks", &v["data_blocks"].to_string(), "--salt", v["salt"].as_str().unwrap(), "--uuid", v["uuid"].as_str().unwrap()])
+        .args([&out, &out])
+        .output()
+        .expect("veritysetup");
+    assert!(o.status.success(), "veritysetup format: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(v["root_hash"].as_str().unwrap()), "the signed root hash");
+    assert_eq!(sha256_file(&out), sha256_file(&v2_rootfs), "casync extract + veritysetup format: the whole rootfs blob");
     // Without the seed, casync cannot: the store alone lacks the unchanged chunks.
     let o = Command::new("casync").args(["extract", "--store", delta.join("chunks").to_str().unwrap(), caibx.to_str().unwrap(), p.join("x").to_str().unwrap()]).output().unwrap();
     assert!(!o.status.success(), "the store alone must not be enough");

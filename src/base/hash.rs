@@ -52,6 +52,14 @@ impl fmt::Display for Digest {
     }
 }
 
+/// The bytes of a hex string (either case); `None` if it is not whole bytes of hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
 /// Lowercase hex of bytes (sha2 0.11's output has no `{:x}`).
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -140,6 +148,15 @@ pub fn digest_reader(mut r: impl Read) -> io::Result<(Digest, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unhex_takes_back_hex_and_only_hex() {
+        assert_eq!(unhex(&hex(&[0, 1, 0xab, 0xff])), Some(vec![0, 1, 0xab, 0xff]));
+        assert_eq!(unhex("ABcd"), Some(vec![0xab, 0xcd]));
+        for bad in ["abc", "+f", "zz", "0g"] {
+            assert_eq!(unhex(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn verifying_reader_accepts_exact_and_rejects_tampered() {

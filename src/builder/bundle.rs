@@ -213,7 +213,10 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
     };
     let caibx = c.work.path().join("rootfs.caibx");
     let store = stage.path().join(CHUNK_STORE);
-    let chunked = crate::format::casync::chunk_file_except(&c.rootfs_image, &caibx, &store, &|id| bases.as_ref().is_none_or(|b| b.chunks.contains(id)))?;
+    // The index covers the squashfs (to the hash offset): the device makes the dm-verity tree
+    // from the data, as the build did, so no hash block travels (docs/upgrade-protocol.md).
+    let data_len = c.verity.as_ref().map_or(u64::MAX, |v| v.hash_offset);
+    let chunked = crate::format::casync::chunk_file_except(&c.rootfs_image, data_len, &caibx, &store, &|id| bases.as_ref().is_none_or(|b| b.chunks.contains(id)))?;
     let rootfs_index = put_file(&stage, &caibx)?;
     let mut delta = bases.as_ref().map(|b| DeltaSummary { bases: b.builds.clone(), chunks: chunked.chunks, chunks_shipped: chunked.new_chunks, chunk_bytes_shipped: chunked.new_chunk_bytes, images_left_out: vec![], boot_files_left_out: vec![], sealed: vec![] });
     let mut sealed_chunks = std::collections::BTreeMap::new();
@@ -249,7 +252,7 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
                 let d = Digest::parse(&s.digest).map_err(|x| anyhow::anyhow!(x))?;
                 std::fs::remove_file(stage.path().join("blobs/sha256").join(d.hex()))?;
                 let idx = c.work.path().join(format!("sealed-{}.caibx", e.name));
-                let ch = crate::format::casync::chunk_file_except(file, &idx, &store, &|id| seed_ids.contains(id))?;
+                let ch = crate::format::casync::chunk_file_except(file, s.hash_offset, &idx, &store, &|id| seed_ids.contains(id))?;
                 let index = put_file(&stage, &idx)?;
                 // Where each seed holds the new image's chunks: the device copies them unscanned.
                 let new = crate::format::casync::parse_index(&std::fs::read(&idx)?)?;

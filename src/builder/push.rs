@@ -13,6 +13,7 @@ use crate::format::published;
 use crate::oci::image::{MT_OCI_INDEX, MT_OCI_MANIFEST};
 use crate::oci::reference::ImageRef;
 use crate::oci::registry::Registry;
+use std::io::Read;
 use anyhow::{bail, Context};
 use serde::Serialize;
 use std::path::Path;
@@ -69,7 +70,9 @@ pub fn push(src: &Path, reference: &str, insecure: &[String], next_to_images: bo
     };
     // The chunks of the rootfs and of the sealed images the release carries: those in packs of
     // releases the repository holds pointed at there, the others packed anew, together.
-    let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&rootfs)?))?;
+    // The data only (as the bundle's index): the device makes the dm-verity tree.
+    let data_len = b.config.verity.as_ref().map_or(u64::MAX, |v| v.hash_offset);
+    let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&rootfs)?.take(data_len)))?;
     let sources = sealed_sources(&b)?;
     let mut blobs = vec![(std::fs::File::open(&rootfs)?, starts_of(&index))];
     for s in &sources {
@@ -228,7 +231,7 @@ fn sealed_sources(b: &Bundle) -> anyhow::Result<Vec<SealedSource>> {
         let mv: serde_json::Value = serde_json::from_slice(&manifest).with_context(|| format!("{} manifest", e.name))?;
         let config = read(&parse(mv["config"]["digest"].as_str().unwrap_or(""))?, "config")?;
         let artifact = read(&parse(&s.artifact)?, "sealed artifact")?;
-        let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&path)?))?;
+        let index = casync::index_of(std::io::BufReader::new(std::fs::File::open(&path)?.take(s.hash_offset)))?;
         out.push(SealedSource {
             name: e.name.clone(),
             media_type: e.media_type.clone(),

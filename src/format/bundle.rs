@@ -299,14 +299,14 @@ impl Bundle {
     /// may hold, its digest and its chunks' sum checked against the config).
     pub fn rootfs_index(&self) -> anyhow::Result<Option<Vec<crate::format::casync::Entry>>> {
         let Some(c) = &self.config.chunks else { return Ok(None) };
-        self.read_index(&c.index, self.config.rootfs.size, "rootfs").map(Some)
+        self.read_index(&c.index, self.config.rootfs.size, self.config.verity.as_ref().map(|v| v.hash_offset), "rootfs").map(Some)
     }
 
     /// The chunks of a sealed image the bundle carries as chunks (bounded and checked as the
     /// rootfs's), and the seeds it names.
-    pub fn sealed_index(&self, sealed: &Digest, size: u64) -> anyhow::Result<Option<(Vec<crate::format::casync::Entry>, &SealedChunks)>> {
+    pub fn sealed_index(&self, sealed: &Digest, size: u64, hash_offset: u64) -> anyhow::Result<Option<(Vec<crate::format::casync::Entry>, &SealedChunks)>> {
         let Some(sc) = self.config.chunks.as_ref().and_then(|c| c.sealed.get(sealed.as_str())).or_else(|| self.sealed_hints.get(sealed.as_str())) else { return Ok(None) };
-        Ok(Some((self.read_index(&sc.index, size, &format!("sealed image {sealed}"))?, sc)))
+        Ok(Some((self.read_index(&sc.index, size, Some(hash_offset), &format!("sealed image {sealed}"))?, sc)))
     }
 
     /// Where a seed blob of `size` bytes holds each chunk of `index`, as the bundle says (`blob`).
@@ -334,7 +334,10 @@ impl Bundle {
         self.offsets_in(blob, size, index)
     }
 
-    fn read_index(&self, index: &Blob, size: u64, what: &str) -> anyhow::Result<Vec<crate::format::casync::Entry>> {
+    /// A chunk index of an image of `size` bytes, read and bounded: it describes the whole image
+    /// or (`data`: its dm-verity hash offset) the data before the hash area, which the device
+    /// then makes itself.
+    fn read_index(&self, index: &Blob, size: u64, data: Option<u64>, what: &str) -> anyhow::Result<Vec<crate::format::casync::Entry>> {
         let id = &self.config.build_id;
         let most = 64 + 40 * (size / crate::format::casync::MIN + 2);
         if index.size > most {
@@ -346,8 +349,9 @@ impl Bundle {
         }
         let e = crate::format::casync::parse_index(&b).with_context(|| format!("bundle {id}: chunk index of the {what}"))?;
         let end = e.last().map(|e| e.end).unwrap_or(0);
-        if end != size {
-            bail!("bundle {id}: the chunk index of the {what} describes {end} bytes, not {size}");
+        if end != size && Some(end) != data {
+            let data = data.map(|d| format!(" or its data's {d}")).unwrap_or_default();
+            bail!("bundle {id}: the chunk index of the {what} describes {end} bytes, not {size}{data}");
         }
         Ok(e)
     }

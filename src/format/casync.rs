@@ -265,12 +265,14 @@ pub fn store_chunk(store: &Path, e: &Entry, data: &[u8]) -> anyhow::Result<bool>
 /// Chunk `file` with casync's defaults: write its index to `index` and every chunk the store
 /// lacks into `store`. Streams the file.
 pub fn chunk_file(file: &Path, index: &Path, store: &Path) -> anyhow::Result<Chunked> {
-    chunk_file_except(file, index, store, &|_| false)
+    chunk_file_except(file, u64::MAX, index, store, &|_| false)
 }
 
-/// [`chunk_file`], leaving out of the store every chunk `skip` names (what a delta's bases hold).
-pub fn chunk_file_except(file: &Path, index: &Path, store: &Path, skip: &dyn Fn(&[u8; 32]) -> bool) -> anyhow::Result<Chunked> {
-    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+/// [`chunk_file`] of the first `len` bytes of `file` (an image's data, without the dm-verity
+/// hash area the device makes itself), leaving out of the store every chunk `skip` names (what
+/// a delta's bases hold).
+pub fn chunk_file_except(file: &Path, len: u64, index: &Path, store: &Path, skip: &dyn Fn(&[u8; 32]) -> bool) -> anyhow::Result<Chunked> {
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?.take(len);
     let mut entries = Vec::new();
     let (mut new_chunks, mut new_bytes) = (0usize, 0u64);
     let total = for_each_chunk(f, |chunk, end| {
@@ -468,6 +470,10 @@ pub struct Assembled {
     pub from_seeds: usize,
     pub from_store: usize,
     pub store_bytes: u64,
+    /// Bytes of dm-verity hash area the device made from the assembled data (the index covered
+    /// the data only); 0 when the chunks held it.
+    #[serde(default)]
+    pub tree_bytes: u64,
 }
 
 /// Write the blob `entries` describe into `out`, each chunk from (in this order) what `out`

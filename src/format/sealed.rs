@@ -67,7 +67,21 @@ pub struct Sealed {
 
 /// The seed of a sealed image's verity UUID: everything its bytes depend on but the salt.
 pub fn seed(image_digest: &str, mkdirs: &[String]) -> String {
-    format!("slotforge sealed image\0{FORMAT}\0{image_digest}\0{}", mkdirs.join("\0"))
+    seed_of(FORMAT, image_digest, mkdirs)
+}
+
+fn seed_of(format: u32, image_digest: &str, mkdirs: &[String]) -> String {
+    format!("slotforge sealed image\0{format}\0{image_digest}\0{}", mkdirs.join("\0"))
+}
+
+impl Sealed {
+    /// The dm-verity parameters this pin's tree was made with, for the image `image_digest`
+    /// (the UUID is derived, not pinned): a device that assembled the image's data from chunks
+    /// makes the same hash area.
+    pub fn tree_params(&self, image_digest: &str) -> anyhow::Result<crate::format::verity::Params> {
+        let uuid = crate::format::verity::Params::derived(0, &seed_of(self.format, image_digest, &self.mkdirs)).uuid;
+        crate::format::verity::Params::of_pin(self.data_blocks, &self.salt, uuid, (self.data_block_size, self.hash_block_size), self.hash_offset, "sha256")
+    }
 }
 
 /// The verity salt of the sealed images of service `name`: the same for every version of its

@@ -89,6 +89,21 @@ impl Params {
     pub fn hash_offset(&self) -> u64 {
         self.data_blocks * BLOCK
     }
+    /// The parameters a tree was made with, as a config records them (to make the same tree
+    /// again: a device that assembled the data from chunks writes the hash area itself).
+    pub fn of_info(v: &VerityInfo) -> anyhow::Result<Self> {
+        let uuid = uuid::Uuid::parse_str(&v.uuid).map_err(|e| anyhow::anyhow!("verity uuid {:?}: {e}", v.uuid))?;
+        Self::of_pin(v.data_blocks, &v.salt, *uuid.as_bytes(), (v.data_block_size, v.hash_block_size), v.hash_offset, &v.algorithm)
+    }
+    /// The parameters from their parts, checked to be what [`build`] makes (4 KiB blocks,
+    /// SHA-256, a 32-byte salt, the hash area right after the data).
+    pub fn of_pin(data_blocks: u64, salt_hex: &str, uuid: [u8; 16], blocks: (u64, u64), hash_offset: u64, algorithm: &str) -> anyhow::Result<Self> {
+        let salt = crate::base::hash::unhex(salt_hex).filter(|s| s.len() == 32).ok_or_else(|| anyhow::anyhow!("verity salt {salt_hex:?} is not 32 bytes of hex"))?;
+        anyhow::ensure!(blocks == (BLOCK, BLOCK) && algorithm == ALGORITHM, "verity with {}/{}-byte blocks and {algorithm} (only {BLOCK} and {ALGORITHM} are made)", blocks.0, blocks.1);
+        let p = Self { data_blocks, salt: salt.try_into().unwrap(), uuid };
+        anyhow::ensure!(p.hash_offset() == hash_offset && data_blocks >= 2, "verity hash offset {hash_offset} does not follow {data_blocks} data blocks");
+        Ok(p)
+    }
 }
 
 /// Number of tree levels above the data (cryptsetup's rule: until one block holds them all).
@@ -251,6 +266,23 @@ pub fn append_with(path: &Path, params: impl FnOnce(u64) -> Params) -> anyhow::R
     Ok(tree.info(&p))
 }
 
+/// Make the hash area of the data before `p.hash_offset()` in `dev` and write it there — once
+/// its root is `expected_root` (else nothing is written): a device that assembled an image's
+/// data from chunks completes it, and the read this takes is its read-back check. The tree's
+/// bytes are the build's (same parameters, same data).
+pub fn write_tree<F: Read + Write + Seek>(dev: &mut F, p: &Params, expected_root: &str) -> anyhow::Result<VerityInfo> {
+    dev.seek(SeekFrom::Start(0))?;
+    let tree = build(std::io::BufReader::with_capacity(1 << 20, &mut *dev).take(p.hash_offset()), p)?;
+    let info = tree.info(p);
+    if info.root_hash != expected_root {
+        anyhow::bail!("the data's root hash is {}, not the expected {expected_root}", info.root_hash);
+    }
+    dev.seek(SeekFrom::Start(p.hash_offset()))?;
+    dev.write_all(&tree.bytes)?;
+    dev.flush()?;
+    Ok(info)
+}
+
 /// The parameters of the superblock at `hash_offset`, which must cover the data before it.
 fn read_superblock<R: Read + Seek>(dev: &mut R, hash_offset: u64) -> anyhow::Result<Params> {
     dev.seek(SeekFrom::Start(hash_offset))?;
@@ -327,6 +359,26 @@ mod tests {
         let sb: [u8; SUPERBLOCK_LEN] = a.bytes[..SUPERBLOCK_LEN].try_into().unwrap();
         let q = parse_superblock(&sb, 0).unwrap();
         assert_eq!((q.data_blocks, q.salt, q.uuid), (p.data_blocks, p.salt, p.uuid));
+    }
+
+    #[test]
+    fn a_tree_written_from_recorded_parameters_is_the_builds() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 29) as u8).collect();
+        let p = Params::derived(data.len() as u64, "w");
+        let t = build(&data[..], &p).unwrap();
+        let info = t.info(&p);
+        let q = Params::of_info(&info).unwrap();
+        let mut dev = data.clone();
+        dev.resize(p.hash_offset() as usize, 0);
+        let mut c = std::io::Cursor::new(dev.clone());
+        assert!(write_tree(&mut c, &q, &"0".repeat(64)).is_err());
+        assert_eq!(c.get_ref().len() as u64, p.hash_offset(), "a wrong root writes nothing");
+        write_tree(&mut c, &q, &info.root_hash).unwrap();
+        dev.extend_from_slice(&t.bytes);
+        assert_eq!(c.into_inner(), dev, "the same hash area, superblock included");
+        let mut bad = info.clone();
+        bad.hash_offset += BLOCK;
+        assert!(Params::of_info(&bad).is_err());
     }
 
     #[test]

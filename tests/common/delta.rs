@@ -26,6 +26,14 @@ pub fn layer_blob(dir: &Path, media_type: &str) -> Option<PathBuf> {
     m["layers"].as_array().unwrap().iter().find(|l| l["mediaType"] == media_type).map(|l| blob(l["digest"].as_str().unwrap()))
 }
 
+/// A bundle directory's config.
+pub fn bundle_config(dir: &Path) -> serde_json::Value {
+    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(idx["manifests"][0]["digest"].as_str().unwrap())).unwrap()).unwrap();
+    serde_json::from_slice(&std::fs::read(blob(m["config"]["digest"].as_str().unwrap())).unwrap()).unwrap()
+}
+
 pub const MT_ROOTFS: &str = "application/vnd.slotforge.rootfs.squashfs";
 pub const MT_CAIBX: &str = "application/vnd.slotforge.rootfs.caibx";
 

@@ -143,10 +143,16 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         if *len > 0 {
             seeds.add(&format!("slot {}", running.other().name()), f.try_clone()?, *start, *len)?;
         }
-        let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        let (a, d) = crate::format::casync::assemble(&index, &seeds, &store, &out).map_err(cannot)?;
+        let mut out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let (mut a, mut d) = crate::format::casync::assemble(&index, &seeds, &store, &out).map_err(cannot)?;
+        if a.bytes < cfg.rootfs.size {
+            let (p, root) = rootfs_tree(cfg)?;
+            a.tree_bytes = make_tree(&mut out, a.bytes, cfg.rootfs.size, &p, root).map_err(|e| anyhow::anyhow!("bundle {}: the rootfs assembled from its chunks: {e:#}; nothing was changed", cfg.build_id))?;
+            d = crate::base::hash::digest_reader(std::fs::File::open(&path)?)?.0;
+        }
+        let len = out.metadata()?.len();
         drop(out);
-        if d != cfg.rootfs.digest || a.bytes != cfg.rootfs.size {
+        if d != cfg.rootfs.digest || len != cfg.rootfs.size {
             let _ = std::fs::remove_file(&path);
             bail!("bundle {}: the rootfs assembled from its chunks is {d}, not {}; nothing was changed", cfg.build_id, cfg.rootfs.digest);
         }
@@ -180,7 +186,7 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         if b.blob_path(&d).exists() || t.images_has(&d)? {
             continue;
         }
-        let Some((index, sc)) = b.sealed_index(&d, s.size)? else { continue };
+        let Some((index, sc)) = b.sealed_index(&d, s.size, s.hash_offset)? else { continue };
         // Each predecessor the device holds: where the bundle says it holds the chunks, else chunked.
         let mut seeds = Seeds::default();
         let mut held = Vec::new();
@@ -195,7 +201,7 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
             }
         }
         let out_path = scratch.join(format!("sealed-{}.assembling", d.hex()));
-        let out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&out_path)?;
+        let mut out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&out_path)?;
         let mut r = crate::format::casync::assemble(&index, &seeds, &store, &out);
         if r.is_err() && !held.is_empty() {
             // A seed is not where the offsets said: chunk the seeds, go on from what is done.
@@ -205,10 +211,18 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
             }
             r = crate::format::casync::assemble(&index, &scanned, &store, &out);
         }
-        let (sa, sd) = r
+        let (sa, mut sd) = r
             .map_err(|x| anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble the sealed image of {}: {x:#}; nothing was changed", cfg.build_id, bases.join(", "), e.name))?;
+        if sa.bytes < s.size {
+            // The index covered the image's data: its hash area is made here, as the build made it.
+            s.tree_params(&e.digest)
+                .and_then(|p| make_tree(&mut out, sa.bytes, s.size, &p, &s.root_hash))
+                .map_err(|x| anyhow::anyhow!("bundle {}: the sealed image of {} assembled from its chunks: {x:#}; nothing was changed", cfg.build_id, e.name))?;
+            sd = crate::base::hash::digest_reader(std::fs::File::open(&out_path)?)?.0;
+        }
+        let len = out.metadata()?.len();
         drop(out);
-        if (sd, sa.bytes) != (d.clone(), s.size) {
+        if (sd, len) != (d.clone(), s.size) {
             let _ = std::fs::remove_file(&out_path);
             bail!("bundle {}: the sealed image of {} assembled from its chunks is not {d}; nothing was changed", cfg.build_id, e.name);
         }
@@ -246,7 +260,15 @@ pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partitio
         scanned.add("running slot", f, s, len)?;
         r = crate::format::casync::assemble_at(&d.index, &scanned, &store, &out, start, cfg.rootfs.size, false, &mut progress);
     }
-    let (a, _) = r.map_err(|e| anyhow::anyhow!("bundle {}: assembling slot {}: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
+    let (mut a, _) = r.map_err(|e| anyhow::anyhow!("bundle {}: assembling slot {}: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
+    if a.bytes < cfg.rootfs.size && cfg.verity.is_some() {
+        // The index covered the data: the hash area is made from the slot as written (that read
+        // is the read-back check: it must give the signed root hash), then written after it.
+        let (p, root) = rootfs_tree(cfg)?;
+        let mut w = crate::base::window::Window::new(out.try_clone()?, start, part.size);
+        a.tree_bytes = make_tree(&mut w, a.bytes, cfg.rootfs.size, &p, root).map_err(|e| anyhow::anyhow!("bundle {}: slot {} as assembled: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
+        a.bytes += a.tree_bytes;
+    }
     out.sync_all()?;
     if a.bytes != cfg.rootfs.size {
         bail!("bundle {}: slot {} was assembled from {} bytes of chunks, not {}; the running slot is untouched", cfg.build_id, part.name, a.bytes, cfg.rootfs.size);
@@ -254,3 +276,20 @@ pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partitio
     Ok(a)
 }
 
+/// The rootfs's dm-verity parameters and root hash, as its config records them.
+fn rootfs_tree(cfg: &crate::format::bundle::BundleConfig) -> anyhow::Result<(crate::format::verity::Params, &str)> {
+    let v = cfg.verity.as_ref().ok_or_else(|| anyhow::anyhow!("bundle {}: its chunk index stops short of its rootfs, which has no dm-verity tree to complete it", cfg.build_id))?;
+    Ok((crate::format::verity::Params::of_info(v)?, v.root_hash.as_str()))
+}
+
+/// Complete an image whose `data` bytes were assembled from an index that covers its data: its
+/// hash area, made from those bytes with `p`, must give `root` and end the image at `size`; it
+/// is then written after the data. Returns the hash area's bytes.
+fn make_tree<F: std::io::Read + std::io::Write + std::io::Seek>(f: &mut F, data: u64, size: u64, p: &crate::format::verity::Params, root: &str) -> anyhow::Result<u64> {
+    let tree = crate::format::verity::hash_area_bytes(p.data_blocks);
+    if p.hash_offset() != data || data + tree != size {
+        bail!("its index covers {data} bytes; its dm-verity tree of {} data blocks ({tree} bytes) would not end it at {size}", p.data_blocks);
+    }
+    crate::format::verity::write_tree(f, p, root)?;
+    Ok(tree)
+}
