@@ -90,6 +90,8 @@ fn a_delta_bundle_ships_only_new_chunks_and_upgrades_a_disk_of_its_base() {
     assert_eq!((r["blobs_written"].as_u64(), r["images_to_pull"].as_array().map(Vec::len)), (Some(0), Some(0)), "{r}");
     assert_eq!(r["delta"]["from_store"].as_u64().unwrap(), shipped, "{r}");
     assert_eq!(r["delta"]["from_seeds"].as_u64().unwrap() + shipped, chunks, "{r}");
+    assert_eq!(r["delta"]["seeds_chunked"], false, "the running slot is the base the bundle names: its chunks taken where the bundle says, the slot not read whole to find them: {r}");
+    assert!(r["delta"]["tree_bytes"].as_u64().unwrap() > 0, "the hash area made on the device: {r}");
     let slot_b = p.join("slot-b.img");
     extract_partition(&disk, "rootfs_b", &slot_b);
     let want = std::fs::read(&v2_rootfs).unwrap();

@@ -110,7 +110,7 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
             if b.config.ukis.is_empty() {
                 boot_files.extend(std::iter::once(&b.config.kernel).chain(b.config.initrd.iter()).map(|x| x.digest.clone()));
             }
-            builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone(), rootfs_size: None, root_hash: b.config.verity.as_ref().map(|v| v.root_hash.clone()), seed_offsets: None });
+            builds.push(BaseBuild { build_id: b.config.build_id.clone(), version: b.config.version.clone(), rootfs_size: Some(b.config.rootfs.size), root_hash: b.config.verity.as_ref().map(|v| v.root_hash.clone()), seed_offsets: None });
         } else {
             let rep = crate::format::inspect::inspect(p).with_context(what)?;
             let gpt = crate::format::disk::read_gpt(&mut std::fs::File::open(p)?)?;
@@ -130,7 +130,7 @@ fn base_chunks(paths: &[PathBuf]) -> anyhow::Result<Bases> {
                         Some(v) => Some(crate::format::verity::stored_root(&mut crate::base::window::Window::new(std::fs::File::open(p)?, g.start, g.size), v.hash_offset).with_context(what)?),
                         None => None,
                     };
-                    builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone(), rootfs_size: None, root_hash, seed_offsets: None });
+                    builds.push(BaseBuild { build_id: rel.build_id.clone(), version: rel.version.clone(), rootfs_size: Some(len), root_hash, seed_offsets: None });
                 }
                 any = true;
             }
@@ -309,9 +309,10 @@ pub fn bundle(opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
             base_layers.push(json!({"mediaType": MT_SEED_OFFSETS, "digest": blob.digest, "size": blob.size, "annotations": {"org.opencontainers.image.title": format!("base-{}.offsets", bb.build_id)}}));
             if bb.root_hash.is_none() {
                 // No tree to recognise it by (a build without verity): the device chunks its slot.
+                bb.rootfs_size = None;
                 continue;
             }
-            bb.rootfs_size = e.last().map(|x| x.end);
+            // The base's whole image (data and hash area, as its slot holds it), not its index's end.
             bb.seed_offsets = Some(blob);
         }
     }

@@ -474,6 +474,10 @@ pub struct Assembled {
     /// the data only); 0 when the chunks held it.
     #[serde(default)]
     pub tree_bytes: u64,
+    /// Whether a seed had to be chunked (read whole) to find the chunks: not when the bundle said
+    /// where the running slot holds them and it did.
+    #[serde(default)]
+    pub seeds_chunked: bool,
 }
 
 /// Write the blob `entries` describe into `out`, each chunk from (in this order) what `out`

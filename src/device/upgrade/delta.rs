@@ -145,6 +145,7 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         }
         let mut out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
         let (mut a, mut d) = crate::format::casync::assemble(&index, &seeds, &store, &out).map_err(cannot)?;
+        a.seeds_chunked = !indexed || *len > 0;
         if a.bytes < cfg.rootfs.size {
             let (p, root) = rootfs_tree(cfg)?;
             a.tree_bytes = make_tree(&mut out, a.bytes, cfg.rootfs.size, &p, root).map_err(|e| anyhow::anyhow!("bundle {}: the rootfs assembled from its chunks: {e:#}; nothing was changed", cfg.build_id))?;
@@ -254,6 +255,7 @@ pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partitio
     // against its id: the whole is the signed rootfs without hashing it again; the caller reads
     // the slot back (its dm-verity tree, or its digest) before any entry names it.
     let mut r = crate::format::casync::assemble_at(&d.index, &d.seeds, &store, &out, start, cfg.rootfs.size, false, &mut progress);
+    let chunked = !d.indexed || r.is_err();
     if r.is_err() && d.indexed {
         let (f, s, len) = d.running;
         let mut scanned = Seeds::default();
@@ -261,6 +263,7 @@ pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partitio
         r = crate::format::casync::assemble_at(&d.index, &scanned, &store, &out, start, cfg.rootfs.size, false, &mut progress);
     }
     let (mut a, _) = r.map_err(|e| anyhow::anyhow!("bundle {}: assembling slot {}: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
+    a.seeds_chunked = chunked;
     if a.bytes < cfg.rootfs.size && cfg.verity.is_some() {
         // The index covered the data: the hash area is made from the slot as written (that read
         // is the read-back check: it must give the signed root hash), then written after it.
