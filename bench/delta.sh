@@ -48,8 +48,8 @@ L="$repo/layouts/edge-v2.yaml"
 cp -a "$repo/out/demo-work/images" "$w/eximg"
 addfile() { # LAYOUT FROM TO PATH CONTENT: image TO = image FROM with one file written
   rm -rf "$w/bundle"; umoci unpack --rootless --image "$1:$2" "$w/bundle" >/dev/null
-  mkdir -p "$(dirname "$w/bundle/rootfs/$4")"; printf '%s' "$5" > "$w/bundle/rootfs/$4"
-  umoci repack --image "$1:$3" "$w/bundle"; rm -rf "$w/bundle"
+  mkdir -p "$(dirname "$w/bundle/rootfs/$4")"; printf '%s' "$5" > "$w/bundle/rootfs/$4"; touch -d "$BENCH_TIME" "$w/bundle/rootfs/$4"
+  umoci repack --history.created "$BENCH_TIME" --image "$1:$3" "$w/bundle"; rm -rf "$w/bundle"
 }
 addfile "$w/eximg/hello" 1 2 etc/motd "release 2"; printf 'release 2' | zstd -3 -q -c | wc -c > "$w/change-ea"
 mkdir -p "$w/src/hello3/opt"; prng 5 3000000 > "$w/src/hello3/opt/blob"; mkimage "$w/eximg/hello" 3 "$w/src/hello3"
@@ -103,8 +103,8 @@ what = {"a": "bench (a) one file of the on-disk service", "b": "bench (b) the on
 print("## Delta bundles: what an update carries\n")
 print(f"Run on {datetime.date.today()}, {os.cpu_count()} cores, {cpu}: `bash bench/delta.sh`. Base image: the build bench's")
 print("tree (Python 3.11 stdlib + GCC libraries); a 40 MB on-disk service (20 MB random, 20 MB text; random bytes from a")
-print("seeded generator; the images umoci makes record when they were made, so their digests, which the rootfs records,")
-print("differ from run to run, and so may the chunks a small change touches); a 64 MB")
+print("seeded generator; every time in the images fixed, so the bench tree's inputs are the same in every run on one")
+print("machine — the example's images are build.sh's, made once); a 64 MB")
 print("external image (sealed); layout `edge-v2`. The example: examples/demo's images (build.sh), layout `demo`, the same")
 print("three changes to its on-disk service `hello` and its sealed external `bigsvc`. Each change's full bundle and its delta `--delta-from` v1's")
 print("bundle, same run; *change, compressed*: zstd -3 of the changed files; *apply*: offline `slotforge upgrade` of")

@@ -9,10 +9,15 @@ bench_setup() {
   rm -rf "$w" && mkdir -p "$w/src"
   export SOURCE_DATE_EPOCH=1704067200
 }
+# Every time in the image fixed (config, history, file mtimes): the same SRC gives the same
+# digests in every run, so a bench's inputs do not vary between runs.
+BENCH_TIME=2024-01-01T00:00:00Z
 mkimage() { # LAYOUT TAG SRC
   [ -d "$1" ] || umoci init --layout "$1"; umoci new --image "$1:$2"
+  umoci config --image "$1:$2" --created "$BENCH_TIME" --history.created "$BENCH_TIME"
   umoci unpack --rootless --image "$1:$2" "$w/bundle" >/dev/null
-  cp -a "$3/." "$w/bundle/rootfs/"; umoci repack --image "$1:$2" "$w/bundle"; rm -rf "$w/bundle"
+  cp -a "$3/." "$w/bundle/rootfs/"; find "$w/bundle/rootfs" -exec touch -h -d "$BENCH_TIME" {} +
+  umoci repack --history.created "$BENCH_TIME" --image "$1:$2" "$w/bundle"; rm -rf "$w/bundle"
 }
 measure() { # OUTFILE CMD... -> appends "seconds maxrss_kib user_s sys_s fs_in_blocks fs_out_blocks"
   local out="$1"; shift
