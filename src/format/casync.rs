@@ -487,12 +487,18 @@ pub struct Assembled {
 /// sha256 of the whole (hashed on the way, so the caller need not read it again). Memory: one
 /// chunk.
 pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File) -> anyhow::Result<(Assembled, crate::base::hash::Digest)> {
+    let (a, h) = assemble_hashing(entries, seeds, store, out)?;
+    Ok((a, crate::base::hash::Digest::from_hasher(h)))
+}
+
+/// [`assemble`], the SHA-256 of what was written left open: a caller that appends to the blob
+/// (a dm-verity hash area) hashes the whole without reading it again.
+pub fn assemble_hashing(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File) -> anyhow::Result<(Assembled, sha2::Sha256)> {
     let have = out.metadata()?.len();
-    let (a, d) = assemble_at(entries, seeds, store, out, 0, have, true, &mut |_| Ok(()))?;
-    let r = (a, d.expect("hashed"));
-    out.set_len(r.0.bytes)?;
+    let (a, h) = assemble_at(entries, seeds, store, out, 0, have, true, &mut |_| Ok(()))?;
+    out.set_len(a.bytes)?;
     out.sync_all()?;
-    Ok(r)
+    Ok((a, h.expect("hashed")))
 }
 
 /// Threads finding and checking chunks in [`assemble_at`].
@@ -506,7 +512,7 @@ const FINDERS: usize = 2;
 /// caller's writes them in order and, with `hash_whole`, hashes the whole (SHA-256); at most four
 /// chunks wait. Without it the caller relies on the ids: every chunk written matched its id, so
 /// the whole is what an index it trusts (one a signed config pins) describes.
-pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File, offset: u64, have: u64, hash_whole: bool, progress: &mut dyn FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<(Assembled, Option<crate::base::hash::Digest>)> {
+pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File, offset: u64, have: u64, hash_whole: bool, progress: &mut dyn FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<(Assembled, Option<sha2::Sha256>)> {
     use std::os::unix::fs::FileExt;
     #[derive(PartialEq)]
     enum From {
@@ -583,7 +589,7 @@ pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs
                 progress(start)?;
             }
         }
-        Ok((a, hash_whole.then(|| crate::base::hash::Digest::from_hasher(whole))))
+        Ok((a, hash_whole.then_some(whole)))
     })
 }
 

@@ -269,8 +269,9 @@ pub fn append_with(path: &Path, params: impl FnOnce(u64) -> Params) -> anyhow::R
 /// Make the hash area of the data before `p.hash_offset()` in `dev` and write it there — once
 /// its root is `expected_root` (else nothing is written): a device that assembled an image's
 /// data from chunks completes it, and the read this takes is its read-back check. The tree's
-/// bytes are the build's (same parameters, same data).
-pub fn write_tree<F: Read + Write + Seek>(dev: &mut F, p: &Params, expected_root: &str) -> anyhow::Result<VerityInfo> {
+/// bytes are the build's (same parameters, same data); they are returned (a caller hashing the
+/// whole blob adds them).
+pub fn write_tree<F: Read + Write + Seek>(dev: &mut F, p: &Params, expected_root: &str) -> anyhow::Result<HashTree> {
     dev.seek(SeekFrom::Start(0))?;
     let tree = build(std::io::BufReader::with_capacity(1 << 20, &mut *dev).take(p.hash_offset()), p)?;
     let info = tree.info(p);
@@ -280,7 +281,7 @@ pub fn write_tree<F: Read + Write + Seek>(dev: &mut F, p: &Params, expected_root
     dev.seek(SeekFrom::Start(p.hash_offset()))?;
     dev.write_all(&tree.bytes)?;
     dev.flush()?;
-    Ok(info)
+    Ok(tree)
 }
 
 /// The parameters of the superblock at `hash_offset`, which must cover the data before it.

@@ -24,14 +24,33 @@ pub(super) struct ApplyFiles {
     pub(super) direct: Option<Direct>,
     /// The kernel and initrd to write: the bundle's, or (a delta that leaves them out) the
     /// same files found on the ESP, checked against the config's digests.
-    pub(super) kernel: PathBuf,
-    pub(super) initrd: Option<PathBuf>,
+    pub(super) kernel: BootFile,
+    pub(super) initrd: Option<BootFile>,
     /// Sealed images a delta carried as chunks, assembled: blob digest → file.
     pub(super) sealed: std::collections::BTreeMap<Digest, PathBuf>,
     pub(super) assembled: Option<Assembled>,
     /// Removed once the slot is written (the assembly of an interrupted apply stays, to resume).
     pub(super) work: Option<PathBuf>,
     pub(super) _tmp: Option<tempfile::TempDir>,
+}
+
+/// A kernel or initrd to write on the ESP: a file (the bundle's blob), or (a delta that left it
+/// out) the same file on the ESP, already checked where it lies and copied within the ESP.
+pub(super) enum BootFile {
+    Path(PathBuf),
+    Esp(String),
+}
+
+impl BootFile {
+    /// Write it at `to` on the ESP: a file copied in; an ESP file copied across, checked again
+    /// against `blob` on the way — or left as it is when it is that path already.
+    pub(super) fn write(&self, t: &mut dyn Target, to: &str, blob: &crate::format::bundle::Blob) -> anyhow::Result<()> {
+        match self {
+            BootFile::Path(p) => t.esp_write(to, &mut std::fs::File::open(p)?),
+            BootFile::Esp(from) if from == to => Ok(()),
+            BootFile::Esp(from) => t.esp_copy(from, to, &blob.digest, blob.size),
+        }
+    }
 }
 
 /// A rootfs to assemble straight into the inactive slot: every chunk is in the running slot
@@ -49,7 +68,7 @@ impl ApplyFiles {
     pub(super) fn done(&self) {
         if let Some(w) = &self.work {
             let _ = std::fs::remove_file(w);
-            for f in std::iter::once(&self.kernel).chain(self.initrd.iter()).chain(self.sealed.values()).filter(|f| f.parent() == w.parent()) {
+            for f in self.sealed.values().filter(|f| f.parent() == w.parent()) {
                 let _ = std::fs::remove_file(f);
             }
         }
@@ -144,13 +163,15 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
             seeds.add(&format!("slot {}", running.other().name()), f.try_clone()?, *start, *len)?;
         }
         let mut out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        let (mut a, mut d) = crate::format::casync::assemble(&index, &seeds, &store, &out).map_err(cannot)?;
+        let (mut a, mut h) = crate::format::casync::assemble_hashing(&index, &seeds, &store, &out).map_err(cannot)?;
         a.seeds_chunked = !indexed || *len > 0;
         if a.bytes < cfg.rootfs.size {
             let (p, root) = rootfs_tree(cfg)?;
-            a.tree_bytes = make_tree(&mut out, a.bytes, cfg.rootfs.size, &p, root).map_err(|e| anyhow::anyhow!("bundle {}: the rootfs assembled from its chunks: {e:#}; nothing was changed", cfg.build_id))?;
-            d = crate::base::hash::digest_reader(std::fs::File::open(&path)?)?.0;
+            let tree = make_tree(&mut out, a.bytes, cfg.rootfs.size, &p, root).map_err(|e| anyhow::anyhow!("bundle {}: the rootfs assembled from its chunks: {e:#}; nothing was changed", cfg.build_id))?;
+            sha2::Digest::update(&mut h, &tree);
+            a.tree_bytes = tree.len() as u64;
         }
+        let d = Digest::from_hasher(h);
         let len = out.metadata()?.len();
         drop(out);
         if d != cfg.rootfs.digest || len != cfg.rootfs.size {
@@ -160,20 +181,21 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         (Some(path.clone()), None, Some(a))
     };
     // A kernel or initrd the delta left out (a base had the same one) is the one some slot of the
-    // device boots: copied from the ESP and checked like a bundle blob below.
+    // device boots: checked where it lies on the ESP now, copied within the ESP (checked again) when
+    // the boot files are written.
     let scratch = tmp.as_ref().map(|t| t.path().to_path_buf()).unwrap_or_else(|| dir.clone());
-    let mut from_esp = |blob: &crate::format::bundle::Blob, file: &str| -> anyhow::Result<std::path::PathBuf> {
+    let mut from_esp = |blob: &crate::format::bundle::Blob, file: &str| -> anyhow::Result<BootFile> {
         let own = b.blob_path(&blob.digest);
         if own.exists() {
-            return Ok(own);
+            return Ok(BootFile::Path(own));
         }
-        let dest = scratch.join(format!("{file}-{}", blob.digest.hex()));
-        for slot in [running, running.other()] {
-            if t.esp_copy_out(&format!("{}/{file}", slot.name()), &dest)? && crate::base::hash::digest_reader(std::fs::File::open(&dest)?)?.0 == blob.digest {
-                return Ok(dest);
+        // The inactive slot's own copy first: a rerun after a cut finds it in place.
+        for slot in [running.other(), running] {
+            let path = format!("{}/{file}", slot.name());
+            if t.esp_digest(&path)? == Some((blob.digest.clone(), blob.size)) {
+                return Ok(BootFile::Esp(path));
             }
         }
-        let _ = std::fs::remove_file(&dest);
         bail!("bundle {} is a delta from {} and leaves out its {file}, which neither slot's boot files match; nothing was changed", cfg.build_id, bases.join(", "))
     };
     let kernel = from_esp(&cfg.kernel, "vmlinuz")?;
@@ -203,24 +225,26 @@ pub(super) fn assemble_rootfs(t: &mut dyn Target, b: &Bundle, layout: &Layout, r
         }
         let out_path = scratch.join(format!("sealed-{}.assembling", d.hex()));
         let mut out = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&out_path)?;
-        let mut r = crate::format::casync::assemble(&index, &seeds, &store, &out);
+        let mut r = crate::format::casync::assemble_hashing(&index, &seeds, &store, &out);
         if r.is_err() && !held.is_empty() {
             // A seed is not where the offsets said: chunk the seeds, go on from what is done.
             let mut scanned = Seeds::default();
             for (sd, f, len) in held {
                 scanned.add(&format!("sealed image {sd}"), f, 0, len)?;
             }
-            r = crate::format::casync::assemble(&index, &scanned, &store, &out);
+            r = crate::format::casync::assemble_hashing(&index, &scanned, &store, &out);
         }
-        let (sa, mut sd) = r
+        let (sa, mut sh) = r
             .map_err(|x| anyhow::anyhow!("bundle {} is a delta from {}; this device cannot assemble the sealed image of {}: {x:#}; nothing was changed", cfg.build_id, bases.join(", "), e.name))?;
         if sa.bytes < s.size {
             // The index covered the image's data: its hash area is made here, as the build made it.
-            s.tree_params(&e.digest)
+            let tree = s
+                .tree_params(&e.digest)
                 .and_then(|p| make_tree(&mut out, sa.bytes, s.size, &p, &s.root_hash))
                 .map_err(|x| anyhow::anyhow!("bundle {}: the sealed image of {} assembled from its chunks: {x:#}; nothing was changed", cfg.build_id, e.name))?;
-            sd = crate::base::hash::digest_reader(std::fs::File::open(&out_path)?)?.0;
+            sha2::Digest::update(&mut sh, &tree);
         }
+        let sd = Digest::from_hasher(sh);
         let len = out.metadata()?.len();
         drop(out);
         if (sd, len) != (d.clone(), s.size) {
@@ -269,7 +293,7 @@ pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partitio
         // is the read-back check: it must give the signed root hash), then written after it.
         let (p, root) = rootfs_tree(cfg)?;
         let mut w = crate::base::window::Window::new(out.try_clone()?, start, part.size);
-        a.tree_bytes = make_tree(&mut w, a.bytes, cfg.rootfs.size, &p, root).map_err(|e| anyhow::anyhow!("bundle {}: slot {} as assembled: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
+        a.tree_bytes = make_tree(&mut w, a.bytes, cfg.rootfs.size, &p, root).map(|t| t.len() as u64).map_err(|e| anyhow::anyhow!("bundle {}: slot {} as assembled: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
         a.bytes += a.tree_bytes;
     }
     out.sync_all()?;
@@ -287,12 +311,11 @@ fn rootfs_tree(cfg: &crate::format::bundle::BundleConfig) -> anyhow::Result<(cra
 
 /// Complete an image whose `data` bytes were assembled from an index that covers its data: its
 /// hash area, made from those bytes with `p`, must give `root` and end the image at `size`; it
-/// is then written after the data. Returns the hash area's bytes.
-fn make_tree<F: std::io::Read + std::io::Write + std::io::Seek>(f: &mut F, data: u64, size: u64, p: &crate::format::verity::Params, root: &str) -> anyhow::Result<u64> {
+/// is then written after the data. Returns the hash area.
+fn make_tree<F: std::io::Read + std::io::Write + std::io::Seek>(f: &mut F, data: u64, size: u64, p: &crate::format::verity::Params, root: &str) -> anyhow::Result<Vec<u8>> {
     let tree = crate::format::verity::hash_area_bytes(p.data_blocks);
     if p.hash_offset() != data || data + tree != size {
         bail!("its index covers {data} bytes; its dm-verity tree of {} data blocks ({tree} bytes) would not end it at {size}", p.data_blocks);
     }
-    crate::format::verity::write_tree(f, p, root)?;
-    Ok(tree)
+    Ok(crate::format::verity::write_tree(f, p, root)?.bytes)
 }

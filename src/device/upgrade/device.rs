@@ -81,6 +81,17 @@ impl Target for DeviceTarget {
             Err(e) => Err(e).with_context(|| format!("ESP: reading {path}")),
         }
     }
+    fn esp_digest(&mut self, path: &str) -> anyhow::Result<Option<(Digest, u64)>> {
+        match std::fs::File::open(self.cfg.esp.join(path)) {
+            Ok(f) => Ok(Some(crate::base::hash::digest_reader(f).with_context(|| format!("ESP: reading {path}"))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("ESP: opening {path}")),
+        }
+    }
+    fn esp_copy(&mut self, from: &str, to: &str, digest: &Digest, size: u64) -> anyhow::Result<()> {
+        let src = std::fs::File::open(self.cfg.esp.join(from)).with_context(|| format!("ESP: opening {from}"))?;
+        write_durably(&self.cfg.esp.join(to), &mut crate::base::hash::VerifyingReader::new(src, digest.clone(), size, format!("ESP {from}")))
+    }
     fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(crate::oci::read_json_file(&self.cfg.images.join("index.json")).ok())
     }

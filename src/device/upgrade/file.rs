@@ -126,6 +126,15 @@ impl Target for FileTarget {
         std::io::copy(&mut f, &mut File::create(dest)?)?;
         Ok(true)
     }
+    fn esp_digest(&mut self, path: &str) -> anyhow::Result<Option<(Digest, u64)>> {
+        let Ok(f) = self.esp.root_dir().open_file(path) else { return Ok(None) };
+        Ok(Some(digest_reader(f).with_context(|| format!("ESP: reading {path}"))?))
+    }
+    fn esp_copy(&mut self, from: &str, to: &str, digest: &Digest, size: u64) -> anyhow::Result<()> {
+        let root = self.esp.root_dir();
+        let src = root.open_file(from).with_context(|| format!("ESP: opening {from}"))?;
+        crate::format::esp::put(&root, to, &mut crate::base::hash::VerifyingReader::new(src, digest.clone(), size, format!("ESP {from}")))
+    }
     fn images_index(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.ext4()?.read("/index.json").ok())
     }

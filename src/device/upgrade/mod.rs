@@ -19,7 +19,7 @@ pub mod pull;
 pub mod file;
 pub mod gc;
 
-use delta::{assemble_rootfs, ApplyFiles};
+use delta::{assemble_rootfs, ApplyFiles, BootFile};
 
 use crate::format::bundle::Bundle;
 use crate::format::entries::{BootEntry, EntryReport};
@@ -44,6 +44,11 @@ pub trait Target {
     fn esp_remove(&mut self, path: &str) -> anyhow::Result<()>;
     /// Copy a file of the ESP to `dest`; false if the ESP has no such file.
     fn esp_copy_out(&mut self, path: &str, dest: &Path) -> anyhow::Result<bool>;
+    /// The digest and size of a file of the ESP, read in place; `None` if there is no such file.
+    fn esp_digest(&mut self, path: &str) -> anyhow::Result<Option<(Digest, u64)>>;
+    /// Copy a file of the ESP to another of its paths (replacing it, durably), checked on the way
+    /// against `digest` and `size`: a mismatch fails the write.
+    fn esp_copy(&mut self, from: &str, to: &str, digest: &Digest, size: u64) -> anyhow::Result<()>;
     /// Write a file on the ESP (replacing it), durably.
     fn esp_write(&mut self, path: &str, data: &mut dyn Read) -> anyhow::Result<()>;
     /// The images partition's `index.json`, if any.
@@ -198,13 +203,19 @@ fn preflight<'a>(t: &mut dyn Target, b: &'a Bundle, layout: &Layout, slot: Slot,
     // The rootfs whole in the bundle, or (a delta, a release pulled from a registry) as chunks.
     let whole = b.blob_path(&cfg.rootfs.digest).exists();
     let rootfs = if whole {
-        ApplyFiles { path: Some(b.blob_path(&cfg.rootfs.digest)), direct: None, kernel: b.blob_path(&cfg.kernel.digest), initrd: cfg.initrd.as_ref().map(|i| b.blob_path(&i.digest)), sealed: Default::default(), assembled: None, work: None, _tmp: None }
+        ApplyFiles { path: Some(b.blob_path(&cfg.rootfs.digest)), direct: None, kernel: BootFile::Path(b.blob_path(&cfg.kernel.digest)), initrd: cfg.initrd.as_ref().map(|i| BootFile::Path(b.blob_path(&i.digest))), sealed: Default::default(), assembled: None, work: None, _tmp: None }
     } else {
         assemble_rootfs(t, b, layout, slot.other())?
     };
-    // A blob of the bundle is checked here; an assembled one was checked as it was assembled.
+    // A blob of the bundle is checked here; an assembled one was checked as it was assembled, a
+    // boot file on the ESP where it lies.
     let own_rootfs = rootfs.path.as_ref().filter(|_| whole);
-    let files = whole.then_some(&cfg.rootfs).into_iter().zip(own_rootfs).chain([(&cfg.kernel, &rootfs.kernel)]).chain(cfg.initrd.iter().zip(rootfs.initrd.iter()));
+    let boot = [(&cfg.kernel, Some(&rootfs.kernel))].into_iter().chain(cfg.initrd.iter().map(|i| (i, rootfs.initrd.as_ref())));
+    let boot_blobs = boot.filter_map(|(blob, f)| match f {
+        Some(BootFile::Path(p)) => Some((blob, p)),
+        _ => None,
+    });
+    let files = whole.then_some(&cfg.rootfs).into_iter().zip(own_rootfs).chain(boot_blobs);
     for (blob, path) in files {
         let (d, n) = crate::base::hash::digest_reader(std::fs::File::open(path).with_context(|| format!("bundle blob {} missing", blob.digest))?)?;
         if d != blob.digest || n != blob.size {
@@ -337,9 +348,9 @@ fn write_boot_files(t: &mut dyn Target, b: &Bundle, files: &ApplyFiles, slot: Sl
             path.rsplit('/').next().unwrap().to_string()
         }
         None => {
-            t.esp_write(&format!("{s}/vmlinuz"), &mut std::fs::File::open(&files.kernel)?)?;
-            if let Some(i) = &files.initrd {
-                t.esp_write(&format!("{s}/initrd.img"), &mut std::fs::File::open(i)?)?;
+            files.kernel.write(t, &format!("{s}/vmlinuz"), &cfg.kernel)?;
+            if let (Some(i), Some(blob)) = (&files.initrd, &cfg.initrd) {
+                i.write(t, &format!("{s}/initrd.img"), blob)?;
             }
             step(ApplyStep::KernelWritten);
             let entry = BootEntry {
