@@ -446,6 +446,12 @@ impl Seeds {
 /// Read a chunk from a store: decompressed to at most `len` + 1 bytes, checked against its length
 /// and id. A missing chunk is `Ok(None)`; a corrupt, short or oversized one is an error.
 pub fn read_chunk(store: &Path, e: &Entry, len: usize) -> anyhow::Result<Option<Vec<u8>>> {
+    read_chunk_as(store, e, len, true)
+}
+
+/// [`read_chunk`], the id checked only with `check` (a caller that checked the store's chunks
+/// already and checks the whole it writes; the length is always checked).
+fn read_chunk_as(store: &Path, e: &Entry, len: usize, check: bool) -> anyhow::Result<Option<Vec<u8>>> {
     let p = chunk_path(store, &e.hex());
     let f = match std::fs::File::open(&p) {
         Ok(f) => f,
@@ -454,7 +460,7 @@ pub fn read_chunk(store: &Path, e: &Entry, len: usize) -> anyhow::Result<Option<
     };
     let mut buf = Vec::with_capacity(len);
     zstd::stream::read::Decoder::new(f)?.take(len as u64 + 1).read_to_end(&mut buf).with_context(|| format!("chunk {} is not zstd", e.hex()))?;
-    if buf.len() != len || chunk_id(&buf) != e.id {
+    if buf.len() != len || (check && chunk_id(&buf) != e.id) {
         bail!("chunk {} does not match its id ({} bytes, {len} expected)", e.hex(), buf.len());
     }
     Ok(Some(buf))
@@ -495,7 +501,7 @@ pub fn assemble(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::F
 /// (a dm-verity hash area) hashes the whole without reading it again.
 pub fn assemble_hashing(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File) -> anyhow::Result<(Assembled, sha2::Sha256)> {
     let have = out.metadata()?.len();
-    let (a, h) = assemble_at(entries, seeds, store, out, 0, have, true, &mut |_| Ok(()))?;
+    let (a, h) = assemble_at(entries, seeds, store, out, 0, have, true, false, &mut |_| Ok(()))?;
     out.set_len(a.bytes)?;
     out.sync_all()?;
     Ok((a, h.expect("hashed")))
@@ -511,8 +517,12 @@ const FINDERS: usize = 2;
 /// Two stages: two threads find and check chunks (SHA-512/256 of each, the costly part), the
 /// caller's writes them in order and, with `hash_whole`, hashes the whole (SHA-256); at most four
 /// chunks wait. Without it the caller relies on the ids: every chunk written matched its id, so
-/// the whole is what an index it trusts (one a signed config pins) describes.
-pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File, offset: u64, have: u64, hash_whole: bool, progress: &mut dyn FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<(Assembled, Option<sha2::Sha256>)> {
+/// the whole is what an index it trusts (one a signed config pins) describes. With
+/// `store_checked` the store's chunks are taken without their ids checked again (the caller
+/// checked every one before writing anything, and checks the whole it wrote: a store file
+/// changed in between is caught there).
+#[allow(clippy::too_many_arguments)]
+pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs::File, offset: u64, have: u64, hash_whole: bool, store_checked: bool, progress: &mut dyn FnMut(u64) -> anyhow::Result<()>) -> anyhow::Result<(Assembled, Option<sha2::Sha256>)> {
     use std::os::unix::fs::FileExt;
     #[derive(PartialEq)]
     enum From {
@@ -540,7 +550,7 @@ pub fn assemble_at(entries: &[Entry], seeds: &Seeds, store: &Path, out: &std::fs
                 resuming = false;
                 match seeds.read(e, len) {
                     Some(d) => Ok((From::Seed, d)),
-                    None => match read_chunk(store, e, len) {
+                    None => match read_chunk_as(store, e, len, !store_checked) {
                         Ok(Some(d)) => Ok((From::Store, d)),
                         Ok(None) => Err(anyhow::anyhow!("chunk {} (bytes {start}..{}) is neither in a seed nor in the store", e.hex(), e.end)),
                         Err(x) => Err(x),

@@ -278,13 +278,15 @@ pub(super) fn assemble_into_slot(t: &mut dyn Target, b: &Bundle, part: &Partitio
     // The index is the one the config pins (Bundle::rootfs_index) and every chunk is checked
     // against its id: the whole is the signed rootfs without hashing it again; the caller reads
     // the slot back (its dm-verity tree, or its digest) before any entry names it.
-    let mut r = crate::format::casync::assemble_at(&d.index, &d.seeds, &store, &out, start, cfg.rootfs.size, false, &mut progress);
+    // The store's chunks were checked in assemble_rootfs; the slot's hash area (or, without verity,
+    // its digest read back) checks what was written before any entry names it.
+    let mut r = crate::format::casync::assemble_at(&d.index, &d.seeds, &store, &out, start, cfg.rootfs.size, false, true, &mut progress);
     let chunked = !d.indexed || r.is_err();
     if r.is_err() && d.indexed {
         let (f, s, len) = d.running;
         let mut scanned = Seeds::default();
         scanned.add("running slot", f, s, len)?;
-        r = crate::format::casync::assemble_at(&d.index, &scanned, &store, &out, start, cfg.rootfs.size, false, &mut progress);
+        r = crate::format::casync::assemble_at(&d.index, &scanned, &store, &out, start, cfg.rootfs.size, false, true, &mut progress);
     }
     let (mut a, _) = r.map_err(|e| anyhow::anyhow!("bundle {}: assembling slot {}: {e:#}; the running slot is untouched", cfg.build_id, part.name))?;
     a.seeds_chunked = chunked;
