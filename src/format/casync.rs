@@ -21,7 +21,7 @@ pub const MAX: u64 = 256 << 10;
 /// A cut mark: 48 bytes whose buzhash meets casync's cut test for the default sizes, so a chunk
 /// at least [`MIN`] long ends right after them, whatever came before. An image writer puts one
 /// before each stretch it wants chunked on its own (a file's data, a fragment block, the tables),
-/// so a change there does not spill into the chunks of its neighbours (docs/formats.md#squashfs).
+/// so a change there does not spill into the chunks of its neighbours (docs/formats.md#rootfs-squashfs).
 pub const CUT_MARK: [u8; WINDOW] = *b"slotforge: a chunk ends here (casync cut) 66023\n";
 
 const FORMAT_INDEX: u64 = 0x9682_4d9c_7b12_9ff9;

@@ -9,7 +9,7 @@
 //! begin at 16 KiB (the superblock, which every change rewrites, is a chunk of its own, mostly
 //! zeros); a cut mark ([`CUT_MARK`]) precedes each file's data, each fragment block and the
 //! tables; generated files (inline content: the build's metadata) are packed last, next to the
-//! tables that change with any change (docs/formats.md#squashfs).
+//! tables that change with any change (docs/formats.md#rootfs-squashfs).
 
 use crate::base::hash::Digest;
 use crate::format::casync::CUT_MARK;
